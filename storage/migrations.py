@@ -1,0 +1,149 @@
+"""Schema migrations, in order. Never edit a shipped migration: append a new one.
+
+Times are stored as Unix seconds (REAL, UTC). JSON columns hold text.
+
+Tables
+- ``inbox``: every Feishu event the webhook accepted, keyed for dedup (message_id for messages,
+  event_id otherwise); the worker or the web dispatcher claims and handles it once.
+- ``batches`` / ``tasks``: the durable work queue. A task is claimed with a lease
+  (``lease_owner``, ``lease_until``); ``execute_id`` is written before anything else after submit.
+- ``attempts``: one row per stage attempt (for retries, latency and the daily report).
+- ``outbox``: every outgoing Feishu call (send, reply, patch, Bitable write), sent at least once
+  by a sender and made idempotent by ``uuid``.
+- ``breakers``: circuit breaker state per service.
+- ``alerts`` / ``silences``: grouped alerts and silenced keys.
+- ``kv``: small named values (last report date, etc.).
+"""
+
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE inbox (
+            key TEXT PRIMARY KEY,
+            event_id TEXT,
+            event_type TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'new',      -- new | done | failed
+            received_at REAL NOT NULL,
+            handled_at REAL,
+            lease_owner TEXT,
+            lease_until REAL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            error TEXT
+        )""",
+        "CREATE INDEX inbox_status ON inbox(status, received_at)",
+        """CREATE TABLE batches (
+            id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,                    -- chat | cli | bitable
+            status TEXT NOT NULL DEFAULT 'queued',   -- queued|running|paused|blocked|cancelled|done
+            chat_id TEXT,
+            command_message_id TEXT,
+            progress_message_id TEXT,
+            created_by TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            blocked_reason TEXT,
+            workflow_id TEXT,
+            options TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX batches_status ON batches(status)",
+        """CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            batch_id TEXT NOT NULL REFERENCES batches(id),
+            task_key TEXT NOT NULL,                  -- the user's task_id
+            record_id TEXT,                          -- Bitable record, when it came from there
+            params TEXT NOT NULL DEFAULT '{}',
+            status TEXT NOT NULL DEFAULT 'queued',
+                -- queued | running | retrying | succeeded | failed | cancelled | ignored
+            stage TEXT NOT NULL DEFAULT 'coze',      -- coze | synthesis | done
+            attempts INTEGER NOT NULL DEFAULT 0,
+            resubmits INTEGER NOT NULL DEFAULT 0,
+            execute_id TEXT,
+            submitted_at REAL,
+            debug_url TEXT,
+            coze_output TEXT,
+            output TEXT,
+            error_class TEXT,
+            error_code TEXT,
+            error_message TEXT,
+            error_node TEXT,
+            next_at REAL NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_until REAL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            coze_seconds REAL,
+            synthesis_seconds REAL,
+            UNIQUE(batch_id, task_key)
+        )""",
+        "CREATE INDEX tasks_claim ON tasks(status, next_at)",
+        "CREATE INDEX tasks_batch ON tasks(batch_id, status)",
+        """CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id INTEGER NOT NULL REFERENCES tasks(id),
+            batch_id TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            outcome TEXT,                            -- success | retry | resubmit | fail | fatal
+            error_class TEXT,
+            error_code TEXT,
+            error_message TEXT,
+            node TEXT,
+            execute_id TEXT
+        )""",
+        "CREATE INDEX attempts_time ON attempts(started_at)",
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            uuid TEXT NOT NULL UNIQUE,               -- idempotency key, also Feishu's send uuid
+            kind TEXT NOT NULL,                      -- send | reply | patch | bitable_update
+            target TEXT NOT NULL,                    -- chat_id | message_id | table
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending',  -- pending | sent | dead
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_until REAL,
+            last_error TEXT,
+            result TEXT,                             -- e.g. the message_id Feishu assigned
+            ref TEXT,                                -- what it is about (alert key, batch id)
+            created_at REAL NOT NULL,
+            sent_at REAL
+        )""",
+        "CREATE INDEX outbox_due ON outbox(status, next_at)",
+        """CREATE TABLE breakers (
+            service TEXT PRIMARY KEY,
+            state TEXT NOT NULL DEFAULT 'closed',    -- closed | open | half_open
+            failures INTEGER NOT NULL DEFAULT 0,
+            successes INTEGER NOT NULL DEFAULT 0,
+            opened_at REAL,
+            reason TEXT,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE alerts (
+            key TEXT PRIMARY KEY,
+            tier TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'open',     -- open | resolved | ignored
+            count INTEGER NOT NULL DEFAULT 1,
+            first_at REAL NOT NULL,
+            last_at REAL NOT NULL,
+            resolved_at REAL,
+            message_uuid TEXT,                       -- outbox uuid of the card
+            batch_id TEXT,
+            task_id INTEGER,
+            details TEXT NOT NULL DEFAULT '{}'
+        )""",
+        """CREATE TABLE silences (
+            key TEXT PRIMARY KEY,
+            until REAL NOT NULL,
+            created_by TEXT,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE kv (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+    ],
+]

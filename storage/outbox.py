@@ -1,0 +1,97 @@
+"""The outbox: every outgoing Feishu call, recorded before it is attempted.
+
+A sender claims due rows with a lease, performs the call with the row's ``uuid`` as Feishu's
+idempotency key, and marks the row sent (or schedules a retry). A sender that dies leaves the
+lease to expire and another sends the row again with the same uuid: Feishu dedupes it, so a
+message is never lost and never shown twice.
+"""
+from __future__ import annotations
+
+import json
+import uuid as uuidlib
+from typing import Any
+
+import sqlite_utils
+
+from .db import transaction
+
+KINDS = ("send", "reply", "patch", "bitable_update")
+
+
+def enqueue(db: sqlite_utils.Database, kind: str, target: str, payload: dict[str, Any], *,
+            now: float, uuid: str | None = None, ref: str | None = None) -> str:
+    """Record an outgoing call; return its uuid. Enqueuing the same uuid twice is a no-op."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown outbox kind {kind!r}")
+    key = uuid or uuidlib.uuid4().hex
+    with transaction(db) as conn:
+        conn.execute(
+            "INSERT OR IGNORE INTO outbox (uuid, kind, target, payload, ref, created_at, next_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [key, kind, target, json.dumps(payload, ensure_ascii=False), ref, now, now])
+    return key
+
+
+def claim_due(db: sqlite_utils.Database, *, owner: str, now: float, lease: float = 30.0,
+              limit: int = 20) -> list[dict[str, Any]]:
+    """Claim pending rows whose time has come, oldest first (send order is kept per target)."""
+    with transaction(db) as conn:
+        # Skip targets that have an older row still pending and not yet due: keeps order.
+        rows = conn.execute(
+            "SELECT id FROM outbox o WHERE status = 'pending' AND next_at <= ?"
+            " AND (lease_until IS NULL OR lease_until < ?)"
+            " AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.target = o.target"
+            "   AND p.status = 'pending' AND p.id < o.id AND p.next_at > ?)"
+            " ORDER BY id LIMIT ?", [now, now, now, limit]).fetchall()
+        ids = [r[0] for r in rows]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        conn.execute(f"UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})",
+                     [owner, now + lease, *ids])
+        cols = [d[0] for d in conn.execute("SELECT * FROM outbox LIMIT 0").description]
+        out = [dict(zip(cols, r)) for r in conn.execute(
+            f"SELECT * FROM outbox WHERE id IN ({marks}) ORDER BY id", ids)]
+    for row in out:
+        row["payload"] = json.loads(row["payload"])
+    return out
+
+
+def mark_sent(db: sqlite_utils.Database, row_id: int, *, now: float,
+              result: str | None = None) -> None:
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?,"
+                     " attempts = attempts + 1, lease_owner = NULL, lease_until = NULL,"
+                     " last_error = NULL WHERE id = ?", [now, result, row_id])
+
+
+def mark_retry(db: sqlite_utils.Database, row_id: int, *, now: float, next_at: float,
+               error: str) -> None:
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?,"
+                     " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                     [next_at, error[:500], row_id])
+
+
+def mark_dead(db: sqlite_utils.Database, row_id: int, *, now: float, error: str) -> None:
+    """Give up on a row that can never succeed (e.g. bot removed from the chat)."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = ?,"
+                     " lease_owner = NULL, lease_until = NULL, sent_at = ? WHERE id = ?",
+                     [error[:500], now, row_id])
+
+
+def result_of(db: sqlite_utils.Database, uuid: str) -> str | None:
+    """The Feishu message_id a sent row got (None while unsent)."""
+    row = db.execute("SELECT result FROM outbox WHERE uuid = ? AND status = 'sent'",
+                     [uuid]).fetchone()
+    return row[0] if row else None
+
+
+def depth(db: sqlite_utils.Database) -> int:
+    return db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()[0]
+
+
+def next_due(db: sqlite_utils.Database) -> float | None:
+    row = db.execute("SELECT MIN(next_at) FROM outbox WHERE status = 'pending'").fetchone()
+    return row[0] if row and row[0] is not None else None

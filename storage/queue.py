@@ -1,0 +1,304 @@
+"""Batches and tasks: the durable work queue.
+
+A worker claims a due task with a lease (``claim_tasks``); while it holds the lease it renews it
+(``renew_leases``). A worker killed mid-task leaves the lease to run out, and the next claim picks
+the task up again with its stored ``execute_id``, so a submitted run is waited on, never submitted
+twice. Every function takes ``now`` (Unix seconds) so tests control time.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from .db import Conflict, NotFound, transaction
+
+FINAL = ("succeeded", "failed", "cancelled", "ignored")
+ACTIVE = ("queued", "running", "retrying")
+BATCH_OPEN = ("queued", "running", "paused", "blocked")
+
+
+def new_batch_id() -> str:
+    return "b" + uuid.uuid4().hex[:8]
+
+
+def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, now: float,
+                 source: str, batch_id: str | None = None, chat_id: str | None = None,
+                 command_message_id: str | None = None, created_by: str | None = None,
+                 workflow_id: str | None = None, options: dict | None = None) -> str:
+    """Record a batch and its tasks in one transaction; return the batch id.
+
+    Each task is ``{"task_key": str, "params": dict, "record_id": str | None}``. Duplicate
+    task keys within the batch raise ``ValueError`` before anything is written.
+    """
+    rows = list(tasks)
+    keys = [t["task_key"] for t in rows]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"duplicate task_id: {', '.join(dupes[:5])}")
+    batch_id = batch_id or new_batch_id()
+    with transaction(db) as conn:
+        conn.execute(
+            "INSERT INTO batches (id, source, status, chat_id, command_message_id, created_by,"
+            " created_at, workflow_id, options) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+            (batch_id, source, chat_id, command_message_id, created_by, now, workflow_id,
+             json.dumps(options or {}, ensure_ascii=False)))
+        conn.executemany(
+            "INSERT INTO tasks (batch_id, task_key, record_id, params, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(batch_id, t["task_key"], t.get("record_id"),
+              json.dumps(t.get("params") or {}, ensure_ascii=False), now) for t in rows])
+    return batch_id
+
+
+def get_batch(db: sqlite_utils.Database, batch_id: str) -> dict[str, Any]:
+    rows = list(db.query("SELECT * FROM batches WHERE id = ?", [batch_id]))
+    if not rows:
+        raise NotFound(f"batch {batch_id} not found")
+    return rows[0]
+
+
+def latest_batch(db: sqlite_utils.Database) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT * FROM batches ORDER BY created_at DESC, rowid DESC LIMIT 1"))
+    return rows[0] if rows else None
+
+
+def list_batches(db: sqlite_utils.Database, *, open_only: bool = False,
+                 limit: int = 10) -> list[dict[str, Any]]:
+    where = f"WHERE status IN {BATCH_OPEN!r}" if open_only else ""
+    return list(db.query(
+        f"SELECT * FROM batches {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", [limit]))
+
+
+def batch_counts(db: sqlite_utils.Database, batch_id: str) -> dict[str, int]:
+    """Task counts by status for one batch (every status present, zero when none)."""
+    counts = {s: 0 for s in ACTIVE + FINAL}
+    for row in db.query("SELECT status, COUNT(*) AS n FROM tasks WHERE batch_id = ?"
+                        " GROUP BY status", [batch_id]):
+        counts[row["status"]] = row["n"]
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def get_task(db: sqlite_utils.Database, task_id: int) -> dict[str, Any]:
+    rows = list(db.query("SELECT * FROM tasks WHERE id = ?", [task_id]))
+    if not rows:
+        raise NotFound(f"task {task_id} not found")
+    return rows[0]
+
+
+def find_task(db: sqlite_utils.Database, ref: str) -> dict[str, Any]:
+    """Find a task by numeric id or by its task_key (latest batch first)."""
+    if ref.isdigit():
+        rows = list(db.query("SELECT * FROM tasks WHERE id = ?", [int(ref)]))
+        if rows:
+            return rows[0]
+    rows = list(db.query("SELECT * FROM tasks WHERE task_key = ? ORDER BY id DESC LIMIT 1",
+                         [ref]))
+    if not rows:
+        raise NotFound(f"task {ref} not found")
+    return rows[0]
+
+
+def tasks_of(db: sqlite_utils.Database, batch_id: str,
+             status: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    if status is None:
+        return list(db.query("SELECT * FROM tasks WHERE batch_id = ? ORDER BY id", [batch_id]))
+    st = tuple(status)
+    marks = ",".join("?" * len(st))
+    return list(db.query(
+        f"SELECT * FROM tasks WHERE batch_id = ? AND status IN ({marks}) ORDER BY id",
+        [batch_id, *st]))
+
+
+def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: float,
+                limit: int, stage: str | None = None) -> list[dict[str, Any]]:
+    """Claim up to ``limit`` due tasks of running batches for ``owner``.
+
+    A task is due when it is queued/retrying with ``next_at <= now``, or running with an expired
+    lease (its worker died). Claimed tasks become ``running`` with a fresh lease. Batches that are
+    queued become running on their first claim.
+    """
+    if limit <= 0:
+        return []
+    stage_sql = "AND t.stage = ?" if stage else ""
+    args: list[Any] = [now, now]
+    if stage:
+        args.append(stage)
+    args.append(limit)
+    with transaction(db) as conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT t.id FROM tasks t JOIN batches b ON b.id = t.batch_id"
+            " WHERE b.status IN ('queued', 'running')"
+            " AND ((t.status IN ('queued', 'retrying') AND t.next_at <= ?)"
+            "      OR (t.status = 'running' AND t.lease_until < ?))"
+            f" {stage_sql} ORDER BY t.next_at, t.id LIMIT ?", args).fetchall()]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        conn.execute(
+            f"UPDATE tasks SET status = 'running', lease_owner = ?, lease_until = ?,"
+            f" started_at = COALESCE(started_at, ?) WHERE id IN ({marks})",
+            [owner, now + lease, now, *ids])
+        conn.execute(
+            f"UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)"
+            f" WHERE status = 'queued' AND id IN (SELECT batch_id FROM tasks WHERE id IN ({marks}))",
+            [now, *ids])
+        cols = [d[0] for d in conn.execute("SELECT * FROM tasks LIMIT 0").description]
+        rows = conn.execute(f"SELECT * FROM tasks WHERE id IN ({marks}) ORDER BY id",
+                            ids).fetchall()
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def renew_leases(db: sqlite_utils.Database, task_ids: Iterable[int], *, owner: str, now: float,
+                 lease: float) -> set[int]:
+    """Extend the leases ``owner`` still holds; return the ids it no longer holds."""
+    ids = list(task_ids)
+    if not ids:
+        return set()
+    marks = ",".join("?" * len(ids))
+    with transaction(db) as conn:
+        conn.execute(f"UPDATE tasks SET lease_until = ? WHERE lease_owner = ? AND status = 'running'"
+                     f" AND id IN ({marks})", [now + lease, owner, *ids])
+        held = {r[0] for r in conn.execute(
+            f"SELECT id FROM tasks WHERE lease_owner = ? AND status = 'running' AND id IN ({marks})",
+            [owner, *ids])}
+    return set(ids) - held
+
+
+def update_task(db: sqlite_utils.Database, task_id: int, *, owner: str | None = None,
+                **fields: Any) -> bool:
+    """Update a task's columns; with ``owner``, only while that owner holds it. Returns success."""
+    if not fields:
+        return True
+    cols = ", ".join(f"{k} = ?" for k in fields)
+    args = [_json(v) for v in fields.values()]
+    sql = f"UPDATE tasks SET {cols} WHERE id = ?"
+    args.append(task_id)
+    if owner is not None:
+        sql += " AND lease_owner = ? AND status = 'running'"
+        args.append(owner)
+    with transaction(db) as conn:
+        cur = conn.execute(sql, args)
+        return cur.rowcount == 1
+
+
+def _json(value: Any) -> Any:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+
+
+def set_batch_status(db: sqlite_utils.Database, batch_id: str, status: str, *, now: float,
+                     reason: str | None = None, allowed_from: Iterable[str] | None = None) -> str:
+    """Move a batch to ``status``; returns the previous status.
+
+    Raises ``NotFound`` for an unknown batch and ``Conflict`` when the batch is in a status not
+    in ``allowed_from``.
+    """
+    with transaction(db) as conn:
+        row = conn.execute("SELECT status FROM batches WHERE id = ?", [batch_id]).fetchone()
+        if row is None:
+            raise NotFound(f"batch {batch_id} not found")
+        previous = row[0]
+        if allowed_from is not None and previous not in tuple(allowed_from):
+            raise Conflict(f"batch {batch_id} is {previous}")
+        finished = now if status in ("cancelled", "done") else None
+        conn.execute("UPDATE batches SET status = ?, blocked_reason = ?,"
+                     " finished_at = COALESCE(?, finished_at) WHERE id = ?",
+                     [status, reason, finished, batch_id])
+        if status == "cancelled":
+            conn.execute("UPDATE tasks SET status = 'cancelled', finished_at = ?,"
+                         " lease_owner = NULL WHERE batch_id = ? AND status IN"
+                         " ('queued', 'retrying', 'running')", [now, batch_id])
+    return previous
+
+
+def block_open_batches(db: sqlite_utils.Database, *, now: float, reason: str,
+                       batch_ids: Iterable[str] | None = None) -> list[str]:
+    """Block running/queued batches (all, or the given ones); return the ids blocked."""
+    with transaction(db) as conn:
+        if batch_ids is None:
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM batches WHERE status IN ('queued', 'running')")]
+        else:
+            wanted = list(batch_ids)
+            marks = ",".join("?" * len(wanted)) or "NULL"
+            ids = [r[0] for r in conn.execute(
+                f"SELECT id FROM batches WHERE status IN ('queued', 'running') AND id IN ({marks})",
+                wanted)]
+        for bid in ids:
+            conn.execute("UPDATE batches SET status = 'blocked', blocked_reason = ? WHERE id = ?",
+                         [reason, bid])
+    return ids
+
+
+def requeue_tasks(db: sqlite_utils.Database, task_ids: Iterable[int], *, now: float) -> int:
+    """Put failed/ignored/cancelled tasks back in the queue for a fresh run; returns how many.
+
+    The stored ``execute_id`` is cleared (a new run is wanted), attempts restart, and a finished
+    batch is reopened.
+    """
+    ids = list(task_ids)
+    if not ids:
+        return 0
+    marks = ",".join("?" * len(ids))
+    with transaction(db) as conn:
+        cur = conn.execute(
+            f"UPDATE tasks SET status = 'queued', stage = 'coze', execute_id = NULL,"
+            f" submitted_at = NULL, attempts = 0, resubmits = 0, next_at = ?, lease_owner = NULL,"
+            f" lease_until = NULL, error_class = NULL, error_code = NULL, error_message = NULL,"
+            f" error_node = NULL, finished_at = NULL, output = NULL, coze_output = NULL"
+            f" WHERE id IN ({marks}) AND status IN ('failed', 'ignored', 'cancelled')",
+            [now, *ids])
+        n = cur.rowcount
+        conn.execute(
+            f"UPDATE batches SET status = 'running', finished_at = NULL WHERE id IN"
+            f" (SELECT batch_id FROM tasks WHERE id IN ({marks})) AND status IN ('done', 'cancelled')",
+            ids)
+    return n
+
+
+def finish_batches(db: sqlite_utils.Database, *, now: float) -> list[str]:
+    """Mark running batches with no active task left as done; return their ids."""
+    with transaction(db) as conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT b.id FROM batches b WHERE b.status = 'running' AND NOT EXISTS"
+            " (SELECT 1 FROM tasks t WHERE t.batch_id = b.id"
+            "  AND t.status IN ('queued', 'running', 'retrying'))")]
+        for bid in ids:
+            conn.execute("UPDATE batches SET status = 'done', finished_at = ? WHERE id = ?",
+                         [now, bid])
+    return ids
+
+
+def has_pending_work(db: sqlite_utils.Database) -> bool:
+    """True while some task of a queued/running batch is not final."""
+    row = db.execute(
+        "SELECT 1 FROM tasks t JOIN batches b ON b.id = t.batch_id"
+        " WHERE b.status IN ('queued', 'running') AND t.status IN ('queued', 'running', 'retrying')"
+        " LIMIT 1").fetchone()
+    return row is not None
+
+
+def next_due_at(db: sqlite_utils.Database) -> float | None:
+    """The earliest ``next_at`` of a waiting task in a runnable batch (None when none)."""
+    row = db.execute(
+        "SELECT MIN(t.next_at) FROM tasks t JOIN batches b ON b.id = t.batch_id"
+        " WHERE b.status IN ('queued', 'running') AND t.status IN ('queued', 'retrying')"
+    ).fetchone()
+    return row[0] if row and row[0] is not None else None
+
+
+def record_attempt(db: sqlite_utils.Database, task: dict[str, Any], *, stage: str,
+                   started_at: float, ended_at: float, outcome: str,
+                   error_class: str | None = None, error_code: str | None = None,
+                   error_message: str | None = None, node: str | None = None,
+                   execute_id: str | None = None) -> None:
+    with transaction(db) as conn:
+        conn.execute(
+            "INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at, outcome,"
+            " error_class, error_code, error_message, node, execute_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [task["id"], task["batch_id"], stage, started_at, ended_at, outcome, error_class,
+             error_code, error_message, node, execute_id])
