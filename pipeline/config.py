@@ -89,6 +89,9 @@ class PipelineConfig:
     lease_seconds: float = 60.0
     synthesis_command: str = ""         # shell-free argv template; "" = built-in synthesis
     skip_synthesis: bool = False
+    output_dir: str = "var/output"      # where synthesis writes its files
+    task_id_param: str = "task_id"      # workflow parameter carrying the task id ("" = none)
+    idle_interval: float = 0.2          # how often an idle worker looks for new work
     synthesis_timeout: float = 600.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     poll: PollPolicy = field(default_factory=PollPolicy)

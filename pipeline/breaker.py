@@ -1,0 +1,134 @@
+"""A circuit breaker per service, with its state in the store.
+
+closed -> open after ``failure_threshold`` consecutive failures -> half_open once ``open_seconds``
+have passed -> closed after ``success_threshold`` successes (a failure in half_open opens it again).
+A breaker tripped by a fatal error (bad token, no balance) stays open until a human resets it
+(``resume`` in chat or the Resume button): waiting cannot fix those.
+
+The state lives in the ``breakers`` table so the chat's ``status`` shows it and ``resume`` (in the
+web process) resets it; every process reads the row, so a reset is seen at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sqlite_utils
+
+from storage.db import transaction
+
+from .config import BreakerPolicy
+
+MANUAL = "manual"  # opened_by value that disables the automatic half-open
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    service: str
+    state: str
+    failures: int
+    successes: int
+    opened_at: float | None
+    reason: str | None
+
+
+class Breaker:
+    def __init__(self, db: sqlite_utils.Database, service: str, policy: BreakerPolicy,
+                 now: Callable[[], float],
+                 on_change: Callable[[BreakerState, BreakerState], None] | None = None) -> None:
+        self.db = db
+        self.service = service
+        self.policy = policy
+        self.now = now
+        self.on_change = on_change
+
+    def state(self) -> BreakerState:
+        row = self.db.execute(
+            "SELECT service, state, failures, successes, opened_at, reason FROM breakers"
+            " WHERE service = ?", [self.service]).fetchone()
+        if row is None:
+            return BreakerState(self.service, "closed", 0, 0, None, None)
+        return BreakerState(*row)
+
+    def allow(self) -> bool:
+        """May a call go out now? Moves open -> half_open when the open time has passed."""
+        st = self.state()
+        if st.state == "closed" or st.state == "half_open":
+            return True
+        if (st.reason or "").startswith(MANUAL):
+            return False
+        if st.opened_at is not None and self.now() - st.opened_at >= self.policy.open_seconds:
+            self._write(st, state="half_open", successes=0)
+            return True
+        return False
+
+    def retry_at(self) -> float | None:
+        """When an open breaker will let a probe through (None: closed, or manual)."""
+        st = self.state()
+        if st.state != "open" or (st.reason or "").startswith(MANUAL) or st.opened_at is None:
+            return None
+        return st.opened_at + self.policy.open_seconds
+
+    def record_success(self) -> None:
+        st = self.state()
+        if st.state == "closed":
+            if st.failures:
+                self._write(st, failures=0)
+            return
+        if st.state == "half_open":
+            successes = st.successes + 1
+            if successes >= self.policy.success_threshold:
+                self._write(st, state="closed", failures=0, successes=0, opened_at=None,
+                            reason=None)
+            else:
+                self._write(st, successes=successes)
+
+    def record_failure(self, reason: str) -> None:
+        st = self.state()
+        if st.state == "open":
+            return
+        failures = st.failures + 1
+        if st.state == "half_open" or failures >= self.policy.failure_threshold:
+            self._write(st, state="open", failures=failures, successes=0, opened_at=self.now(),
+                        reason=reason[:300])
+        else:
+            self._write(st, failures=failures)
+
+    def trip(self, reason: str) -> None:
+        """Open until a human resets it (fatal errors)."""
+        st = self.state()
+        self._write(st, state="open", successes=0, opened_at=self.now(),
+                    reason=f"{MANUAL}: {reason}"[:300])
+
+    def reset(self) -> None:
+        st = self.state()
+        self._write(st, state="closed", failures=0, successes=0, opened_at=None, reason=None)
+
+    def _write(self, before: BreakerState, **changes: Any) -> None:
+        after = BreakerState(**{**before.__dict__, **changes})
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT INTO breakers (service, state, failures, successes, opened_at, reason,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(service) DO UPDATE SET"
+                " state = excluded.state, failures = excluded.failures,"
+                " successes = excluded.successes, opened_at = excluded.opened_at,"
+                " reason = excluded.reason, updated_at = excluded.updated_at",
+                [after.service, after.state, after.failures, after.successes, after.opened_at,
+                 after.reason, self.now()])
+        if self.on_change and after.state != before.state:
+            self.on_change(before, after)
+
+
+def reset_all(db: sqlite_utils.Database, now: float) -> int:
+    """Close every breaker (the chat's ``resume``); returns how many were not closed."""
+    with transaction(db) as conn:
+        cur = conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
+                           " opened_at = NULL, reason = NULL, updated_at = ? WHERE state != 'closed'",
+                           [now])
+        return cur.rowcount
+
+
+def all_states(db: sqlite_utils.Database) -> list[BreakerState]:
+    return [BreakerState(*r) for r in db.execute(
+        "SELECT service, state, failures, successes, opened_at, reason FROM breakers"
+        " ORDER BY service")]

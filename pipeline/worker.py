@@ -1,0 +1,460 @@
+"""The worker: claims tasks from the store and runs each through its stages.
+
+One asyncio loop, one coroutine per claimed task. Limits: at most ``max_coze`` tasks in the Coze
+stage (submitted or waiting on a run) and ``max_synthesis`` synthesis jobs. A task leaves the Coze
+stage, freeing its slot, the moment its run succeeds, and starts synthesis at once.
+
+Durability rules, in the order things happen for a task:
+1. claim with a lease (renewed while the task is worked on);
+2. submit, then store ``execute_id`` before anything else: a restarted worker that claims the task
+   again finds the id and waits on the same run instead of submitting a new one;
+3. wait (adaptive polling; a run that ended is never polled again);
+4. write the outcome, with the lease check, so a worker that lost its lease writes nothing.
+The only window for a duplicate submit is a crash between Coze accepting the run and the store
+committing its id (a few milliseconds); Coze offers no idempotency key to close it.
+
+Failures go through :func:`pipeline.classifier.classify`: retry (inside the call, with backoff),
+resubmit (a new run, bounded), fail the task, or fatal: trip the breaker, block every open batch
+and wait for a human.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import statistics
+import uuid
+from collections import deque
+from typing import Any
+
+import sqlite_utils
+
+from storage import queue
+from storage.db import transaction
+
+from .breaker import Breaker
+from .classifier import Decision, classify
+from .clock import Clock
+from .config import PipelineConfig
+from .errors import CozeError, CozeNetworkError, PipelineError, RunFailed, SynthesisError
+from .notify import Notifier, NullNotifier
+from .retry import call_with_retry
+from .synthesis import Synthesizer
+
+log = logging.getLogger("opsbot.worker")
+
+
+def make_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class LeaseLost(PipelineError):
+    """Another worker took the task over (this one was too slow to renew its lease)."""
+
+
+class Worker:
+    def __init__(self, db: sqlite_utils.Database, config: PipelineConfig, coze: Any,
+                 workflow_id: str, *, clock: Clock | None = None,
+                 synthesizer: Synthesizer | None = None, notifier: Notifier | None = None,
+                 owner: str | None = None) -> None:
+        self.db = db
+        self.config = config
+        self.coze = coze
+        self.workflow_id = workflow_id
+        self.clock = clock or Clock()
+        self.synth = synthesizer or Synthesizer(
+            config.synthesis_command, workers=config.max_synthesis,
+            output_dir=config.output_dir, timeout=config.synthesis_timeout)
+        self.notifier = notifier or NullNotifier()
+        self.owner = owner or make_owner()
+        self.breaker = Breaker(db, "coze", config.breaker, self.clock.now,
+                               on_change=self._breaker_changed)
+        self._inflight: dict[int, asyncio.Task] = {}
+        self._batch_of: dict[int, str] = {}
+        self._coze_active: set[int] = set()
+        self._synth_active: set[int] = set()
+        self._durations: deque[float] = deque(maxlen=200)
+        self._wake = asyncio.Event()
+        self.stats = {"submits": 0, "polls": 0, "claimed": 0}
+
+    # ---- main loop -------------------------------------------------------------------------
+
+    async def run(self, *, drain: bool = False, stop: asyncio.Event | None = None) -> None:
+        """Work until ``stop`` is set (or, with ``drain``, until nothing is left to do)."""
+        stop = stop or asyncio.Event()
+        self.recover_dead_owners()
+        renewer = asyncio.create_task(self._renew_loop())
+        try:
+            while not stop.is_set():
+                self._enforce_batch_states()
+                self._claim_and_start()
+                if drain and not self._inflight and not queue.has_pending_work(self.db):
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            renewer.cancel()
+            await self._release_all()
+            self._finish_batches()
+
+    def _idle_timeout(self) -> float:
+        return self.config.idle_interval
+
+    def recover_dead_owners(self) -> int:
+        """Expire the leases of workers on this host whose process is gone (after a kill -9)."""
+        host = socket.gethostname()
+        dead = []
+        for (owner,) in self.db.execute(
+                "SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'"
+                " AND lease_owner IS NOT NULL").fetchall():
+            parts = owner.split(":")
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit() \
+                    and owner != self.owner and not _pid_alive(int(parts[1])):
+                dead.append(owner)
+        if not dead:
+            return 0
+        marks = ",".join("?" * len(dead))
+        with transaction(self.db) as conn:
+            cur = conn.execute(f"UPDATE tasks SET lease_until = 0 WHERE status = 'running'"
+                               f" AND lease_owner IN ({marks})", dead)
+        log.info("recovered tasks of dead workers", extra={"count": cur.rowcount})
+        return cur.rowcount
+
+    def _claim_and_start(self) -> None:
+        now = self.clock.now()
+        free_synth = self.config.max_synthesis - len(self._synth_active)
+        claimed = []
+        if free_synth > 0:
+            claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
+                                         lease=self.config.lease_seconds, limit=free_synth,
+                                         stage="synthesis")
+        free_coze = self.config.max_coze - len(self._coze_active)
+        if free_coze > 0 and self.breaker.allow():
+            claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
+                                         lease=self.config.lease_seconds, limit=free_coze,
+                                         stage="coze")
+        for task in claimed:
+            self.stats["claimed"] += 1
+            if task["stage"] == "coze":
+                self._coze_active.add(task["id"])
+            else:
+                self._synth_active.add(task["id"])
+            self._batch_of[task["id"]] = task["batch_id"]
+            self._inflight[task["id"]] = asyncio.create_task(self._process(task))
+
+    def _enforce_batch_states(self) -> None:
+        """Stop coroutines of batches a human cancelled, or that a fatal error blocked."""
+        if not self._inflight:
+            return
+        ids = sorted(set(self._batch_of.values()))
+        marks = ",".join("?" * len(ids))
+        states = dict(self.db.execute(f"SELECT id, status FROM batches WHERE id IN ({marks})",
+                                      ids).fetchall())
+        for task_id, batch_id in list(self._batch_of.items()):
+            if states.get(batch_id) in ("cancelled", "blocked"):
+                t = self._inflight.get(task_id)
+                if t and not t.done():
+                    t.cancel()
+
+    async def _renew_loop(self) -> None:
+        interval = max(0.05, self.config.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            lost = queue.renew_leases(self.db, list(self._inflight), owner=self.owner,
+                                      now=self.clock.now(), lease=self.config.lease_seconds)
+            for task_id in lost:
+                t = self._inflight.get(task_id)
+                if t and not t.done():
+                    log.warning("lease lost", extra={"task_id": task_id})
+                    t.cancel()
+
+    async def _release_all(self) -> None:
+        """On shutdown: stop every coroutine and hand its task back (execute_id kept)."""
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _release(self, task_id: int) -> None:
+        with transaction(self.db) as conn:
+            conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL,"
+                         " lease_until = NULL WHERE id = ? AND lease_owner = ?"
+                         " AND status = 'running'", [task_id, self.owner])
+
+    def _finish_batches(self) -> None:
+        for batch_id in queue.finish_batches(self.db, now=self.clock.now()):
+            self.notifier.batch_finished(batch_id)
+
+    # ---- one task ----------------------------------------------------------------------------
+
+    async def _process(self, task: dict[str, Any]) -> None:
+        task_id = task["id"]
+        try:
+            if task["stage"] == "coze":
+                output = await self._coze_stage(task)
+                self._coze_active.discard(task_id)
+                if output is _STOPPED:
+                    return
+                if self.config.skip_synthesis:
+                    self._succeed(task, output, synthesis=None)
+                    return
+                if not self._update(task, stage="synthesis", coze_output=_dump(output)):
+                    return
+                self._synth_active.add(task_id)
+            else:
+                output = _load(task.get("coze_output"))
+            await self._synthesis_stage(task, output)
+        except asyncio.CancelledError:
+            self._release(task_id)
+            raise
+        except Exception as exc:  # a bug must not kill the worker or stall other tasks
+            log.exception("task crashed", extra={"task_id": task_id})
+            self._fail(task, None, exc, error_class="internal")
+        finally:
+            self._coze_active.discard(task_id)
+            self._synth_active.discard(task_id)
+            self._inflight.pop(task_id, None)
+            self._batch_of.pop(task_id, None)
+            self._finish_batches()
+            self._wake.set()
+
+    async def _coze_stage(self, task: dict[str, Any]) -> Any:
+        params = _load(task["params"]) or {}
+        if self.config.task_id_param:
+            params = {self.config.task_id_param: task["task_key"], **params}
+        while True:
+            if not task.get("execute_id"):
+                started = self.clock.now()
+                try:
+                    sub = await self._call(task, lambda: self.coze.submit(self.workflow_id, params))
+                except Exception as exc:
+                    return self._handle_error(task, exc, "coze", started)
+                self.stats["submits"] += 1
+                if not self._update(task, execute_id=sub.execute_id, submitted_at=self.clock.now(),
+                                    debug_url=sub.debug_url, attempts=task["attempts"] + 1):
+                    return _STOPPED
+            started = task["submitted_at"] or self.clock.now()
+            try:
+                status = await self._wait_run(task)
+            except Exception as exc:
+                return self._handle_error(task, exc, "coze", started)
+            ended = self.clock.now()
+            if status.status == "Success":
+                self._durations.append(max(0.0, ended - started))
+                queue.record_attempt(self.db, task, stage="coze", started_at=started,
+                                     ended_at=ended, outcome="success",
+                                     execute_id=task["execute_id"])
+                self._update(task, coze_seconds=ended - started)
+                return _load(status.output)
+            result = self._handle_error(task, status.as_error(), "coze", started)
+            if result is not _RESUBMIT:
+                return result
+
+    async def _wait_run(self, task: dict[str, Any]) -> Any:
+        """Poll until the run ends: soon at first, then spaced out, capped; never after the end."""
+        execute_id = task["execute_id"]
+        submitted = task["submitted_at"] or self.clock.now()
+        polls = 0
+        while True:
+            elapsed = self.clock.now() - submitted
+            await self.clock.sleep(self._poll_delay(elapsed, polls))
+            status = await self._call(task, lambda: self.coze.poll(self.workflow_id, execute_id))
+            polls += 1
+            self.stats["polls"] += 1
+            if status.status in ("Success", "Fail"):
+                return status
+            if self.clock.now() - submitted > self.config.run_timeout:
+                raise RunFailed("run_timeout", f"run timed out: still Running after "
+                                f"{self.config.run_timeout:.0f}s", debug_url=task.get("debug_url"))
+
+    def _poll_delay(self, elapsed: float, polls: int) -> float:
+        """Wait before the next poll.
+
+        With a few finished runs seen, the first poll waits until just before the shortest
+        typical run (80% of the 10th percentile) could end; after that, and without history,
+        intervals grow geometrically from ``poll.first`` to ``poll.maximum``.
+        """
+        p = self.config.poll
+        if len(self._durations) >= 5:
+            lo = 0.8 * statistics.quantiles(self._durations, n=10)[0]
+            if elapsed < lo:
+                return lo - elapsed
+            growth = max(0, polls - 1)
+        else:
+            growth = polls
+        return min(p.maximum, p.first * (p.multiplier ** growth))
+
+    async def _call(self, task: dict[str, Any], make_call) -> Any:
+        """One Coze API call: behind the breaker, retried by the classifier's rules."""
+
+        async def guarded():
+            await self._gate()
+            try:
+                result = await make_call()
+            except CozeError as exc:
+                if exc.scope == "call" and (isinstance(exc, CozeNetworkError)
+                                            or (exc.http_status or 0) >= 500):
+                    self.breaker.record_failure(f"{exc.code}: {exc.message}")
+                raise
+            self.breaker.record_success()
+            return result
+
+        def on_retry(decision: Decision, exc: BaseException, attempt: int) -> None:
+            now = self.clock.now()
+            queue.record_attempt(self.db, task, stage="coze", started_at=now, ended_at=now,
+                                 outcome="retry", error_class=decision.error_class,
+                                 error_code=getattr(exc, "code", None),
+                                 error_message=_msg(exc), execute_id=task.get("execute_id"))
+            self._update(task, error_class=decision.error_class,
+                         error_code=getattr(exc, "code", None), error_message=_msg(exc))
+            self.notifier.task_retrying(task, decision, exc)
+
+        return await call_with_retry(guarded, rules=self.config.rules, policy=self.config.retry,
+                                     clock=self.clock, on_retry=on_retry,
+                                     resubmits=task["resubmits"])
+
+    async def _gate(self) -> None:
+        """Wait while the Coze breaker is open (a manual trip waits for a human)."""
+        while not self.breaker.allow():
+            retry_at = self.breaker.retry_at()
+            wait = 1.0 if retry_at is None else max(0.05, retry_at - self.clock.now())
+            await self.clock.sleep(min(wait, 5.0))
+
+    def _handle_error(self, task: dict[str, Any], exc: BaseException, stage: str,
+                      started: float) -> Any:
+        decision = getattr(exc, "decision", None) or classify(
+            exc, self.config.rules, attempt=1, resubmits=task["resubmits"], elapsed=0.0,
+            policy=self.config.retry)
+        now = self.clock.now()
+        queue.record_attempt(self.db, task, stage=stage, started_at=started, ended_at=now,
+                             outcome=decision.action, error_class=decision.error_class,
+                             error_code=getattr(exc, "code", None), error_message=_msg(exc),
+                             node=getattr(exc, "node", None), execute_id=task.get("execute_id"))
+        if decision.action == "resubmit":
+            log.info("resubmitting", extra={"task_id": task["id"], "reason": decision.reason})
+            if not self._update(task, execute_id=None, submitted_at=None,
+                                resubmits=task["resubmits"] + 1,
+                                error_class=decision.error_class,
+                                error_code=getattr(exc, "code", None), error_message=_msg(exc)):
+                return _STOPPED
+            self.notifier.task_retrying(task, decision, exc)
+            return _RESUBMIT
+        if decision.action == "fatal":
+            self._fatal(task, decision, exc)
+            return _STOPPED
+        self._fail(task, decision, exc, error_class=decision.error_class)
+        return _STOPPED
+
+    def _fatal(self, task: dict[str, Any], decision: Decision, exc: BaseException) -> None:
+        """Stop dispatching: trip the breaker, block open batches, hand the task back."""
+        reason = f"{decision.error_class}: {_msg(exc)}"
+        self.breaker.trip(reason)
+        self._update(task, error_class=decision.error_class,
+                     error_code=getattr(exc, "code", None), error_message=_msg(exc))
+        self._release(task["id"])
+        blocked = queue.block_open_batches(self.db, now=self.clock.now(), reason=reason)
+        for batch_id in blocked:
+            self.notifier.batch_blocked(batch_id, decision, exc)
+        self._enforce_batch_states()
+        self._wake.set()
+
+    async def _synthesis_stage(self, task: dict[str, Any], coze_output: Any) -> None:
+        params = _load(task["params"]) or {}
+        for attempt in (1, 2):
+            started = self.clock.now()
+            try:
+                result = await self.synth.run(task["batch_id"], task["task_key"], params,
+                                              coze_output)
+            except SynthesisError as exc:
+                outcome = "retry" if attempt == 1 else "fail"
+                queue.record_attempt(self.db, task, stage="synthesis", started_at=started,
+                                     ended_at=self.clock.now(), outcome=outcome,
+                                     error_class="synthesis", error_code=exc.code,
+                                     error_message=_msg(exc))
+                if attempt == 2:
+                    self._fail(task, None, exc, error_class="synthesis")
+                    return
+                continue
+            ended = self.clock.now()
+            queue.record_attempt(self.db, task, stage="synthesis", started_at=started,
+                                 ended_at=ended, outcome="success")
+            self._succeed(task, {"workflow": coze_output, "synthesis": result},
+                          synthesis=ended - started)
+            return
+
+    # ---- outcomes ------------------------------------------------------------------------------
+
+    def _succeed(self, task: dict[str, Any], output: Any, *, synthesis: float | None) -> None:
+        if self._update(task, status="succeeded", stage="done", output=_dump(output),
+                        finished_at=self.clock.now(), synthesis_seconds=synthesis,
+                        error_class=None, error_code=None, error_message=None,
+                        lease_owner=None, lease_until=None, _final=True):
+            self.notifier.task_finished(task, None, None)
+            self.notifier.batch_progress(task["batch_id"])
+
+    def _fail(self, task: dict[str, Any], decision: Decision | None, exc: BaseException,
+              *, error_class: str) -> None:
+        if self._update(task, status="failed", error_class=error_class,
+                        error_code=str(getattr(exc, "code", "") or "") or None,
+                        error_message=_msg(exc), error_node=getattr(exc, "node", None),
+                        finished_at=self.clock.now(), lease_owner=None, lease_until=None,
+                        _final=True):
+            self.notifier.task_finished(task, decision, exc)
+            self.notifier.batch_progress(task["batch_id"])
+
+    def _update(self, task: dict[str, Any], _final: bool = False, **fields: Any) -> bool:
+        """Write fields while holding the lease; mirror them into ``task``. False: lease lost."""
+        ok = queue.update_task(self.db, task["id"], owner=self.owner, **fields)
+        if ok:
+            task.update(fields)
+        elif not _final:
+            log.warning("lease lost; dropping task", extra={"task_id": task["id"]})
+        return ok
+
+    def _breaker_changed(self, before, after) -> None:
+        log.warning("breaker %s: %s -> %s", after.service, before.state, after.state)
+        self.notifier.breaker_changed(after.service, before.state, after.state, after.reason)
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_STOPPED = _Marker("STOPPED")
+_RESUBMIT = _Marker("RESUBMIT")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _load(text: Any) -> Any:
+    if text is None or not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _msg(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or exc)[:500]
