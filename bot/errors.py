@@ -95,9 +95,11 @@ class FeishuError(OpsbotError):
 
     def as_log(self) -> dict[str, object]:
         """Structured fields for a log line (no secrets: Feishu never echoes them)."""
-        return {"operation": self.operation, "code": self.code, "msg": self.msg,
-                "log_id": self.log_id, "http_status": self.http_status,
-                "retry_after": self.retry_after, "retryable": self.retryable}
+        # Keys avoid LogRecord's own attribute names ("msg"), so this can go in ``extra=``.
+        return {"feishu_operation": self.operation, "feishu_code": self.code,
+                "feishu_msg": self.msg, "feishu_log_id": self.log_id,
+                "http_status": self.http_status, "retry_after": self.retry_after,
+                "retryable": self.retryable}
 
 
 class FeishuNetworkError(FeishuError):
