@@ -1,0 +1,219 @@
+"""The web process: ``create_app()`` builds the Flask app that gunicorn serves.
+
+Routes: ``POST /webhook/event`` and ``POST /webhook/card`` (both through :mod:`bot.intake`),
+``GET /healthz``, ``GET /metrics`` (a minimal Prometheus text of the queue depths).
+
+The request only validates, records and answers. A recorded message is handed to a per-process
+:class:`Dispatcher` thread (started lazily, so it lives in each gunicorn worker after the fork)
+that claims the inbox row, runs the command and flushes the outbox: the HTTP answer never waits
+for Feishu. If the process dies first, the row stays in the inbox and the worker process picks it
+up with :func:`bot.handlers.process_inbox` once the lease runs out.
+
+Threads: request threads share one connection behind a lock (gunicorn sync workers serve one
+request at a time; the dev server is threaded); the dispatcher opens its own connection.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue as queuelib
+import socket
+import threading
+from typing import Any
+
+from flask import Flask, Response as FlaskResponse, jsonify
+
+from pipeline.clock import Clock
+from storage import inbox, outbox
+from storage.db import open_db
+
+from . import handlers
+from .http_flask import json_errors, webhook_view
+from .intake import Intake
+from .settings import Settings, load_settings
+
+log = logging.getLogger("opsbot.app")
+
+IDLE_SWEEP = 5.0   # seconds between dispatcher sweeps for rows nobody claimed
+
+
+class AppState:
+    """What the views share: settings, clock, the DB (per process), Feishu client, dispatcher."""
+
+    def __init__(self, settings: Settings, *, db: Any = None, feishu_client: Any = None,
+                 clock: Any = None) -> None:
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.lock = threading.RLock()
+        self._db = db
+        self._db_pid = os.getpid() if db is not None else None
+        self._explicit_db = db is not None
+        self._feishu = feishu_client
+        self._dispatcher: Dispatcher | None = None
+
+    @property
+    def db(self) -> Any:
+        with self.lock:
+            if self._db is None or (not self._explicit_db and self._db_pid != os.getpid()):
+                self._db = open_db(self.settings.db_path)
+                self._db_pid = os.getpid()
+            return self._db
+
+    @property
+    def db_file(self) -> str:
+        """The SQLite file path ('' for an in-memory store)."""
+        if self._explicit_db:
+            row = [r for r in self._db.execute("PRAGMA database_list").fetchall() if r[1] == "main"]
+            return row[0][2] if row else ""
+        return str(self.settings.db_path)
+
+    @property
+    def feishu(self) -> Any:
+        if self._feishu is None and self.settings.feishu.configured:
+            from .feishu import FeishuClient
+            self._feishu = FeishuClient(self.settings.feishu)
+        return self._feishu
+
+    def intake(self) -> Intake:
+        db = self.db
+        return Intake(self.settings, db, self.clock, db_lock=self.lock,
+                      card_handler=lambda p: handlers.handle_card_action(db, self.settings, p,
+                                                                         self.clock))
+
+    def dispatcher(self) -> "Dispatcher":
+        with self.lock:
+            if self._dispatcher is None or self._dispatcher.pid != os.getpid():
+                self._dispatcher = Dispatcher(self)
+            return self._dispatcher
+
+
+class Dispatcher:
+    """One daemon thread per process: handles recorded messages and flushes the outbox."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.pid = os.getpid()
+        self.owner = f"web-{socket.gethostname()}-{self.pid}"
+        self.keys: queuelib.Queue[str | None] = queuelib.Queue()
+        self.idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="opsbot-dispatcher", daemon=True)
+        self._started = False
+        self._lock = threading.Lock()
+
+    def notify(self, key: str | None) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._thread.start()
+        self.keys.put(key)
+
+    def _connection(self) -> tuple[Any, Any]:
+        path = self.state.db_file
+        if path and path != ":memory:":
+            return open_db(path, migrate=False), threading.Lock()
+        return self.state.db, self.state.lock  # in-memory: share, serialised
+
+    def _run(self) -> None:
+        db, lock = self._connection()
+        while True:
+            try:
+                key = self.keys.get(timeout=IDLE_SWEEP)
+            except queuelib.Empty:
+                key = None
+            self.idle.clear()
+            try:
+                with lock:
+                    self.step(db, key)
+            except Exception:  # noqa: BLE001 - the thread must survive anything
+                log.exception("dispatcher step failed")
+            if self.keys.empty():
+                self.idle.set()
+
+    def step(self, db: Any, key: str | None) -> None:
+        s = self.state
+        handlers.process_inbox(db, s.settings, s.feishu, s.clock, self.owner, key=key)
+        if s.feishu is not None:
+            flush_outbox(db, s.feishu, s.clock, self.owner)
+
+
+def flush_outbox(db: Any, feishu: Any, clock: Any, owner: str) -> int:
+    """Send due outbox rows: the shared sender (``bot.sender``) when present, else a minimal one."""
+    try:
+        from .sender import OutboxSender  # type: ignore[import-not-found]
+    except ImportError:
+        return _flush_minimal(db, feishu, clock, owner)
+    return OutboxSender(db, feishu, clock, owner=owner).flush()
+
+
+def _flush_minimal(db: Any, feishu: Any, clock: Any, owner: str) -> int:
+    from .errors import FeishuError
+    rows = outbox.claim_due(db, owner=owner, now=clock.now())
+    for row in rows:
+        p = row["payload"]
+        try:
+            if row["kind"] == "reply":
+                result = feishu.reply_card(row["target"], p["card"], row["uuid"])
+            elif row["kind"] == "send":
+                result = feishu.send_card(row["target"], p["card"], row["uuid"])
+            elif row["kind"] == "patch":
+                result = feishu.patch_card(row["target"], p["card"])
+            else:
+                continue  # Bitable writes belong to the worker's sender
+            outbox.mark_sent(db, row["id"], now=clock.now(), result=result)
+        except FeishuError as exc:
+            if exc.retryable:
+                outbox.mark_retry(db, row["id"], now=clock.now(),
+                                  next_at=clock.now() + (exc.retry_after or 5.0), error=str(exc))
+            else:
+                outbox.mark_dead(db, row["id"], now=clock.now(), error=str(exc))
+    return len(rows)
+
+
+def create_app(settings: Settings | None = None, *, db: Any = None, feishu_client: Any = None,
+               clock: Any = None, dispatch: bool = True) -> Flask:
+    """Build the web app. Without ``settings`` they are read from ``os.environ`` (entry point).
+
+    ``dispatch=False`` leaves recorded messages in the inbox (tests drive ``process_inbox``).
+    """
+    if settings is None:
+        settings = load_settings(os.environ)
+    state = AppState(settings, db=db, feishu_client=feishu_client, clock=clock)
+    app = Flask("opsbot")
+    app.extensions["opsbot"] = state
+    json_errors(app)
+
+    def handle(req):
+        return state.intake().handle(req)
+
+    def on_recorded(key: str) -> None:
+        if dispatch:
+            state.dispatcher().notify(key)
+
+    view = webhook_view(handle, settings.max_body_bytes, on_recorded)
+    app.add_url_rule("/webhook/event", "webhook_event", view, methods=["POST"])
+    app.add_url_rule("/webhook/card", "webhook_card", view, methods=["POST"])
+
+    @app.get("/healthz")
+    def healthz():
+        """Liveness with a DB round trip."""
+        try:
+            with state.lock:
+                state.db.execute("SELECT 1").fetchone()
+        except Exception as exc:  # noqa: BLE001
+            resp = jsonify({"ok": False, "error": type(exc).__name__})
+            resp.status_code = 503
+            return resp
+        return jsonify({"ok": True})
+
+    @app.get("/metrics")
+    def metrics():
+        """Queue depths in Prometheus text format."""
+        with state.lock:
+            pending, depth = inbox.pending(state.db), outbox.depth(state.db)
+        text = ("# TYPE opsbot_inbox_pending gauge\n"
+                f"opsbot_inbox_pending {pending}\n"
+                "# TYPE opsbot_outbox_depth gauge\n"
+                f"opsbot_outbox_depth {depth}\n")
+        return FlaskResponse(text, mimetype="text/plain; version=0.0.4")
+
+    return app

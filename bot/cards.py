@@ -1,0 +1,154 @@
+"""Card builders: pure functions from data to Feishu Card JSON 2.0.
+
+Every card is shared (``config.update_multi: true``) so it can be patched in place later, keeps
+under Feishu's limits (30 KB, 200 elements: long text is cut, long lists are shortened with a
+"…" line), and carries button values as objects.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from .i18n import t
+
+MAX_CARD_BYTES = 28_000        # Feishu refuses cards over 30 KB (230025); keep a margin
+MAX_ELEMENTS = 100             # Feishu allows 200
+MAX_MARKDOWN = 4_000           # characters per markdown element
+TEMPLATES = {"info": "blue", "success": "green", "warning": "orange", "error": "red",
+             "neutral": "grey"}
+
+Card = dict[str, Any]
+
+
+def card(title: str, elements: Iterable[dict[str, Any]], *, template: str = "blue") -> Card:
+    """A Card JSON 2.0 with a header and body; trimmed to fit Feishu's limits."""
+    els = list(elements)[:MAX_ELEMENTS]
+    data = {
+        "schema": "2.0",
+        "config": {"update_multi": True},
+        "header": {"title": {"tag": "plain_text", "content": _cut(title, 200)},
+                   "template": template},
+        "body": {"elements": els},
+    }
+    while size(data) > MAX_CARD_BYTES and len(els) > 1:
+        els.pop(-2 if len(els) > 2 else -1)
+        data["body"]["elements"] = els
+    return data
+
+
+def size(data: Card) -> int:
+    """Bytes of the card as Feishu receives it (compact UTF-8 JSON)."""
+    return len(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def markdown(text: str) -> dict[str, Any]:
+    return {"tag": "markdown", "content": _cut(text, MAX_MARKDOWN)}
+
+
+def button(label: str, value: dict[str, Any], *, kind: str = "default") -> dict[str, Any]:
+    """A button whose click arrives as ``card.action.trigger`` with ``action.value == value``."""
+    return {"tag": "button", "text": {"tag": "plain_text", "content": _cut(label, 60)},
+            "type": kind, "behaviors": [{"type": "callback", "value": dict(value)}]}
+
+
+def hr() -> dict[str, Any]:
+    return {"tag": "hr"}
+
+
+def mention(open_id: str) -> str:
+    return f"<at id={open_id}></at>"
+
+
+def _cut(text: str, n: int) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _lines(rows: list[str], limit: int = 50) -> str:
+    shown = rows[:limit]
+    if len(rows) > limit:
+        shown.append(f"… (+{len(rows) - limit})")
+    return "\n".join(shown)
+
+
+# --- the cards the bot sends -------------------------------------------------------------------
+
+def info_card(text: str, lang: str, *, title_key: str = "title.info") -> Card:
+    return card(t(title_key, lang), [markdown(text)], template=TEMPLATES["info"])
+
+
+def success_card(text: str, lang: str) -> Card:
+    return card(t("title.done", lang), [markdown(text)], template=TEMPLATES["success"])
+
+
+def error_card(text: str, lang: str) -> Card:
+    return card(t("title.error", lang), [markdown(text)], template=TEMPLATES["error"])
+
+
+def help_card(lang: str, *, error: str | None = None) -> Card:
+    """All commands; with ``error``, the reason the last message was not understood goes first."""
+    from .commands import COMMANDS
+    els: list[dict[str, Any]] = []
+    if error:
+        els += [markdown(f"**{error}**"), hr()]
+    els.append(markdown(t("help.intro", lang) + "\n" +
+                        "\n".join("- " + t(f"help.{name}", lang) for name in COMMANDS)))
+    els.append(markdown(t("help.admins_only", lang)))
+    return card(t("title.help", lang), els, template=TEMPLATES["warning" if error else "info"])
+
+
+def refusal_card(command: str, admin_ids: Iterable[str], lang: str) -> Card:
+    admins = " ".join(mention(a) for a in admin_ids)
+    text = (t("refused.body", lang, command=command, admins=admins) if admins
+            else t("refused.no_admins", lang, command=command))
+    return card(t("title.refused", lang), [markdown(text)], template=TEMPLATES["warning"])
+
+
+def run_queued_card(batch_id: str, count: int, lang: str, *, filters: str = "") -> Card:
+    els = [markdown(t("run.queued", lang, count=count, batch_id=batch_id))]
+    if filters:
+        els.append(markdown(t("run.filters", lang, filters=filters)))
+    els.append({"tag": "column_set", "columns": [
+        {"tag": "column", "elements": [button("status", {"action": "status", "batch_id": batch_id})]},
+        {"tag": "column", "elements": [button(
+            t("action.cancel", lang), {"action": "cancel", "batch_id": batch_id}, kind="danger")]},
+    ]})
+    return card(t("title.queued", lang), els, template=TEMPLATES["success"])
+
+
+def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lang: str, *,
+                breakers: list[dict[str, Any]] = ()) -> Card:
+    if batch is None:
+        return card(t("title.status", lang), [markdown(t("status.none", lang))],
+                    template=TEMPLATES["neutral"])
+    lines = [t("status.batch", lang, batch_id=batch["id"], status=batch["status"]),
+             t("status.counts", lang, **(counts or {}))]
+    if batch.get("blocked_reason"):
+        lines.append(t("status.blocked", lang, reason=batch["blocked_reason"]))
+    if breakers:
+        states = ", ".join(f"{b['service']}={b['state']}" for b in breakers)
+        lines.append(t("status.breakers", lang, states=states))
+    els = [markdown("\n".join(lines))]
+    buttons = []
+    if batch["status"] in ("paused", "blocked"):
+        buttons.append(button(t("action.resume", lang),
+                              {"action": "resume", "batch_id": batch["id"]}, kind="primary"))
+    if (counts or {}).get("failed"):
+        buttons.append(button("retry failed", {"action": "retry_batch", "batch_id": batch["id"]}))
+    if buttons:
+        els.append({"tag": "column_set", "columns": [
+            {"tag": "column", "elements": [b]} for b in buttons]})
+    template = {"blocked": "red", "paused": "orange", "done": "green",
+                "cancelled": "grey"}.get(batch["status"], "blue")
+    return card(t("title.status", lang), els, template=template)
+
+
+def errors_card(tasks: list[dict[str, Any]], lang: str) -> Card:
+    if not tasks:
+        return card(t("title.errors", lang), [markdown(t("errors.none", lang))],
+                    template=TEMPLATES["success"])
+    rows = [t("errors.row", lang, task=r["task_key"], id=r["id"], batch_id=r["batch_id"],
+              error_class=r.get("error_class") or "-", error_code=r.get("error_code") or "",
+              message=_cut(r.get("error_message") or "", 200)) for r in tasks]
+    return card(t("title.errors", lang), [markdown("- " + _lines(rows).replace("\n", "\n- "))],
+                template=TEMPLATES["error"])

@@ -1,0 +1,488 @@
+"""Executing chat commands and card clicks against the store.
+
+Entry points
+- :func:`process_inbox` — claim recorded message events (one by key, or the oldest due ones) and
+  handle each once. The web process's dispatcher calls it right after recording a message; the
+  worker calls it as a fallback for rows a dying web process left behind (leases expire).
+- :func:`handle_card_action` — answer a ``card.action.trigger`` synchronously (Feishu waits 3 s).
+
+Every command answers with a card *reply* enqueued in the outbox under ``uuid = "r-" +
+message_id``: handling the same message again (a crash before ``inbox.finish``) enqueues nothing
+new, and Feishu dedupes the send by that uuid too. ``run`` derives its batch id from the message
+id for the same reason: a re-run finds the batch it already created.
+
+Authorisation: commands that change anything (``commands.MUTATING``) and every button except
+``status`` need the sender's open_id in ``settings.feishu.admin_ids``; others get a refusal that
+names the admins. Nothing is written for a refused request except the refusal reply.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from typing import Any, Callable
+
+from storage import inbox, outbox, queue
+from storage.db import Conflict, NotFound, transaction
+
+from . import cards
+from .commands import Command, ParseError, parse
+from .i18n import t
+
+log = logging.getLogger("opsbot.handlers")
+
+MAX_HANDLE_ATTEMPTS = 3     # an inbox row failing this often is finished as failed
+ERRORS_DEFAULT_LIMIT = 10
+RETRYABLE_STATUSES = ("failed", "ignored", "cancelled")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who asked, where, and what to use while handling one command."""
+
+    db: Any
+    settings: Any
+    feishu: Any
+    clock: Any
+    sender: str
+    chat_id: str
+    message_id: str
+
+    @property
+    def lang(self) -> str:
+        return self.settings.language
+
+    @property
+    def now(self) -> float:
+        return self.clock.now()
+
+
+# --- the inbox loop ---------------------------------------------------------------------------
+
+def process_inbox(db, settings, feishu_client, clock, owner: str, *, key: str | None = None,
+                  limit: int = 10, lease: float = 60.0) -> int:
+    """Claim and handle recorded events; return how many rows were claimed.
+
+    A row whose handling raises stays claimed until its lease expires, then is tried again; after
+    :data:`MAX_HANDLE_ATTEMPTS` it is finished as failed (logged, never retried forever).
+    """
+    rows = inbox.claim(db, owner=owner, now=clock.now(), lease=lease, key=key, limit=limit)
+    for row in rows:
+        try:
+            if row["event_type"] == "im.message.receive_v1":
+                handle_message(db, settings, feishu_client, clock, row["payload"])
+            inbox.finish(db, row["key"], now=clock.now())
+        except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
+            log.exception("inbox row %s failed (attempt %s)", row["key"], row["attempts"])
+            if row["attempts"] >= MAX_HANDLE_ATTEMPTS:
+                inbox.finish(db, row["key"], now=clock.now(), error=repr(exc)[:500])
+    return len(rows)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The plain text of a ``text`` or ``post`` message ('' when there is none)."""
+    try:
+        content = json.loads(message.get("content") or "{}")
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(content, dict):
+        return ""
+    if message.get("message_type") == "text":
+        return str(content.get("text") or "")
+    body = content if "content" in content else next(
+        (v for v in content.values() if isinstance(v, dict)), {})
+    parts = [str(el.get("text", "")) for para in body.get("content") or [] if isinstance(para, list)
+             for el in para if isinstance(el, dict) and el.get("tag") in ("text", "a")]
+    return " ".join(parts)
+
+
+def handle_message(db, settings, feishu_client, clock, payload: dict[str, Any]) -> dict[str, Any]:
+    """Parse and execute the command in a message event; enqueue the reply card; return it."""
+    event = payload["event"]
+    message = event["message"]
+    ctx = Context(db, settings, feishu_client, clock,
+                  sender=((event.get("sender") or {}).get("sender_id") or {}).get("open_id", ""),
+                  chat_id=message.get("chat_id", ""), message_id=message["message_id"])
+    card = execute(ctx, parse(message_text(message)))
+    outbox.enqueue(db, "reply", ctx.message_id, {"card": card}, now=clock.now(),
+                   uuid=reply_uuid(ctx.message_id), ref=ctx.chat_id or None)
+    return card
+
+
+def reply_uuid(message_id: str) -> str:
+    """Feishu's uuid must be <= 50 chars; long ids are hashed."""
+    uid = "r-" + message_id
+    return uid if len(uid) <= 50 else "r-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
+
+
+def is_admin(settings, open_id: str) -> bool:
+    return bool(open_id) and open_id in settings.feishu.admin_ids
+
+
+def execute(ctx: Context, cmd: Command | ParseError) -> dict[str, Any]:
+    """Run one parsed command for ``ctx.sender``; return the reply card."""
+    if isinstance(cmd, ParseError):
+        return cards.help_card(ctx.lang, error=cmd.message(ctx.lang))
+    if cmd.mutating and not is_admin(ctx.settings, ctx.sender):
+        return cards.refusal_card(cmd.name, ctx.settings.feishu.admin_ids, ctx.lang)
+    try:
+        return COMMAND_HANDLERS[cmd.name](ctx, cmd)
+    except NotFound as exc:
+        return cards.error_card(str(exc), ctx.lang)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_help(ctx: Context, cmd: Command) -> dict[str, Any]:
+    return cards.help_card(ctx.lang)
+
+
+def batch_id_for(message_id: str) -> str:
+    """The batch a ``run`` message creates: stable, so handling it twice finds the same batch."""
+    return "b" + hashlib.sha256(message_id.encode()).hexdigest()[:8]
+
+
+def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
+    f = ctx.settings.feishu
+    missing = [name for name, value in (
+        ("FEISHU_APP_ID", f.app_id), ("FEISHU_APP_SECRET", f.app_secret),
+        ("BITABLE_APP_TOKEN", f.bitable_app_token), ("BITABLE_TABLE_ID", f.bitable_table_id))
+        if not value]
+    if missing or ctx.feishu is None:
+        return cards.error_card(t("run.not_configured", ctx.lang,
+                                  vars=", ".join(missing or ["FEISHU_APP_ID"])), ctx.lang)
+    batch_id = batch_id_for(ctx.message_id)
+    try:  # handled before (a crash between create and finish): answer the same
+        queue.get_batch(ctx.db, batch_id)
+        return cards.run_queued_card(batch_id, queue.batch_counts(ctx.db, batch_id)["total"],
+                                     ctx.lang)
+    except NotFound:
+        pass
+    from .errors import FeishuError
+    try:
+        records = ctx.feishu.search_records(f.bitable_app_token, f.bitable_table_id,
+                                            field_name=f.bitable_status_field,
+                                            value=f.bitable_pending_value)
+    except FeishuError as exc:
+        log.warning("run: Bitable search failed: %s", exc)
+        return cards.error_card(t("run.feishu_failed", ctx.lang,
+                                  error=f"{exc.code} {exc.msg}".strip()), ctx.lang)
+    tasks = select_tasks([record_to_task(r, f) for r in records], cmd)
+    if not records:
+        return cards.info_card(t("run.nothing", ctx.lang, value=f.bitable_pending_value), ctx.lang)
+    if not tasks:
+        return cards.info_card(t("run.nothing_after_filter", ctx.lang, found=len(records)),
+                               ctx.lang)
+    options = {k: v for k, v in (("include", list(cmd.include)), ("exclude", list(cmd.exclude)),
+                                 ("limit", cmd.limit)) if v}
+    try:
+        queue.create_batch(ctx.db, tasks, now=ctx.now, source="chat", batch_id=batch_id,
+                           chat_id=ctx.chat_id, command_message_id=ctx.message_id,
+                           created_by=ctx.sender, workflow_id=ctx.settings.coze.workflow_id or None,
+                           options=options)
+    except ValueError as exc:
+        return cards.error_card(t("run.duplicate", ctx.lang, error=str(exc)), ctx.lang)
+    filters = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                       for k, v in options.items())
+    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=filters)
+
+
+def record_to_task(record: dict[str, Any], f) -> dict[str, Any]:
+    """A Bitable record -> a task: key from the task id field (else record_id), rest as params."""
+    fields = dict(record.get("fields") or {})
+    key = fields.pop(f.bitable_task_id_field, None)
+    fields.pop(f.bitable_status_field, None)
+    key = str(key).strip() if key not in (None, "", []) else ""
+    return {"task_key": key or str(record["record_id"]), "record_id": record.get("record_id"),
+            "params": fields}
+
+
+def select_tasks(tasks: list[dict[str, Any]], cmd: Command) -> list[dict[str, Any]]:
+    """Apply --include (keep only these), --exclude (drop these), then --limit (first N)."""
+    if cmd.include:
+        wanted = set(cmd.include)
+        tasks = [x for x in tasks if x["task_key"] in wanted or x["record_id"] in wanted]
+    if cmd.exclude:
+        unwanted = set(cmd.exclude)
+        tasks = [x for x in tasks if x["task_key"] not in unwanted
+                 and x["record_id"] not in unwanted]
+    return tasks[: cmd.limit] if cmd.limit else tasks
+
+
+def _target_batch(ctx: Context, batch_id: str | None) -> dict[str, Any] | None:
+    """The named batch (NotFound when unknown), else the latest open one, else None."""
+    if batch_id:
+        return queue.get_batch(ctx.db, batch_id)
+    open_ = queue.list_batches(ctx.db, open_only=True, limit=1)
+    return open_[0] if open_ else None
+
+
+def breaker_rows(db) -> list[dict[str, Any]]:
+    return list(db.query("SELECT service, state, reason FROM breakers ORDER BY service"))
+
+
+def cmd_status(ctx: Context, cmd: Command) -> dict[str, Any]:
+    batch = _target_batch(ctx, cmd.batch_id) or queue.latest_batch(ctx.db)
+    counts = queue.batch_counts(ctx.db, batch["id"]) if batch else None
+    return cards.status_card(batch, counts, ctx.lang, breakers=breaker_rows(ctx.db))
+
+
+BATCH_MOVES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cancel": ("cancelled", ("queued", "running", "paused", "blocked")),
+    "pause": ("paused", ("queued", "running")),
+    "resume": ("running", ("paused", "blocked")),
+}
+
+
+def move_batch(db, settings, clock, action: str, batch_id: str) -> tuple[bool, str]:
+    """Apply cancel/pause/resume to a batch; returns (changed, user-facing text)."""
+    lang = settings.language
+    status, allowed = BATCH_MOVES[action]
+    now = clock.now()
+    try:
+        previous = queue.set_batch_status(db, batch_id, status, now=now, allowed_from=allowed)
+    except NotFound:
+        return False, t("batch.not_found", lang, batch_id=batch_id)
+    except Conflict:
+        current = queue.get_batch(db, batch_id)["status"]
+        return False, t("batch.conflict", lang, batch_id=batch_id, status=current,
+                        action=t("action." + action, lang))
+    if action == "resume" and previous == "blocked":
+        close_breakers(db, now)
+    return True, t("batch.changed", lang, batch_id=batch_id, previous=previous, status=status)
+
+
+def close_breakers(db, now: float) -> None:
+    """A human resumed a blocked batch: they vouch the cause is fixed, so breakers close."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
+                     " opened_at = NULL, reason = NULL, updated_at = ?", [now])
+
+
+def _cmd_move(action: str) -> Callable[[Context, Command], dict[str, Any]]:
+    def run(ctx: Context, cmd: Command) -> dict[str, Any]:
+        batch = _target_batch(ctx, cmd.batch_id)
+        if batch is None:
+            return cards.info_card(t("batch.none_open", ctx.lang), ctx.lang)
+        changed, text = move_batch(ctx.db, ctx.settings, ctx.clock, action, batch["id"])
+        return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
+    return run
+
+
+def retry_task(db, settings, clock, ref: str) -> tuple[bool, str]:
+    lang = settings.language
+    try:
+        task = queue.find_task(db, str(ref))
+    except NotFound:
+        return False, t("retry.task_not_found", lang, task=ref)
+    if task["status"] not in RETRYABLE_STATUSES:
+        return False, t("retry.task_not_failed", lang, task=task["task_key"], status=task["status"])
+    n = queue.requeue_tasks(db, [task["id"]], now=clock.now())
+    if not n:  # changed between the read and the write (a double click)
+        return False, t("retry.task_not_failed", lang, task=task["task_key"], status="queued")
+    return True, t("retry.task_done", lang, task=task["task_key"])
+
+
+def retry_batch(db, settings, clock, batch_id: str) -> tuple[bool, str]:
+    lang = settings.language
+    queue.get_batch(db, batch_id)  # NotFound for an unknown batch
+    failed = [x["id"] for x in queue.tasks_of(db, batch_id, ["failed"])]
+    n = queue.requeue_tasks(db, failed, now=clock.now())
+    if not n:
+        return False, t("retry.batch_nothing", lang, batch_id=batch_id)
+    return True, t("retry.batch_done", lang, batch_id=batch_id, count=n)
+
+
+def cmd_retry(ctx: Context, cmd: Command) -> dict[str, Any]:
+    if cmd.batch_id:
+        changed, text = retry_batch(ctx.db, ctx.settings, ctx.clock, cmd.batch_id)
+    else:
+        changed, text = retry_task(ctx.db, ctx.settings, ctx.clock, cmd.task_ref or "")
+    return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
+
+
+def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
+    limit = cmd.limit or ERRORS_DEFAULT_LIMIT
+    if cmd.batch_id:
+        queue.get_batch(ctx.db, cmd.batch_id)
+        rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed' AND batch_id = ?"
+                            " ORDER BY finished_at DESC, id DESC LIMIT ?", [cmd.batch_id, limit])
+    else:
+        rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed'"
+                            " ORDER BY finished_at DESC, id DESC LIMIT ?", [limit])
+    return cards.errors_card(list(rows), ctx.lang)
+
+
+def day_bounds(settings, day: date) -> tuple[float, float]:
+    """[start, end) of a calendar day in the settings' time zone, as Unix seconds."""
+    start = datetime.combine(day, time(0), tzinfo=settings.tz)
+    return start.timestamp(), (start + timedelta(days=1)).timestamp()
+
+
+def build_report_card(db, settings, day: date, lang: str) -> dict[str, Any]:
+    """A short summary of the tasks created on ``day``; the full daily report lives elsewhere."""
+    start, end = day_bounds(settings, day)
+    counts = {r["status"]: r["n"] for r in db.query(
+        "SELECT status, COUNT(*) AS n FROM tasks WHERE created_at >= ? AND created_at < ?"
+        " GROUP BY status", [start, end])}
+    total = sum(counts.values())
+    succeeded, failed = counts.get("succeeded", 0), counts.get("failed", 0)
+    active = sum(counts.get(s, 0) for s in queue.ACTIVE)
+    rate = f"{succeeded / (succeeded + failed):.0%}" if succeeded + failed else "-"
+    text = "\n".join([
+        t("report.counts", lang, total=total, succeeded=succeeded, failed=failed, active=active,
+          other=total - succeeded - failed - active),
+        t("report.rate", lang, rate=rate), t("report.note", lang)])
+    return cards.card(t("title.report", lang, date=day.isoformat()), [cards.markdown(text)],
+                      template="blue")
+
+
+def cmd_report(ctx: Context, cmd: Command) -> dict[str, Any]:
+    day = date.fromisoformat(cmd.date) if cmd.date else \
+        datetime.fromtimestamp(ctx.now, ctx.settings.tz).date()
+    try:  # the full daily report, once a module provides it
+        from .report import build_report_card as full_report  # type: ignore[import-not-found]
+    except ImportError:
+        full_report = build_report_card
+    return full_report(ctx.db, ctx.settings, day, ctx.lang)
+
+
+def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> str:
+    """Silence alerts with ``key`` for ``seconds`` (default from settings); returns the text."""
+    now = clock.now()
+    until = now + (seconds or settings.alerts.default_silence)
+    with transaction(db) as conn:
+        conn.execute("INSERT INTO silences (key, until, created_by, created_at) VALUES (?, ?, ?, ?)"
+                     " ON CONFLICT(key) DO UPDATE SET until = excluded.until,"
+                     " created_by = excluded.created_by, created_at = excluded.created_at",
+                     [key, until, by, now])
+    shown = datetime.fromtimestamp(until, settings.tz).strftime("%Y-%m-%d %H:%M")
+    return t("silence.done", settings.language, key=key, until=shown)
+
+
+def cmd_silence(ctx: Context, cmd: Command) -> dict[str, Any]:
+    text = silence(ctx.db, ctx.settings, ctx.clock, cmd.key or "", cmd.seconds, ctx.sender)
+    return cards.success_card(text, ctx.lang)
+
+
+COMMAND_HANDLERS: dict[str, Callable[[Context, Command], dict[str, Any]]] = {
+    "help": cmd_help, "run": cmd_run, "status": cmd_status, "retry": cmd_retry,
+    "cancel": _cmd_move("cancel"), "pause": _cmd_move("pause"), "resume": _cmd_move("resume"),
+    "errors": cmd_errors, "report": cmd_report, "silence": cmd_silence,
+}
+
+
+# --- card actions -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CardAction:
+    operator: str
+    value: dict[str, Any]
+    event_id: str | None
+    message_id: str | None
+
+
+def card_action_from(payload: dict[str, Any]) -> CardAction:
+    """Normalise a ``card.action.trigger`` (schema 2.0) or a legacy callback."""
+    if payload.get("schema") == "2.0":
+        event = payload.get("event") or {}
+        operator = (event.get("operator") or {}).get("open_id", "")
+        action = event.get("action") or {}
+        event_id = (payload.get("header") or {}).get("event_id")
+        message_id = (event.get("context") or {}).get("open_message_id")
+    else:
+        operator, action = payload.get("open_id", ""), payload.get("action") or {}
+        event_id, message_id = None, payload.get("open_message_id")
+    value = action.get("value") if isinstance(action, dict) else None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = {"action": value}
+    return CardAction(str(operator or ""), value if isinstance(value, dict) else {},
+                      event_id if isinstance(event_id, str) else None,
+                      message_id if isinstance(message_id, str) else None)
+
+
+def toast(kind: str, content: str) -> dict[str, Any]:
+    return {"toast": {"type": kind, "content": content}}
+
+
+READ_ONLY_ACTIONS = frozenset({"status"})
+
+
+def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str, Any]:
+    """Answer one button click with a toast. Non-admins change nothing; a click is acted on once.
+
+    Dedup: the click's event_id is recorded in the inbox (``card:<event_id>``); a second delivery
+    answers "already handled". Two separate clicks (double click: two event ids) are made safe
+    by checking the current state before acting (e.g. a task that is no longer failed).
+    """
+    lang = settings.language
+    act = card_action_from(payload)
+    name = str(act.value.get("action", ""))
+    if name not in CARD_ACTIONS:
+        return toast("warning", t("toast.unknown", lang))
+    if name not in READ_ONLY_ACTIONS and not is_admin(settings, act.operator):
+        return toast("error", t("refused.toast", lang))
+    if act.event_id:
+        key = "card:" + act.event_id
+        if not inbox.record(db, key, event_type="card.action.trigger", payload=payload,
+                            now=clock.now(), event_id=act.event_id):
+            return toast("info", t("toast.already", lang))
+    try:
+        ok, text = CARD_ACTIONS[name](db, settings, clock, act)
+    except (NotFound, KeyError, ValueError, TypeError) as exc:
+        ok, text = False, t("toast.failed", lang, error=str(exc)[:200])
+    if act.event_id:
+        inbox.finish(db, "card:" + act.event_id, now=clock.now())
+    return toast("success" if ok else "warning", text)
+
+
+def _a_retry(db, settings, clock, act):
+    return retry_task(db, settings, clock, str(int(act.value["task_id"])))
+
+
+def _a_retry_batch(db, settings, clock, act):
+    return retry_batch(db, settings, clock, str(act.value["batch_id"]))
+
+
+def _a_move(action):
+    def run(db, settings, clock, act):
+        return move_batch(db, settings, clock, action, str(act.value["batch_id"]))
+    return run
+
+
+def _a_silence(db, settings, clock, act):
+    seconds = float(act.value.get("seconds") or settings.alerts.default_silence)
+    return True, silence(db, settings, clock, str(act.value["key"]), seconds, act.operator)
+
+
+def _a_ignore(db, settings, clock, act):
+    """Ignore a failed task (it stops counting as open) and/or an alert key."""
+    lang = settings.language
+    changed = False
+    with transaction(db) as conn:
+        if act.value.get("task_id") is not None:
+            changed |= conn.execute("UPDATE tasks SET status = 'ignored' WHERE id = ? AND status"
+                                    " = 'failed'", [int(act.value["task_id"])]).rowcount > 0
+        if act.value.get("key"):
+            changed |= conn.execute("UPDATE alerts SET status = 'ignored' WHERE key = ? AND"
+                                    " status = 'open'", [str(act.value["key"])]).rowcount > 0
+    return changed, t("toast.ignored" if changed else "toast.already", lang)
+
+
+def _a_status(db, settings, clock, act):
+    batch = queue.get_batch(db, str(act.value["batch_id"]))
+    counts = queue.batch_counts(db, batch["id"])
+    return True, t("status.batch", settings.language, batch_id=batch["id"],
+                   status=batch["status"]) + " " + t("status.counts", settings.language, **counts)
+
+
+CARD_ACTIONS: dict[str, Callable[..., tuple[bool, str]]] = {
+    "retry": _a_retry, "retry_batch": _a_retry_batch, "ignore": _a_ignore,
+    "silence": _a_silence, "resume": _a_move("resume"), "cancel": _a_move("cancel"),
+    "pause": _a_move("pause"), "status": _a_status,
+}

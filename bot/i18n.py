@@ -1,0 +1,136 @@
+"""User-facing text: Chinese by default, English available (``settings.language``).
+
+``t(key, lang, **kwargs)`` looks a message up and formats it. A missing language falls back to
+Chinese, a missing key to the key itself, and a missing format argument leaves its ``{name}``
+in place: a wording slip must never break a reply.
+"""
+from __future__ import annotations
+
+import string
+from typing import Any
+
+DEFAULT = "zh"
+
+MESSAGES: dict[str, dict[str, str]] = {
+    # titles
+    "title.help": {"zh": "opsbot 使用说明", "en": "opsbot help"},
+    "title.refused": {"zh": "没有权限", "en": "Not allowed"},
+    "title.queued": {"zh": "批次已创建", "en": "Batch queued"},
+    "title.status": {"zh": "批次状态", "en": "Batch status"},
+    "title.errors": {"zh": "最近失败的任务", "en": "Latest failed tasks"},
+    "title.report": {"zh": "今日概况 {date}", "en": "Today so far {date}"},
+    "title.info": {"zh": "提示", "en": "Info"},
+    "title.error": {"zh": "出错了", "en": "Something went wrong"},
+    "title.done": {"zh": "已完成", "en": "Done"},
+    # help
+    "help.intro": {"zh": "在群里 @我 并发送命令（可带 `/`，中英文均可）：",
+                   "en": "@mention me with a command (a leading `/` is optional):"},
+    "help.run": {"zh": "`run` / `运行` [--include ID..] [--exclude ID..] [--limit N]：运行多维表格中待处理的行",
+                 "en": "`run` [--include ID..] [--exclude ID..] [--limit N]: run the pending Bitable rows"},
+    "help.status": {"zh": "`status` / `状态` [批次]：查看批次进度", "en": "`status` [batch]: batch progress"},
+    "help.retry": {"zh": "`retry` / `重试` 任务ID | batch 批次：重试一个任务或某批次所有失败任务",
+                   "en": "`retry` TASK | batch BATCH: retry a task or every failed task of a batch"},
+    "help.cancel": {"zh": "`cancel` / `取消` [批次]：取消批次", "en": "`cancel` [batch]: cancel a batch"},
+    "help.pause": {"zh": "`pause` / `暂停` [批次]：暂停批次", "en": "`pause` [batch]: pause a batch"},
+    "help.resume": {"zh": "`resume` / `恢复` [批次]：恢复暂停或阻塞的批次",
+                    "en": "`resume` [batch]: resume a paused or blocked batch"},
+    "help.report": {"zh": "`report` / `日报` [--date YYYY-MM-DD]：日报", "en": "`report` [--date YYYY-MM-DD]: daily report"},
+    "help.errors": {"zh": "`errors` / `错误` [批次] [--limit N]：最近失败的任务",
+                    "en": "`errors` [batch] [--limit N]: latest failed tasks"},
+    "help.silence": {"zh": "`silence` / `静默` KEY [30m|2h|1d]：静默某类告警（默认 1 小时）",
+                     "en": "`silence` KEY [30m|2h|1d]: silence an alert key (default 1h)"},
+    "help.help": {"zh": "`help` / `帮助` / `?`：显示本说明", "en": "`help` / `?`: this help"},
+    "help.admins_only": {"zh": "会改变状态的命令（run、retry、cancel、pause、resume、silence）仅管理员可用。",
+                         "en": "Commands that change things (run, retry, cancel, pause, resume, silence) are for admins only."},
+    # parse errors
+    "parse.empty": {"zh": "没有收到命令。", "en": "No command given."},
+    "parse.too_long": {"zh": "消息太长（最多 {max} 个字符）。", "en": "The message is too long (at most {max} characters)."},
+    "parse.unknown_command": {"zh": "不认识的命令：{name}", "en": "Unknown command: {name}"},
+    "parse.unclosed_quote": {"zh": "引号没有闭合。", "en": "A quote is not closed."},
+    "parse.unknown_option": {"zh": "`{command}` 不支持选项 {option}", "en": "`{command}` has no option {option}"},
+    "parse.missing_value": {"zh": "选项 {option} 需要一个值", "en": "Option {option} needs a value"},
+    "parse.bad_limit": {"zh": "--limit 需要一个正整数，收到 {value}", "en": "--limit needs a positive whole number, got {value}"},
+    "parse.bad_date": {"zh": "日期格式应为 YYYY-MM-DD，收到 {value}", "en": "Dates look like YYYY-MM-DD, got {value}"},
+    "parse.bad_duration": {"zh": "时长应类似 30m、2h、1d（最多 30 天），收到 {value}",
+                           "en": "A duration looks like 30m, 2h or 1d (at most 30 days), got {value}"},
+    "parse.bad_id": {"zh": "不是有效的 ID：{value}", "en": "Not a valid id: {value}"},
+    "parse.unexpected": {"zh": "`{command}` 不需要参数 {value}", "en": "`{command}` takes no argument {value}"},
+    "parse.retry_needs_target": {"zh": "请指定任务 ID，或 `batch 批次ID`", "en": "Say which task, or `batch BATCH_ID`"},
+    "parse.silence_needs_key": {"zh": "请指定要静默的告警 KEY", "en": "Say which alert key to silence"},
+    # authorisation
+    "refused.body": {"zh": "抱歉，`{command}` 只有管理员可以执行。需要时请联系：{admins}",
+                     "en": "Sorry, only admins may run `{command}`. Please ask: {admins}"},
+    "refused.no_admins": {"zh": "抱歉，`{command}` 只有管理员可以执行，但目前没有配置管理员（FEISHU_ADMIN_IDS）。",
+                          "en": "Sorry, only admins may run `{command}`, and no admin is configured (FEISHU_ADMIN_IDS)."},
+    "refused.toast": {"zh": "只有管理员可以操作", "en": "Only admins may do this"},
+    # run
+    "run.queued": {"zh": "已排队 **{count}** 个任务，批次 `{batch_id}`。", "en": "Queued **{count}** tasks in batch `{batch_id}`."},
+    "run.nothing": {"zh": "多维表格中没有状态为「{value}」的待处理行。", "en": "No Bitable rows with status \"{value}\" to run."},
+    "run.nothing_after_filter": {"zh": "有 {found} 行待处理，但过滤后没有剩下任务。",
+                                 "en": "{found} pending rows found, none left after the filters."},
+    "run.not_configured": {"zh": "还没有配置多维表格。请设置环境变量：{vars}",
+                           "en": "Bitable is not configured. Set the environment variables: {vars}"},
+    "run.feishu_failed": {"zh": "读取多维表格失败：{error}\n没有创建任何批次，请稍后重试。",
+                          "en": "Reading the Bitable failed: {error}\nNo batch was created; try again later."},
+    "run.duplicate": {"zh": "多维表格中有重复的任务 ID：{error}", "en": "The Bitable has duplicate task ids: {error}"},
+    "run.filters": {"zh": "过滤：{filters}", "en": "Filters: {filters}"},
+    # status
+    "status.none": {"zh": "还没有任何批次。", "en": "No batches yet."},
+    "status.batch": {"zh": "批次 `{batch_id}`：**{status}**", "en": "Batch `{batch_id}`: **{status}**"},
+    "status.counts": {"zh": "共 {total}：排队 {queued}，运行 {running}，重试中 {retrying}，成功 {succeeded}，失败 {failed}，取消 {cancelled}，忽略 {ignored}",
+                      "en": "{total} total: {queued} queued, {running} running, {retrying} retrying, {succeeded} succeeded, {failed} failed, {cancelled} cancelled, {ignored} ignored"},
+    "status.blocked": {"zh": "阻塞原因：{reason}", "en": "Blocked because: {reason}"},
+    "status.breakers": {"zh": "熔断器：{states}", "en": "Circuit breakers: {states}"},
+    "batch.not_found": {"zh": "找不到批次 {batch_id}", "en": "Batch {batch_id} not found"},
+    "batch.none_open": {"zh": "没有进行中的批次。", "en": "There is no open batch."},
+    "batch.conflict": {"zh": "批次 `{batch_id}` 当前为 {status}，不能{action}。",
+                       "en": "Batch `{batch_id}` is {status}; it cannot be {action}."},
+    "batch.changed": {"zh": "批次 `{batch_id}`：{previous} → **{status}**", "en": "Batch `{batch_id}`: {previous} → **{status}**"},
+    "action.cancel": {"zh": "取消", "en": "cancelled"},
+    "action.pause": {"zh": "暂停", "en": "paused"},
+    "action.resume": {"zh": "恢复", "en": "resumed"},
+    # retry
+    "retry.task_done": {"zh": "任务 `{task}` 已重新排队。", "en": "Task `{task}` is queued again."},
+    "retry.task_not_failed": {"zh": "任务 `{task}` 当前为 {status}，无需重试。", "en": "Task `{task}` is {status}; nothing to retry."},
+    "retry.task_not_found": {"zh": "找不到任务 {task}", "en": "Task {task} not found"},
+    "retry.batch_done": {"zh": "批次 `{batch_id}` 中 {count} 个失败任务已重新排队。",
+                         "en": "{count} failed tasks of batch `{batch_id}` are queued again."},
+    "retry.batch_nothing": {"zh": "批次 `{batch_id}` 没有失败的任务。", "en": "Batch `{batch_id}` has no failed task."},
+    # errors
+    "errors.none": {"zh": "没有失败的任务。", "en": "No failed tasks."},
+    "errors.row": {"zh": "`{task}`（#{id}，批次 {batch_id}）{error_class} {error_code}：{message}",
+                   "en": "`{task}` (#{id}, batch {batch_id}) {error_class} {error_code}: {message}"},
+    # report
+    "report.counts": {"zh": "今日创建 {total} 个任务：成功 {succeeded}，失败 {failed}，进行中 {active}，其他 {other}。",
+                      "en": "{total} tasks created today: {succeeded} succeeded, {failed} failed, {active} in progress, {other} other."},
+    "report.rate": {"zh": "成功率（已结束任务）：{rate}", "en": "Success rate (finished tasks): {rate}"},
+    "report.note": {"zh": "完整日报每天 09:00 发送。", "en": "The full daily report is sent at 09:00."},
+    # silence
+    "silence.done": {"zh": "已静默 `{key}`，直到 {until}。", "en": "Silenced `{key}` until {until}."},
+    # card actions
+    "toast.done": {"zh": "已处理", "en": "Done"},
+    "toast.already": {"zh": "这个操作已经处理过了", "en": "This was already handled"},
+    "toast.unknown": {"zh": "不认识的操作", "en": "Unknown action"},
+    "toast.ignored": {"zh": "已忽略", "en": "Ignored"},
+    "toast.failed": {"zh": "操作失败：{error}", "en": "Action failed: {error}"},
+    "generic.internal": {"zh": "处理命令时出错，已记录日志。", "en": "The command failed; it has been logged."},
+}
+
+
+class _Lenient(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def t(key: str, lang: str = DEFAULT, **kwargs: Any) -> str:
+    """The message ``key`` in ``lang`` (falling back to Chinese), formatted with ``kwargs``."""
+    entry = MESSAGES.get(key)
+    if entry is None:
+        return key
+    text = entry.get(lang) or entry[DEFAULT]
+    if not kwargs:
+        return text
+    try:
+        return string.Formatter().vformat(text, (), _Lenient(kwargs))
+    except (ValueError, IndexError, KeyError, AttributeError):
+        return text
