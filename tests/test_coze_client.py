@@ -263,7 +263,7 @@ def test_refused_connection_is_a_network_error():
 
 def test_slow_answer_times_out_as_network_error():
     async def slow(request):
-        await asyncio.sleep(2)
+        await asyncio.sleep(0.5)
         return web.json_response({"code": 0})
 
     async def call(client):
@@ -271,8 +271,8 @@ def test_slow_answer_times_out_as_network_error():
             await client.poll("wf", "1")
         return info.value
 
-    err, _ = run(canned_call([(200, slow, None)], call, timeout=0.2))
-    assert "no answer in 0.2s" in err.message
+    err, _ = run(canned_call([(200, slow, None)], call, timeout=0.1))
+    assert "no answer in 0.1s" in err.message
 
 
 def test_non_json_200_is_a_bad_response():
