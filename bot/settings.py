@@ -68,6 +68,14 @@ class FeishuSettings:
     bitable_status_field: str = "状态"
     bitable_pending_value: str = "待处理"
     bitable_task_id_field: str = "task_id"
+    # Columns the worker writes back to (empty name: not written) and the status values it uses.
+    bitable_execute_id_field: str = "execute_id"
+    bitable_output_field: str = "输出"
+    bitable_error_field: str = "错误"
+    bitable_duration_field: str = "耗时(秒)"
+    bitable_running_value: str = "处理中"
+    bitable_done_value: str = "已完成"
+    bitable_failed_value: str = "失败"
 
     @property
     def configured(self) -> bool:

@@ -1,0 +1,177 @@
+"""The ``opsbot worker`` process: pipeline worker + inbox fallback + outbox sender + scheduler.
+
+Everything shares one SQLite file with the web process. The pipeline runs on the asyncio loop;
+the Feishu side (inbox commands, outbox delivery, the scheduler) calls lark-oapi, which is
+synchronous, so it runs in one background thread with its own DB connection. Both stop cleanly on
+SIGTERM/SIGINT; whatever they held (leases) is handed back or expires, and the next worker resumes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+from pipeline.clock import Clock
+from pipeline.coze import CozeClient
+from pipeline.notify import Notifier, NullNotifier
+from pipeline.ratelimit import RateLimiter
+from pipeline.worker import Worker, make_owner
+from storage import inbox, outbox
+from storage.db import open_db
+
+from .settings import Settings
+
+log = logging.getLogger("opsbot.service")
+
+
+def build_notifier(db, settings: Settings, clock: Clock) -> Notifier:
+    """The alert router when the alerts module is present, plus the Bitable write-back."""
+    notifiers: list[Any] = []
+    try:
+        from .alerts import AlertRouter
+    except ImportError:  # pragma: no cover - alerts are part of the product
+        AlertRouter = None
+    if AlertRouter is not None:
+        notifiers.append(AlertRouter(db, settings, clock))
+    from .bitable_sync import BitableWriteBack
+
+    notifiers.append(BitableWriteBack(db, settings, clock))
+    return FanOut(notifiers) if notifiers else NullNotifier()
+
+
+class FanOut:
+    """Calls every notifier; one failing notifier never stops the others or the pipeline."""
+
+    def __init__(self, notifiers: list[Any]) -> None:
+        self.notifiers = notifiers
+
+    def __getattr__(self, name: str):
+        def call(*args: Any, **kwargs: Any) -> None:
+            for n in self.notifiers:
+                try:
+                    getattr(n, name)(*args, **kwargs)
+                except Exception:
+                    log.exception("notifier failed", extra={"hook": name})
+        return call
+
+
+class FeishuLoop:
+    """Background thread: handle leftover inbox rows, deliver the outbox, tick the scheduler."""
+
+    def __init__(self, settings: Settings, clock: Clock, owner: str, interval: float = 0.2,
+                 feishu_client: Any = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.owner = owner
+        self.interval = interval
+        self.feishu_client = feishu_client
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="feishu-loop", daemon=True)
+        self.errors = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        from .feishu import FeishuClient
+        from .handlers import process_inbox
+        from .sender import OutboxSender
+
+        db = open_db(self.settings.db_path)
+        client = self.feishu_client or FeishuClient(self.settings.feishu)
+        sender = OutboxSender(db, client, clock=self.clock, owner=self.owner)
+        scheduler = _scheduler(db, self.settings, self.clock)
+        while not self.stop_event.is_set():
+            try:
+                # rows the web process accepted but did not finish (it died, or was busy)
+                if inbox.pending(db):
+                    process_inbox(db, self.settings, client, self.clock, self.owner)
+                if scheduler is not None:
+                    scheduler.tick()
+                sender.deliver_due()
+            except Exception:
+                self.errors += 1
+                log.exception("feishu loop iteration failed")
+            self.stop_event.wait(self.interval)
+        # a last delivery so a final summary card is not left behind on shutdown
+        with contextlib.suppress(Exception):
+            sender.deliver_due()
+
+
+def _scheduler(db, settings: Settings, clock: Clock):
+    try:
+        from .scheduler import Scheduler
+    except ImportError:  # pragma: no cover
+        return None
+    return Scheduler(db, settings, clock)
+
+
+async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool = False,
+                     clock: Clock | None = None, stop: asyncio.Event | None = None) -> int:
+    """Run until stopped (or drained). Returns the process exit code."""
+    clock = clock or Clock()
+    owner = make_owner()
+    db = open_db(settings.db_path)
+    stop = stop or asyncio.Event()
+    _install_signals(stop)
+    sim = None
+    base_url, token = settings.coze.base_url, settings.coze.api_token.get()
+    workflow_id = settings.coze.workflow_id
+    if simulate:
+        from pipeline.simulator import CozeSimulator
+
+        sim = CozeSimulator(default_duration=1.0, seed=1)
+        base_url = await sim.start()
+        token, workflow_id = sim.token, workflow_id or "sim-workflow"
+    elif not settings.coze.configured:
+        log.error("no Coze account configured: set COZE_API_TOKEN and COZE_WORKFLOW_ID, "
+                  "or run `opsbot worker --simulate`")
+        return 2
+    feishu = FeishuLoop(settings, clock, owner) if settings.feishu.configured else None
+    if feishu is None:
+        log.warning("Feishu is not configured (FEISHU_APP_ID / FEISHU_APP_SECRET): no chat "
+                    "replies, alerts or Bitable write-back will be delivered; they stay queued")
+    else:
+        feishu.start()
+    limiter = RateLimiter(settings.pipeline.coze_qps, clock,
+                          burst=max(1, int(settings.pipeline.coze_qps)))
+    try:
+        async with CozeClient(base_url, token, limiter=limiter) as coze:
+            worker = Worker(db, settings.pipeline, coze, workflow_id, clock=clock,
+                            notifier=build_notifier(db, settings, clock), owner=owner)
+            log.info("worker started", extra={"owner": owner, "drain": drain})
+            await worker.run(drain=drain, stop=stop)
+            worker.synth.close()
+        if drain and feishu is not None:
+            await _drain_outbox(db, clock, seconds=30.0)
+    finally:
+        if feishu is not None:
+            feishu.stop()
+        if sim is not None:
+            await sim.stop()
+    log.info("worker stopped", extra={"owner": owner})
+    return 0
+
+
+async def _drain_outbox(db, clock: Clock, seconds: float) -> None:
+    """With --drain: give the sender a moment to deliver what is due before exiting."""
+    deadline = clock.monotonic() + seconds
+    while clock.monotonic() < deadline:
+        due = outbox.next_due(db)
+        if due is None or due > clock.now() + 5:
+            return
+        await asyncio.sleep(0.2)
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
