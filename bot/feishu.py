@@ -244,7 +244,8 @@ def _error_from(operation: str, resp: BaseResponse) -> FeishuError:
     code = resp.code if resp.code is not None else NO_CODE
     msg = resp.msg if resp.msg is not None else f"HTTP {status} without a Feishu code"
     return FeishuError(code, msg, log_id=resp.get_log_id() or headers.get("x-tt-logid"),
-                       http_status=status, retry_after=_seconds(headers.get(RATELIMIT_RESET_HEADER)),
+                       http_status=status,
+                       retry_after=_seconds(headers.get(RATELIMIT_RESET_HEADER)),
                        operation=operation)
 
 
@@ -263,7 +264,8 @@ def normalize_fields(fields: dict[str, Any]) -> dict[str, Any]:
 def normalize_value(value: Any) -> Any:
     """Turn a Bitable value as read back into the plain value that was written.
 
-    - text: ``[{"text": "a", "type": "text"}, {"text": "b", "type": "url", "link": ..}]`` -> ``"ab"``
+    - text: ``[{"text": "a", "type": "text"}, {"text": "b", "type": "url", "link": ..}]``
+      -> ``"ab"``
     - URL field: ``{"link": "https://..", "text": "label"}`` -> the link (text when no link)
     - formula / lookup: ``{"type": 1, "value": [...]}`` -> the normalised ``value``
     - numbers, booleans, dates (ms timestamps), plain strings and lists of strings: unchanged

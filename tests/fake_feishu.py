@@ -195,7 +195,7 @@ class FakeFeishu:
 
     def on(self, method: str, path: str,
            handler: Callable[[dict[str, Any]], tuple[int, Any]]) -> None:
-        """Serve ``method path`` (exact path) with ``handler(recorded_request) -> (status, body)``."""
+        """Serve ``method path`` (exact path) with ``handler(request_record) -> (status, body)``."""
         self._handlers[(method.upper(), path)] = handler
 
     def requests_to(self, path_part: str, method: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,296 @@
+"""The outbox sender: performs due outbox rows through :class:`~bot.feishu.FeishuClient`.
+
+Rows (see ``storage.outbox``) and what is done with them:
+
+- ``send``: target chat_id, payload ``{"card": {...}}`` or ``{"text": "..."}``; result message_id.
+- ``reply``: target message_id, same payload; result the reply's message_id.
+- ``patch``: target a message_id (``om_...``) or the uuid of an earlier send/reply row, whose
+  message_id is looked up; while that row is unsent the patch waits ``patch_wait`` seconds, and
+  if it is dead (or unknown) the patch is dead too. Payload ``{"card": {...}}``.
+- ``bitable_update``: target ``"app_token/table_id"``, payload ``{"record_id", "fields"}``. All
+  due rows of one table are coalesced: fields for one record merged in row order (later wins),
+  written in ``batch_update`` calls of at most 500 records, one call at a time per table (a
+  process-wide lock per table; Feishu answers 1254291 to concurrent writes).
+
+Decisions:
+
+- success -> ``mark_sent`` (result = message_id for messages).
+- retryable FeishuError -> ``mark_retry`` after ``base * 2**attempts`` seconds, jittered to
+  50-100 %, capped at ``max_backoff``, and never sooner than Feishu's ``retry_after``.
+- permanent FeishuError (or a malformed payload) -> ``mark_dead`` and an ERROR log line.
+- order per target: once a row is postponed, the later rows for the same target claimed in the
+  same pass are postponed to the same time (``claim_due`` keeps them back in later passes).
+- 5 messages per second per chat (Feishu's limit, shared by all bots): a sliding window per
+  target on the injected clock; a row over the limit is postponed to when the window frees up.
+  Postponing uses ``mark_retry``, so it also counts an attempt.
+
+Retries reuse the row's uuid, so a message sent by a sender that died before ``mark_sent`` is
+deduped by Feishu when the next sender (after the lease expires) sends it again.
+
+Give the sender its own database connection when it runs in its own thread.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+from typing import Any, Callable
+
+import sqlite_utils
+
+from bot.errors import FeishuError
+from bot.feishu import FeishuClient
+from storage import outbox
+
+log = logging.getLogger("opsbot.sender")
+
+BITABLE_BATCH = 500  # records per batch_update call
+CHAT_RATE = 5        # messages per CHAT_WINDOW seconds per chat (Feishu: 5 QPS per chat)
+CHAT_WINDOW = 1.0
+
+_table_locks: dict[str, threading.Lock] = {}
+_table_locks_guard = threading.Lock()
+
+
+def _table_lock(table: str) -> threading.Lock:
+    with _table_locks_guard:
+        return _table_locks.setdefault(table, threading.Lock())
+
+
+class _Postponed(Exception):
+    """A row cannot go now; try again at ``at`` (not an error, no ERROR log)."""
+
+    def __init__(self, at: float, reason: str) -> None:
+        super().__init__(reason)
+        self.at = at
+
+
+class _Dead(Exception):
+    """A row that can never be performed (its reason is the message)."""
+
+
+class _RateLimiter:
+    """At most ``rate`` events per ``window`` seconds per key, on the injected clock."""
+
+    def __init__(self, clock: Any, rate: int, window: float) -> None:
+        self.clock, self.rate, self.window = clock, rate, window
+        self._events: dict[str, collections.deque[float]] = {}
+
+    def acquire(self, key: str) -> float | None:
+        """Record an event for ``key`` now and return None, or return when it would fit."""
+        now = self.clock.now()
+        events = self._events.setdefault(key, collections.deque())
+        while events and events[0] <= now - self.window:
+            events.popleft()
+        if len(events) >= self.rate:
+            return events[0] + self.window
+        events.append(now)
+        return None
+
+
+class OutboxSender:
+    """Delivers due outbox rows; call :meth:`deliver_due` periodically or :meth:`run_forever`."""
+
+    def __init__(self, db: sqlite_utils.Database, client: FeishuClient, *, clock: Any,
+                 owner: str, max_backoff: float = 300.0, base_backoff: float = 1.0,
+                 lease: float = 60.0, claim_limit: int = 200, max_rows: int = 5000,
+                 patch_wait: float = 2.0, chat_rate: int = CHAT_RATE,
+                 chat_window: float = CHAT_WINDOW,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.db, self.client, self.clock, self.owner = db, client, clock, owner
+        self.max_backoff, self.base_backoff = max_backoff, base_backoff
+        self.lease, self.claim_limit, self.max_rows = lease, claim_limit, max_rows
+        self.patch_wait = patch_wait
+        self.rng = rng
+        self._limiter = _RateLimiter(clock, chat_rate, chat_window)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run_forever(self, stop_event: threading.Event, interval: float = 1.0) -> None:
+        """Deliver until ``stop_event`` is set; sleep ``interval`` seconds when nothing was sent."""
+        while not stop_event.is_set():
+            try:
+                delivered = self.deliver_due()
+            except Exception:  # keep the thread alive; claimed rows come back when leases expire
+                log.exception("outbox sender pass failed", extra={"owner": self.owner})
+                delivered = 0
+            if not delivered:
+                stop_event.wait(interval)
+
+    def deliver_due(self) -> int:
+        """Claim and perform every due row; return how many rows were marked sent."""
+        held: dict[str, float] = {}  # target -> time its earlier row was postponed to
+        tables: dict[str, list[dict[str, Any]]] = {}
+        delivered = claimed = 0
+        while claimed < self.max_rows:
+            rows = outbox.claim_due(self.db, owner=self.owner, now=self.clock.now(),
+                                    lease=self.lease, limit=self.claim_limit)
+            if not rows:
+                break
+            claimed += len(rows)
+            for row in rows:
+                if row["kind"] == "bitable_update":
+                    tables.setdefault(row["target"], []).append(row)
+                else:
+                    delivered += self._deliver_message(row, held)
+        for table, rows in tables.items():
+            delivered += self._deliver_table(table, rows)
+        return delivered
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def _deliver_message(self, row: dict[str, Any], held: dict[str, float]) -> int:
+        target = row["target"]
+        try:
+            if target in held:
+                raise _Postponed(held[target], "waiting for an earlier row to the same target")
+            result = self._perform(row)
+        except _Postponed as wait:
+            held[target] = wait.at
+            outbox.mark_retry(self.db, row["id"], now=self.clock.now(), next_at=wait.at,
+                              error=f"postponed: {wait}")
+            return 0
+        except FeishuError as err:
+            self._failed([row], err, held)
+            return 0
+        except _Dead as exc:
+            self._dead([row], str(exc))
+            return 0
+        except (KeyError, TypeError, ValueError) as exc:
+            self._dead([row], f"malformed {row['kind']} payload: {type(exc).__name__}: {exc}")
+            return 0
+        outbox.mark_sent(self.db, row["id"], now=self.clock.now(), result=result)
+        return 1
+
+    def _perform(self, row: dict[str, Any]) -> str | None:
+        kind, target, payload = row["kind"], row["target"], row["payload"]
+        if kind == "patch":
+            message_id = self._patch_target(target)
+            self._take_slot(message_id)
+            self.client.patch_card(message_id, payload["card"])
+            return message_id
+        self._take_slot(target)
+        if kind == "send":
+            if "card" in payload:
+                return self.client.send_card(target, payload["card"], row["uuid"])
+            return self.client.send_text(target, payload["text"], row["uuid"])
+        if kind == "reply":
+            if "card" in payload:
+                return self.client.reply_card(target, payload["card"], row["uuid"])
+            return self.client.reply_text(target, payload["text"], row["uuid"])
+        raise ValueError(f"unknown kind {kind!r}")
+
+    def _take_slot(self, key: str) -> None:
+        free_at = self._limiter.acquire(key)
+        if free_at is not None:
+            raise _Postponed(free_at, f"over {self._limiter.rate} messages per "
+                                      f"{self._limiter.window:g}s to {key}")
+
+    def _patch_target(self, target: str) -> str:
+        """The message_id a patch applies to: the target itself, or the result of a send row."""
+        if target.startswith("om_"):
+            return target
+        message_id = outbox.result_of(self.db, target)
+        if message_id:
+            return message_id
+        row = self.db.execute("SELECT status FROM outbox WHERE uuid = ?", [target]).fetchone()
+        if row is None or row[0] != "pending":
+            raise _Dead(f"patch target {target} is {row[0] if row else 'unknown'} "
+                             "and has no message_id")
+        raise _Postponed(self.clock.now() + self.patch_wait, f"{target} not sent yet")
+
+    # -- Bitable --------------------------------------------------------------------------------
+
+    def _deliver_table(self, table: str, rows: list[dict[str, Any]]) -> int:
+        app_token, _, table_id = table.partition("/")
+        if not app_token or not table_id:
+            self._dead(rows, f"bitable_update target {table!r} is not app_token/table_id")
+            return 0
+        bad = [r for r in rows if not _valid_update(r["payload"])]
+        if bad:
+            self._dead(bad, "malformed bitable_update payload: needs record_id and fields")
+            rows = [r for r in rows if r not in bad]
+        merged, rows_of = _coalesce(rows)
+        record_ids = list(merged)
+        chunks = [record_ids[i:i + BITABLE_BATCH]
+                  for i in range(0, len(record_ids), BITABLE_BATCH)]
+        delivered = 0
+        with _table_lock(table):  # one write to a table at a time (1254291 write conflict)
+            for n, chunk in enumerate(chunks):
+                chunk_rows = [r for rid in chunk for r in rows_of[rid]]
+                try:
+                    self.client.batch_update_records(
+                        app_token, table_id,
+                        [{"record_id": rid, "fields": merged[rid]} for rid in chunk])
+                except FeishuError as err:
+                    self._failed(chunk_rows, err, {})
+                    if err.retryable:  # keep later writes behind this one
+                        rest = [r for c in chunks[n + 1:] for rid in c for r in rows_of[rid]]
+                        self._postpone(rest, outbox_next_at(self.db, chunk_rows[0]["id"]),
+                                       "waiting for an earlier write to the table")
+                        break
+                    continue
+                now = self.clock.now()
+                for r in chunk_rows:
+                    outbox.mark_sent(self.db, r["id"], now=now)
+                delivered += len(chunk_rows)
+        return delivered
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _failed(self, rows: list[dict[str, Any]], err: FeishuError,
+                held: dict[str, float]) -> None:
+        if not err.retryable:
+            self._dead(rows, str(err), err)
+            return
+        delay = self.backoff(max(r["attempts"] for r in rows), err.retry_after)
+        now = self.clock.now()
+        for r in rows:
+            held[r["target"]] = now + delay
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err))
+        log.warning("outbox retry in %.1fs: %s", delay, err,
+                    extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows],
+                           "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
+
+    def _dead(self, rows: list[dict[str, Any]], error: str,
+              err: FeishuError | None = None) -> None:
+        now = self.clock.now()
+        for r in rows:
+            outbox.mark_dead(self.db, r["id"], now=now, error=error)
+        log.error("outbox gave up: %s", error,
+                  extra={**(err.as_log() if err else {}),
+                         "outbox_uuids": [r["uuid"] for r in rows],
+                         "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
+
+    def _postpone(self, rows: list[dict[str, Any]], at: float, reason: str) -> None:
+        now = self.clock.now()
+        for r in rows:
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=at, error=f"postponed: {reason}")
+
+    def backoff(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failure: exponential, jittered, capped."""
+        exp = min(self.max_backoff, self.base_backoff * (2 ** min(attempts, 32)))
+        delay = exp * (0.5 + 0.5 * self.rng())
+        return max(delay, retry_after or 0.0)
+
+
+def _coalesce(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]],
+                                                  dict[str, list[dict[str, Any]]]]:
+    """Merge bitable_update rows per record_id in row order; later fields win."""
+    merged: dict[str, dict[str, Any]] = {}
+    rows_of: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        rid = row["payload"]["record_id"]
+        merged.setdefault(rid, {}).update(row["payload"]["fields"])
+        rows_of.setdefault(rid, []).append(row)
+    return merged, rows_of
+
+
+def _valid_update(payload: Any) -> bool:
+    return (isinstance(payload, dict) and isinstance(payload.get("record_id"), str)
+            and bool(payload["record_id"]) and isinstance(payload.get("fields"), dict))
+
+
+def outbox_next_at(db: sqlite_utils.Database, row_id: int) -> float:
+    return db.execute("SELECT next_at FROM outbox WHERE id = ?", [row_id]).fetchone()[0]
