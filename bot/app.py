@@ -99,6 +99,7 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run, name="opsbot-dispatcher", daemon=True)
         self._started = False
         self._lock = threading.Lock()
+        self._sender: Any = None
 
     def notify(self, key: str | None) -> None:
         with self._lock:
@@ -133,40 +134,10 @@ class Dispatcher:
         s = self.state
         handlers.process_inbox(db, s.settings, s.feishu, s.clock, self.owner, key=key)
         if s.feishu is not None:
-            flush_outbox(db, s.feishu, s.clock, self.owner)
-
-
-def flush_outbox(db: Any, feishu: Any, clock: Any, owner: str) -> int:
-    """Send due outbox rows: the shared sender (``bot.sender``) when present, else a minimal one."""
-    try:
-        from .sender import OutboxSender  # type: ignore[import-not-found]
-    except ImportError:
-        return _flush_minimal(db, feishu, clock, owner)
-    return OutboxSender(db, feishu, clock, owner=owner).flush()
-
-
-def _flush_minimal(db: Any, feishu: Any, clock: Any, owner: str) -> int:
-    from .errors import FeishuError
-    rows = outbox.claim_due(db, owner=owner, now=clock.now())
-    for row in rows:
-        p = row["payload"]
-        try:
-            if row["kind"] == "reply":
-                result = feishu.reply_card(row["target"], p["card"], row["uuid"])
-            elif row["kind"] == "send":
-                result = feishu.send_card(row["target"], p["card"], row["uuid"])
-            elif row["kind"] == "patch":
-                result = feishu.patch_card(row["target"], p["card"])
-            else:
-                continue  # Bitable writes belong to the worker's sender
-            outbox.mark_sent(db, row["id"], now=clock.now(), result=result)
-        except FeishuError as exc:
-            if exc.retryable:
-                outbox.mark_retry(db, row["id"], now=clock.now(),
-                                  next_at=clock.now() + (exc.retry_after or 5.0), error=str(exc))
-            else:
-                outbox.mark_dead(db, row["id"], now=clock.now(), error=str(exc))
-    return len(rows)
+            if self._sender is None:
+                from .sender import OutboxSender
+                self._sender = OutboxSender(db, s.feishu, clock=s.clock, owner=self.owner)
+            self._sender.deliver_due()
 
 
 def create_app(settings: Settings | None = None, *, db: Any = None, feishu_client: Any = None,
