@@ -1,0 +1,167 @@
+"""Storage on real SQLite files: migrations, queue claims and leases, inbox dedup, outbox."""
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from pipeline.breaker import Breaker, all_states, reset_all
+from pipeline.config import BreakerPolicy
+from storage import inbox, outbox, queue
+from storage.db import Conflict, NotFound, apply_migrations, open_db, schema_version
+from storage.migrations import MIGRATIONS
+
+
+def test_open_creates_folders_uses_wal_and_migrates_once(tmp_path):
+    path = tmp_path / "deep" / "dir" / "o.db"
+    db = open_db(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert schema_version(db) == len(MIGRATIONS)
+    assert apply_migrations(db) == len(MIGRATIONS)  # idempotent
+    assert {"tasks", "batches", "outbox", "inbox", "breakers", "alerts"} <= set(db.table_names())
+
+
+def _open(path):
+    db = open_db(path)
+    return schema_version(db)
+
+
+def test_two_processes_migrating_at_once_agree(tmp_path):
+    path = tmp_path / "race.db"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        versions = pool.map(_open, [path, path])
+    assert versions == [len(MIGRATIONS)] * 2
+
+
+def test_create_batch_is_all_or_nothing(db):
+    with pytest.raises(ValueError, match="duplicate task_id: a"):
+        queue.create_batch(db, [{"task_key": "a"}, {"task_key": "a"}], now=1, source="cli")
+    assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 0
+
+
+def test_claim_respects_limit_lease_and_batch_status(db):
+    b = queue.create_batch(db, [{"task_key": f"t{i}"} for i in range(5)], now=0, source="cli")
+    got = queue.claim_tasks(db, owner="w1", now=10, lease=30, limit=3)
+    assert [t["task_key"] for t in got] == ["t0", "t1", "t2"]
+    assert queue.get_batch(db, b)["status"] == "running"
+    # another worker gets only the rest, never a leased task
+    got2 = queue.claim_tasks(db, owner="w2", now=11, lease=30, limit=10)
+    assert [t["task_key"] for t in got2] == ["t3", "t4"]
+    assert queue.claim_tasks(db, owner="w3", now=12, lease=30, limit=10) == []
+    # w1's lease runs out: its tasks can be taken over
+    again = queue.claim_tasks(db, owner="w3", now=41, lease=30, limit=10)
+    assert {t["task_key"] for t in again} == {"t0", "t1", "t2"}
+    # the old owner can no longer write
+    assert not queue.update_task(db, got[0]["id"], owner="w1", status="succeeded")
+    assert queue.update_task(db, got[0]["id"], owner="w3", status="succeeded")
+
+
+def test_paused_batches_are_not_claimed_and_lost_leases_are_reported(db):
+    b = queue.create_batch(db, [{"task_key": "a"}, {"task_key": "b"}], now=0, source="cli")
+    queue.set_batch_status(db, b, "paused", now=1)
+    assert queue.claim_tasks(db, owner="w", now=2, lease=10, limit=5) == []
+    assert not queue.has_pending_work(db)
+    queue.set_batch_status(db, b, "running", now=3, allowed_from=["paused"])
+    [a, bb] = queue.claim_tasks(db, owner="w", now=4, lease=10, limit=5)
+    assert queue.renew_leases(db, [a["id"], bb["id"]], owner="w", now=5, lease=10) == set()
+    queue.claim_tasks(db, owner="x", now=100, lease=10, limit=1)  # x steals a
+    assert queue.renew_leases(db, [a["id"], bb["id"]], owner="w", now=101, lease=10) == {a["id"]}
+
+
+def test_set_batch_status_errors(db):
+    with pytest.raises(NotFound):
+        queue.set_batch_status(db, "nope", "paused", now=0)
+    b = queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    with pytest.raises(Conflict):
+        queue.set_batch_status(db, b, "running", now=0, allowed_from=["paused"])
+
+
+def test_cancel_cancels_unfinished_tasks_only(db):
+    b = queue.create_batch(db, [{"task_key": "a"}, {"task_key": "b"}], now=0, source="cli")
+    [a, _] = queue.claim_tasks(db, owner="w", now=1, lease=10, limit=2)
+    queue.update_task(db, a["id"], owner="w", status="succeeded")
+    queue.set_batch_status(db, b, "cancelled", now=2)
+    counts = queue.batch_counts(db, b)
+    assert counts["succeeded"] == 1 and counts["cancelled"] == 1
+
+
+def test_requeue_only_failed_and_clears_the_old_run(db):
+    b = queue.create_batch(db, [{"task_key": "a"}, {"task_key": "b"}], now=0, source="cli")
+    [a, bb] = queue.claim_tasks(db, owner="w", now=1, lease=10, limit=2)
+    queue.update_task(db, a["id"], owner="w", status="failed", execute_id="e1")
+    queue.update_task(db, bb["id"], owner="w", status="succeeded")
+    assert queue.finish_batches(db, now=3) == [b]
+    assert queue.requeue_tasks(db, [a["id"], bb["id"]], now=4) == 1
+    row = queue.get_task(db, a["id"])
+    assert row["status"] == "queued" and row["execute_id"] is None
+    assert queue.get_batch(db, b)["status"] == "running"
+
+
+def test_inbox_dedups_across_connections_and_claims_once(db_path):
+    one, two = open_db(db_path), open_db(db_path)
+    assert inbox.record(one, "msg:om_1", event_type="im.message.receive_v1", payload={},
+                        now=1, event_id="e1")
+    assert not inbox.record(two, "msg:om_1", event_type="im.message.receive_v1", payload={},
+                            now=2, event_id="e2")
+    assert len(inbox.claim(one, owner="a", now=3)) == 1
+    assert inbox.claim(two, owner="b", now=3) == []
+    inbox.finish(one, "msg:om_1", now=4)
+    assert inbox.pending(two) == 0
+
+
+def test_outbox_keeps_order_per_target_and_is_idempotent(db):
+    u1 = outbox.enqueue(db, "send", "oc_1", {"text": "1"}, now=0, uuid="u1")
+    assert outbox.enqueue(db, "send", "oc_1", {"text": "dup"}, now=0, uuid="u1") == u1
+    outbox.enqueue(db, "send", "oc_1", {"text": "2"}, now=0, uuid="u2")
+    outbox.enqueue(db, "send", "oc_2", {"text": "x"}, now=0, uuid="u3")
+    rows = outbox.claim_due(db, owner="s", now=1)
+    assert [r["uuid"] for r in rows] == ["u1", "u2", "u3"]
+    assert rows[0]["payload"] == {"text": "1"}
+    # u1 fails and is pushed back: u2 (same chat) must wait behind it, u3 need not
+    outbox.mark_retry(db, rows[0]["id"], now=1, next_at=50, error="500")
+    outbox.mark_sent(db, rows[2]["id"], now=1, result="om_x")
+    db.execute("UPDATE outbox SET lease_until = NULL")
+    again = outbox.claim_due(db, owner="s", now=2)
+    assert [r["uuid"] for r in again] == []
+    assert outbox.result_of(db, "u3") == "om_x"
+    assert [r["uuid"] for r in outbox.claim_due(db, owner="s", now=51)] == ["u1", "u2"]
+    with pytest.raises(ValueError):
+        outbox.enqueue(db, "email", "x", {}, now=0)
+
+
+def test_breaker_opens_half_opens_and_closes(db):
+    now = [0.0]
+    changes = []
+    br = Breaker(db, "coze", BreakerPolicy(5, 60, 3), lambda: now[0],
+                 on_change=lambda a, b: changes.append(b.state))
+    for _ in range(4):
+        br.record_failure("500")
+    assert br.allow()
+    br.record_failure("500")
+    assert not br.allow() and br.state().state == "open"
+    now[0] = 59
+    assert not br.allow()
+    now[0] = 60
+    assert br.allow() and br.state().state == "half_open"
+    br.record_success(); br.record_success()
+    assert br.state().state == "half_open"
+    br.record_success()
+    assert br.state().state == "closed"
+    assert changes == ["open", "half_open", "closed"]
+
+
+def test_a_failure_in_half_open_reopens_and_manual_trip_waits_for_a_human(db):
+    now = [0.0]
+    br = Breaker(db, "coze", BreakerPolicy(1, 10, 1), lambda: now[0])
+    br.record_failure("x")
+    now[0] = 10
+    assert br.allow()
+    br.record_failure("again")
+    assert br.state().state == "open" and br.state().opened_at == 10
+    br.trip("auth: token invalid")
+    now[0] = 10_000
+    assert not br.allow() and br.retry_at() is None
+    assert reset_all(db, now=now[0]) == 1
+    assert br.allow() and all_states(db)[0].state == "closed"
