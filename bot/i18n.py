@@ -122,7 +122,7 @@ class _Lenient(dict):
         return "{" + key + "}"
 
 
-def t(key: str, lang: str = DEFAULT, **kwargs: Any) -> str:
+def t(key: str, lang: str = DEFAULT, /, **kwargs: Any) -> str:
     """The message ``key`` in ``lang`` (falling back to Chinese), formatted with ``kwargs``."""
     entry = MESSAGES.get(key)
     if entry is None:

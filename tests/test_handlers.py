@@ -1,0 +1,273 @@
+"""Command handlers and card actions on a real SQLite file; card builders' structure and size."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bot import cards, handlers
+from bot.commands import parse
+from bot.settings import FeishuSettings, Settings
+from pipeline.clock import FakeClock
+from storage import inbox, outbox, queue
+from tests.helpers import ADMIN, USER, card_action_event, legacy_card_action, message_event
+
+NOW = 1_750_000_000.0
+
+
+class StubFeishu:
+    """Records search calls; raises ``error`` when set."""
+
+    def __init__(self, records=(), error=None):
+        self.records, self.error, self.calls = list(records), error, []
+
+    def search_records(self, app_token, table_id, *, field_name, value):
+        self.calls.append((app_token, table_id, field_name, value))
+        if self.error:
+            raise self.error
+        return self.records
+
+
+@pytest.fixture
+def settings():
+    return Settings(feishu=FeishuSettings(app_id="cli", app_secret=__import__(
+        "bot.settings", fromlist=["Secret"]).Secret("s"), admin_ids=(ADMIN,),
+        bitable_app_token="app", bitable_table_id="tbl"))
+
+
+@pytest.fixture
+def clock():
+    return FakeClock(NOW)
+
+
+def run_text(db, settings, clock, text, *, sender=ADMIN, feishu=None, message_id=None):
+    ev = message_event(text, sender=sender, message_id=message_id)
+    return handlers.handle_message(db, settings, feishu, clock, ev)
+
+
+def failed_task(db, key="t1"):
+    bid = queue.create_batch(db, [{"task_key": key}], now=NOW, source="chat")
+    [task] = queue.tasks_of(db, bid)
+    queue.update_task(db, task["id"], status="failed", error_class="fail", error_code="4200",
+                      error_message="workflow not published", finished_at=NOW)
+    return bid, task["id"]
+
+
+def test_process_inbox_handles_once_and_replies_once(db, settings, clock):
+    ev = message_event("help", message_id="om_p")
+    inbox.record(db, "msg:om_p", event_type="im.message.receive_v1", payload=ev, now=NOW)
+    assert handlers.process_inbox(db, settings, None, clock, "w1") == 1
+    assert handlers.process_inbox(db, settings, None, clock, "w1") == 0
+    rows = list(db.query("SELECT * FROM outbox"))
+    assert len(rows) == 1 and rows[0]["uuid"] == "r-om_p" and rows[0]["kind"] == "reply"
+    assert rows[0]["target"] == "om_p" and "card" in json.loads(rows[0]["payload"])
+
+
+def test_rehandling_the_same_message_enqueues_nothing_new(db, settings, clock):
+    feishu = StubFeishu([{"record_id": "rec1", "fields": {"task_id": "a", "状态": "待处理"}}])
+    run_text(db, settings, clock, "run", feishu=feishu, message_id="om_same")
+    run_text(db, settings, clock, "run", feishu=feishu, message_id="om_same")
+    assert outbox.depth(db) == 1 and len(queue.list_batches(db)) == 1
+    assert len(feishu.calls) == 1
+
+
+def test_run_applies_filters_and_names_count(db, settings, clock):
+    recs = [{"record_id": f"rec{i}", "fields": {"task_id": f"t{i}", "状态": "待处理", "x": i}}
+            for i in range(5)]
+    recs.append({"record_id": "recX", "fields": {"状态": "待处理"}})  # no task_id: record_id
+    card = run_text(db, settings, clock, "run --include t1,t2,t3,recX --exclude t2 --limit 2",
+                    feishu=StubFeishu(recs))
+    [batch] = queue.list_batches(db)
+    assert [t["task_key"] for t in queue.tasks_of(db, batch["id"])] == ["t1", "t3"]
+    assert "**2**" in json.dumps(card, ensure_ascii=False)
+    assert json.loads(batch["options"]) == {"include": ["t1", "t2", "t3", "recX"],
+                                            "exclude": ["t2"], "limit": 2}
+
+
+def test_run_without_bitable_config_names_env_vars(db, clock):
+    s = Settings(feishu=FeishuSettings(admin_ids=(ADMIN,)))
+    card = run_text(db, s, clock, "run")
+    text = json.dumps(card)
+    assert "BITABLE_APP_TOKEN" in text and "BITABLE_TABLE_ID" in text
+    assert queue.list_batches(db) == []
+
+
+def test_run_feishu_error_card(db, settings, clock):
+    from bot.errors import FeishuError
+    card = run_text(db, settings, clock, "run",
+                    feishu=StubFeishu(error=FeishuError(99991672, "no permission")))
+    assert "99991672" in json.dumps(card) and queue.list_batches(db) == []
+    assert card["header"]["template"] == "red"
+
+
+def test_run_nothing_pending(db, settings, clock):
+    card = run_text(db, settings, clock, "run", feishu=StubFeishu([]))
+    assert "待处理" in json.dumps(card, ensure_ascii=False) and queue.list_batches(db) == []
+
+
+@pytest.mark.parametrize("text", ["run", "retry 1", "cancel", "pause", "resume", "silence k"])
+def test_mutating_commands_refused_for_non_admins(db, settings, clock, text):
+    feishu = StubFeishu([{"record_id": "r", "fields": {"task_id": "a"}}])
+    card = run_text(db, settings, clock, text, sender=USER, feishu=feishu)
+    assert f"<at id={ADMIN}></at>" in json.dumps(card)
+    assert feishu.calls == [] and queue.list_batches(db) == []
+    assert db.execute("SELECT COUNT(*) FROM silences").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("text", ["help", "status", "errors", "report"])
+def test_read_only_commands_open_to_all(db, settings, clock, text):
+    card = run_text(db, settings, clock, text, sender=USER)
+    assert card["header"]["title"]["content"] != "没有权限"
+
+
+def test_malformed_command_gets_help_with_reason(db, settings, clock):
+    card = run_text(db, settings, clock, "run --limit zero")
+    text = json.dumps(card, ensure_ascii=False)
+    assert "--limit" in text and "zero" in text and "status" in text
+
+
+def test_status_cancel_pause_resume(db, settings, clock):
+    bid = queue.create_batch(db, [{"task_key": "a"}, {"task_key": "b"}], now=NOW, source="chat")
+    status = json.dumps(run_text(db, settings, clock, "status"), ensure_ascii=False)
+    assert bid in status and "共 2" in status
+    run_text(db, settings, clock, "pause")
+    assert queue.get_batch(db, bid)["status"] == "paused"
+    conflict = json.dumps(run_text(db, settings, clock, f"pause {bid}"), ensure_ascii=False)
+    assert "paused" in conflict
+    run_text(db, settings, clock, "resume")
+    assert queue.get_batch(db, bid)["status"] == "running"
+    run_text(db, settings, clock, f"cancel {bid}")
+    assert queue.get_batch(db, bid)["status"] == "cancelled"
+    none = json.dumps(run_text(db, settings, clock, "cancel"), ensure_ascii=False)
+    assert "没有进行中的批次" in none
+
+
+def test_resume_blocked_closes_breakers(db, settings, clock):
+    bid = queue.create_batch(db, [{"task_key": "a"}], now=NOW, source="chat")
+    queue.block_open_batches(db, now=NOW, reason="coze 4100")
+    db.execute("INSERT INTO breakers (service, state, failures, updated_at) VALUES"
+               " ('coze', 'open', 5, ?)", [NOW])
+    db.conn.commit() if db.conn.in_transaction else None
+    assert "coze=open" in json.dumps(run_text(db, settings, clock, "status"))
+    run_text(db, settings, clock, "resume")
+    assert queue.get_batch(db, bid)["status"] == "running"
+    assert db.execute("SELECT state FROM breakers").fetchone()[0] == "closed"
+
+
+def test_retry_task_and_batch(db, settings, clock):
+    bid, tid = failed_task(db)
+    assert "重新排队" in json.dumps(run_text(db, settings, clock, f"retry {tid}"),
+                                   ensure_ascii=False)
+    assert queue.get_task(db, tid)["status"] == "queued"
+    again = json.dumps(run_text(db, settings, clock, f"retry {tid}"), ensure_ascii=False)
+    assert "无需重试" in again
+    queue.update_task(db, tid, status="failed")
+    run_text(db, settings, clock, f"retry batch {bid}")
+    assert queue.get_task(db, tid)["status"] == "queued"
+
+
+def test_errors_lists_failed_tasks(db, settings, clock):
+    failed_task(db, "bad-one")
+    text = json.dumps(run_text(db, settings, clock, "errors"), ensure_ascii=False)
+    assert "bad-one" in text and "4200" in text and "workflow not published" in text
+
+
+def test_report_counts_today(db, settings, clock):
+    failed_task(db)
+    queue.create_batch(db, [{"task_key": "x"}], now=NOW - 3 * 86400, source="chat")
+    text = json.dumps(run_text(db, settings, clock, "report"), ensure_ascii=False)
+    assert "今日创建 1 个任务" in text and "失败 1" in text
+
+
+def test_silence_writes_table(db, settings, clock):
+    run_text(db, settings, clock, "silence coze:4100 2h")
+    row = db.execute("SELECT key, until, created_by FROM silences").fetchone()
+    assert row == ("coze:4100", NOW + 7200, ADMIN)
+
+
+def test_english(db, clock):
+    s = Settings(language="en")
+    text = json.dumps(run_text(db, s, clock, "help"))
+    assert "opsbot help" in text
+
+
+# --- card actions -----------------------------------------------------------------------------
+
+def click(db, settings, clock, value, **kw):
+    return handlers.handle_card_action(db, settings, card_action_event(value, **kw), clock)
+
+
+def test_card_retry_acts_once_on_double_click(db, settings, clock):
+    _, tid = failed_task(db)
+    first = click(db, settings, clock, {"action": "retry", "task_id": tid})
+    second = click(db, settings, clock, {"action": "retry", "task_id": tid})
+    assert first["toast"]["type"] == "success" and second["toast"]["type"] == "warning"
+    assert "queued" in second["toast"]["content"]
+
+
+def test_card_same_event_id_is_deduped(db, settings, clock):
+    _, tid = failed_task(db)
+    click(db, settings, clock, {"action": "retry", "task_id": tid}, event_id="ev-x")
+    queue.update_task(db, tid, status="failed")
+    again = click(db, settings, clock, {"action": "retry", "task_id": tid}, event_id="ev-x")
+    assert again["toast"]["type"] == "info" and queue.get_task(db, tid)["status"] == "failed"
+
+
+def test_card_non_admin_changes_nothing(db, settings, clock):
+    _, tid = failed_task(db)
+    out = click(db, settings, clock, {"action": "retry", "task_id": tid}, operator=USER)
+    assert out["toast"]["type"] == "error" and queue.get_task(db, tid)["status"] == "failed"
+    assert inbox.pending(db) == 0 and db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 0
+
+
+def test_card_actions_each(db, settings, clock):
+    bid, tid = failed_task(db)
+    assert click(db, settings, clock, {"action": "ignore", "task_id": tid})["toast"]["type"] == \
+        "success"
+    assert queue.get_task(db, tid)["status"] == "ignored"
+    click(db, settings, clock, {"action": "silence", "key": "k", "seconds": 60})
+    assert db.execute("SELECT until FROM silences").fetchone()[0] == NOW + 60
+    queue.block_open_batches(db, now=NOW, reason="x")
+    click(db, settings, clock, {"action": "resume", "batch_id": bid})
+    assert queue.get_batch(db, bid)["status"] == "running"
+    click(db, settings, clock, {"action": "cancel", "batch_id": bid})
+    assert queue.get_batch(db, bid)["status"] == "cancelled"
+    unknown = click(db, settings, clock, {"action": "explode"})
+    missing = click(db, settings, clock, {"action": "retry_batch", "batch_id": "b00000000"})
+    assert unknown["toast"]["type"] == "warning" and missing["toast"]["type"] == "warning"
+
+
+def test_legacy_card_action(db, settings, clock):
+    _, tid = failed_task(db)
+    out = handlers.handle_card_action(
+        db, settings, legacy_card_action({"action": "retry", "task_id": tid}), clock)
+    assert out["toast"]["type"] == "success"
+
+
+# --- cards ------------------------------------------------------------------------------------
+
+def test_cards_structure_and_limits():
+    for c in (cards.help_card("zh"), cards.help_card("en", error="bad"),
+              cards.refusal_card("run", ["ou_a"], "zh"), cards.run_queued_card("b1", 3, "zh"),
+              cards.status_card(None, None, "zh"), cards.errors_card([], "zh")):
+        assert c["schema"] == "2.0" and c["config"]["update_multi"] is True
+        assert c["header"]["title"]["tag"] == "plain_text" and c["body"]["elements"]
+        assert cards.size(c) < 30_000
+    huge = [{"id": i, "task_key": "k" * 50, "batch_id": "b", "error_message": "x" * 500}
+            for i in range(2000)]
+    assert cards.size(cards.errors_card(huge, "zh")) <= cards.MAX_CARD_BYTES
+    many = cards.card("t", [cards.markdown("y" * 4000) for _ in range(300)])
+    assert len(many["body"]["elements"]) <= 100 and cards.size(many) <= cards.MAX_CARD_BYTES
+
+
+def test_buttons_carry_object_values():
+    b = cards.button("retry", {"action": "retry", "task_id": 3})
+    assert b["behaviors"] == [{"type": "callback", "value": {"action": "retry", "task_id": 3}}]
+
+
+def test_i18n_fallbacks():
+    from bot.i18n import t
+    assert t("no.such.key", "en") == "no.such.key"
+    assert t("run.queued", "fr", count=1, batch_id="b") .startswith("已排队")
+    assert "{batch_id}" in t("run.queued", "en", count=1)
+    assert parse("help").name == "help"
