@@ -1,0 +1,234 @@
+"""Buttons on alert and batch cards: what each one does, as one self-contained function.
+
+:func:`handle_alert_action` takes the button's value (an object with ``action`` plus ids, as the
+cards in :mod:`bot.alert_cards` build them) and returns the ``card.action.trigger`` answer:
+``{"toast": {"type", "content"}, "card": {"type": "raw", "data": card}}``, the card being the
+clicked alert (or batch) card in its new state. Feishu waits 3 s for it; everything here is a
+few SQLite statements, and outgoing messages (resolved notices, patches of other cards) only go
+to the outbox.
+
+Actions (values)::
+
+    retry        {"task_id", "key"?}   requeue the alert's failed tasks (or the one task)
+    retry_batch  {"batch_id"}          requeue every failed task of the batch
+    ignore       {"task_id"?, "key"?}  failed tasks -> ignored; open alert -> ignored
+    silence      {"key", "seconds"?}   silence the key (default alerts.default_silence)
+    resume       {"batch_id", "key"?}  blocked/paused -> running; close every breaker;
+                                       resolve the batch's HIGH card and breaker cards
+    cancel       {"batch_id", "key"?}  cancel the batch; its open alerts -> ignored
+
+Authorisation is the caller's job (only ``FEISHU_ADMIN_IDS`` may press). Double clicks and old
+cards are safe by state checks, not by memory: an action whose precondition no longer holds (the
+task is not failed any more, the batch is not blocked, the key is already silenced for as long)
+changes nothing and says why, with toast type ``info``.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Callable
+
+from pipeline.breaker import reset_all
+from storage import queue
+from storage.db import Conflict, NotFound, transaction
+
+from .alert_cards import tr
+from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card,
+                     enqueue_patch, load_alert, open_alerts, resolve_batch_unblocked,
+                     silenced_until)
+
+MIN_SILENCE = 60.0
+MAX_SILENCE = 30 * 86400.0
+
+
+class _Ctx:
+    def __init__(self, db, settings, value: dict[str, Any], operator: str, clock) -> None:
+        self.db, self.settings, self.value, self.operator = db, settings, value, operator
+        self.now = clock.now()
+        self.lang = settings.language
+
+
+Result = tuple[bool, str]
+
+
+def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: str,
+                        clock) -> dict[str, Any]:
+    """Perform one button press; return the callback answer (toast + updated card).
+
+    ``value`` is the button's value object; ``operator_open_id`` who pressed (recorded on the
+    card); ``clock.now()`` gives Unix seconds. Never raises for bad input: an unknown action, a
+    missing id or an unknown task/batch answers an error toast and changes nothing.
+    """
+    ctx = _Ctx(db, settings, value if isinstance(value, dict) else {}, operator_open_id, clock)
+    name = str(ctx.value.get("action", ""))
+    action = ACTIONS.get(name)
+    if action is None:
+        return _toast("error", tr("a.unknown", ctx.lang, action=name or "-"))
+    try:
+        ok, text = action(ctx)
+    except NotFound as exc:
+        return _toast("error", tr("a.not_found", ctx.lang, what=str(exc)))
+    except (KeyError, ValueError, TypeError) as exc:
+        return _toast("error", tr("a.failed", ctx.lang, error=f"{type(exc).__name__}: {exc}"[:200]))
+    answer = _toast("success" if ok else "info", text)
+    card = _current_card(ctx)
+    if card is not None:
+        answer["card"] = {"type": "raw", "data": card}
+    return answer
+
+
+def _toast(kind: str, content: str) -> dict[str, Any]:
+    return {"toast": {"type": kind, "content": content}}
+
+
+def _current_card(ctx: _Ctx) -> dict[str, Any] | None:
+    """The clicked card as it should look now: the alert's, else the batch's."""
+    key = ctx.value.get("key")
+    if key:
+        alert = load_alert(ctx.db, str(key))
+        if alert is not None:
+            return alert_card_for(ctx.db, ctx.settings, alert, ctx.now)
+    batch_id = ctx.value.get("batch_id")
+    if batch_id:
+        try:
+            return batch_card(ctx.db, ctx.settings, str(batch_id), ctx.now)
+        except NotFound:
+            return None
+    return None
+
+
+def _note(ctx: _Ctx, key: Any, text: str, *, status: str | None = None) -> None:
+    """Record who did what on the alert ``key`` (and optionally change its status)."""
+    if not key:
+        return
+    with transaction(ctx.db) as conn:
+        alert = _load_in(conn, str(key))
+        if alert is None:
+            return
+        _add_action(alert, {"by": ctx.operator, "text": text}, ctx.now)
+        if status and alert["status"] == "open":
+            alert["status"] = status
+        _save_in(conn, alert)
+
+
+def _alert_task_ids(ctx: _Ctx) -> list[int]:
+    """The tasks a button acts on: every task of its alert, else the one ``task_id``."""
+    key = ctx.value.get("key")
+    alert = load_alert(ctx.db, str(key)) if key else None
+    if alert and alert["details"].get("task_ids"):
+        return [int(i) for i in alert["details"]["task_ids"]]
+    if ctx.value.get("task_id") is None:
+        return []
+    task = queue.get_task(ctx.db, int(ctx.value["task_id"]))  # NotFound for an unknown task
+    return [task["id"]]
+
+
+def _ids_with_status(db, ids: list[int], status: str) -> list[int]:
+    return [r[0] for r in db.execute(
+        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
+        " ORDER BY id", [json.dumps(ids), status])]
+
+
+def _moved_on(ctx: _Ctx, ids: list[int]) -> str:
+    if not ids:
+        return tr("a.nothing_failed", ctx.lang)
+    task = queue.get_task(ctx.db, ids[0])
+    return tr("a.moved_on", ctx.lang, task=task["task_key"], status=task["status"])
+
+
+# --- the actions ------------------------------------------------------------------------------
+
+def _retry(ctx: _Ctx) -> Result:
+    ids = _alert_task_ids(ctx)
+    failed = _ids_with_status(ctx.db, ids, "failed")
+    n = queue.requeue_tasks(ctx.db, failed, now=ctx.now) if failed else 0
+    if not n:
+        return False, _moved_on(ctx, ids)
+    _note(ctx, ctx.value.get("key"), tr("n.retry", ctx.lang, n=n))
+    return True, tr("a.retried", ctx.lang, n=n)
+
+
+def _retry_batch(ctx: _Ctx) -> Result:
+    batch = queue.get_batch(ctx.db, str(ctx.value["batch_id"]))
+    failed = [t["id"] for t in queue.tasks_of(ctx.db, batch["id"], ["failed"])]
+    n = queue.requeue_tasks(ctx.db, failed, now=ctx.now) if failed else 0
+    if not n:
+        return False, tr("a.nothing_failed", ctx.lang)
+    return True, tr("a.retried", ctx.lang, n=n)
+
+
+def _ignore(ctx: _Ctx) -> Result:
+    ids = _alert_task_ids(ctx)
+    key = ctx.value.get("key")
+    with transaction(ctx.db) as conn:
+        n = conn.execute(
+            "UPDATE tasks SET status = 'ignored' WHERE id IN (SELECT value FROM json_each(?))"
+            " AND status = 'failed'", [json.dumps(ids)]).rowcount
+    alert = load_alert(ctx.db, str(key)) if key else None
+    alert_changed = alert is not None and alert["status"] == "open"
+    if alert_changed:
+        _note(ctx, key, tr("n.ignore", ctx.lang), status="ignored")
+    if not n and not alert_changed:
+        return False, tr("a.already", ctx.lang)
+    return True, tr("a.ignored", ctx.lang, n=n)
+
+
+def _silence(ctx: _Ctx) -> Result:
+    key = str(ctx.value["key"])
+    if not key:
+        raise ValueError("empty key")
+    seconds = float(ctx.value.get("seconds") or ctx.settings.alerts.default_silence)
+    seconds = min(max(seconds, MIN_SILENCE), MAX_SILENCE)
+    until = ctx.now + seconds
+    current = silenced_until(ctx.db, key, ctx.now)
+    if current is not None and current >= until - MIN_SILENCE:  # a second click, or longer
+        return False, tr("a.already_silenced", ctx.lang, key=key, until=_local(ctx, current))
+    with transaction(ctx.db) as conn:
+        conn.execute("INSERT INTO silences (key, until, created_by, created_at) VALUES (?, ?, ?, ?)"
+                     " ON CONFLICT(key) DO UPDATE SET until = excluded.until,"
+                     " created_by = excluded.created_by, created_at = excluded.created_at",
+                     [key, until, ctx.operator, ctx.now])
+    _note(ctx, key, tr("n.silence", ctx.lang, until=_local(ctx, until)))
+    return True, tr("a.silenced", ctx.lang, key=key, until=_local(ctx, until))
+
+
+def _resume(ctx: _Ctx) -> Result:
+    batch_id = str(ctx.value["batch_id"])
+    try:
+        previous = queue.set_batch_status(ctx.db, batch_id, "running", now=ctx.now,
+                                          allowed_from=("blocked", "paused"))
+    except Conflict:
+        status = queue.get_batch(ctx.db, batch_id)["status"]
+        return False, tr("a.not_blocked", ctx.lang, batch_id=batch_id, status=status)
+    # The human vouches that the cause (token, balance) is fixed: every breaker closes.
+    reset_all(ctx.db, ctx.now)
+    resolve_batch_unblocked(ctx.db, ctx.settings, batch_id, now=ctx.now, by=ctx.operator)
+    return True, tr("a.resumed", ctx.lang, batch_id=batch_id, previous=previous)
+
+
+def _cancel(ctx: _Ctx) -> Result:
+    batch_id = str(ctx.value["batch_id"])
+    try:
+        queue.set_batch_status(ctx.db, batch_id, "cancelled", now=ctx.now,
+                               allowed_from=queue.BATCH_OPEN)
+    except Conflict:
+        status = queue.get_batch(ctx.db, batch_id)["status"]
+        return False, tr("a.cannot_cancel", ctx.lang, batch_id=batch_id, status=status)
+    for alert in open_alerts(ctx.db, batch_id=batch_id):
+        _note(ctx, alert["key"], tr("n.cancel", ctx.lang), status="ignored")
+        if alert.get("message_uuid") and alert["key"] != ctx.value.get("key"):
+            fresh = load_alert(ctx.db, alert["key"])
+            enqueue_patch(ctx.db, alert["message_uuid"],
+                          alert_card_for(ctx.db, ctx.settings, fresh, ctx.now), now=ctx.now,
+                          ref=alert["key"])
+    return True, tr("a.cancelled", ctx.lang, batch_id=batch_id)
+
+
+def _local(ctx: _Ctx, ts: float) -> str:
+    return datetime.fromtimestamp(ts, ctx.settings.tz).strftime("%Y-%m-%d %H:%M")
+
+
+ACTIONS: dict[str, Callable[[_Ctx], Result]] = {
+    "retry": _retry, "retry_batch": _retry_batch, "ignore": _ignore, "silence": _silence,
+    "resume": _resume, "cancel": _cancel,
+}

@@ -1,0 +1,145 @@
+"""``GET /metrics``: the store's state in Prometheus text format (version 0.0.4).
+
+:func:`render_metrics` reads the store (one short query per family) and the in-process
+:data:`WEBHOOK_LATENCY` histogram, which the web app feeds with ``WEBHOOK_LATENCY.observe(s)``
+per webhook request. Families::
+
+    opsbot_tasks{state}                       gauge, tasks by status (every status listed)
+    opsbot_attempts_total{error_class}        counter, stage attempts (``none``: succeeded)
+    opsbot_stage_seconds_bucket{stage,le}     histogram of successful attempts' durations
+    opsbot_breaker_state{service}             gauge, 0 closed, 1 half_open, 2 open
+    opsbot_alerts{tier,status}                gauge, alert rows
+    opsbot_outbox_depth, opsbot_inbox_pending gauges
+    opsbot_last_report_timestamp              gauge, Unix seconds (0: never)
+    opsbot_webhook_seconds_bucket{le}         histogram, webhook handling time in this process
+    <extra>                                   gauges passed in by the caller
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from storage import inbox, outbox
+from storage.queue import ACTIVE, FINAL
+
+STAGE_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+class Histogram:
+    """A thread-safe cumulative histogram (seconds)."""
+
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self._counts = [0] * len(self.buckets)
+        self._sum = 0.0
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._sum += seconds
+            self._count += 1
+            for i, le in enumerate(self.buckets):
+                if seconds <= le:
+                    self._counts[i] += 1
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """``([(le, cumulative count)], sum, count)``."""
+        with self._lock:
+            return list(zip(self.buckets, self._counts)), self._sum, self._count
+
+
+WEBHOOK_LATENCY = Histogram(WEBHOOK_BUCKETS)
+
+
+def _escape(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _num(value: float) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str) -> None:
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+
+    def sample(self, name: str, value: float, **labels: Any) -> None:
+        self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
+
+    def histogram(self, name: str, buckets: list[tuple[float, int]], total: float, count: int,
+                  **labels: Any) -> None:
+        for le, n in buckets:
+            self.sample(f"{name}_bucket", n, **labels, le=_num(float(le)))
+        self.sample(f"{name}_bucket", count, **labels, le="+Inf")
+        self.sample(f"{name}_sum", total, **labels)
+        self.sample(f"{name}_count", count, **labels)
+
+
+def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None = None) -> str:
+    """Every family above as Prometheus text (ends with a newline)."""
+    out = _Out()
+    out.family("opsbot_tasks", "gauge", "Tasks by status.")
+    states = {s: 0 for s in ACTIVE + FINAL}
+    states.update(dict(db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status")))
+    for state, n in sorted(states.items()):
+        out.sample("opsbot_tasks", n, state=state)
+    out.family("opsbot_attempts_total", "counter", "Stage attempts by error class.")
+    for ec, n in db.execute("SELECT COALESCE(error_class, 'none') AS ec, COUNT(*) FROM attempts"
+                            " GROUP BY ec ORDER BY ec"):
+        out.sample("opsbot_attempts_total", n, error_class=ec)
+    _stage_histograms(db, out)
+    out.family("opsbot_breaker_state", "gauge", "Circuit breaker: 0 closed, 1 half_open, 2 open.")
+    for service, state in db.execute("SELECT service, state FROM breakers ORDER BY service"):
+        out.sample("opsbot_breaker_state", BREAKER_VALUES.get(state, 2), service=service)
+    out.family("opsbot_alerts", "gauge", "Alert rows by tier and status.")
+    for tier, status, n in db.execute("SELECT tier, status, COUNT(*) FROM alerts"
+                                      " GROUP BY tier, status ORDER BY tier, status"):
+        out.sample("opsbot_alerts", n, tier=tier, status=status)
+    out.family("opsbot_outbox_depth", "gauge", "Outbox rows waiting to be sent.")
+    out.sample("opsbot_outbox_depth", outbox.depth(db))
+    out.family("opsbot_inbox_pending", "gauge", "Inbox events not yet handled.")
+    out.sample("opsbot_inbox_pending", inbox.pending(db))
+    out.family("opsbot_last_report_timestamp", "gauge", "When a daily report was last sent.")
+    row = db.execute("SELECT value FROM kv WHERE key = 'report:last_sent_at'").fetchone()
+    out.sample("opsbot_last_report_timestamp", float(row[0]) if row else 0)
+    out.family("opsbot_webhook_seconds", "histogram", "Webhook handling time (this process).")
+    out.histogram("opsbot_webhook_seconds", *WEBHOOK_LATENCY.snapshot())
+    for name, value in sorted((extra or {}).items()):
+        if not _NAME.match(name):
+            raise ValueError(f"not a metric name: {name!r}")
+        out.family(name, "gauge", "Extra value supplied by the caller.")
+        out.sample(name, value)
+    return "\n".join(out.lines) + "\n"
+
+
+def _stage_histograms(db: sqlite_utils.Database, out: _Out) -> None:
+    out.family("opsbot_stage_seconds", "histogram", "Successful stage attempt durations.")
+    sums = ", ".join(f"SUM(d <= {le})" for le in STAGE_BUCKETS)
+    for row in db.execute(
+            f"SELECT stage, {sums}, SUM(d), COUNT(*) FROM (SELECT stage, ended_at - started_at"
+            f" AS d FROM attempts WHERE outcome = 'success' AND ended_at IS NOT NULL)"
+            f" GROUP BY stage ORDER BY stage"):
+        stage, counts, total, count = row[0], row[1:-2], row[-2], row[-1]
+        out.histogram("opsbot_stage_seconds", list(zip(STAGE_BUCKETS, counts)), float(total or 0),
+                      count, stage=stage)

@@ -1,0 +1,235 @@
+"""The daily report: numbers from the ``tasks`` and ``attempts`` tables, and its card.
+
+:func:`compute_report` is deterministic for a given store, day and time zone. Definitions (a day
+is ``[00:00, 24:00)`` local time in ``tz``):
+
+- ``runs``: tasks whose ``finished_at`` falls in the day with status succeeded, failed or
+  ignored (ignored tasks failed first); cancelled tasks are counted apart (``cancelled``).
+- ``success_rate``: succeeded / runs (None when there were no runs).
+- ``latency[stage]``: over successful attempts (``outcome = 'success'``) that ended in the day,
+  seconds ``ended_at - started_at``: ``count``, ``avg``, ``p95`` (nearest rank: the value at
+  position ``ceil(0.95 * n)`` of the sorted list). A stage with no such attempts falls back to
+  the ``tasks.<stage>_seconds`` column of tasks finished that day.
+- ``retries``: attempts that started in the day with outcome ``retry`` or ``resubmit``.
+- ``failures``: attempts that started in the day with any outcome but ``success``.
+- ``top_nodes``: those failures grouped by ``attempts.node`` (else ``error_class``, else
+  ``unknown``), the 3 largest (ties by name).
+- ``errors``: the same failures grouped by ``error_class``, largest first.
+- ``hourly``: succeeded / failed tasks per local hour of ``finished_at`` (24 rows).
+- ``trend``: today minus the day before for runs, success_rate, retries, failures and each
+  stage's avg / p95 (None where either side has no value).
+"""
+from __future__ import annotations
+
+import math
+from datetime import date, datetime, time, timedelta, tzinfo
+from typing import Any
+
+import sqlite_utils
+
+from . import alert_cards
+from .cards import Card, card, hr, markdown
+
+STAGES = ("coze", "synthesis")
+FAILED_LIKE = ("failed", "ignored")
+
+_R: dict[str, dict[str, str]] = {
+    "title": {"zh": "日报 {date}", "en": "Daily report {date}"},
+    "runs": {"zh": "**运行** {runs} 个任务：成功 {succeeded}，失败 {failed}（含忽略 {ignored}），取消 {cancelled}",
+             "en": "**Runs** {runs}: {succeeded} succeeded, {failed} failed ({ignored} ignored), "
+                   "{cancelled} cancelled"},
+    "rate": {"zh": "**成功率** {rate}", "en": "**Success rate** {rate}"},
+    "latency": {"zh": "**{stage}** 平均 {avg}，P95 {p95}（{count} 次）",
+                "en": "**{stage}** avg {avg}, p95 {p95} ({count} runs)"},
+    "retries": {"zh": "**重试** {retries} 次；失败尝试 {failures} 次",
+                "en": "**Retries** {retries}; failed attempts {failures}"},
+    "top": {"zh": "**失败最多的节点**", "en": "**Top failing nodes**"},
+    "errors": {"zh": "**错误分布**", "en": "**Errors by class**"},
+    "trend": {"zh": "**对比前一天**：运行 {runs}，成功率 {rate}，重试 {retries}，失败尝试 {failures}",
+              "en": "**Vs the day before**: runs {runs}, success rate {rate}, retries {retries}, "
+                    "failed attempts {failures}"},
+    "none": {"zh": "无", "en": "none"},
+    "chart_ok": {"zh": "成功", "en": "succeeded"},
+    "chart_fail": {"zh": "失败", "en": "failed"},
+}
+
+
+def _r(key: str, lang: str, **kw: Any) -> str:
+    entry = _R[key]
+    return (entry.get(lang) or entry["zh"]).format(**kw)
+
+
+def day_bounds(day: date, tz: tzinfo) -> tuple[float, float]:
+    """[start, end) of ``day`` in ``tz`` as Unix seconds (23 or 25 hours on DST days)."""
+    start = datetime.combine(day, time(0), tzinfo=tz)
+    end = datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz)
+    return start.timestamp(), end.timestamp()
+
+
+def p95(values: list[float]) -> float | None:
+    """Nearest-rank 95th percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _day_numbers(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, Any]:
+    start, end = day_bounds(day, tz)
+    status = {s: 0 for s in ("succeeded", "failed", "ignored", "cancelled")}
+    hourly = [{"hour": h, "succeeded": 0, "failed": 0} for h in range(24)]
+    for st, finished in db.execute(
+            "SELECT status, finished_at FROM tasks WHERE finished_at >= ? AND finished_at < ?"
+            " AND status IN ('succeeded', 'failed', 'ignored', 'cancelled')", [start, end]):
+        status[st] += 1
+        if st != "cancelled":
+            hour = datetime.fromtimestamp(finished, tz).hour
+            hourly[hour]["succeeded" if st == "succeeded" else "failed"] += 1
+    runs = status["succeeded"] + status["failed"] + status["ignored"]
+    latency = {stage: _latency(db, stage, start, end) for stage in STAGES}
+    failures = [(r[0], r[1]) for r in db.execute(
+        "SELECT COALESCE(node, error_class, 'unknown'), COALESCE(error_class, 'unknown')"
+        " FROM attempts WHERE started_at >= ? AND started_at < ? AND outcome != 'success'",
+        [start, end])]
+    retries = db.execute(
+        "SELECT COUNT(*) FROM attempts WHERE started_at >= ? AND started_at < ?"
+        " AND outcome IN ('retry', 'resubmit')", [start, end]).fetchone()[0]
+    return {
+        "date": day.isoformat(), "runs": runs, "succeeded": status["succeeded"],
+        "failed": status["failed"] + status["ignored"], "ignored": status["ignored"],
+        "cancelled": status["cancelled"],
+        "success_rate": status["succeeded"] / runs if runs else None,
+        "latency": latency, "retries": retries, "failures": len(failures),
+        "top_nodes": _ranked([n for n, _ in failures])[:3],
+        "errors": _ranked([c for _, c in failures]), "hourly": hourly,
+    }
+
+
+def _latency(db: sqlite_utils.Database, stage: str, start: float, end: float) -> dict[str, Any]:
+    values = [r[0] for r in db.execute(
+        "SELECT ended_at - started_at FROM attempts WHERE stage = ? AND outcome = 'success'"
+        " AND ended_at >= ? AND ended_at < ? AND ended_at IS NOT NULL", [stage, start, end])]
+    if not values:
+        column = f"{stage}_seconds"
+        values = [r[0] for r in db.execute(
+            f"SELECT {column} FROM tasks WHERE finished_at >= ? AND finished_at < ?"
+            f" AND {column} IS NOT NULL", [start, end])]
+    values = [max(0.0, float(v)) for v in values]
+    return {"count": len(values), "avg": sum(values) / len(values) if values else None,
+            "p95": p95(values)}
+
+
+def _ranked(names: list[str]) -> list[dict[str, Any]]:
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return [{"name": k, "count": v} for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def compute_report(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, Any]:
+    """The report for ``day`` (see the module docstring for every definition)."""
+    today = _day_numbers(db, day, tz)
+    before = _day_numbers(db, day - timedelta(days=1), tz)
+    today["previous"] = {k: before[k] for k in ("date", "runs", "success_rate", "retries",
+                                                 "failures", "latency")}
+    today["trend"] = {
+        "runs": today["runs"] - before["runs"],
+        "success_rate": _delta(today["success_rate"], before["success_rate"]),
+        "retries": today["retries"] - before["retries"],
+        "failures": today["failures"] - before["failures"],
+        "latency": {s: {m: _delta(today["latency"][s][m], before["latency"][s][m])
+                        for m in ("avg", "p95")} for s in STAGES},
+    }
+    return today
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}s"
+
+
+def _signed(v: float | None, fmt: str = "{:+d}") -> str:
+    if v is None:
+        return "-"
+    return fmt.format(v)
+
+
+def report_lines(report: dict[str, Any], lang: str) -> list[str]:
+    """The report as markdown lines (the card's text and, stripped, the CLI's)."""
+    lines = [_r("runs", lang, **{k: report[k] for k in ("runs", "succeeded", "failed", "ignored",
+                                                       "cancelled")}),
+             _r("rate", lang, rate=_pct(report["success_rate"]))]
+    for stage in STAGES:
+        lat = report["latency"][stage]
+        lines.append(_r("latency", lang, stage=stage, avg=_secs(lat["avg"]), p95=_secs(lat["p95"]),
+                        count=lat["count"]))
+    lines.append(_r("retries", lang, retries=report["retries"], failures=report["failures"]))
+    lines.append(_r("top", lang))
+    lines += [f"{i}. {alert_cards.cut(n['name'], 80)} × {n['count']}"
+              for i, n in enumerate(report["top_nodes"], 1)] or ["- " + _r("none", lang)]
+    lines.append(_r("errors", lang))
+    errs = report["errors"]
+    lines += [f"- {alert_cards.cut(e['name'], 80)}: {e['count']}" for e in errs[:10]] \
+        or ["- " + _r("none", lang)]
+    if len(errs) > 10:
+        lines.append(alert_cards.tr("f.more_rows", lang, n=len(errs) - 10))
+    tr_ = report["trend"]
+    lines.append(_r("trend", lang, runs=_signed(tr_["runs"]),
+                    rate=_signed(None if tr_["success_rate"] is None
+                                 else tr_["success_rate"] * 100, "{:+.1f}pp"),
+                    retries=_signed(tr_["retries"]), failures=_signed(tr_["failures"])))
+    return lines
+
+
+def report_card(report: dict[str, Any], lang: str = "zh") -> Card:
+    """The report card: text, then a VChart bar chart of successes / failures per hour."""
+    ok, fail = _r("chart_ok", lang), _r("chart_fail", lang)
+    values = [{"hour": f"{h['hour']:02d}", "status": ok, "count": h["succeeded"]}
+              for h in report["hourly"]] + \
+             [{"hour": f"{h['hour']:02d}", "status": fail, "count": h["failed"]}
+              for h in report["hourly"]]
+    chart = {"tag": "chart", "aspect_ratio": "16:9", "chart_spec": {
+        "type": "bar", "data": {"values": values}, "xField": "hour", "yField": "count",
+        "seriesField": "status", "stack": True, "legends": {"visible": True}}}
+    els = [markdown("\n".join(report_lines(report, lang))), hr(), chart]
+    if report["errors"]:
+        els.append({"tag": "chart", "aspect_ratio": "16:9", "chart_spec": {
+            "type": "bar", "data": {"values": [{"error_class": e["name"], "count": e["count"]}
+                                               for e in report["errors"][:10]]},
+            "xField": "error_class", "yField": "count"}})
+    failed = report["success_rate"] is not None and report["success_rate"] < 0.9
+    return card(_r("title", lang, date=report["date"]), els,
+                template="orange" if failed else "blue")
+
+
+def report_text(report: dict[str, Any], lang: str = "zh") -> str:
+    """A plain-text version for the terminal."""
+    title = _r("title", lang, date=report["date"])
+    body = "\n".join(line.replace("**", "") for line in report_lines(report, lang))
+    return f"{title}\n{'=' * len(title)}\n{body}\n"
+
+
+def build_report_card(db: sqlite_utils.Database, settings, day: date, lang: str) -> Card:
+    """What the chat's ``report`` command shows (``bot.handlers.cmd_report`` imports this)."""
+    return report_card(compute_report(db, day, settings.tz), lang)
+
+
+def mark_sent(db: sqlite_utils.Database, *, now: float, day: date | None = None) -> None:
+    """Remember that a report went out (``report:last_sent_at``; the day for the scheduler)."""
+    from storage.db import transaction
+    with transaction(db) as conn:
+        rows = [("report:last_sent_at", str(now))]
+        if day is not None:
+            rows.append(("report:last_sent", day.isoformat()))
+        conn.executemany("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
+                         " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
+                         " updated_at = excluded.updated_at", [(k, v, now) for k, v in rows])
