@@ -17,6 +17,8 @@ from .clock import Clock
 
 __all__ = ["RateLimiter"]
 
+_EPSILON = 1e-6  # seconds; waits shorter than this are granted at once
+
 
 class RateLimiter:
     """Token bucket: ``rate`` requests per second on average, bursts of up to ``burst``."""
@@ -37,6 +39,7 @@ class RateLimiter:
         self._tokens = float(burst)
         self._stamp = self.clock.monotonic()
         self._paused_until = 0.0
+        self._after_pause = False
         self._reduced = self.rate    # rate right after the last decrease
         self._reduced_at = self._stamp
         self._lock: asyncio.Lock | None = None
@@ -76,16 +79,18 @@ class RateLimiter:
         elapsed = max(0.0, now - self._stamp)
         self._tokens = min(float(self.burst), self._tokens + elapsed * rate)
         self._stamp = max(self._stamp, now)
-        if self._tokens >= 1.0:
-            return 0.0
-        return (1.0 - self._tokens) / rate
+        if self._after_pause:
+            self._tokens = min(self._tokens, 1.0)
+            self._after_pause = False
+        wait = (1.0 - self._tokens) / rate
+        # Clock values near 1.7e9 have ~2e-7 s resolution: a shorter wait may never elapse.
+        return 0.0 if wait < _EPSILON else wait
 
     def pause_until(self, t: float) -> None:
         """Hold every caller until ``clock.monotonic()`` reaches ``t`` (never shortens a pause)."""
         if t > self._paused_until:
             self._paused_until = t
-            self._tokens = min(self._tokens, 1.0)   # no burst right after a pause
-            self._stamp = max(self._stamp, t)      # and no refill while paused
+            self._after_pause = True   # one request at the pause's end, then the rate: no burst
 
     def slow_down(self, seconds: float = 0.0) -> None:
         """Answer to a 429: pause everyone ``seconds`` and halve the effective rate."""
