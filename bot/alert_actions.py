@@ -118,7 +118,7 @@ def _alert_task_ids(ctx: _Ctx) -> list[int]:
     if alert and alert["details"].get("task_ids"):
         return [int(i) for i in alert["details"]["task_ids"]]
     if ctx.value.get("task_id") is None:
-        return []
+        raise KeyError("task_id")
     task = queue.get_task(ctx.db, int(ctx.value["task_id"]))  # NotFound for an unknown task
     return [task["id"]]
 

@@ -146,11 +146,11 @@ class _Lenient(dict):
         return "{" + key + "}"
 
 
-def tr(key: str, lang: str = "zh", **kwargs: Any) -> str:
-    """Text ``key`` in ``lang`` (Chinese fallback), formatted leniently with ``kwargs``."""
-    entry = _T.get(key)
+def tr(msg_key: str, lang: str = "zh", /, **kwargs: Any) -> str:
+    """Text ``msg_key`` in ``lang`` (Chinese fallback), formatted leniently with ``kwargs``."""
+    entry = _T.get(msg_key)
     if entry is None:
-        return key
+        return msg_key
     text = entry.get(lang) or entry["zh"]
     return string.Formatter().vformat(text, (), _Lenient(kwargs)) if kwargs else text
 
