@@ -1,0 +1,91 @@
+"""Prometheus text from a real store: every line parses, and the numbers are the store's."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bot.metrics import WEBHOOK_LATENCY, Histogram, render_metrics
+from pipeline.breaker import Breaker
+from pipeline.config import BreakerPolicy
+from storage import outbox, queue
+from storage.db import transaction
+
+LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+                  r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)?\})? '
+                  r'(-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every line is a comment or ``name{labels} value``; returns the samples."""
+    assert text.endswith("\n")
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        m = LINE.match(line)
+        assert m, f"unparsable line: {line!r}"
+        labels = frozenset(LABEL.findall(m.group(3) or ""))
+        samples[(m.group(1), labels)] = float(m.group(m.lastindex))
+    return samples
+
+
+def test_metrics_reflect_the_store(db):
+    b = queue.create_batch(db, [{"task_key": f"k{i}"} for i in range(5)], now=0, source="cli")
+    tasks = queue.tasks_of(db, b)
+    with transaction(db) as conn:
+        conn.execute("UPDATE tasks SET status = 'succeeded' WHERE id IN (?, ?)",
+                     [tasks[0]["id"], tasks[1]["id"]])
+        conn.execute("UPDATE tasks SET status = 'failed' WHERE id = ?", [tasks[2]["id"]])
+        conn.execute("INSERT INTO kv (key, value, updated_at) VALUES"
+                     " ('report:last_sent_at', '1750000000.5', 0)")
+    for stage, secs, outcome, ec in [("coze", 3, "success", None), ("coze", 45, "success", None),
+                                     ("synthesis", 0.5, "success", None),
+                                     ("coze", 1, "retry", 'plugin "timeout"')]:
+        queue.record_attempt(db, tasks[0], stage=stage, started_at=100, ended_at=100 + secs,
+                             outcome=outcome, error_class=ec)
+    Breaker(db, "coze", BreakerPolicy(), lambda: 5.0).trip("auth")
+    Breaker(db, "feishu", BreakerPolicy(), lambda: 5.0).reset()
+    outbox.enqueue(db, "send", "oc_x", {"text": "hi"}, now=0)
+    s = parse(render_metrics(db, extra={"opsbot_worker_up": 1}))
+    assert s[("opsbot_tasks", frozenset({("state", "queued")}))] == 2
+    assert s[("opsbot_tasks", frozenset({("state", "succeeded")}))] == 2
+    assert s[("opsbot_tasks", frozenset({("state", "cancelled")}))] == 0
+    assert s[("opsbot_attempts_total", frozenset({("error_class", "none")}))] == 3
+    assert s[("opsbot_attempts_total", frozenset({("error_class", 'plugin \\"timeout\\"')}))] == 1
+    coze = lambda le: s[("opsbot_stage_seconds_bucket", frozenset({("stage", "coze"),
+                                                                  ("le", le)}))]
+    assert (coze("1"), coze("5"), coze("30"), coze("60"), coze("+Inf")) == (0, 1, 1, 2, 2)
+    assert s[("opsbot_stage_seconds_sum", frozenset({("stage", "coze")}))] == 48
+    assert s[("opsbot_stage_seconds_count", frozenset({("stage", "synthesis")}))] == 1
+    assert s[("opsbot_breaker_state", frozenset({("service", "coze")}))] == 2
+    assert s[("opsbot_breaker_state", frozenset({("service", "feishu")}))] == 0
+    assert s[("opsbot_outbox_depth", frozenset())] == 1
+    assert s[("opsbot_inbox_pending", frozenset())] == 0
+    assert s[("opsbot_last_report_timestamp", frozenset())] == 1750000000.5
+    assert s[("opsbot_worker_up", frozenset())] == 1
+
+
+def test_webhook_latency_histogram_is_rendered(db):
+    before = parse(render_metrics(db))
+    count = before[("opsbot_webhook_seconds_count", frozenset())]
+    WEBHOOK_LATENCY.observe(0.02)
+    WEBHOOK_LATENCY.observe(3.0)
+    s = parse(render_metrics(db))
+    assert s[("opsbot_webhook_seconds_count", frozenset())] == count + 2
+    le = lambda v: s[("opsbot_webhook_seconds_bucket", frozenset({("le", v)}))] - \
+        before[("opsbot_webhook_seconds_bucket", frozenset({("le", v)}))]
+    assert (le("0.01"), le("0.025"), le("2.5"), le("5"), le("+Inf")) == (0, 1, 1, 2, 2)
+
+
+def test_histogram_buckets_are_cumulative():
+    h = Histogram([1, 2])
+    for v in (0.5, 1.5, 1.5, 9):
+        h.observe(v)
+    assert h.snapshot() == ([(1, 1), (2, 3)], 12.5, 4)
+
+
+def test_bad_extra_names_are_refused(db):
+    with pytest.raises(ValueError):
+        render_metrics(db, extra={"bad name": 1})
