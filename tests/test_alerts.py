@@ -5,6 +5,7 @@ Where delivery matters the real outbox sender and lark-oapi client talk to the f
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -452,3 +453,58 @@ def test_cards_for_a_ten_thousand_task_batch_stay_under_30_kb(db, router, clock)
     card = alert_cards.alert_card(alert, "zh", router.settings.tz)
     assert alert["count"] == 2000 and size(card) < 30_000
     assert "等另外 1980 个" in text_of(card)
+
+
+# --- with the real worker against the Coze simulator ----------------------------------------
+
+def _drain_with(db, router, sim, tmp_path):
+    import asyncio
+    import dataclasses
+
+    from pipeline.coze import CozeClient
+    from pipeline.ratelimit import RateLimiter
+    from pipeline.worker import Worker
+    from tests.test_worker import FAST
+
+    async def go():
+        async with CozeClient(sim.base_url, sim.token, limiter=RateLimiter(500, burst=50)) as coze:
+            worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze, "wf1",
+                            notifier=router)
+            await asyncio.wait_for(worker.run(drain=True), 30)
+            worker.synth.close()
+    asyncio.run(go())
+
+
+def test_worker_plugin_timeout_gives_one_medium_card_and_retry_resolves_it(db, tmp_path):
+    import asyncio
+
+    from bot.alert_actions import handle_alert_action
+    from pipeline.clock import Clock
+    from pipeline.simulator import CozeSimulator, Script
+
+    router = AlertRouter(db, make_settings(failure_rate_min_tasks=1000), Clock())
+    sim = CozeSimulator(default_duration=lambda key: 0.02)
+    loop_sim = asyncio.new_event_loop()   # the simulator serves from its own thread
+    loop_sim.run_until_complete(sim.start())
+    thread = threading.Thread(target=loop_sim.run_forever, daemon=True)
+    thread.start()
+    try:
+        sim.script("bad", Script(fail_first_n_runs=2))   # plugin timeout twice, then fine
+        b = queue.create_batch(db, [{"task_key": k} for k in ("ok1", "bad", "ok2")], now=0,
+                               source="cli", batch_id="bw")
+        _drain_with(db, router, sim, tmp_path)
+        cards = [r for r in rows(db, "send") if "card" in r["payload"]]
+        assert [c["ref"] for c in cards] == ["bw:coze:plugin_timeout"]
+        bad = next(t for t in queue.tasks_of(db, b) if t["task_key"] == "bad")
+        assert bad["status"] == "failed"
+        answer = handle_alert_action(db, router.settings, {"action": "retry", "task_id": bad["id"],
+                                     "key": "bw:coze:plugin_timeout"}, "ou_admin", Clock())
+        assert answer["toast"]["type"] == "success"
+        _drain_with(db, router, sim, tmp_path)
+        assert queue.get_task(db, bad["id"])["status"] == "succeeded"
+        assert load_alert(db, "bw:coze:plugin_timeout")["status"] == "resolved"
+        assert len([r for r in rows(db, "send") if "text" in r["payload"]]) == 1
+    finally:
+        asyncio.run_coroutine_threadsafe(sim.stop(), loop_sim).result(10)
+        loop_sim.call_soon_threadsafe(loop_sim.stop)
+        thread.join(5)
