@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.clock import Clock
 from pipeline.coze import CozeClient
-from pipeline.notify import Notifier, NullNotifier
+from pipeline.notify import Notifier
 from pipeline.ratelimit import RateLimiter
 from pipeline.worker import Worker, make_owner
 from storage import inbox, outbox
@@ -27,19 +27,13 @@ from .settings import Settings
 log = logging.getLogger("opsbot.service")
 
 
-def build_notifier(db, settings: Settings, clock: Clock) -> Notifier:
-    """The alert router when the alerts module is present, plus the Bitable write-back."""
-    notifiers: list[Any] = []
-    try:
-        from .alerts import AlertRouter
-    except ImportError:  # pragma: no cover - alerts are part of the product
-        AlertRouter = None
-    if AlertRouter is not None:
-        notifiers.append(AlertRouter(db, settings, clock))
+def build_notifier(db, settings: Settings, clock: Clock) -> tuple[Notifier, Any]:
+    """The pipeline's notifier (alert router + Bitable write-back) and the alert router."""
+    from .alerts import AlertRouter
     from .bitable_sync import BitableWriteBack
 
-    notifiers.append(BitableWriteBack(db, settings, clock))
-    return FanOut(notifiers) if notifiers else NullNotifier()
+    router = AlertRouter(db, settings, clock)
+    return FanOut([router, BitableWriteBack(db, settings, clock)]), router
 
 
 class FanOut:
@@ -59,7 +53,7 @@ class FanOut:
 
 
 class FeishuLoop:
-    """Background thread: handle leftover inbox rows, deliver the outbox, tick the scheduler."""
+    """Background thread: handle leftover inbox rows and deliver the outbox."""
 
     def __init__(self, settings: Settings, clock: Clock, owner: str, interval: float = 0.2,
                  feishu_client: Any = None) -> None:
@@ -87,14 +81,11 @@ class FeishuLoop:
         db = open_db(self.settings.db_path)
         client = self.feishu_client or FeishuClient(self.settings.feishu)
         sender = OutboxSender(db, client, clock=self.clock, owner=self.owner)
-        scheduler = _scheduler(db, self.settings, self.clock)
         while not self.stop_event.is_set():
             try:
                 # rows the web process accepted but did not finish (it died, or was busy)
                 if inbox.pending(db):
                     process_inbox(db, self.settings, client, self.clock, self.owner)
-                if scheduler is not None:
-                    scheduler.tick()
                 sender.deliver_due()
             except Exception:
                 self.errors += 1
@@ -105,16 +96,20 @@ class FeishuLoop:
             sender.deliver_due()
 
 
-def _scheduler(db, settings: Settings, clock: Clock):
-    try:
-        from .scheduler import Scheduler
-    except ImportError:  # pragma: no cover
-        return None
-    return Scheduler(db, settings, clock)
+async def _tick_loop(scheduler: Any, router: Any, interval: float) -> None:
+    """On the worker's loop (the router shares its DB connection): report, latency, progress."""
+    while True:
+        try:
+            scheduler.tick()
+            router.flush()
+        except Exception:
+            log.exception("scheduler tick failed")
+        await asyncio.sleep(interval)
 
 
 async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool = False,
-                     clock: Clock | None = None, stop: asyncio.Event | None = None) -> int:
+                     clock: Clock | None = None, stop: asyncio.Event | None = None,
+                     tick_interval: float = 3.0) -> int:
     """Run until stopped (or drained). Returns the process exit code."""
     clock = clock or Clock()
     owner = make_owner()
@@ -143,12 +138,21 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
     limiter = RateLimiter(settings.pipeline.coze_qps, clock,
                           burst=max(1, int(settings.pipeline.coze_qps)))
     try:
+        from .scheduler import Scheduler
+
+        notifier, router = build_notifier(db, settings, clock)
+        ticker = asyncio.create_task(
+            _tick_loop(Scheduler(db, settings, clock, router=router), router, tick_interval))
         async with CozeClient(base_url, token, limiter=limiter) as coze:
             worker = Worker(db, settings.pipeline, coze, workflow_id, clock=clock,
-                            notifier=build_notifier(db, settings, clock), owner=owner)
+                            notifier=notifier, owner=owner)
             log.info("worker started", extra={"owner": owner, "drain": drain})
-            await worker.run(drain=drain, stop=stop)
-            worker.synth.close()
+            try:
+                await worker.run(drain=drain, stop=stop)
+            finally:
+                worker.synth.close()
+                ticker.cancel()
+                router.flush()
         if drain and feishu is not None:
             await _drain_outbox(db, clock, seconds=30.0)
     finally:
