@@ -49,7 +49,7 @@ _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」"}
 _BATCH_ID = re.compile(r"^b[0-9a-f]{4,32}$")
 _ID = re.compile(r"^[\w.:\-]{1,128}$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_DURATION = re.compile(r"^(\d{1,6})(s|m|h|d|秒|分钟|分|小时|时|天)$", re.IGNORECASE)
+_DURATION = re.compile(r"^(\d{1,7})(s|m|h|d|秒|分钟|分|小时|时|天)$", re.IGNORECASE)
 _UNIT = {"s": 1, "秒": 1, "m": 60, "分": 60, "分钟": 60, "h": 3600, "时": 3600, "小时": 3600,
          "d": 86400, "天": 86400}
 

@@ -44,7 +44,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping
 
-from lark_oapi.core.utils.decryptor import AESCipher
+from Crypto.Cipher import AES
 
 from storage import inbox
 
@@ -173,13 +173,29 @@ def verify_legacy_signature(req: Request, token: str, now: float) -> bool:
     return True
 
 
+def aes_decrypt(raw: bytes, encrypt_key: str) -> bytes:
+    """iv16 + AES-256-CBC ciphertext -> plaintext; ValueError on bad length or PKCS7 padding.
+
+    Same as lark-oapi's ``AESCipher`` (not imported: lark_oapi takes seconds to import, and
+    every gunicorn worker would pay that before answering its first request).
+    """
+    if len(raw) < 2 * AES.block_size or len(raw) % AES.block_size:
+        raise ValueError("invalid ciphertext length")
+    key = hashlib.sha256(encrypt_key.encode()).digest()
+    plain = AES.new(key, AES.MODE_CBC, raw[:AES.block_size]).decrypt(raw[AES.block_size:])
+    pad = plain[-1]
+    if not 1 <= pad <= AES.block_size or plain[-pad:] != bytes([pad]) * pad:
+        raise ValueError("invalid PKCS7 padding")
+    return plain[:-pad]
+
+
 def decrypt(encrypted: Any, encrypt_key: str) -> dict[str, Any]:
     """AES-256-CBC (key sha256(encrypt_key)), base64(iv + ciphertext), PKCS7, JSON inside."""
     if not isinstance(encrypted, str):
         raise Rejected(400, "bad_encrypt", "encrypt must be a base64 string")
     try:
         raw = base64.b64decode(encrypted.encode("ascii"), validate=True)
-        plain = AESCipher(encrypt_key).decrypt(raw)
+        plain = aes_decrypt(raw, encrypt_key)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise Rejected(400, "bad_encrypt", "encrypt does not decrypt with the configured key") from None
     return parse_json(plain)

@@ -27,14 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake():
     with FakeFeishu() as server:
         yield server
 
 
-@pytest.fixture
-def server(fake, tmp_path):
+@pytest.fixture(scope="module")
+def server(fake, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("gunicorn")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEISHU_", "OPSBOT_",
                                                                      "BITABLE_", "COZE_"))}

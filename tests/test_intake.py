@@ -35,9 +35,22 @@ def signed(payload, key=ENCRYPT_KEY, ts=str(int(NOW))):
 
 
 def test_decrypt_documented_vector():
-    from lark_oapi.core.utils.decryptor import AESCipher
+    from bot.intake import aes_decrypt
     raw = base64.b64decode("P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk=")
-    assert AESCipher("test key").decrypt(raw) == b"hello world"
+    assert aes_decrypt(raw, "test key") == b"hello world"
+
+
+@pytest.mark.parametrize("raw", [b"", b"x" * 16, b"x" * 33])
+def test_aes_decrypt_rejects_bad_lengths(raw):
+    from bot.intake import aes_decrypt
+    with pytest.raises(ValueError):
+        aes_decrypt(raw, "k")
+
+
+def test_aes_decrypt_matches_lark_oapi():
+    from lark_oapi.core.utils.decryptor import AESCipher
+    raw = base64.b64decode(encrypt("中文 payload", "k2"))
+    assert AESCipher("k2").decrypt(raw) == __import__("bot.intake").intake.aes_decrypt(raw, "k2")
 
 
 def test_decrypt_round_trip_with_helper():
