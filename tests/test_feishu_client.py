@@ -8,7 +8,7 @@ import pytest
 from bot.errors import FeishuError, FeishuNetworkError
 from bot.feishu import FeishuClient, normalize_value
 from bot.settings import Secret
-from fake_feishu import FakeFeishu
+from tests.fake_feishu import FakeFeishu
 
 CARD = {"schema": "2.0", "config": {"update_multi": True},
         "header": {"title": {"tag": "plain_text", "content": "批次完成"}, "template": "green"},

@@ -9,7 +9,7 @@ import pytest
 
 from bot.feishu import FeishuClient
 from bot.sender import OutboxSender
-from fake_feishu import FakeFeishu
+from tests.fake_feishu import FakeFeishu
 from pipeline.clock import FakeClock
 from storage import outbox
 
