@@ -423,7 +423,8 @@ def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str
     lang = settings.language
     act = card_action_from(payload)
     name = str(act.value.get("action", ""))
-    if name not in CARD_ACTIONS:
+    alert_actions = _alert_actions()
+    if name not in CARD_ACTIONS and name not in alert_actions:
         return toast("warning", t("toast.unknown", lang))
     if name not in READ_ONLY_ACTIONS and not is_admin(settings, act.operator):
         return toast("error", t("refused.toast", lang))
@@ -432,13 +433,26 @@ def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str
         if not inbox.record(db, key, event_type="card.action.trigger", payload=payload,
                             now=clock.now(), event_id=act.event_id):
             return toast("info", t("toast.already", lang))
-    try:
-        ok, text = CARD_ACTIONS[name](db, settings, clock, act)
-    except (NotFound, KeyError, ValueError, TypeError) as exc:
-        ok, text = False, t("toast.failed", lang, error=str(exc)[:200])
+    if name in alert_actions:  # alert-aware version: also resolves alerts, returns the new card
+        answer = alert_actions[name](db, settings, act.value, act.operator, clock)
+    else:
+        try:
+            ok, text = CARD_ACTIONS[name](db, settings, clock, act)
+        except (NotFound, KeyError, ValueError, TypeError) as exc:
+            ok, text = False, t("toast.failed", lang, error=str(exc)[:200])
+        answer = toast("success" if ok else "warning", text)
     if act.event_id:
         inbox.finish(db, "card:" + act.event_id, now=clock.now())
-    return toast("success" if ok else "warning", text)
+    return answer
+
+
+def _alert_actions() -> dict[str, Callable[..., dict[str, Any]]]:
+    """Actions that :mod:`bot.alert_actions` handles (when present): name -> handler."""
+    try:
+        from .alert_actions import ACTIONS, handle_alert_action
+    except ImportError:
+        return {}
+    return {name: handle_alert_action for name in ACTIONS}
 
 
 def _a_retry(db, settings, clock, act):

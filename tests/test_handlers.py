@@ -172,11 +172,18 @@ def test_errors_lists_failed_tasks(db, settings, clock):
     assert "bad-one" in text and "4200" in text and "workflow not published" in text
 
 
-def test_report_counts_today(db, settings, clock):
+def test_report_summary_counts_today(db, settings, clock):
+    from datetime import datetime
     failed_task(db)
     queue.create_batch(db, [{"task_key": "x"}], now=NOW - 3 * 86400, source="chat")
-    text = json.dumps(run_text(db, settings, clock, "report"), ensure_ascii=False)
+    day = datetime.fromtimestamp(NOW, settings.tz).date()
+    text = json.dumps(handlers.build_report_card(db, settings, day, "zh"), ensure_ascii=False)
     assert "今日创建 1 个任务" in text and "失败 1" in text
+
+
+def test_report_command_uses_report_module(db, settings, clock):
+    card = run_text(db, settings, clock, "report --date 2025-01-02")
+    assert card["schema"] == "2.0" and "2025-01-02" in json.dumps(card)
 
 
 def test_silence_writes_table(db, settings, clock):
@@ -201,8 +208,9 @@ def test_card_retry_acts_once_on_double_click(db, settings, clock):
     _, tid = failed_task(db)
     first = click(db, settings, clock, {"action": "retry", "task_id": tid})
     second = click(db, settings, clock, {"action": "retry", "task_id": tid})
-    assert first["toast"]["type"] == "success" and second["toast"]["type"] == "warning"
-    assert "queued" in second["toast"]["content"]
+    assert first["toast"]["type"] == "success" and second["toast"]["type"] != "success"
+    assert queue.get_task(db, tid)["status"] == "queued"
+    assert db.execute("SELECT attempts FROM tasks WHERE id = ?", [tid]).fetchone()[0] == 0
 
 
 def test_card_same_event_id_is_deduped(db, settings, clock):
@@ -234,7 +242,13 @@ def test_card_actions_each(db, settings, clock):
     assert queue.get_batch(db, bid)["status"] == "cancelled"
     unknown = click(db, settings, clock, {"action": "explode"})
     missing = click(db, settings, clock, {"action": "retry_batch", "batch_id": "b00000000"})
-    assert unknown["toast"]["type"] == "warning" and missing["toast"]["type"] == "warning"
+    assert unknown["toast"]["type"] == "warning" and missing["toast"]["type"] != "success"
+
+
+def test_status_button_is_read_only_and_open(db, settings, clock):
+    bid = queue.create_batch(db, [{"task_key": "a"}], now=NOW, source="chat")
+    out = click(db, settings, clock, {"action": "status", "batch_id": bid}, operator=USER)
+    assert out["toast"]["type"] == "success" and bid in out["toast"]["content"]
 
 
 def test_legacy_card_action(db, settings, clock):
