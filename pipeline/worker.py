@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
-import statistics
 import uuid
 from collections import deque
 from typing import Any
@@ -75,7 +75,10 @@ class Worker:
         self._batch_of: dict[int, str] = {}
         self._coze_active: set[int] = set()
         self._synth_active: set[int] = set()
-        self._durations: deque[float] = deque(maxlen=200)
+        self._durations: deque[float] = deque(maxlen=200)   # estimated run times, seconds
+        self._model: RunTimeModel | None = None
+        self._model_seen = 0          # samples seen when the model was last fitted
+        self._samples = 0             # samples seen in all
         self._wake = asyncio.Event()
         self.stats = {"submits": 0, "polls": 0, "claimed": 0}
 
@@ -245,7 +248,6 @@ class Worker:
                 return self._handle_error(task, exc, "coze", started)
             ended = self.clock.now()
             if status.status == "Success":
-                self._durations.append(max(0.0, ended - started))
                 queue.record_attempt(self.db, task, stage="coze", started_at=started,
                                      ended_at=ended, outcome="success",
                                      execute_id=task["execute_id"])
@@ -256,38 +258,75 @@ class Worker:
                 return result
 
     async def _wait_run(self, task: dict[str, Any]) -> Any:
-        """Poll until the run ends: soon at first, then spaced out, capped; never after the end."""
+        """Poll until the run ends (see :meth:`_poll_delay`); never poll a run that has ended."""
         execute_id = task["execute_id"]
         submitted = task["submitted_at"] or self.clock.now()
         polls = 0
+        running_seen = submitted       # the last time the run was seen Running
         while True:
             elapsed = self.clock.now() - submitted
             await self.clock.sleep(self._poll_delay(elapsed, polls))
             status = await self._call(task, lambda: self.coze.poll(self.workflow_id, execute_id))
             polls += 1
             self.stats["polls"] += 1
+            now = self.clock.now()
             if status.status in ("Success", "Fail"):
+                if status.status == "Success":
+                    # the run ended between the last Running answer and this one
+                    self._observe((running_seen + now) / 2 - submitted)
                 return status
-            if self.clock.now() - submitted > self.config.run_timeout:
+            running_seen = now
+            if now - submitted > self.config.run_timeout:
                 raise RunFailed("run_timeout", f"run timed out: still Running after "
                                 f"{self.config.run_timeout:.0f}s", debug_url=task.get("debug_url"))
 
-    def _poll_delay(self, elapsed: float, polls: int) -> float:
-        """Wait before the next poll.
+    #: Target mean detection delay, as a fraction of the mean run time (adaptive polling).
+    poll_target = 0.03
+    #: Share of the Coze QPS budget that polling of ``max_coze`` runs may plan to use.
+    poll_qps_share = 0.5
+    #: Successful runs needed before polls are placed by the learned run-time model.
+    poll_min_samples = 8
 
-        With a few finished runs seen, the first poll waits until just before the shortest
-        typical run (80% of the 10th percentile) could end; after that, and without history,
-        intervals grow geometrically from ``poll.first`` to ``poll.maximum``.
+    def _poll_delay(self, elapsed: float, polls: int) -> float:
+        """Seconds to wait before the next poll of a run submitted ``elapsed`` seconds ago.
+
+        * A pinned policy (``first == maximum`` and ``multiplier == 1``) polls at that fixed
+          interval, like the seeds did.
+        * Until ``poll_min_samples`` runs have succeeded: geometric, from ``poll.first`` growing
+          by ``poll.multiplier`` up to ``poll.maximum``.
+        * Then polls follow the run-time distribution learned online (a lognormal fitted to the
+          last 200 successful runs; see :class:`RunTimeModel`): none while a run is unlikely to
+          have ended, dense where runs typically end, sparse in the tail, so that the expected
+          delay between a run ending and the worker noticing stays about ``poll_target`` of the
+          mean run time, with as few polls as that allows, and within ``poll_qps_share`` of the
+          QPS budget. Intervals stay between ``max(poll.first, target * elapsed)`` and
+          ``max(poll.maximum, 4 * target * elapsed)`` so that a run far outside the learned
+          distribution is still noticed within a few percent of its age.
         """
         p = self.config.poll
-        if len(self._durations) >= 5:
-            lo = 0.8 * statistics.quantiles(self._durations, n=10)[0]
-            if elapsed < lo:
-                return lo - elapsed
-            growth = max(0, polls - 1)
-        else:
-            growth = polls
-        return min(p.maximum, p.first * (p.multiplier ** growth))
+        if p.multiplier == 1.0 and p.first == p.maximum:
+            return p.first
+        model = self._run_time_model()
+        if model is None:
+            return min(p.maximum, p.first * (p.multiplier ** polls))
+        floor = max(p.first, self.poll_target * elapsed)
+        cap = max(p.maximum, 4 * self.poll_target * elapsed, model.early - elapsed)
+        return model.next_delay(elapsed, floor, cap)
+
+    def _observe(self, seconds: float) -> None:
+        self._durations.append(max(1e-3, seconds))
+        self._samples += 1
+
+    def _run_time_model(self) -> "RunTimeModel | None":
+        """The fitted model; refitted after every ~12% of new samples (cheap, not per poll)."""
+        n = len(self._durations)
+        if n < self.poll_min_samples:
+            return None
+        if self._model is None or self._samples - self._model_seen >= max(4, n // 8):
+            qps_polls = self.poll_qps_share * self.config.coze_qps / max(1, self.config.max_coze)
+            self._model = RunTimeModel.fit(self._durations, self.poll_target, qps_polls)
+            self._model_seen = self._samples
+        return self._model
 
     async def _call(self, task: dict[str, Any], make_call) -> Any:
         """One Coze API call: behind the breaker, retried by the classifier's rules."""
@@ -419,6 +458,90 @@ class Worker:
     def _breaker_changed(self, before, after) -> None:
         log.warning("breaker %s: %s -> %s", after.service, before.state, after.state)
         self.notifier.breaker_changed(after.service, before.state, after.state, after.reason)
+
+
+class RunTimeModel:
+    """Where to poll a run, given run times seen so far (a lognormal fit).
+
+    Polling is an inspection problem: a poll costs one call, and a run that ended ``d`` seconds
+    before the next poll wastes ``d`` seconds. With the hazard rate ``h(t)`` of the run-time
+    distribution (the chance per second that a run still going at ``t`` ends now), the interval
+    that minimises ``delay + c * polls`` near ``t`` is ``sqrt(2c / h(t))`` (Keller, 1974): no polls
+    while runs are unlikely to end, dense ones where they usually end. With it the expected delay
+    is ``sqrt(c/2) * I`` and the expected number of polls ``I / sqrt(2c)``, where
+    ``I = integral of sqrt(f(t) * S(t)) dt``; ``c`` is chosen so that the delay is ``target`` of the
+    mean run time, or larger when the polls would exceed ``max_poll_rate`` per run per second.
+    """
+
+    __slots__ = ("mu", "sigma", "mean", "c", "early")
+
+    def __init__(self, mu: float, sigma: float, target: float, max_poll_rate: float) -> None:
+        self.mu, self.sigma = mu, sigma
+        self.mean = math.exp(mu + sigma * sigma / 2)
+        integral = math.sqrt(sigma * math.exp(mu)) * _lognormal_i(sigma)
+        c = 2 * (target * self.mean / integral) ** 2
+        if max_poll_rate > 0:   # expected polls per run: integral / sqrt(2c)
+            max_polls = max_poll_rate * self.mean
+            c = max(c, (integral / max_polls) ** 2 / 2)
+        self.c = c
+        self.early = math.exp(mu - 2.6 * sigma)   # about the 0.5th percentile
+
+    @classmethod
+    def fit(cls, durations, target: float, max_poll_rate: float = 0.0) -> "RunTimeModel":
+        logs = [math.log(d) for d in durations]
+        mu = math.fsum(logs) / len(logs)
+        var = math.fsum((x - mu) ** 2 for x in logs) / max(1, len(logs) - 1)
+        return cls(mu, max(0.05, math.sqrt(var)), target, max_poll_rate)
+
+    def hazard(self, t: float) -> float:
+        if t <= 0:
+            return 0.0
+        z = (math.log(t) - self.mu) / self.sigma
+        survive = 0.5 * math.erfc(z / _SQRT2)
+        if survive < 1e-300:
+            return z / (self.sigma * t)
+        return math.exp(-0.5 * z * z) / (_SQRT2PI * survive * self.sigma * t)
+
+    def next_delay(self, elapsed: float, floor: float, cap: float) -> float:
+        """The smallest ``d`` in ``[floor, cap]`` with ``d**2 * h(elapsed + d) >= 2c``."""
+        goal = 2 * self.c
+        if floor >= cap or floor * floor * self.hazard(elapsed + floor) >= goal:
+            return min(floor, cap)
+        lo = floor
+        while lo < cap:
+            hi = min(cap, lo * 1.3)
+            if hi * hi * self.hazard(elapsed + hi) >= goal:
+                for _ in range(10):
+                    mid = (lo + hi) / 2
+                    if mid * mid * self.hazard(elapsed + mid) >= goal:
+                        hi = mid
+                    else:
+                        lo = mid
+                return hi
+            lo = hi
+        return cap
+
+
+_SQRT2 = math.sqrt(2.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+
+
+def _lognormal_i(sigma: float, _cache: dict[float, float] = {}) -> float:
+    """``integral of sqrt(exp(sigma z) * phi(z) * Q(z)) dz`` (the lognormal's I, unscaled)."""
+    key = round(sigma, 3)
+    value = _cache.get(key)
+    if value is None:
+        step, total = 0.05, 0.0
+        for i in range(-200, 201):
+            z = i * step
+            total += math.sqrt(math.exp(key * z - 0.5 * z * z) / _SQRT2PI
+                               * 0.5 * math.erfc(z / _SQRT2))
+        value = _cache[key] = total * step
+        if len(_cache) > 4096:
+            _cache.clear()
+    return value
+
+
 
 
 class _Marker:
