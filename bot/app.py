@@ -178,13 +178,16 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
 
     @app.get("/metrics")
     def metrics():
-        """Queue depths in Prometheus text format."""
+        """Prometheus text: the full set from ``bot.metrics`` (queue depths at the least)."""
         with state.lock:
-            pending, depth = inbox.pending(state.db), outbox.depth(state.db)
-        text = ("# TYPE opsbot_inbox_pending gauge\n"
-                f"opsbot_inbox_pending {pending}\n"
-                "# TYPE opsbot_outbox_depth gauge\n"
-                f"opsbot_outbox_depth {depth}\n")
+            try:
+                from .metrics import render_metrics
+                text = render_metrics(state.db)
+            except ImportError:
+                text = ("# TYPE opsbot_inbox_pending gauge\n"
+                        f"opsbot_inbox_pending {inbox.pending(state.db)}\n"
+                        "# TYPE opsbot_outbox_depth gauge\n"
+                        f"opsbot_outbox_depth {outbox.depth(state.db)}\n")
         return FlaskResponse(text, mimetype="text/plain; version=0.0.4")
 
     return app
