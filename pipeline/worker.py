@@ -80,6 +80,7 @@ class Worker:
         self._model_seen = 0          # samples seen when the model was last fitted
         self._samples = 0             # samples seen in all
         self._wake = asyncio.Event()
+        self._synth_claim_at = 0.0    # next look for synthesis-stage tasks (see _claim_and_start)
         self.stats = {"submits": 0, "polls": 0, "claimed": 0}
 
     # ---- main loop -------------------------------------------------------------------------
@@ -132,10 +133,14 @@ class Worker:
         now = self.clock.now()
         free_synth = self.config.max_synthesis - len(self._synth_active)
         claimed = []
-        if free_synth > 0:
+        if free_synth > 0 and now >= self._synth_claim_at:
             claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
                                          lease=self.config.lease_seconds, limit=free_synth,
                                          stage="synthesis")
+            # Tasks reach the queue in the synthesis stage only when a worker stopped or died
+            # mid-synthesis, and finding them scans the queued tasks (stage is not indexed):
+            # look again at once only while there may be more, else after a second.
+            self._synth_claim_at = now if len(claimed) == free_synth else now + 1.0
         free_coze = self.config.max_coze - len(self._coze_active)
         if free_coze > 0 and self.breaker.allow():
             claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,

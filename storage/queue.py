@@ -123,18 +123,20 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     """
     if limit <= 0:
         return []
-    stage_sql = "AND t.stage = ?" if stage else ""
-    args: list[Any] = [now, now]
-    if stage:
-        args.append(stage)
-    args.append(limit)
+    stage_sql = " AND t.stage = ?" if stage else ""
+    stage_args: list[Any] = [stage] if stage else []
+    # One index-ordered, limited scan per status (tasks_claim is (status, next_at) and rowid
+    # breaks ties), merged: cost grows with ``limit``, not with the number of queued tasks.
+    runnable = " AND t.batch_id IN (SELECT id FROM batches WHERE status IN ('queued', 'running'))"
+    parts, args = [], []
+    for status, cond in (("queued", "t.next_at <= ?"), ("retrying", "t.next_at <= ?"),
+                         ("running", "t.lease_until < ?")):
+        parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t WHERE t.status = ?"
+                     f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?)")
+        args += [status, now, *stage_args, limit]
+    sql = (f"SELECT id FROM ({' UNION ALL '.join(parts)}) ORDER BY next_at, id LIMIT ?")
     with transaction(db) as conn:
-        ids = [r[0] for r in conn.execute(
-            "SELECT t.id FROM tasks t JOIN batches b ON b.id = t.batch_id"
-            " WHERE b.status IN ('queued', 'running')"
-            " AND ((t.status IN ('queued', 'retrying') AND t.next_at <= ?)"
-            "      OR (t.status = 'running' AND t.lease_until < ?))"
-            f" {stage_sql} ORDER BY t.next_at, t.id LIMIT ?", args).fetchall()]
+        ids = [r[0] for r in conn.execute(sql, [*args, limit]).fetchall()]
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
