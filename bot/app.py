@@ -136,7 +136,9 @@ class Dispatcher:
         if s.feishu is not None:
             if self._sender is None:
                 from .sender import OutboxSender
-                self._sender = OutboxSender(db, s.feishu, clock=s.clock, owner=self.owner)
+                # messages only: Bitable writes stay with the worker (one writer per table)
+                self._sender = OutboxSender(db, s.feishu, clock=s.clock, owner=self.owner,
+                                            kinds=("send", "reply", "patch"))
             self._sender.deliver_due()
 
 

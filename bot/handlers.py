@@ -169,6 +169,11 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
         log.warning("run: Bitable search failed: %s", exc)
         return cards.error_card(t("run.feishu_failed", ctx.lang,
                                   error=f"{exc.code} {exc.msg}".strip()), ctx.lang)
+    # rows already queued by an earlier `run` still read as pending until the write-back lands
+    active = {r[0] for r in ctx.db.execute(
+        "SELECT record_id FROM tasks WHERE record_id IS NOT NULL"
+        " AND status IN ('queued', 'running', 'retrying')")}
+    records = [r for r in records if r.get("record_id") not in active]
     tasks = select_tasks([record_to_task(r, f) for r in records], cmd)
     if not records:
         return cards.info_card(t("run.nothing", ctx.lang, value=f.bitable_pending_value), ctx.lang)
@@ -184,6 +189,9 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
                            options=options)
     except ValueError as exc:
         return cards.error_card(t("run.duplicate", ctx.lang, error=str(exc)), ctx.lang)
+    from .bitable_sync import mark_running
+
+    mark_running(ctx.db, ctx.settings, batch_id, ctx.now)
     filters = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
                        for k, v in options.items())
     return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=filters)

@@ -22,7 +22,7 @@ Decisions:
   same pass are postponed to the same time (``claim_due`` keeps them back in later passes).
 - 5 messages per second per chat (Feishu's limit, shared by all bots): a sliding window per
   target on the injected clock; a row over the limit is postponed to when the window frees up.
-  Postponing uses ``mark_retry``, so it also counts an attempt.
+  Postponing uses ``release``, which counts no attempt.
 
 Retries reuse the row's uuid, so a message sent by a sender that died before ``mark_sent`` is
 deduped by Feishu when the next sender (after the lease expires) sends it again.
@@ -97,8 +97,10 @@ class OutboxSender:
                  lease: float = 60.0, claim_limit: int = 200, max_rows: int = 5000,
                  patch_wait: float = 2.0, chat_rate: int = CHAT_RATE,
                  chat_window: float = CHAT_WINDOW,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 kinds: tuple[str, ...] | None = None) -> None:
         self.db, self.client, self.clock, self.owner = db, client, clock, owner
+        self.kinds = kinds  # None: every kind; the web process leaves Bitable to the worker
         self.max_backoff, self.base_backoff = max_backoff, base_backoff
         self.lease, self.claim_limit, self.max_rows = lease, claim_limit, max_rows
         self.patch_wait = patch_wait
@@ -125,7 +127,7 @@ class OutboxSender:
         delivered = claimed = 0
         while claimed < self.max_rows:
             rows = outbox.claim_due(self.db, owner=self.owner, now=self.clock.now(),
-                                    lease=self.lease, limit=self.claim_limit)
+                                    lease=self.lease, limit=self.claim_limit, kinds=self.kinds)
             if not rows:
                 break
             claimed += len(rows)
@@ -148,8 +150,7 @@ class OutboxSender:
             result = self._perform(row)
         except _Postponed as wait:
             held[target] = wait.at
-            outbox.mark_retry(self.db, row["id"], now=self.clock.now(), next_at=wait.at,
-                              error=f"postponed: {wait}")
+            outbox.release(self.db, row["id"], next_at=wait.at, reason=f"postponed: {wait}")
             return 0
         except FeishuError as err:
             self._failed([row], err, held)
@@ -194,10 +195,9 @@ class OutboxSender:
         message_id = outbox.result_of(self.db, target)
         if message_id:
             return message_id
-        row = self.db.execute("SELECT status FROM outbox WHERE uuid = ?", [target]).fetchone()
-        if row is None or row[0] != "pending":
-            raise _Dead(f"patch target {target} is {row[0] if row else 'unknown'} "
-                             "and has no message_id")
+        status = outbox.status_of(self.db, target)
+        if status != "pending":
+            raise _Dead(f"patch target {target} is {status or 'unknown'} and has no message_id")
         raise _Postponed(self.clock.now() + self.patch_wait, f"{target} not sent yet")
 
     # -- Bitable --------------------------------------------------------------------------------
@@ -264,9 +264,8 @@ class OutboxSender:
                          "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
 
     def _postpone(self, rows: list[dict[str, Any]], at: float, reason: str) -> None:
-        now = self.clock.now()
         for r in rows:
-            outbox.mark_retry(self.db, r["id"], now=now, next_at=at, error=f"postponed: {reason}")
+            outbox.release(self.db, r["id"], next_at=at, reason=f"postponed: {reason}")
 
     def backoff(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failure: exponential, jittered, capped."""

@@ -33,8 +33,18 @@ def enqueue(db: sqlite_utils.Database, kind: str, target: str, payload: dict[str
 
 
 def claim_due(db: sqlite_utils.Database, *, owner: str, now: float, lease: float = 30.0,
-              limit: int = 20) -> list[dict[str, Any]]:
-    """Claim pending rows whose time has come, oldest first (send order is kept per target)."""
+              limit: int = 20, kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Claim pending rows whose time has come, oldest first (send order is kept per target).
+
+    ``kinds`` limits the claim (the web process sends messages but leaves Bitable writes to the
+    worker, so one table is never written by two processes at once).
+    """
+    kind_sql = ""
+    args: list[Any] = [now, now, now]
+    if kinds:
+        kind_sql = f" AND kind IN ({','.join('?' * len(kinds))})"
+        args += list(kinds)
+    args.append(limit)
     with transaction(db) as conn:
         # Skip targets that have an older row still pending and not yet due: keeps order.
         rows = conn.execute(
@@ -42,7 +52,7 @@ def claim_due(db: sqlite_utils.Database, *, owner: str, now: float, lease: float
             " AND (lease_until IS NULL OR lease_until < ?)"
             " AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.target = o.target"
             "   AND p.status = 'pending' AND p.id < o.id AND p.next_at > ?)"
-            " ORDER BY id LIMIT ?", [now, now, now, limit]).fetchall()
+            f"{kind_sql} ORDER BY id LIMIT ?", args).fetchall()
         ids = [r[0] for r in rows]
         if not ids:
             return []
@@ -71,6 +81,19 @@ def mark_retry(db: sqlite_utils.Database, row_id: int, *, now: float, next_at: f
         conn.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?,"
                      " lease_owner = NULL, lease_until = NULL WHERE id = ?",
                      [next_at, error[:500], row_id])
+
+
+def release(db: sqlite_utils.Database, row_id: int, *, next_at: float, reason: str) -> None:
+    """Put a claimed row off until ``next_at`` without counting an attempt (rate limit, order)."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET next_at = ?, last_error = ?, lease_owner = NULL,"
+                     " lease_until = NULL WHERE id = ?", [next_at, reason[:500], row_id])
+
+
+def status_of(db: sqlite_utils.Database, uuid: str) -> str | None:
+    """pending / sent / dead, or None for an unknown uuid."""
+    row = db.execute("SELECT status FROM outbox WHERE uuid = ?", [uuid]).fetchone()
+    return row[0] if row else None
 
 
 def mark_dead(db: sqlite_utils.Database, row_id: int, *, now: float, error: str) -> None:

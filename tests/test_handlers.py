@@ -67,8 +67,22 @@ def test_rehandling_the_same_message_enqueues_nothing_new(db, settings, clock):
     feishu = StubFeishu([{"record_id": "rec1", "fields": {"task_id": "a", "状态": "待处理"}}])
     run_text(db, settings, clock, "run", feishu=feishu, message_id="om_same")
     run_text(db, settings, clock, "run", feishu=feishu, message_id="om_same")
-    assert outbox.depth(db) == 1 and len(queue.list_batches(db)) == 1
+    kinds = [r[0] for r in db.execute("SELECT kind FROM outbox ORDER BY id")]
+    assert kinds == ["bitable_update", "reply"] and len(queue.list_batches(db)) == 1
     assert len(feishu.calls) == 1
+
+
+def test_run_marks_rows_running_and_a_second_run_does_not_take_them_again(db, settings, clock):
+    feishu = StubFeishu([{"record_id": "rec1", "fields": {"task_id": "a", "状态": "待处理"}},
+                         {"record_id": "rec2", "fields": {"task_id": "b", "状态": "待处理"}}])
+    run_text(db, settings, clock, "run", feishu=feishu, message_id="om_first")
+    [update] = [json.loads(r[0]) for r in db.execute(
+        "SELECT payload FROM outbox WHERE kind = 'bitable_update' AND payload LIKE '%rec1%'")]
+    assert update == {"record_id": "rec1", "fields": {"状态": "处理中"}}
+    # Bitable still says 待处理 (the write-back is not delivered yet): nothing is queued twice
+    card = run_text(db, settings, clock, "run", feishu=feishu, message_id="om_second")
+    assert len(queue.list_batches(db)) == 1
+    assert "待处理" in json.dumps(card, ensure_ascii=False)
 
 
 def test_run_applies_filters_and_names_count(db, settings, clock):
