@@ -305,8 +305,9 @@ class Worker:
           delay between a run ending and the worker noticing stays about ``poll_target`` of the
           mean run time, with as few polls as that allows, and within ``poll_qps_share`` of the
           QPS budget. Intervals stay between ``max(poll.first, target * elapsed)`` and
-          ``max(poll.maximum, 4 * target * elapsed)`` so that a run far outside the learned
-          distribution is still noticed within a few percent of its age.
+          ``max(poll.maximum, 4 * target * elapsed)`` (``target``: the model's, raised when the
+          QPS budget binds) so that a run far outside the learned distribution is still noticed
+          within a few percent of its age.
         """
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:
@@ -314,8 +315,8 @@ class Worker:
         model = self._run_time_model()
         if model is None:
             return min(p.maximum, p.first * (p.multiplier ** polls))
-        floor = max(p.first, self.poll_target * elapsed)
-        cap = max(p.maximum, 4 * self.poll_target * elapsed, model.early - elapsed)
+        floor = max(p.first, model.target * elapsed)
+        cap = max(p.maximum, 4 * model.target * elapsed, model.early - elapsed)
         return model.next_delay(elapsed, floor, cap)
 
     def _observe(self, seconds: float) -> None:
@@ -478,7 +479,7 @@ class RunTimeModel:
     mean run time, or larger when the polls would exceed ``max_poll_rate`` per run per second.
     """
 
-    __slots__ = ("mu", "sigma", "mean", "c", "early")
+    __slots__ = ("mu", "sigma", "mean", "c", "target", "early")
 
     def __init__(self, mu: float, sigma: float, target: float, max_poll_rate: float) -> None:
         self.mu, self.sigma = mu, sigma
@@ -489,6 +490,7 @@ class RunTimeModel:
             max_polls = max_poll_rate * self.mean
             c = max(c, (integral / max_polls) ** 2 / 2)
         self.c = c
+        self.target = math.sqrt(c / 2) * integral / self.mean   # >= target when QPS-bound
         self.early = math.exp(mu - 2.6 * sigma)   # about the 0.5th percentile
 
     @classmethod

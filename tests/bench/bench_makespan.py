@@ -149,14 +149,15 @@ def ideal_makespan(durations: list[float], slots: int, synth_workers: int,
 
 # ---- one run ------------------------------------------------------------------------------
 
-def base_config(poll: PollPolicy, synth_seconds: float, **overrides: Any) -> PipelineConfig:
+def base_config(poll: PollPolicy, synth_seconds: float, qps: float = 20.0,
+                **overrides: Any) -> PipelineConfig:
     return dataclasses.replace(PipelineConfig(
-        max_coze=16, max_synthesis=4, coze_qps=20.0, lease_seconds=60.0, poll=poll,
+        max_coze=16, max_synthesis=4, coze_qps=qps, lease_seconds=60.0, poll=poll,
         skip_synthesis=synth_seconds <= 0), **overrides)
 
 
 def run_batch(config: PipelineConfig, durations: list[float], synth_seconds: float,
-              workdir: Path, name: str) -> dict[str, Any]:
+              workdir: Path, name: str, poll_target: float | None = None) -> dict[str, Any]:
     """Run one batch in virtual time; return its figures."""
     keys = [f"t{i:04d}" for i in range(len(durations))]
     by_key = dict(zip(keys, durations))
@@ -174,6 +175,8 @@ def run_batch(config: PipelineConfig, durations: list[float], synth_seconds: flo
             async with CozeClient(sim.base_url, sim.token, limiter=limiter) as coze:
                 worker = Worker(db, config, coze, "wf-bench", clock=clock,
                                 synthesizer=FixedSynth(clock, synth_seconds, config.max_synthesis))
+                if poll_target is not None:
+                    worker.poll_target = poll_target
                 started = clock.now()
                 await worker.run(drain=True)
             return {"sim": sim, "batch": batch, "started": started, "worker": worker}
@@ -221,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sigma", type=float, default=0.5, help="lognormal sigma of run times")
     ap.add_argument("--synthesis", type=float, default=5.0,
                     help="seconds per synthesis job (0: skip the stage)")
+    ap.add_argument("--qps", type=float, default=20.0,
+                    help="Coze QPS budget (submits and polls), default 20")
     ap.add_argument("--sweep", action="store_true",
-                    help="also run fixed 5/10/15 s polling, to show the trade-off")
+                    help="also run fixed 15/10/5 s polling and other adaptive targets")
     args = ap.parse_args(argv)
     n = args.tasks or (60 if args.quick else 200)
     durations = draw_durations(n, seed=args.seed, median=args.median, sigma=args.sigma)
@@ -230,18 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n} tasks, run times lognormal(median {args.median:g} s, sigma {args.sigma:g}),"
           f" seed {args.seed}: mean {statistics.fmean(durations):.1f} s,"
           f" min {min(durations):.1f} s, max {max(durations):.1f} s;"
-          f" 16 in flight, 4 synthesis workers x {args.synthesis:g} s")
+          f" 16 in flight, 4 synthesis workers x {args.synthesis:g} s, {args.qps:g} QPS")
     print(f"ideal makespan (list scheduling, every end noticed at once): {ideal:.1f} s")
-    policies = [("adaptive (default PollPolicy)", PollPolicy()), ("fixed 30 s (seeds)", FIXED_30)]
+    policies: list[tuple[str, PollPolicy, float | None]] = [
+        (f"adaptive (default, target {Worker.poll_target:g})", PollPolicy(), None),
+        ("fixed 30 s (seeds)", FIXED_30, None)]
     if args.sweep:
-        policies += [(f"fixed {s:g} s", PollPolicy(first=s, multiplier=1.0, maximum=s))
+        policies += [(f"fixed {s:g} s", PollPolicy(first=s, multiplier=1.0, maximum=s), None)
                      for s in (15.0, 10.0, 5.0)]
+        policies += [(f"adaptive, target {t:g}", PollPolicy(), t) for t in (0.02, 0.05, 0.1, 0.2)]
     print(f"{'policy':<32} {'makespan':>9} {'ratio':>6} {'calls/task':>10} {'polls/task':>10}"
           f" {'delay mean':>10} {'delay p95':>9} {'peak':>4} {'max rps':>7} {'wall':>6}")
     with tempfile.TemporaryDirectory(prefix="opsbot-bench-") as tmp:
-        for i, (label, poll) in enumerate(policies):
-            res = run_batch(base_config(poll, args.synthesis), durations, args.synthesis,
-                            Path(tmp), f"p{i}")
+        for i, (label, poll, target) in enumerate(policies):
+            res = run_batch(base_config(poll, args.synthesis, args.qps), durations, args.synthesis,
+                            Path(tmp), f"p{i}", poll_target=target)
             print(f"{label:<32} {res['makespan']:>8.1f}s {res['makespan'] / ideal:>6.3f}"
                   f" {res['calls_per_task']:>10.2f} {res['polls_per_task']:>10.2f}"
                   f" {res['delay_mean']:>9.2f}s {res['delay_p95']:>8.2f}s"
