@@ -24,10 +24,11 @@ import lark_oapi as lark
 import requests
 from lark_oapi.api.bitable.v1 import (AppTableRecord, BatchUpdateAppTableRecordRequest,
                                       BatchUpdateAppTableRecordRequestBody, Condition, FilterInfo,
-                                      SearchAppTableRecordRequest,
+                                      ListAppTableFieldRequest, SearchAppTableRecordRequest,
                                       SearchAppTableRecordRequestBody)
 from lark_oapi.api.im.v1 import (CreateMessageRequest, CreateMessageRequestBody,
-                                 PatchMessageRequest, PatchMessageRequestBody, ReplyMessageRequest,
+                                 IsInChatChatMembersRequest, PatchMessageRequest,
+                                 PatchMessageRequestBody, ReplyMessageRequest,
                                  ReplyMessageRequestBody)
 from lark_oapi.core.cache import ICache
 from lark_oapi.core.exception import ObtainAccessTokenException
@@ -133,11 +134,13 @@ class FeishuClient:
     # -- Bitable --------------------------------------------------------------------------------
 
     def search_records(self, app_token: str, table_id: str, *, field_name: str, value: str,
-                       page_size: int = MAX_SEARCH_PAGE) -> list[dict[str, Any]]:
+                       page_size: int = MAX_SEARCH_PAGE,
+                       max_pages: int | None = None) -> list[dict[str, Any]]:
         """All records whose ``field_name`` is ``value``, as ``{"record_id", "fields"}`` dicts.
 
-        Follows ``page_token`` until ``has_more`` is false. Field values are normalised with
-        :func:`normalize_value` (text segments -> str, URL -> its link, numbers unchanged).
+        Follows ``page_token`` until ``has_more`` is false (or ``max_pages`` pages were read).
+        Field values are normalised with :func:`normalize_value` (text segments -> str, URL -> its
+        link, numbers unchanged).
         """
         page_size = max(1, min(page_size, MAX_SEARCH_PAGE))
         body = (SearchAppTableRecordRequestBody.builder()
@@ -147,7 +150,9 @@ class FeishuClient:
                 .build())
         records: list[dict[str, Any]] = []
         page_token: str | None = None
+        pages = 0
         while True:
+            pages += 1
             builder = (SearchAppTableRecordRequest.builder().app_token(app_token)
                        .table_id(table_id).page_size(page_size).request_body(body))
             if page_token:
@@ -157,7 +162,7 @@ class FeishuClient:
                 records.append({"record_id": item.get("record_id"),
                                 "fields": normalize_fields(item.get("fields") or {})})
             page_token = data.get("page_token")
-            if not data.get("has_more") or not page_token:
+            if not data.get("has_more") or not page_token or pages == max_pages:
                 return records
 
     def batch_update_records(self, app_token: str, table_id: str,
@@ -171,6 +176,29 @@ class FeishuClient:
         req = (BatchUpdateAppTableRecordRequest.builder().app_token(app_token)
                .table_id(table_id).request_body(body).build())
         self._call("batch_update_records", req)
+
+    def list_field_names(self, app_token: str, table_id: str) -> list[str]:
+        """The names of the table's columns (for ``opsbot doctor``); follows ``page_token``."""
+        names: list[str] = []
+        page_token: str | None = None
+        while True:
+            builder = (ListAppTableFieldRequest.builder().app_token(app_token)
+                       .table_id(table_id).page_size(100))
+            if page_token:
+                builder = builder.page_token(page_token)
+            data = self._call("list_fields", builder.build())
+            names += [str(f.get("field_name")) for f in data.get("items") or []
+                      if isinstance(f, dict) and f.get("field_name")]
+            page_token = data.get("page_token")
+            if not data.get("has_more") or not page_token:
+                return names
+
+    # -- chats ----------------------------------------------------------------------------------
+
+    def is_bot_in_chat(self, chat_id: str) -> bool:
+        """Whether this app's bot is a member of ``chat_id`` (a read; for ``opsbot doctor``)."""
+        req = IsInChatChatMembersRequest.builder().chat_id(chat_id).build()
+        return bool(self._call("is_in_chat", req).get("is_in_chat"))
 
     # -- token ----------------------------------------------------------------------------------
 
