@@ -1,5 +1,9 @@
 """Builders for Feishu webhook requests: signed, encrypted, exactly as Feishu sends them.
 
+Used by the tests (``tests/helpers.py`` re-exports them) and by ``opsbot demo``, which plays a
+chat session against the real web app. The defaults (``ADMIN``, ``CHAT``, ``TOKEN``, ...) are
+test values, never real credentials.
+
     body, headers = signed_event(message_event("help"), encrypt_key="k", token="t")
     client.post("/webhook/event", data=body, headers=headers)
 
@@ -119,9 +123,3 @@ def legacy_card_action(value: dict[str, Any], *, operator: str = ADMIN,
     return {"open_id": operator, "user_id": "u", "open_message_id": message_id,
             "open_chat_id": CHAT, "tenant_key": "tenant", "token": "c-update",
             "action": {"tag": "button", "value": copy.deepcopy(value)}}
-
-
-def table_counts(db) -> dict[str, int]:
-    """Rows per table that a rejected request must never touch."""
-    return {name: db.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0]
-            for name in ("inbox", "outbox", "batches", "tasks", "silences")}

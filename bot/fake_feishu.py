@@ -1,4 +1,7 @@
-"""A fake Feishu OpenAPI server for tests: real HTTP on loopback, scriptable, recording.
+"""A fake Feishu OpenAPI server: real HTTP on loopback, scriptable, recording.
+
+Used by the tests (``tests/fake_feishu.py`` re-exports this module) and by ``opsbot demo``,
+which runs the whole loop on this machine without a Feishu account.
 
 Point the real lark-oapi client at it (``FeishuSettings(domain=fake.base_url, app_id=fake.app_id,
 app_secret=Secret(fake.app_secret))``) and assert on what it received::
@@ -31,7 +34,9 @@ Endpoints (route names in brackets, used by :meth:`FakeFeishu.fail`):
 Like real Feishu, a send or reply that repeats a ``uuid`` answers the first message's id and adds
 no second message. Every request is recorded in :attr:`requests` (method, path, query, headers,
 json, time); every message in :attr:`messages` (message_id, chat_id / receive_id, msg_type,
-content parsed from JSON, uuid, reply_to, time); every patch in :attr:`patches`.
+content parsed from JSON, uuid, reply_to, time); every patch in :attr:`patches`. A patch
+replaces the stored message's ``content``; :attr:`chat_log` keeps messages (with the content they
+were sent with) and patches in the order they arrived: ``("message", m)`` / ``("patch", p)``.
 
 All state is guarded by one lock; read it from tests freely. Responses carry ``X-Tt-Logid``.
 """
@@ -138,6 +143,7 @@ class FakeFeishu:
             self.requests: list[dict[str, Any]] = []
             self.messages: list[dict[str, Any]] = []
             self.patches: list[dict[str, Any]] = []
+            self.chat_log: list[tuple[str, dict[str, Any]]] = []
             self.batch_updates: list[dict[str, Any]] = []
             self.tables: dict[tuple[str, str], list[dict[str, Any]]] = {}
             self.tokens: list[str] = getattr(self, "tokens", [])
@@ -362,6 +368,7 @@ class FakeFeishu:
                    "receive_id": body.get("receive_id"), "msg_type": body.get("msg_type"),
                    "content": content, "uuid": uuid, "reply_to": reply_to, "time": time.time()}
         self.messages.append(message)
+        self.chat_log.append(("message", dict(message)))
         if uuid:
             self._by_uuid[uuid] = message["message_id"]
         return 200, {"code": 0, "msg": "success", "data": self._message_data(message)}
@@ -378,7 +385,9 @@ class FakeFeishu:
             return 400, {"code": 230011, "msg": "message not found (fake)"}
         content = json.loads((rec["json"] or {}).get("content") or "null")
         message["content"] = content
-        self.patches.append({"message_id": message_id, "content": content, "time": time.time()})
+        patch = {"message_id": message_id, "content": content, "time": time.time()}
+        self.patches.append(patch)
+        self.chat_log.append(("patch", patch))
         return 200, {"code": 0, "msg": "success", "data": {}}
 
     def _on_search(self, rec: dict[str, Any], app: str, table: str) -> tuple[int, Any]:
