@@ -304,10 +304,9 @@ class Worker:
           have ended, dense where runs typically end, sparse in the tail, so that the expected
           delay between a run ending and the worker noticing stays about ``poll_target`` of the
           mean run time, with as few polls as that allows, and within ``poll_qps_share`` of the
-          QPS budget. Intervals stay between ``max(poll.first, target * elapsed)`` and
-          ``max(poll.maximum, 4 * target * elapsed)`` (``target``: the model's, raised when the
-          QPS budget binds) so that a run far outside the learned distribution is still noticed
-          within a few percent of its age.
+          QPS budget. Intervals are at least ``max(poll.first, target * elapsed)`` (``target``:
+          the model's, raised when the QPS budget binds) and at most ``poll.maximum``, except
+          the wait for the first poll, which may last until the earliest likely end.
         """
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:
@@ -316,7 +315,7 @@ class Worker:
         if model is None:
             return min(p.maximum, p.first * (p.multiplier ** polls))
         floor = max(p.first, model.target * elapsed)
-        cap = max(p.maximum, 4 * model.target * elapsed, model.early - elapsed)
+        cap = max(p.maximum, model.early - elapsed)
         return model.next_delay(elapsed, floor, cap)
 
     def _observe(self, seconds: float) -> None:
