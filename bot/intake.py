@@ -233,7 +233,23 @@ def message_key(data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
         return None  # bots, the app itself, system messages
     if message.get("message_type") not in MESSAGE_TYPES:
         return None
+    check_message_shape(sender, message)
     return "msg:" + message["message_id"], message
+
+
+def check_message_shape(sender: Mapping[str, Any], message: Mapping[str, Any]) -> None:
+    """400 unless the fields the handler reads have their documented types (when present).
+
+    Refused here rather than recorded: a row the handler cannot read would fail on every try
+    and its sender would never get an answer.
+    """
+    sender_id = sender.get("sender_id", {})
+    ok = (isinstance(sender_id, dict)
+          and isinstance(sender_id.get("open_id", ""), str)
+          and isinstance(message.get("chat_id", ""), str)
+          and isinstance(message.get("content", ""), (str, type(None))))
+    if not ok:
+        raise Rejected(400, "bad_event", "im.message.receive_v1 with fields of the wrong type")
 
 
 # --- the pipeline of steps --------------------------------------------------------------------
