@@ -106,8 +106,10 @@ class ParseError:
     command: str | None = None
 
     def message(self, lang: str = "zh") -> str:
+        """The text for the user; echoed input is neutralised (it is shown as card markdown)."""
         from .i18n import t
-        return t("parse." + self.code, lang, **self.params)
+        return t("parse." + self.code, lang,
+                 **{k: neutral(v) if isinstance(v, str) else v for k, v in self.params.items()})
 
 
 Result = Union[Command, ParseError]
@@ -323,6 +325,15 @@ _BUILDERS = {
     "resume": _build_batch_cmd("resume"), "report": _build_report, "errors": _build_errors,
     "silence": _build_silence, "help": _build_help,
 }
+
+
+_MARKUP = str.maketrans({"<": "&#60;", ">": "&#62;", "[": "&#91;", "]": "&#93;"})
+
+
+def neutral(text: str) -> str:
+    """``text`` safe to show inside card markdown: no tag (``<at id=all>``, ``<font>``) and no
+    link survives; Feishu renders the entities as the characters typed."""
+    return str(text).translate(_MARKUP)
 
 
 def _short(value: str, n: int = 40) -> str:

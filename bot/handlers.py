@@ -28,7 +28,7 @@ from storage import inbox, outbox, queue
 from storage.db import Conflict, NotFound, transaction
 
 from . import cards
-from .commands import Command, ParseError, parse
+from .commands import Command, ParseError, neutral, parse
 from .i18n import t
 
 log = logging.getLogger("opsbot.handlers")
@@ -130,7 +130,7 @@ def execute(ctx: Context, cmd: Command | ParseError) -> dict[str, Any]:
     try:
         return COMMAND_HANDLERS[cmd.name](ctx, cmd)
     except NotFound as exc:
-        return cards.error_card(str(exc), ctx.lang)
+        return cards.error_card(neutral(str(exc)), ctx.lang)
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
     except FeishuError as exc:
         log.warning("run: Bitable search failed: %s", exc)
         return cards.error_card(t("run.feishu_failed", ctx.lang,
-                                  error=f"{exc.code} {exc.msg}".strip()), ctx.lang)
+                                  error=neutral(f"{exc.code} {exc.msg}".strip())), ctx.lang)
     # rows already queued by an earlier `run` still read as pending until the write-back lands
     active = {r[0] for r in ctx.db.execute(
         "SELECT record_id FROM tasks WHERE record_id IS NOT NULL"
@@ -188,7 +188,7 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
                            created_by=ctx.sender, workflow_id=ctx.settings.coze.workflow_id or None,
                            options=options)
     except ValueError as exc:
-        return cards.error_card(t("run.duplicate", ctx.lang, error=str(exc)), ctx.lang)
+        return cards.error_card(t("run.duplicate", ctx.lang, error=neutral(str(exc))), ctx.lang)
     from .bitable_sync import mark_running
 
     mark_running(ctx.db, ctx.settings, batch_id, ctx.now)
@@ -234,6 +234,8 @@ def breaker_rows(db) -> list[dict[str, Any]]:
 def cmd_status(ctx: Context, cmd: Command) -> dict[str, Any]:
     batch = _target_batch(ctx, cmd.batch_id) or queue.latest_batch(ctx.db)
     counts = queue.batch_counts(ctx.db, batch["id"]) if batch else None
+    if batch and batch.get("blocked_reason"):  # Coze's error text, shown as markdown
+        batch = {**batch, "blocked_reason": neutral(batch["blocked_reason"])}
     return cards.status_card(batch, counts, ctx.lang, breakers=breaker_rows(ctx.db))
 
 
@@ -286,11 +288,13 @@ def retry_task(db, settings, clock, ref: str) -> tuple[bool, str]:
     except NotFound:
         return False, t("retry.task_not_found", lang, task=ref)
     if task["status"] not in RETRYABLE_STATUSES:
-        return False, t("retry.task_not_failed", lang, task=task["task_key"], status=task["status"])
+        return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
+                        status=task["status"])
     n = queue.requeue_tasks(db, [task["id"]], now=clock.now())
     if not n:  # changed between the read and the write (a double click)
-        return False, t("retry.task_not_failed", lang, task=task["task_key"], status="queued")
-    return True, t("retry.task_done", lang, task=task["task_key"])
+        return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
+                        status="queued")
+    return True, t("retry.task_done", lang, task=neutral(task["task_key"]))
 
 
 def retry_batch(db, settings, clock, batch_id: str) -> tuple[bool, str]:
@@ -320,7 +324,9 @@ def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
     else:
         rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed'"
                             " ORDER BY finished_at DESC, id DESC LIMIT ?", [limit])
-    return cards.errors_card(list(rows), ctx.lang)
+    shown = [{**r, "task_key": neutral(r["task_key"]),  # Bitable and Coze text, as markdown
+              "error_message": neutral(r.get("error_message") or "")} for r in rows]
+    return cards.errors_card(shown, ctx.lang)
 
 
 def day_bounds(settings, day: date) -> tuple[float, float]:
@@ -367,7 +373,7 @@ def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> st
                      " created_by = excluded.created_by, created_at = excluded.created_at",
                      [key, until, by, now])
     shown = datetime.fromtimestamp(until, settings.tz).strftime("%Y-%m-%d %H:%M")
-    return t("silence.done", settings.language, key=key, until=shown)
+    return t("silence.done", settings.language, key=neutral(key), until=shown)
 
 
 def cmd_silence(ctx: Context, cmd: Command) -> dict[str, Any]:
