@@ -60,6 +60,7 @@ from storage import outbox, queue
 from storage.db import NotFound, transaction
 
 from . import alert_cards
+from .commands import neutral
 
 log = logging.getLogger("opsbot.alerts")
 
@@ -241,8 +242,8 @@ def failure_groups(db: sqlite_utils.Database, batch_id: str) -> list[dict[str, A
             " AND error_class IS ? ORDER BY id LIMIT ?",
             [batch_id, cls, alert_cards.LIST_LIMIT]).fetchall()
         groups.append({"error_class": error_class, "count": n,
-                       "message": next((r[1] for r in rows if r[1]), ""),
-                       "task_keys": [r[0] for r in rows]})
+                       "message": neutral(next((r[1] for r in rows if r[1]), "")),
+                       "task_keys": [neutral(r[0]) for r in rows]})
     return groups
 
 
@@ -417,6 +418,7 @@ class AlertRouter:
         """Record one occurrence of alert ``key``: a new card, or a count on the open one."""
         now = self.clock.now()
         silence = silenced_until(self.db, key, now)
+        details = _shown(details)
         if mentions:
             details["mentions"] = mentions
         with transaction(self.db) as conn:
@@ -581,6 +583,18 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
     for k, v in new.items():
         if k not in ("since", "task_ids", "task_keys"):
             into[k] = v
+
+
+_USER_TEXT = ("task_key", "error_message", "reason")   # Bitable and Coze text in details
+
+
+def _shown(details: dict[str, Any]) -> dict[str, Any]:
+    """``details`` with the text that came from Bitable or Coze neutralised for markdown."""
+    out = {k: neutral(v) if k in _USER_TEXT and isinstance(v, str) else v
+           for k, v in details.items()}
+    if isinstance(out.get("task_keys"), list):
+        out["task_keys"] = [neutral(k) if isinstance(k, str) else k for k in out["task_keys"]]
+    return out
 
 
 def _at_least(tier: str | None, floor: str) -> str:
