@@ -241,7 +241,11 @@ class Worker:
                 try:
                     sub = await self._call(task, lambda: self.coze.submit(self.workflow_id, params))
                 except Exception as exc:
-                    return self._handle_error(task, exc, "coze", started)
+                    result = self._handle_error(task, exc, "coze", started)
+                    if isinstance(result, _Resubmit):
+                        await self.clock.sleep(result.wait)
+                        continue
+                    return result
                 self.stats["submits"] += 1
                 if not self._update(task, execute_id=sub.execute_id, submitted_at=self.clock.now(),
                                     debug_url=sub.debug_url, attempts=task["attempts"] + 1):
@@ -250,17 +254,20 @@ class Worker:
             try:
                 status = await self._wait_run(task)
             except Exception as exc:
-                return self._handle_error(task, exc, "coze", started)
-            ended = self.clock.now()
-            if status.status == "Success":
-                queue.record_attempt(self.db, task, stage="coze", started_at=started,
-                                     ended_at=ended, outcome="success",
-                                     execute_id=task["execute_id"])
-                self._update(task, coze_seconds=ended - started)
-                return _load(status.output)
-            result = self._handle_error(task, status.as_error(), "coze", started)
-            if result is not _RESUBMIT:
+                error: BaseException = exc
+            else:
+                if status.status == "Success":
+                    ended = self.clock.now()
+                    queue.record_attempt(self.db, task, stage="coze", started_at=started,
+                                         ended_at=ended, outcome="success",
+                                         execute_id=task["execute_id"])
+                    self._update(task, coze_seconds=ended - started)
+                    return _load(status.output)
+                error = status.as_error()
+            result = self._handle_error(task, error, "coze", started)
+            if not isinstance(result, _Resubmit):
                 return result
+            await self.clock.sleep(result.wait)
 
     async def _wait_run(self, task: dict[str, Any]) -> Any:
         """Poll until the run ends (see :meth:`_poll_delay`); never poll a run that has ended."""
@@ -371,23 +378,36 @@ class Worker:
 
     def _handle_error(self, task: dict[str, Any], exc: BaseException, stage: str,
                       started: float) -> Any:
-        decision = getattr(exc, "decision", None) or classify(
-            exc, self.config.rules, attempt=1, resubmits=task["resubmits"], elapsed=0.0,
-            policy=self.config.retry)
+        """Record the failure and act on the classifier's decision.
+
+        Returns a :class:`_Resubmit` (submit a new run after its wait) or ``_STOPPED``. A run that
+        ended in Fail with a ``retry`` decision (e.g. 5000 or a model rate limit inside the run)
+        is submitted again after the backoff, bounded by ``retry.max_attempts`` runs.
+        """
+        decision = getattr(exc, "decision", None)
+        if decision is None:
+            attempt = max(1, task["attempts"]) if isinstance(exc, RunFailed) else 1
+            decision = classify(exc, self.config.rules, attempt=attempt,
+                                resubmits=task["resubmits"], elapsed=0.0,
+                                policy=self.config.retry)
         now = self.clock.now()
+        code = getattr(exc, "code", None)
         queue.record_attempt(self.db, task, stage=stage, started_at=started, ended_at=now,
                              outcome=decision.action, error_class=decision.error_class,
-                             error_code=getattr(exc, "code", None), error_message=_msg(exc),
+                             error_code=code, error_message=_msg(exc),
                              node=getattr(exc, "node", None), execute_id=task.get("execute_id"))
-        if decision.action == "resubmit":
-            log.info("resubmitting", extra={"task_id": task["id"], "reason": decision.reason})
-            if not self._update(task, execute_id=None, submitted_at=None,
-                                resubmits=task["resubmits"] + 1,
-                                error_class=decision.error_class,
-                                error_code=getattr(exc, "code", None), error_message=_msg(exc)):
+        new_run = decision.action == "resubmit" or (
+            decision.action == "retry" and isinstance(exc, RunFailed))
+        if new_run:
+            log.info("submitting a new run", extra={"task_id": task["id"],
+                                                    "reason": decision.reason})
+            resubmits = task["resubmits"] + (1 if decision.action == "resubmit" else 0)
+            if not self._update(task, execute_id=None, submitted_at=None, resubmits=resubmits,
+                                error_class=decision.error_class, error_code=code,
+                                error_message=_msg(exc)):
                 return _STOPPED
             self.notifier.task_retrying(task, decision, exc)
-            return _RESUBMIT
+            return _Resubmit(decision.wait if decision.action == "retry" else 0.0)
         if decision.action == "fatal":
             self._fatal(task, decision, exc)
             return _STOPPED
@@ -559,7 +579,13 @@ class _Marker:
 
 
 _STOPPED = _Marker("STOPPED")
-_RESUBMIT = _Marker("RESUBMIT")
+
+
+class _Resubmit:
+    """Submit a new run for the task after ``wait`` seconds."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
 
 
 def _pid_alive(pid: int) -> bool:

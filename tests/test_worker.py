@@ -259,3 +259,47 @@ def test_restarted_worker_waits_on_the_stored_run_instead_of_resubmitting(db, tm
     sim, batch = run(go())
     assert queue.find_task(db, "t0")["status"] == "succeeded"
     assert sim.task("t0").submits == 1
+
+
+def test_a_run_that_fails_with_a_retryable_code_gets_a_new_run_after_backoff(db, tmp_path):
+    """5000 inside the run is transient: a new run, bounded by retry.max_attempts runs."""
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        sim.script("ok_later", Script(fail_first_n_runs=2, error_code="5000",
+                                      error_message="internal error", duration=0.02))
+        sim.script("never", Script(outcome="Fail", error_code="5000",
+                                   error_message="internal error", duration=0.02))
+        await sim.start()
+        try:
+            queue.create_batch(db, [{"task_key": "ok_later"}, {"task_key": "never"}], now=0,
+                               source="cli")
+            await _drain(db, sim, tmp_path=tmp_path)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = run(go())
+    ok = queue.find_task(db, "ok_later")
+    assert ok["status"] == "succeeded" and sim.task("ok_later").submits == 3
+    assert ok["resubmits"] == 0  # a retry is not a plugin-timeout resubmit
+    never = queue.find_task(db, "never")
+    assert never["status"] == "failed" and never["error_class"] == "server"
+    assert sim.task("never").submits == FAST.retry.max_attempts
+
+
+def test_a_run_still_running_past_the_timeout_is_resubmitted_once_then_failed(db, tmp_path):
+    async def go():
+        sim = CozeSimulator(default_duration=30)
+        await sim.start()
+        try:
+            queue.create_batch(db, [{"task_key": "slow"}], now=0, source="cli")
+            await _drain(db, sim, config=dataclasses.replace(FAST, run_timeout=0.2),
+                         tmp_path=tmp_path)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = run(go())
+    slow = queue.find_task(db, "slow")
+    assert slow["status"] == "failed" and slow["error_code"] == "run_timeout"
+    assert slow["resubmits"] == 1 and sim.task("slow").submits == 2
