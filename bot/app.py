@@ -19,6 +19,7 @@ import os
 import queue as queuelib
 import socket
 import threading
+import time
 from typing import Any
 
 from flask import Flask, Response as FlaskResponse, jsonify
@@ -148,15 +149,25 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
 
     ``dispatch=False`` leaves recorded messages in the inbox (tests drive ``process_inbox``).
     """
-    if settings is None:
+    if settings is None:  # the gunicorn entry point: configure the process once
+        from .logs import register_settings_secrets, setup_logging
+
+        setup_logging(os.environ.get("OPSBOT_LOG_LEVEL", "INFO"))
         settings = load_settings(os.environ)
+        register_settings_secrets(settings)
     state = AppState(settings, db=db, feishu_client=feishu_client, clock=clock)
     app = Flask("opsbot")
     app.extensions["opsbot"] = state
     json_errors(app)
 
     def handle(req):
-        return state.intake().handle(req)
+        from .metrics import WEBHOOK_LATENCY
+
+        started = time.perf_counter()
+        try:
+            return state.intake().handle(req)
+        finally:
+            WEBHOOK_LATENCY.observe(time.perf_counter() - started)
 
     def on_recorded(key: str) -> None:
         if dispatch:

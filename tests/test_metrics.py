@@ -89,3 +89,19 @@ def test_histogram_buckets_are_cumulative():
 def test_bad_extra_names_are_refused(db):
     with pytest.raises(ValueError):
         render_metrics(db, extra={"bad name": 1})
+
+
+def test_the_web_app_measures_webhook_latency(tmp_path):
+    from bot.app import create_app
+    from bot.metrics import WEBHOOK_LATENCY
+    from bot.settings import Settings
+
+    before = WEBHOOK_LATENCY.snapshot()
+    app = create_app(Settings(db_path=tmp_path / "m.db"), dispatch=False)
+    client = app.test_client()
+    assert client.post("/webhook/event", data=b"{broken").status_code == 400
+    text = client.get("/metrics").get_data(as_text=True)
+    after = WEBHOOK_LATENCY.snapshot()
+    assert after != before
+    count = [line for line in text.splitlines() if line.startswith("opsbot_webhook_seconds_count")]
+    assert count and float(count[0].split()[-1]) >= 1
