@@ -19,6 +19,7 @@ This module is the one boundary where ``aiohttp`` / ``asyncio`` errors become
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import logging
@@ -118,7 +119,11 @@ class CozeClient:
         """The run's current status; a ``Fail`` run is returned, not raised."""
         path = f"/v1/workflows/{workflow_id}/run_histories/{execute_id}"
         data, log_id = await self._call("GET", path, None)
-        return _parse_history(data, log_id, execute_id)
+        status = _parse_history(data, log_id, execute_id)
+        if self._token and self._token in status.error_message:  # a workflow quoting its caller
+            status = dataclasses.replace(
+                status, error_message=redact(status.error_message, self._token))
+        return status
 
     # -- transport --------------------------------------------------------------------------
 
