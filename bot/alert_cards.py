@@ -32,6 +32,10 @@ _T: dict[str, dict[str, str]] = {
     "title.breaker": {"zh": "熔断器打开：{service}", "en": "Circuit breaker open: {service}"},
     "title.failure_rate": {"zh": "失败率过高：{rate}", "en": "Failure rate too high: {rate}"},
     "title.latency": {"zh": "任务运行过久", "en": "Tasks running too long"},
+    "title.fallback": {"zh": "已切换到备用工作流", "en": "Switched to the fallback workflow"},
+    "title.canary": {"zh": "巡检任务失败：流程不通", "en": "Canary failed: the flow is broken"},
+    "f.workflows": {"zh": "主工作流 `{primary}` → 备用 `{fallback}`",
+                    "en": "primary `{primary}` -> fallback `{fallback}`"},
     "title.progress": {"zh": "批次进度 {batch_id}", "en": "Batch progress {batch_id}"},
     "title.summary": {"zh": "批次完成 {batch_id}", "en": "Batch finished {batch_id}"},
     "title.summary_failed": {"zh": "批次完成（部分失败）{batch_id}",
@@ -261,6 +265,9 @@ def _alert_lines(alert: dict[str, Any], lang: str, tz: tzinfo) -> list[str]:
                         if blocked else tr("f.nothing_blocked", lang)))
         lines.append(tr("f.since", lang, v=fmt_time(d.get("since"), tz, seconds=True)))
         return lines
+    if kind == "fallback":
+        lines.append(tr("f.workflows", lang, primary=cut(str(d.get("primary")), 80),
+                        fallback=cut(str(d.get("fallback")), 80)))
     if kind == "latency":
         lines.append(tr("f.latency", lang, n=len(d.get("task_ids") or []),
                         threshold=fmt_duration(d.get("threshold")),

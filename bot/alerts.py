@@ -331,6 +331,17 @@ class AlertRouter:
                     resolve_alert(self.db, self.settings, alert["key"], now=now,
                                   patch_interval=self.patch_interval)
 
+    def workflow_switched(self, switch: Any) -> None:
+        """To the fallback: one HIGH card (on-call mentioned); back to primary: resolved."""
+        if switch.to_fallback:
+            details = {"kind": "fallback", "reason": switch.reason, "primary": switch.primary,
+                       "fallback": switch.fallback, "stage": "coze"}
+            self.raise_alert("workflow:fallback", "HIGH", details, mentions=oncall(self.settings))
+        else:
+            resolve_alert(self.db, self.settings, "workflow:fallback", now=self.clock.now(),
+                          note={"by": "opsbot", "text": switch.reason},
+                          patch_interval=self.patch_interval)
+
     def batch_progress(self, batch_id: str, *, force: bool = False) -> None:
         """Patch the batch's progress card, at most every ``progress_interval`` seconds."""
         now = self.clock.now()

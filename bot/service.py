@@ -45,8 +45,11 @@ class FanOut:
     def __getattr__(self, name: str):
         def call(*args: Any, **kwargs: Any) -> None:
             for n in self.notifiers:
+                hook = getattr(n, name, None)
+                if hook is None:  # a notifier need not care about every hook
+                    continue
                 try:
-                    getattr(n, name)(*args, **kwargs)
+                    hook(*args, **kwargs)
                 except Exception:
                     log.exception("notifier failed", extra={"hook": name})
         return call
@@ -96,11 +99,13 @@ class FeishuLoop:
             sender.deliver_due()
 
 
-async def _tick_loop(scheduler: Any, router: Any, interval: float) -> None:
-    """On the worker's loop (the router shares its DB connection): report, latency, progress."""
+async def _tick_loop(scheduler: Any, router: Any, canary: Any, interval: float) -> None:
+    """On the worker's loop (the router shares its DB connection): report, latency, progress,
+    canary."""
     while True:
         try:
             scheduler.tick()
+            canary.tick()
             router.flush()
         except Exception:
             log.exception("scheduler tick failed")
@@ -138,11 +143,13 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
     limiter = RateLimiter(settings.pipeline.coze_qps, clock,
                           burst=max(1, int(settings.pipeline.coze_qps)))
     try:
+        from .canary import Canary
         from .scheduler import Scheduler
 
         notifier, router = build_notifier(db, settings, clock)
-        ticker = asyncio.create_task(
-            _tick_loop(Scheduler(db, settings, clock, router=router), router, tick_interval))
+        ticker = asyncio.create_task(_tick_loop(
+            Scheduler(db, settings, clock, router=router), router,
+            Canary(db, settings, clock, router), tick_interval))
         async with CozeClient(base_url, token, limiter=limiter) as coze:
             worker = Worker(db, settings.pipeline, coze, workflow_id, clock=clock,
                             notifier=notifier, owner=owner)

@@ -102,6 +102,9 @@ class AlertSettings:
     group_window: float = 3600.0           # same-key alerts within this become one card
     latency_threshold: float = 1800.0      # a task running longer than this raises an alert
     default_silence: float = 3600.0
+    canary_interval: float = 0.0           # seconds between canary runs; 0 = no canary
+    canary_timeout: float = 1800.0         # a canary not finished after this is an alert
+    canary_params: dict = field(default_factory=dict)  # workflow parameters of the canary
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,11 @@ class PipelineConfig:
     output_dir: str = "var/output"      # where synthesis writes its files
     task_id_param: str = "task_id"      # workflow parameter carrying the task id ("" = none)
     idle_interval: float = 0.2          # how often an idle worker looks for new work
+    fallback_workflow_id: str = ""      # used while the primary's runs keep failing ("" = none)
+    fallback_failure_rate: float = 0.5
+    fallback_window: float = 600.0
+    fallback_min_runs: int = 5
+    fallback_cooldown: float = 600.0    # then the primary gets the traffic back
     synthesis_timeout: float = 600.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     poll: PollPolicy = field(default_factory=PollPolicy)

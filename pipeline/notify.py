@@ -29,6 +29,9 @@ class Notifier(Protocol):
     def batch_finished(self, batch_id: str) -> None:
         """No task of the batch is active any more."""
 
+    def workflow_switched(self, switch: Any) -> None:
+        """Submits moved to the fallback workflow, or back (a :class:`pipeline.fallback.Switch`)."""
+
 
 class NullNotifier:
     """Ignores everything; the default for ``opsbot run`` without a chat."""
@@ -49,4 +52,7 @@ class NullNotifier:
         pass
 
     def batch_finished(self, batch_id) -> None:
+        pass
+
+    def workflow_switched(self, switch) -> None:
         pass

@@ -39,6 +39,7 @@ from .classifier import Decision, classify
 from .clock import Clock
 from .config import PipelineConfig
 from .errors import CozeError, CozeNetworkError, PipelineError, RunFailed, SynthesisError
+from .fallback import WorkflowSelector
 from .notify import Notifier, NullNotifier
 from .retry import call_with_retry
 from .synthesis import Synthesizer
@@ -63,6 +64,10 @@ class Worker:
         self.config = config
         self.coze = coze
         self.workflow_id = workflow_id
+        self.selector = WorkflowSelector(
+            workflow_id, config.fallback_workflow_id, failure_rate=config.fallback_failure_rate,
+            window=config.fallback_window, min_runs=config.fallback_min_runs,
+            cooldown=config.fallback_cooldown)
         self.clock = clock or Clock()
         self.synth = synthesizer or Synthesizer(
             config.synthesis_command, workers=config.max_synthesis,
@@ -239,7 +244,8 @@ class Worker:
             if not task.get("execute_id"):
                 started = self.clock.now()
                 try:
-                    sub = await self._call(task, lambda: self.coze.submit(self.workflow_id, params))
+                    workflow = self._workflow_for_submit()
+                    sub = await self._call(task, lambda: self.coze.submit(workflow, params))
                 except Exception as exc:
                     result = self._handle_error(task, exc, "coze", started)
                     if isinstance(result, _Resubmit):
@@ -248,7 +254,8 @@ class Worker:
                     return result
                 self.stats["submits"] += 1
                 if not self._update(task, execute_id=sub.execute_id, submitted_at=self.clock.now(),
-                                    debug_url=sub.debug_url, attempts=task["attempts"] + 1):
+                                    debug_url=sub.debug_url, attempts=task["attempts"] + 1,
+                                    run_workflow_id=workflow):
                     return _STOPPED
             started = task["submitted_at"] or self.clock.now()
             try:
@@ -256,6 +263,7 @@ class Worker:
             except Exception as exc:
                 error: BaseException = exc
             else:
+                self._run_ended(task, status.status == "Success")
                 if status.status == "Success":
                     ended = self.clock.now()
                     queue.record_attempt(self.db, task, stage="coze", started_at=started,
@@ -269,6 +277,25 @@ class Worker:
                 return result
             await self.clock.sleep(result.wait)
 
+    def _workflow_for_submit(self) -> str:
+        workflow, switch = self.selector.current(self.clock.now())
+        if switch is not None:
+            self._announce(switch)
+        return workflow
+
+    def _run_ended(self, task: dict[str, Any], ok: bool) -> None:
+        workflow = task.get("run_workflow_id") or self.workflow_id
+        switch = self.selector.record(workflow, ok, self.clock.now())
+        if switch is not None:
+            self._announce(switch)
+
+    def _announce(self, switch: Any) -> None:
+        log.warning("workflow switch: %s", switch.reason,
+                    extra={"to_fallback": switch.to_fallback})
+        hook = getattr(self.notifier, "workflow_switched", None)
+        if hook is not None:
+            hook(switch)
+
     async def _wait_run(self, task: dict[str, Any]) -> Any:
         """Poll until the run ends (see :meth:`_poll_delay`); never poll a run that has ended."""
         execute_id = task["execute_id"]
@@ -278,7 +305,8 @@ class Worker:
         while True:
             elapsed = self.clock.now() - submitted
             await self.clock.sleep(self._poll_delay(elapsed, polls))
-            status = await self._call(task, lambda: self.coze.poll(self.workflow_id, execute_id))
+            workflow = task.get("run_workflow_id") or self.workflow_id
+            status = await self._call(task, lambda: self.coze.poll(workflow, execute_id))
             polls += 1
             self.stats["polls"] += 1
             now = self.clock.now()

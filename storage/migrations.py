@@ -146,4 +146,9 @@ MIGRATIONS: list[list[str]] = [
             updated_at REAL NOT NULL
         )""",
     ],
+    [
+        # the workflow a run was submitted to (a fallback workflow may differ from the batch's)
+        "ALTER TABLE tasks ADD COLUMN run_workflow_id TEXT",
+        "CREATE INDEX tasks_stage ON tasks(stage, status)",
+    ],
 ]
