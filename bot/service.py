@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.clock import Clock
 from pipeline.coze import CozeClient
 from pipeline.notify import Notifier
-from pipeline.ratelimit import RateLimiter
+from pipeline.ratelimit import coze_limiter
 from pipeline.worker import Worker, make_owner
 from storage import inbox, outbox
 from storage.db import open_db
@@ -140,8 +140,7 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
                     "replies, alerts or Bitable write-back will be delivered; they stay queued")
     else:
         feishu.start()
-    limiter = RateLimiter(settings.pipeline.coze_qps, clock,
-                          burst=max(1, int(settings.pipeline.coze_qps)))
+    limiter = coze_limiter(settings.pipeline.coze_qps, clock)
     try:
         from .canary import Canary
         from .scheduler import Scheduler

@@ -99,3 +99,12 @@ class RateLimiter:
         self._reduced = max(self._min_rate, self.current_rate / 2)
         self._reduced_at = now + max(0.0, seconds)   # recovery starts once the pause is over
         self.pause_until(now + max(0.0, seconds))
+
+
+def coze_limiter(qps: float, clock: Clock | None = None) -> RateLimiter:
+    """The limiter for one Coze account: ``qps`` requests in any one second, never more.
+
+    A bucket of one token: a bigger burst would let a full bucket plus a second of refill
+    through in one second, and Coze counts its QPS per second.
+    """
+    return RateLimiter(qps, clock, burst=1)

@@ -21,7 +21,7 @@ from .coze import CozeClient
 from .config import PipelineConfig
 from .notify import Notifier
 from .progress import ProgressLine
-from .ratelimit import RateLimiter
+from .ratelimit import coze_limiter
 from .worker import Worker
 
 
@@ -41,7 +41,7 @@ async def run_batch(db: sqlite_utils.Database, config: PipelineConfig, *, tasks:
     clock = clock or Clock()
     batch_id = queue.create_batch(db, tasks, now=clock.now(), source="cli",
                                   workflow_id=workflow_id)
-    limiter = RateLimiter(config.coze_qps, clock, burst=max(1, int(config.coze_qps)))
+    limiter = coze_limiter(config.coze_qps, clock)
     started = clock.monotonic()
     bar = ProgressLine(stream)
     stop = asyncio.Event()

@@ -26,7 +26,7 @@ from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from pipeline.config import BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy
 from pipeline.coze import CozeClient
-from pipeline.ratelimit import RateLimiter
+from pipeline.ratelimit import RateLimiter, coze_limiter
 from pipeline.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import outbox, queue
@@ -153,7 +153,7 @@ async def _run_batch(db, settings, sim, n, tmp_path, *, config=FAST, limiter=Non
     outbox.enqueue(db, "reply", cmd, {"card": {"run": batch}}, now=time.time(),
                    uuid=reply_uuid(cmd), ref="oc_run")
     notifier, router = build_notifier(db, settings, _RealClock())
-    limiter = limiter or RateLimiter(config.coze_qps, burst=max(1, int(config.coze_qps)))
+    limiter = limiter or coze_limiter(config.coze_qps)  # as run_worker and opsbot run build it
     cfg = dataclasses.replace(config, output_dir=str(tmp_path / "out"))
     async with CozeClient(sim.base_url, sim.token, limiter=limiter) as coze:
         worker = Worker(db, cfg, coze, "wf1", notifier=notifier)
@@ -298,9 +298,6 @@ def test_429_storm_stays_under_the_qps_budget_and_recovers(db_path, tmp_path):
     assert _critical_sends(db) == []   # 429 is back-pressure, not an outage: no breaker
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bot/service.py run_worker builds RateLimiter(coze_qps, burst=int(coze_qps)): a full bucket "
-    "plus the refill lets 2x coze_qps calls into one second (Coze counts QPS per second)"))
 def test_worker_limiter_as_run_worker_builds_it_stays_under_the_qps_budget(db_path, tmp_path):
     qps = 10
     cfg = dataclasses.replace(FAST, coze_qps=qps, max_coze=10,
