@@ -1,0 +1,445 @@
+"""``opsbot doctor`` against the fake Feishu server and the Coze simulator, both on loopback.
+
+Each test scripts one problem and asserts the exact line (level, check, what, fix) and the exit
+code; every run also asserts that no secret appears anywhere in the output.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+
+import pytest
+
+from bot import doctor
+from bot.cli import main
+from bot.settings import load_settings
+from pipeline.simulator import CozeSimulator
+from storage.migrations import MIGRATIONS
+from tests.fake_feishu import FakeFeishu
+
+APP_SECRET = "app-secret-Q7f3kz9"
+VERIFICATION_TOKEN = "verif-token-M2p8"
+ENCRYPT_KEY = "encrypt-key-W5x1"
+COZE_TOKEN = "pat_coze-token-R4n6"
+SECRETS = (APP_SECRET, VERIFICATION_TOKEN, ENCRYPT_KEY, COZE_TOKEN)
+
+CHAT = "oc_ops"
+APP_TOKEN = "bascnOpsTable"
+TABLE = "tblTasks"
+ALL_FIELDS = ["状态", "task_id", "execute_id", "输出", "错误", "耗时(秒)", "主题"]
+CHAT_PATH = f"/open-apis/im/v1/chats/{CHAT}/members/is_in_chat"
+FIELDS_PATH = f"/open-apis/bitable/v1/apps/{APP_TOKEN}/tables/{TABLE}/fields"
+CONSOLE = "the Feishu developer console (open.feishu.cn/app, your app)"
+CRED_FIX = (f"copy App ID and App Secret from {CONSOLE} > Credentials & Basic Info into "
+            "FEISHU_APP_ID and FEISHU_APP_SECRET")
+ADD_BOT_FIX = ("add the bot to the group: open the group > Settings > Group bots > Add bot, "
+               "pick this app (or check FEISHU_ALERT_CHAT_ID is the right oc_... id)")
+COZE_TOKEN_FIX = ("create a personal access token on coze.cn (API > Personal access tokens) "
+                  "with permission to run workflows in the workflow's workspace, and set "
+                  "COZE_API_TOKEN to it")
+
+
+class FeishuState:
+    """What the fake's two extra routes (membership, field list) answer."""
+
+    def __init__(self) -> None:
+        self.in_chat = True
+        self.chat_error: tuple[int, str] | None = None
+        self.fields = list(ALL_FIELDS)
+        self.fields_error: tuple[int, str] | None = None
+
+    def chat(self, rec):
+        if self.chat_error:
+            return 400, {"code": self.chat_error[0], "msg": self.chat_error[1]}
+        return 200, {"code": 0, "msg": "success", "data": {"is_in_chat": self.in_chat}}
+
+    def field_list(self, rec):
+        if self.fields_error:
+            return 400, {"code": self.fields_error[0], "msg": self.fields_error[1]}
+        items = [{"field_id": f"fld{i}", "field_name": n, "type": 1}
+                 for i, n in enumerate(self.fields)]
+        return 200, {"code": 0, "msg": "success",
+                     "data": {"items": items, "has_more": False, "total": len(items)}}
+
+
+@pytest.fixture
+def fake():
+    with FakeFeishu(app_secret=APP_SECRET) as server:
+        state = FeishuState()
+        server.on("GET", CHAT_PATH, state.chat)
+        server.on("GET", FIELDS_PATH, state.field_list)
+        server.seed_records(APP_TOKEN, TABLE, [{"状态": "待处理", "task_id": "t1"},
+                                               {"状态": "待处理", "task_id": "t2"}])
+        server.state = state
+        yield server
+
+
+@pytest.fixture
+def sim():
+    simulator = CozeSimulator(token=COZE_TOKEN)
+    simulator.start_in_thread()
+    yield simulator
+    simulator.stop_thread()
+
+
+@pytest.fixture
+def env(fake, sim, tmp_path):
+    return {
+        "FEISHU_APP_ID": fake.app_id, "FEISHU_APP_SECRET": APP_SECRET,
+        "FEISHU_DOMAIN": fake.base_url, "FEISHU_VERIFICATION_TOKEN": VERIFICATION_TOKEN,
+        "FEISHU_ENCRYPT_KEY": ENCRYPT_KEY, "FEISHU_ALERT_CHAT_ID": CHAT,
+        "FEISHU_ADMIN_IDS": "ou_admin1,ou_admin2", "BITABLE_APP_TOKEN": APP_TOKEN,
+        "BITABLE_TABLE_ID": TABLE, "COZE_API_TOKEN": COZE_TOKEN, "COZE_WORKFLOW_ID": "7412",
+        "COZE_BASE_URL": sim.base_url, "OPSBOT_DB": str(tmp_path / "var" / "opsbot.db"),
+    }
+
+
+def run(env: dict, **kwargs) -> tuple[int, list[str]]:
+    out = io.StringIO()
+    code = doctor.run_doctor(load_settings(env), out=out, **kwargs)
+    text = out.getvalue()
+    for secret in SECRETS:
+        assert secret not in text, f"secret {secret!r} printed"
+    return code, text.splitlines()
+
+
+def line_of(lines: list[str], check: str) -> str:
+    found = [ln for ln in lines if ln[6:].startswith(check + ": ")]
+    assert len(found) == 1, f"expected one {check!r} line in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def levels(lines: list[str]) -> dict[str, str]:
+    return {ln[6:].split(":", 1)[0]: ln[:4].strip() for ln in lines
+            if ln[:4].strip() in ("OK", "WARN", "FAIL")}
+
+
+def test_everything_configured_and_working_is_all_ok(env, fake, sim):
+    code, lines = run(env)
+    assert code == 0
+    assert levels(lines) == {name: "OK" for name in (
+        "settings.feishu", "settings.security", "settings.alerts", "settings.bitable",
+        "settings.admins", "settings.coze", "database", "database.disk", "feishu.token",
+        "feishu.alert_chat", "feishu.bitable_fields", "feishu.bitable", "coze.api")}
+    assert line_of(lines, "settings.security") == (
+        "OK    settings.security: FEISHU_VERIFICATION_TOKEN set (hidden), "
+        "FEISHU_ENCRYPT_KEY set (hidden)")
+    assert line_of(lines, "feishu.bitable") == (
+        f"OK    feishu.bitable: table {TABLE} is readable; at least one row is '待处理' now")
+    assert line_of(lines, "coze.api") == (
+        f"OK    coze.api: {sim.base_url} reachable; token accepted (the probe's dummy run is not "
+        "found, as expected: 4314)")
+    assert lines[-2:] == ["doctor: 13 OK, 0 WARN, 0 FAIL",
+                          "All good: start `opsbot worker` and the web process (see Procfile)."]
+    # The table was read one row at a time, once; nothing was posted; no Coze run was started.
+    [search] = fake.requests_to("/records/search")
+    assert search["query"]["page_size"] == "1"
+    assert fake.messages == [] and sim.runs == {}
+
+
+def test_nothing_configured_points_to_the_demo(tmp_path):
+    code, lines = run({"OPSBOT_DB": str(tmp_path / "opsbot.db")})
+    assert code == 1
+    assert line_of(lines, "settings.coze") == (
+        "FAIL  settings.coze: COZE_API_TOKEN missing, COZE_WORKFLOW_ID missing: no batch can run "
+        "against Coze (only with --simulate) — fix: set COZE_API_TOKEN and COZE_WORKFLOW_ID "
+        "(the workflow id is the number in the workflow editor's URL, .../workflow/<id>); try "
+        "`opsbot demo` to see opsbot work without an account")
+    assert line_of(lines, "settings.admins") == (
+        "WARN  settings.admins: FEISHU_ADMIN_IDS is empty: nobody can run commands or press "
+        "buttons — fix: set FEISHU_ADMIN_IDS to a comma-separated list of open_ids (ou_..., "
+        "each person's open_id for this app)")
+    assert line_of(lines, "settings.security").startswith(
+        "WARN  settings.security: FEISHU_VERIFICATION_TOKEN missing, FEISHU_ENCRYPT_KEY missing: "
+        "dev mode, the webhook accepts unverified requests — fix: copy Verification Token")
+    assert not any(name.startswith(("feishu.", "coze.")) for name in levels(lines))
+    assert lines[-3:] == [
+        "doctor: 2 OK, 5 WARN, 1 FAIL",
+        "Nothing is configured yet. To see opsbot work on this machine without any Feishu or "
+        "Coze account, run `opsbot demo` first.",
+        "For real use set FEISHU_APP_ID, FEISHU_APP_SECRET, FEISHU_VERIFICATION_TOKEN, "
+        "FEISHU_ENCRYPT_KEY, FEISHU_ALERT_CHAT_ID, FEISHU_ADMIN_IDS, BITABLE_APP_TOKEN, "
+        "BITABLE_TABLE_ID, COZE_API_TOKEN, COZE_WORKFLOW_ID (environment variables, or the same "
+        "keys in the TOML file named by OPSBOT_CONFIG), then run `opsbot doctor` again."]
+
+
+def test_half_configured_feishu_app_fails_naming_the_missing_variable(env):
+    del env["FEISHU_APP_SECRET"]
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "settings.feishu") == (
+        f"FAIL  settings.feishu: FEISHU_APP_ID={env['FEISHU_APP_ID']}, FEISHU_APP_SECRET missing: "
+        "chat commands, alerts and Bitable need both — fix: copy App ID and App Secret from "
+        f"{CONSOLE} > Credentials & Basic Info into FEISHU_APP_SECRET")
+
+
+@pytest.mark.parametrize("how", ["wrong secret", "code 10003"])
+def test_bad_feishu_credentials(env, fake, how):
+    if how == "wrong secret":
+        env["FEISHU_APP_SECRET"] = "not-the-secret-1234"
+        said = "code 10014: tenant token refused: app secret invalid"
+    else:
+        fake.fail("token", code=10003, msg="invalid param")
+        said = "code 10003: tenant token refused: invalid param"
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "feishu.token") == (
+        f"FAIL  feishu.token: Feishu refused the app credentials ({said}) — fix: {CRED_FIX}")
+    # The token is what every other Feishu call needs: they are not attempted.
+    assert [n for n in levels(lines) if n.startswith("feishu.")] == ["feishu.token"]
+    assert env["FEISHU_APP_SECRET"] not in "\n".join(lines)
+
+
+def test_secret_echoed_by_feishu_is_scrubbed(env, fake):
+    fake.fail("token", code=10014, msg=f"app secret {APP_SECRET} invalid")
+    code, lines = run(env)  # run() asserts the secret is absent
+    assert code == 1
+    assert "app secret *** invalid" in line_of(lines, "feishu.token")
+
+
+def test_bitable_without_permission_names_the_scope(env, fake):
+    fake.state.fields_error = (99991672, "Access denied. One of the following scopes is "
+                                         "required: [bitable:app].")
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "feishu.bitable") == (
+        "FAIL  feishu.bitable: the app lacks a permission scope (code 99991672: Access denied. "
+        "One of the following scopes is required: [bitable:app].; log_id "
+        f"{_log_id(lines, 'feishu.bitable')}) — fix: in {CONSOLE} > Permissions & Scopes add "
+        "bitable:app (opsbot needs im:message, im:message:send_as_bot, bitable:app), then "
+        "publish a new app version")
+    assert "feishu.bitable_fields" not in levels(lines)
+
+
+def test_bitable_not_shared_with_the_app(env, fake):
+    fake.state.fields_error = (91403, "Forbidden")
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "feishu.bitable").startswith(
+        "FAIL  feishu.bitable: the app has no access to this Bitable (code 91403: Forbidden")
+    assert line_of(lines, "feishu.bitable").endswith(
+        "— fix: open the Bitable > ... (top right) > More > Add document app, add this app with "
+        "edit permission")
+
+
+def test_bot_not_in_the_alert_chat(env, fake):
+    fake.state.in_chat = False
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "feishu.alert_chat") == (
+        f"FAIL  feishu.alert_chat: the bot is not a member of {CHAT}: alerts cannot be posted "
+        f"there — fix: {ADD_BOT_FIX}")
+
+
+def test_bot_outside_the_chat_error_code(env, fake):
+    fake.state.chat_error = (232011, "Operator can NOT be out of the chat.")
+    code, lines = run(env)
+    assert code == 1
+    line = line_of(lines, "feishu.alert_chat")
+    assert line.startswith(f"FAIL  feishu.alert_chat: the bot is not in the group {CHAT} "
+                           "(code 232011: Operator can NOT be out of the chat.; log_id fake-log-")
+    assert line.endswith(f"— fix: {ADD_BOT_FIX}")
+
+
+def test_membership_unverifiable_without_chat_scope_is_a_warning(env, fake):
+    fake.state.chat_error = (99991672, "Access denied. One of the following scopes is required: "
+                                       "[im:chat:readonly, im:chat].")
+    code, lines = run(env)
+    assert code == 0
+    line = line_of(lines, "feishu.alert_chat")
+    assert line.startswith(f"WARN  feishu.alert_chat: cannot check the bot's membership of {CHAT}:"
+                           " scope missing (code 99991672")
+    assert line.endswith(f"— fix: in {CONSOLE} > Permissions & Scopes add im:chat:readonly, "
+                         "im:chat, then publish a new app version; sending alerts needs "
+                         "im:message and im:message:send_as_bot")
+
+
+def test_missing_write_back_columns_are_named(env, fake):
+    fake.state.fields = ["状态", "task_id", "execute_id", "耗时(秒)"]
+    code, lines = run(env)
+    assert code == 0
+    assert line_of(lines, "feishu.bitable_fields") == (
+        "WARN  feishu.bitable_fields: the table lacks column(s) 输出, 错误 (results are not "
+        "written back there) — fix: add text column(s) named 输出, 错误 to the table (or rename "
+        "them in the [feishu] bitable_*_field keys of the OPSBOT_CONFIG file)")
+    assert levels(lines)["feishu.bitable"] == "OK"
+
+
+def test_missing_status_column_fails_and_skips_the_search(env, fake):
+    fake.state.fields = ["task_id", "输出"]
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "feishu.bitable_fields") == (
+        "FAIL  feishu.bitable_fields: the table has no column '状态': `run` from chat cannot find "
+        "pending rows — fix: add a text or single-select column named '状态' (or set "
+        "BITABLE_STATUS_FIELD to the column's name)")
+    assert "feishu.bitable" not in levels(lines)
+    assert fake.requests_to("/records/search") == []
+
+
+def test_coze_bad_token(env, sim):
+    sim.set_token_valid(False)
+    code, lines = run(env)
+    assert code == 1
+    line = line_of(lines, "coze.api")
+    assert line.startswith(f"FAIL  coze.api: {sim.base_url} rejected the token: invalid or expired "
+                           "(code 4100, HTTP 401: authentication is invalid; logid ")
+    assert line.endswith(f"— fix: {COZE_TOKEN_FIX}")
+    assert sim.runs == {}
+
+
+def test_coze_down(env, sim):
+    sim.set_down(True)
+    code, lines = run(env)
+    assert code == 1
+    line = line_of(lines, "coze.api")
+    assert line.startswith(f"FAIL  coze.api: cannot reach {sim.base_url} (")
+    assert line.endswith(
+        "— fix: check COZE_BASE_URL (https://api.coze.cn for coze.cn, https://api.coze.com for "
+        "coze.com), DNS, proxy and firewall from this machine")
+
+
+def test_coze_connection_refused_names_the_url(env):
+    port = _free_port()
+    env["COZE_BASE_URL"] = f"http://127.0.0.1:{port}"
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "coze.api").startswith(
+        f"FAIL  coze.api: cannot reach http://127.0.0.1:{port} (ClientConnectorError")
+
+
+def test_unwritable_database_path(env, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    env["OPSBOT_DB"] = str(blocker / "opsbot.db")
+    code, lines = run(env)
+    assert code == 1
+    line = line_of(lines, "database")
+    assert line.startswith(
+        f"FAIL  database: {blocker / 'opsbot.db'} cannot be opened or migrated (")
+    assert line.endswith(
+        "— fix: set OPSBOT_DB to a file in a folder this user can write (default ./var/opsbot.db),"
+        " or fix the folder's owner and permissions")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes through folder permissions")
+def test_read_only_database_folder(env, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        env["OPSBOT_DB"] = str(folder / "opsbot.db")
+        code, lines = run(env)
+    finally:
+        folder.chmod(0o700)
+    assert code == 1
+    assert line_of(lines, "database").startswith(f"FAIL  database: {folder / 'opsbot.db'} ")
+
+
+def test_read_only_database_file_is_not_writable(env, tmp_path, monkeypatch):
+    """A database that opens but refuses writes (here: a read-only connection)."""
+    import sqlite3
+
+    from storage import db as storage_db
+
+    path = tmp_path / "var" / "opsbot.db"
+    storage_db.open_db(path).conn.close()
+    real_connect = sqlite3.connect
+
+    def read_only(target, *args, **kwargs):
+        return real_connect(f"file:{target}?mode=ro", *args, uri=True, **kwargs)
+
+    monkeypatch.setattr(storage_db.sqlite3, "connect", read_only)
+    code, lines = run(env)
+    assert code == 1
+    assert line_of(lines, "database") == (
+        f"FAIL  database: {path} is not writable (OperationalError: attempt to write a readonly "
+        "database) — fix: set OPSBOT_DB to a file in a folder this user can write (default "
+        "./var/opsbot.db), or fix the folder's owner and permissions")
+
+
+def test_database_locked_by_another_process_is_a_warning(env, tmp_path):
+    from storage.db import open_db
+
+    path = tmp_path / "var" / "opsbot.db"
+    holder = open_db(path)
+    holder.conn.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    try:
+        code, lines = run(env, timeout=0.5)
+    finally:
+        holder.conn.execute("ROLLBACK")
+        holder.conn.close()
+    assert code == 0
+    assert line_of(lines, "database") == (
+        f"WARN  database: {path} opens; schema v{len(MIGRATIONS)}; write lock busy for over "
+        "0.5 s, writability not verified — fix: if no opsbot process is running, a stuck one "
+        "holds the lock: stop it")
+
+
+def test_silent_services_are_bounded_by_the_call_timeout(env):
+    with _silent_server() as url:
+        env["FEISHU_DOMAIN"] = url
+        env["COZE_BASE_URL"] = url
+        started = time.monotonic()
+        code, lines = run(env, timeout=1.0)
+        elapsed = time.monotonic() - started
+    assert code == 1 and elapsed < 5
+    assert line_of(lines, "feishu.token").startswith(f"FAIL  feishu.token: no answer from {url} (")
+    assert line_of(lines, "coze.api") == (
+        f"FAIL  coze.api: cannot reach {url} (no answer in 1.0s: GET "
+        f"/v1/workflows/7412/run_histories/0) — fix: check COZE_BASE_URL (https://api.coze.cn for "
+        "coze.cn, https://api.coze.com for coze.com), DNS, proxy and firewall from this machine")
+
+
+def test_the_whole_doctor_is_bounded_by_its_budget(env):
+    with _silent_server() as url:
+        env["FEISHU_DOMAIN"] = url
+        env["COZE_BASE_URL"] = url
+        started = time.monotonic()
+        code, lines = run(env, timeout=30.0, budget=1.5)
+        elapsed = time.monotonic() - started
+    assert code == 1 and elapsed < 4
+    assert line_of(lines, "feishu.token") == (
+        f"FAIL  feishu.token: no answer within the doctor's 1.5 s — fix: check that this machine "
+        f"reaches {url} (proxy, firewall, FEISHU_DOMAIN)")
+    assert line_of(lines, "coze.api").startswith(
+        "FAIL  coze.api: no answer within the doctor's 1.5 s — fix: check COZE_BASE_URL=")
+
+
+def test_cli_doctor_exit_codes_and_no_secrets(env, fake, capsys):
+    assert main(["doctor"], env=env) == 0
+    fake.state.in_chat = False
+    assert main(["doctor"], env=env) == 1
+    captured = capsys.readouterr()
+    assert "FAIL  feishu.alert_chat: the bot is not a member of oc_ops" in captured.out
+    for secret in SECRETS:
+        assert secret not in captured.out + captured.err
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _log_id(lines: list[str], check: str) -> str:
+    line = line_of(lines, check)
+    return line.split("log_id ", 1)[1].split(")", 1)[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _silent_server:
+    """A listening socket that accepts connections (via the backlog) and never answers."""
+
+    def __enter__(self) -> str:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
