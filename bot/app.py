@@ -169,6 +169,12 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
         finally:
             WEBHOOK_LATENCY.observe(time.perf_counter() - started)
 
+    dispatch = dispatch and settings.web_dispatch
+    if dispatch and settings.feishu.configured:
+        # Import lark-oapi (seconds of CPU) while the process boots, not on the first message
+        # while requests are being served.
+        from . import feishu  # noqa: F401
+
     def on_recorded(key: str) -> None:
         if dispatch:
             state.dispatcher().notify(key)

@@ -117,6 +117,7 @@ class Settings:
     timezone: str = "Asia/Shanghai"
     language: str = "zh"
     max_body_bytes: int = 1_000_000
+    web_dispatch: bool = False  # True: the web process also answers commands (else the worker)
     config_file: Path | None = None
 
     @property
@@ -147,6 +148,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "OPSBOT_DB": ("opsbot", "db"),
     "OPSBOT_TIMEZONE": ("opsbot", "timezone"),
     "OPSBOT_LANGUAGE": ("opsbot", "language"),
+    "OPSBOT_WEB_DISPATCH": ("opsbot", "web_dispatch"),
 }
 
 SECRET_KEYS = {"app_secret", "verification_token", "encrypt_key", "api_token"}
@@ -225,6 +227,7 @@ def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Setting
         db_path=Path(str(o.get("db", "./var/opsbot.db"))),
         timezone=timezone, language=language,
         max_body_bytes=_int("[opsbot] max_body_bytes", o.get("max_body_bytes", 1_000_000)),
+        web_dispatch=_coerce("OPSBOT_WEB_DISPATCH", o.get("web_dispatch", False), False),
         config_file=config_file,
     )
 

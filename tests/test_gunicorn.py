@@ -1,5 +1,8 @@
 """Real gunicorn, two worker processes, one SQLite file: a storm of duplicate deliveries of one
-message gives exactly one inbox row and exactly one reply at the fake Feishu."""
+message gives exactly one inbox row and exactly one reply at the fake Feishu.
+
+Both deployments are covered: the default, where the `opsbot worker` process answers commands,
+and OPSBOT_WEB_DISPATCH=1, where the gunicorn workers answer them too."""
 from __future__ import annotations
 
 import os
@@ -33,8 +36,8 @@ def fake():
         yield server
 
 
-@pytest.fixture(scope="module")
-def server(fake, tmp_path_factory):
+@pytest.fixture(scope="module", params=["worker answers", "web answers"])
+def server(request, fake, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("gunicorn")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEISHU_", "OPSBOT_",
@@ -42,7 +45,8 @@ def server(fake, tmp_path_factory):
     env.update({"FEISHU_APP_ID": fake.app_id, "FEISHU_APP_SECRET": fake.app_secret,
                 "FEISHU_DOMAIN": fake.base_url, "FEISHU_VERIFICATION_TOKEN": TOKEN,
                 "FEISHU_ENCRYPT_KEY": ENCRYPT_KEY, "FEISHU_ADMIN_IDS": ADMIN,
-                "OPSBOT_DB": str(tmp_path / "opsbot.db"), "PYTHONPATH": str(ROOT)})
+                "OPSBOT_DB": str(tmp_path / "opsbot.db"), "PYTHONPATH": str(ROOT),
+                "OPSBOT_WEB_DISPATCH": "1" if request.param == "web answers" else "0"})
     gunicorn = Path(sys.executable).with_name("gunicorn")
     proc = subprocess.Popen([str(gunicorn), "-w", "2", "-b", f"127.0.0.1:{port}",
                              "--graceful-timeout", "2", "bot.app:create_app()"],
@@ -59,12 +63,19 @@ def server(fake, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("gunicorn did not start: " + proc.stderr.read().decode()[-2000:])
+    worker = None
+    if request.param == "worker answers":
+        worker = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker", "--simulate"],
+                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+    fake.reset()
     yield base, tmp_path / "opsbot.db"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    for p in filter(None, (proc, worker)):
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def test_concurrent_duplicates_one_reply(server, fake):
@@ -83,7 +94,7 @@ def test_concurrent_duplicates_one_reply(server, fake):
         statuses = [r.status_code for r in pool.map(deliver, deliveries)]
     assert statuses == [200] * 30
 
-    fake.wait_for_messages(1, timeout=10)
+    fake.wait_for_messages(1, timeout=20)
     db = open_db(db_file, migrate=False)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -28,7 +28,7 @@ def settings(fake, db_path):
     return Settings(feishu=fake.settings(verification_token=Secret(TOKEN),
                                          encrypt_key=Secret(ENCRYPT_KEY), admin_ids=(ADMIN,),
                                          bitable_app_token=APP, bitable_table_id=TABLE),
-                    db_path=db_path, max_body_bytes=50_000)
+                    db_path=db_path, max_body_bytes=50_000, web_dispatch=True)
 
 
 @pytest.fixture

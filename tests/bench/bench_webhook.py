@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="300 events per server")
+    parser.add_argument("--no-web-dispatch", action="store_true",
+                        help="OPSBOT_WEB_DISPATCH=0: the web process only records (the worker "
+                             "answers commands), to measure verification, dedup and recording")
     args = parser.parse_args(argv)
     n = 300 if args.quick else args.events
     sys.path.insert(0, str(ROOT))
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         proc, port = start_gunicorn("bot.app:create_app()", {
             "FEISHU_APP_ID": fake.app_id, "FEISHU_APP_SECRET": fake.app_secret,
             "FEISHU_DOMAIN": fake.base_url, "FEISHU_VERIFICATION_TOKEN": TOKEN,
-            "FEISHU_ENCRYPT_KEY": ENCRYPT_KEY, "OPSBOT_DB": str(db_file)})
+            "FEISHU_ENCRYPT_KEY": ENCRYPT_KEY, "OPSBOT_DB": str(db_file),
+            "OPSBOT_WEB_DISPATCH": "0" if args.no_web_dispatch else "1"})
         try:
             opsbot = measure(port, n, args.connections, "ops")
         finally:
