@@ -4,8 +4,9 @@
     python -m tests.bench.bench_webhook --quick    # 300 events per server
 
 Both servers run under gunicorn with the Procfile's settings (2 workers, 4 threads each) on a
-loopback port. opsbot gets a temporary SQLite file and the fake Feishu (so its dispatcher really
-replies to every message); the baseline is ``tests/bench/baseline_app.py`` (lark-oapi's
+loopback port. opsbot gets a temporary SQLite file and the fake Feishu; by default it runs as deployed (the web
+process verifies, decrypts, dedups and records; no worker runs here), and with ``--web-dispatch``
+its in-web dispatcher also answers every message; the baseline is ``tests/bench/baseline_app.py`` (lark-oapi's
 ``EventDispatcherHandler``, a handler that does nothing). A second process builds every request
 first (signed + encrypted ``im.message.receive_v1``, distinct message ids, so opsbot records
 each one), then sends them over ``--connections`` keep-alive connections as fast as the server
@@ -149,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="300 events per server")
-    parser.add_argument("--no-web-dispatch", action="store_true",
-                        help="OPSBOT_WEB_DISPATCH=0: the web process only records (the worker "
-                             "answers commands), to measure verification, dedup and recording")
+    parser.add_argument("--web-dispatch", action="store_true",
+                        help="OPSBOT_WEB_DISPATCH=1: the web process also answers every command "
+                             "(default: it verifies, dedups and records; the worker answers)")
     args = parser.parse_args(argv)
     n = 300 if args.quick else args.events
     sys.path.insert(0, str(ROOT))
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "FEISHU_APP_ID": fake.app_id, "FEISHU_APP_SECRET": fake.app_secret,
             "FEISHU_DOMAIN": fake.base_url, "FEISHU_VERIFICATION_TOKEN": TOKEN,
             "FEISHU_ENCRYPT_KEY": ENCRYPT_KEY, "OPSBOT_DB": str(db_file),
-            "OPSBOT_WEB_DISPATCH": "0" if args.no_web_dispatch else "1"})
+            "OPSBOT_WEB_DISPATCH": "1" if args.web_dispatch else "0"})
         try:
             opsbot = measure(port, n, args.connections, "ops")
         finally:
