@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.notify import NullNotifier
 from storage import outbox, queue
 
 from .settings import Settings
@@ -16,8 +17,8 @@ from .settings import Settings
 MAX_TEXT = 2000  # keep a cell readable; the full output is in the store and the results JSON
 
 
-class BitableWriteBack:
-    """A pipeline notifier that writes final task outcomes to Bitable."""
+class BitableWriteBack(NullNotifier):
+    """A pipeline notifier that writes final task outcomes to Bitable (other hooks: no-ops)."""
 
     def __init__(self, db, settings: Settings, clock) -> None:
         self.db = db
@@ -33,21 +34,6 @@ class BitableWriteBack:
         row = queue.get_task(self.db, task["id"])
         enqueue_update(self.db, self.settings, row["record_id"], outcome_fields(self.settings, row),
                        now=self.clock.now(), ref=f"task:{row['id']}")
-
-    def task_retrying(self, task, decision, error) -> None:
-        pass
-
-    def batch_blocked(self, batch_id, decision, error) -> None:
-        pass
-
-    def breaker_changed(self, service, before, after, reason) -> None:
-        pass
-
-    def batch_progress(self, batch_id) -> None:
-        pass
-
-    def batch_finished(self, batch_id) -> None:
-        pass
 
 
 def outcome_fields(settings: Settings, row: dict[str, Any]) -> dict[str, Any]:
