@@ -9,9 +9,11 @@ What runs, all on 127.0.0.1 with ephemeral ports, in this one process:
   issues tenant tokens, records every message, reply and card patch, and serves a Bitable
   table seeded with eight pending rows;
 - the real web app (:func:`bot.app.create_app`) served by werkzeug's ``make_server`` in a
-  thread; production serves the same app with gunicorn (see the Procfile);
-- the real worker (:func:`bot.service.run_worker`: pipeline worker, outbox sender, alert
-  router, scheduler) on its own asyncio loop in a thread, stopped through its stop event.
+  thread; production serves the same app with gunicorn (see the Procfile). As in the default
+  deployment it verifies, decrypts and records events and answers button presses;
+- the real worker (:func:`bot.service.run_worker`: pipeline worker, command handling, outbox
+  sender, alert router, scheduler) on its own asyncio loop in a thread, stopped through its
+  stop event.
 
 Settings are built with :func:`bot.settings.load_settings` from an explicit mapping (the
 environment is neither read nor changed for the app); the verification token and the encrypt
@@ -66,8 +68,8 @@ ROWS = [
     ("V004", "三分钟早餐", "轻松", 3.0),
     ("V005", "旧物改造", "教程", 2.0),
     ("V006", "咖啡拉花入门", "教程", 2.5),
-    ("V007", "周末短途自驾", "vlog", 12.0),     # still running when the token breaks
-    ("V008", "办公室健身操", "vlog", 12.0),
+    ("V007", "周末短途自驾", "vlog", 14.0),     # still running when the token breaks
+    ("V008", "办公室健身操", "vlog", 14.0),
 ]
 PLUGIN_TASK = "V003"
 
@@ -267,45 +269,12 @@ class Demo:
                 self._server.server_close()
             if self._server_thread is not None:
                 self._server_thread.join(10)
-        self._stop_dispatcher()
         if self.sim is not None:
             with contextlib.suppress(Exception):
                 self.sim.stop_thread()
         if self.fake is not None:
             with contextlib.suppress(Exception):
                 self.fake.stop()
-
-    def _stop_dispatcher(self) -> None:
-        """End the web app's dispatcher thread (it has no stop of its own: it is a daemon).
-
-        Its loop waits on a queue outside its error handling, so a queue whose ``get`` raises
-        ``SystemExit`` ends the thread quietly.
-        """
-        state = (self._app.extensions.get("opsbot") if self._app is not None else None)
-        dispatcher = getattr(state, "_dispatcher", None)
-        thread = getattr(dispatcher, "_thread", None)
-        if dispatcher is None or thread is None or not thread.is_alive():
-            return
-        import queue as queuelib
-
-        class _Closing(queuelib.Queue):
-            def get(self, *args: Any, **kwargs: Any) -> Any:
-                raise SystemExit
-
-        previous_hook = threading.excepthook
-
-        def hook(args: Any) -> None:   # that SystemExit is the intended end, not an error
-            if not (args.thread is thread and args.exc_type is SystemExit):
-                previous_hook(args)
-
-        threading.excepthook = hook
-        try:
-            old, dispatcher.keys = dispatcher.keys, _Closing()
-            with contextlib.suppress(Exception):
-                old.put(None)   # wake it; its next wait raises
-            thread.join(10)
-        finally:
-            threading.excepthook = previous_hook
 
     def _quiet_logs(self) -> None:
         """Logs go to ``opsbot.log`` in the demo directory, not between the chat lines."""
@@ -360,6 +329,7 @@ class Demo:
 
         self.section("4. The Coze token stops working: a HIGH alert blocks the batch")
         self.beat()
+        self._check_unfinished()
         self.narrate("(someone revoked the Coze token: every Coze call now answers 401 / 4100)")
         self.sim.set_token_valid(False)
         high = self.wait_for("the HIGH alert card", lambda: self._card_titled("[HIGH]"))
@@ -384,6 +354,20 @@ class Demo:
             raise StepTimeout("the report card has no chart")
         self.pump()
         self._check_outcome()
+
+    def _check_unfinished(self) -> None:
+        """The token must break while tasks are still running, or nothing would be blocked."""
+        from storage import queue
+        from storage.db import open_db
+
+        db = open_db(self.settings.db_path, migrate=False)
+        try:
+            counts = queue.batch_counts(db, self.batch_id)
+        finally:
+            db.conn.close()
+        if counts["running"] + counts["queued"] + counts.get("retrying", 0) == 0:
+            raise StepTimeout(f"the batch finished before the token could break ({counts}); "
+                              "is the machine very busy? try again")
 
     def _check_outcome(self) -> None:
         from storage import queue
