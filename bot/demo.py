@@ -25,6 +25,9 @@ token breaks (HIGH card, batch blocked), is fixed, and Resume is pressed; then `
 ``report``. The transcript is printed from what the fake Feishu received, in arrival order
 (messages, replies, card updates), plus the toasts the web app answered button presses with.
 
+Cards are in the language of the caller's settings (``OPSBOT_LANGUAGE=en opsbot demo`` for
+English); colours only when stdout is a terminal (``NO_COLOR`` turns them off).
+
 Every wait is bounded (:data:`STEP_TIMEOUT` seconds, scaled by ``pace``); a step that does not
 happen in time ends the demo with exit code 1 and says which step. Everything started is
 stopped before returning. The database, results, output files, log and transcript stay in
