@@ -109,9 +109,10 @@ def run_queued_card(batch_id: str, count: int, lang: str, *, filters: str = "") 
     if filters:
         els.append(markdown(t("run.filters", lang, filters=filters)))
     els.append({"tag": "column_set", "columns": [
-        {"tag": "column", "elements": [button("status", {"action": "status", "batch_id": batch_id})]},
+        {"tag": "column", "elements": [button(t("button.status", lang),
+                                                      {"action": "status", "batch_id": batch_id})]},
         {"tag": "column", "elements": [button(
-            t("action.cancel", lang), {"action": "cancel", "batch_id": batch_id}, kind="danger")]},
+            t("button.cancel", lang), {"action": "cancel", "batch_id": batch_id}, kind="danger")]},
     ]})
     return card(t("title.queued", lang), els, template=TEMPLATES["success"])
 
@@ -131,10 +132,11 @@ def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lan
     els = [markdown("\n".join(lines))]
     buttons = []
     if batch["status"] in ("paused", "blocked"):
-        buttons.append(button(t("action.resume", lang),
+        buttons.append(button(t("button.resume", lang),
                               {"action": "resume", "batch_id": batch["id"]}, kind="primary"))
     if (counts or {}).get("failed"):
-        buttons.append(button("retry failed", {"action": "retry_batch", "batch_id": batch["id"]}))
+        buttons.append(button(t("button.retry_failed", lang),
+                              {"action": "retry_batch", "batch_id": batch["id"]}))
     if buttons:
         els.append({"tag": "column_set", "columns": [
             {"tag": "column", "elements": [b]} for b in buttons]})

@@ -98,7 +98,7 @@ def test_progress_summary_status_and_queued_cards():
     assert summary.startswith("┌─ [orange] Batch finished with failures b1")
     assert "V003" in summary and "[ Retry all failed ]" in summary
     queued = render.render_card(cards.run_queued_card("b1", 8, "en"))
-    assert "b1" in queued and "[ status ]" in queued
+    assert "b1" in queued and "[ Status ]" in queued
     status = render.render_card(cards.status_card(dict(batch, status="blocked",
                                                        blocked_reason="auth: 4100"), counts,
                                                   "en", breakers=[{"service": "coze",
