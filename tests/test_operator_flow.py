@@ -186,7 +186,7 @@ def test_each_button_of_a_medium_card_does_what_it_says(db, settings, app, tmp_p
         status = db.execute("SELECT status FROM alerts WHERE key LIKE '%plugin_timeout%'")
         assert status.fetchone()[0] == "resolved"
 
-        # a non-admin's press changes nothing: Ignore on the failed... now succeeded task
+        # a non-admin's press changes nothing
         assert press(app, retry["ignore"], operator="ou_stranger")["toast"]["type"] == "error"
         assert queue.find_task(db, "a")["status"] == "succeeded"
     finally:
