@@ -104,6 +104,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from .service import run_worker
 
+    if not args.simulate and not settings.coze.configured:
+        print("opsbot worker: no Coze account configured: set COZE_API_TOKEN and "
+              "COZE_WORKFLOW_ID, or add --simulate to use the built-in simulator "
+              "(`opsbot demo` shows the whole loop)", file=sys.stderr)
+        return 2
+
     return asyncio.run(run_worker(settings, drain=args.drain, simulate=args.simulate))
 
 

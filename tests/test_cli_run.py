@@ -139,3 +139,17 @@ def test_include_exclude_select_and_reject_unknown_ids():
     assert [t["task_key"] for t in select(tasks, None, ["b"])] == ["a", "c"]
     with pytest.raises(BatchFileError, match="unknown task_id.*zz"):
         select(tasks, ["zz"], None)
+
+
+def test_worker_without_a_coze_account_says_what_to_set(tmp_path):
+    proc = _opsbot(["worker", "--drain"], _env(tmp_path), tmp_path)
+    assert proc.returncode == 2
+    assert "COZE_API_TOKEN" in proc.stderr and "--simulate" in proc.stderr
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
+    proc = _opsbot(["report"], _env(tmp_path, OPSBOT_TIMEZONE="Mars/Base"), tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "opsbot: configuration error: OPSBOT_TIMEZONE: 'Mars/Base' is not an IANA time zone "
+        "(e.g. Asia/Shanghai)"]
