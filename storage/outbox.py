@@ -33,26 +33,33 @@ def enqueue(db: sqlite_utils.Database, kind: str, target: str, payload: dict[str
 
 
 def claim_due(db: sqlite_utils.Database, *, owner: str, now: float, lease: float = 30.0,
-              limit: int = 20, kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Claim pending rows whose time has come, oldest first (send order is kept per target).
+              limit: int = 20, kinds: tuple[str, ...] | None = None,
+              uuids: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Claim pending rows whose time has come, oldest first.
 
-    ``kinds`` limits the claim (the web process sends messages but leaves Bitable writes to the
-    worker, so one table is never written by two processes at once).
+    Order is kept per target across every sender: a row waits while an older row for the same
+    target is still pending, whether not yet due or in flight with another sender. ``kinds``
+    limits the claim (the web process sends messages but leaves Bitable writes to the worker, so
+    one table is never written by two processes at once); ``uuids`` claims only those rows.
     """
-    kind_sql = ""
-    args: list[Any] = [now, now, now]
+    extra = ""
+    args: list[Any] = [now, now, now, now, owner]
     if kinds:
-        kind_sql = f" AND kind IN ({','.join('?' * len(kinds))})"
+        extra += f" AND kind IN ({','.join('?' * len(kinds))})"
         args += list(kinds)
+    if uuids:
+        extra += f" AND uuid IN ({','.join('?' * len(uuids))})"
+        args += list(uuids)
     args.append(limit)
     with transaction(db) as conn:
-        # Skip targets that have an older row still pending and not yet due: keeps order.
+        # Skip rows behind an older pending row of the same target (not due, or leased).
         rows = conn.execute(
             "SELECT id FROM outbox o WHERE status = 'pending' AND next_at <= ?"
             " AND (lease_until IS NULL OR lease_until < ?)"
             " AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.target = o.target"
-            "   AND p.status = 'pending' AND p.id < o.id AND p.next_at > ?)"
-            f"{kind_sql} ORDER BY id LIMIT ?", args).fetchall()
+            "   AND p.status = 'pending' AND p.id < o.id AND (p.next_at > ?"
+            "   OR (p.lease_until >= ? AND p.lease_owner IS NOT ?)))"
+            f"{extra} ORDER BY id LIMIT ?", args).fetchall()
         ids = [r[0] for r in rows]
         if not ids:
             return []

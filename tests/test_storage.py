@@ -165,3 +165,16 @@ def test_a_failure_in_half_open_reopens_and_manual_trip_waits_for_a_human(db):
     assert not br.allow() and br.retry_at() is None
     assert reset_all(db, now=now[0]) == 1
     assert br.allow() and all_states(db)[0].state == "closed"
+
+
+def test_outbox_order_holds_across_two_senders(db):
+    outbox.enqueue(db, "send", "oc_1", {"n": 1}, now=0, uuid="first")
+    outbox.enqueue(db, "send", "oc_1", {"n": 2}, now=0, uuid="second")
+    outbox.enqueue(db, "send", "oc_2", {"n": 3}, now=0, uuid="other")
+    a = outbox.claim_due(db, owner="web", now=1, limit=1)
+    assert [r["uuid"] for r in a] == ["first"]
+    # while "first" is in flight with another sender, "second" must wait; other chats need not
+    assert [r["uuid"] for r in outbox.claim_due(db, owner="worker", now=1)] == ["other"]
+    outbox.mark_sent(db, a[0]["id"], now=2, result="om_1")
+    assert [r["uuid"] for r in outbox.claim_due(db, owner="worker", now=2)] == ["second"]
+    assert outbox.claim_due(db, owner="x", now=3, uuids=("nope",)) == []
