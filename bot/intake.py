@@ -12,7 +12,8 @@ body ``{"error": code, "message": text}``, never an exception and never a 500. O
    it); anything else unsigned — including undecryptable or malformed ciphertext — gets the same
    401, so an unsigned caller learns nothing about padding (no padding oracle);
 4. plaintext while an encrypt key is configured: only ``url_verification`` and the legacy card
-   callback with a valid SHA-1 signature pass; other plaintext is refused (400);
+   callback with a valid SHA-1 signature pass (an unsigned legacy callback is refused with 401,
+   also when no verification token is configured); other plaintext is refused (400);
 5. ``url_verification``: token check (401), then ``{"challenge": ...}`` at once;
 6. v2 envelope: ``schema == "2.0"`` (400 otherwise), ``header.token`` == verification token (401);
 7. by event type: ``im.message.receive_v1`` from a user is recorded in the inbox under
@@ -320,6 +321,10 @@ class Intake:
         if is_url_verification(data):
             return data, False
         if is_legacy_card(data) and req.path.rstrip("/").endswith("/card"):
+            if key and not self._token:
+                # The legacy signature is keyed by the token: with none there is nothing to
+                # check, and an encrypt key means this is not a development setup.
+                raise Rejected(401, "unsigned", "X-Lark-Signature is required")
             signed = self._token and verify_legacy_signature(req, self._token, now)
             if self._token and not signed:
                 raise Rejected(401, "unsigned", "X-Lark-Signature is required")

@@ -203,6 +203,10 @@ def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Setting
         for k, v in f.items()
     })
     _check_url("FEISHU_DOMAIN", feishu.domain)
+    if feishu.encrypt_key and not feishu.verification_token:
+        # Feishu issues both; an encrypt key alone would leave legacy card callbacks unsigned.
+        raise SettingsError("FEISHU_VERIFICATION_TOKEN: must be set when FEISHU_ENCRYPT_KEY is set "
+                            "(copy both from the app's Events & Callbacks page)")
     coze = CozeSettings(
         api_token=Secret(str(c.get("api_token", ""))),
         workflow_id=str(c.get("workflow_id", "")),

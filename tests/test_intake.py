@@ -136,6 +136,21 @@ def test_legacy_card_callback_sha1(db):
     assert len(clicks) == 1
 
 
+def test_unsigned_legacy_callback_refused_when_encrypt_key_set_without_token(db):
+    """An encrypt key means production: an unsigned old-style click must not act (no token to
+    sign with is no excuse), exactly like a v2 plaintext event."""
+    clicks = []
+    body = json.dumps(legacy_card_action({"action": "cancel", "batch_id": "b1"},
+                                         operator="ou_admin")).encode()
+    it = intake(db, clicks, token="")
+    out = it.handle(Request(body, {}, "/webhook/card"))
+    assert out.response.status == 401 and out.response.json["error"] == "unsigned"
+    forged = it.handle(Request(body, sign_legacy(body, "", timestamp=str(int(NOW))),
+                               "/webhook/card"))
+    assert forged.response.status == 401
+    assert clicks == []
+
+
 REJECTIONS = {
     "bad_signature": lambda: _tamper_sig(signed(message_event("run"))),
     "missing_headers": lambda: Request(signed(message_event("run")).body, {}),

@@ -50,6 +50,14 @@ def test_a_bad_value_is_one_clear_error_naming_the_variable(env, needle):
     assert needle in str(err.value)
 
 
+def test_encrypt_key_without_verification_token_is_refused():
+    with pytest.raises(SettingsError) as err:
+        load_settings({"FEISHU_ENCRYPT_KEY": "enc-key-value"})
+    assert "FEISHU_VERIFICATION_TOKEN" in str(err.value)
+    s = load_settings({"FEISHU_ENCRYPT_KEY": "enc-key-value", "FEISHU_VERIFICATION_TOKEN": "v"})
+    assert s.feishu.encrypt_key and s.feishu.verification_token
+
+
 @pytest.mark.parametrize("toml, needle", [
     ("[pipeline]\nmax_coze = 0\n", "max_coze"),
     ("[pipeline]\nmax_coze = \"many\"\n", "max_coze"),
