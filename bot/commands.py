@@ -22,6 +22,7 @@ MAX_TEXT = 2000
 MAX_LIMIT = 100_000
 MAX_SILENCE = 30 * 86400
 DEFAULT_SILENCE = 3600
+MIN_DATE, MAX_DATE = date(2000, 1, 1), date(2099, 12, 31)   # --date range (a report's day)
 
 ALIASES: dict[str, str] = {
     "run": "run", "运行": "run",
@@ -232,9 +233,12 @@ def _date(raw: str | None) -> str | None:
     if not _DATE.match(raw):
         raise _Fail("bad_date", value=_short(raw))
     try:
-        return date.fromisoformat(raw).isoformat()
+        day = date.fromisoformat(raw)
     except ValueError:
         raise _Fail("bad_date", value=_short(raw)) from None
+    if not MIN_DATE <= day <= MAX_DATE:  # the report also reads the day before and after
+        raise _Fail("bad_date", value=_short(raw))
+    return day.isoformat()
 
 
 def parse_duration(raw: str) -> int | None:

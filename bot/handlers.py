@@ -131,6 +131,9 @@ def execute(ctx: Context, cmd: Command | ParseError) -> dict[str, Any]:
         return COMMAND_HANDLERS[cmd.name](ctx, cmd)
     except NotFound as exc:
         return cards.error_card(neutral(str(exc)), ctx.lang)
+    except Exception:  # noqa: BLE001 - the sender gets an answer; the traceback goes to the log
+        log.exception("command %s failed", cmd.name, extra={"message_id": ctx.message_id})
+        return cards.error_card(t("generic.internal", ctx.lang), ctx.lang)
 
 
 # --- commands ---------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from bot.commands import (ALIASES, COMMANDS, MAX_TEXT, Command, ParseError, parse,
-                          parse_duration)
+from bot.commands import (ALIASES, COMMANDS, MAX_DATE, MAX_TEXT, MIN_DATE, Command, ParseError,
+                          parse, parse_duration)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -45,6 +45,8 @@ def test_examples(text, expected):
     ("run --limit", "missing_value"), ("run --include", "missing_value"),
     ("run --include ,", "missing_value"), ("run --date 2024-01-01", "unknown_option"),
     ("report --date 2024-02-30", "bad_date"), ("report --date 24-1-1", "bad_date"),
+    ("report --date 0001-01-01", "bad_date"), ("日报 9999-12-31", "bad_date"),
+    ("report 1999-12-31", "bad_date"),
     ("retry", "retry_needs_target"), ("retry batch", "retry_needs_target"),
     ("silence", "silence_needs_key"), ("silence k 5x", "bad_duration"),
     ("silence k 0m", "bad_duration"), ("silence k 31d", "bad_duration"),
@@ -116,7 +118,7 @@ def _valid_commands():
         st.builds(lambda b, n: Command("errors", batch_id=b, limit=n), st.none() | ids,
                   st.none() | st.integers(1, 100)),
         st.builds(lambda d: Command("report", date=d.isoformat() if d else None),
-                  st.none() | st.dates()),
+                  st.none() | st.dates(MIN_DATE, MAX_DATE)),
         st.builds(lambda b: Command("retry", batch_id=b), batch_ids),
         st.builds(lambda r: Command("retry", task_ref=r),
                   ids.filter(lambda s: s.lower() not in ("batch",) and not

@@ -200,6 +200,27 @@ def test_report_command_uses_report_module(db, settings, clock):
     assert card["schema"] == "2.0" and "2025-01-02" in json.dumps(card)
 
 
+def test_a_crashing_command_still_gets_one_error_reply(db, settings, clock, monkeypatch,
+                                                       caplog):
+    def boom(ctx, cmd):
+        raise OverflowError("date value out of range")
+    monkeypatch.setitem(handlers.COMMAND_HANDLERS, "report", boom)
+    ev = message_event("日报", message_id="om_boom")
+    inbox.record(db, "msg:om_boom", event_type="im.message.receive_v1", payload=ev, now=NOW)
+    assert handlers.process_inbox(db, settings, None, clock, "w1") == 1
+    [row] = db.execute("SELECT kind, target, payload FROM outbox").fetchall()
+    assert row[:2] == ("reply", "om_boom")
+    text = json.dumps(json.loads(row[2]), ensure_ascii=False)
+    assert "处理命令时出错" in text and "OverflowError" not in text
+    assert db.execute("SELECT status, error FROM inbox").fetchone() == ("done", None)
+    assert "command report failed" in caplog.text
+
+
+def test_report_date_out_of_range_is_a_parse_error_not_a_crash(db, settings, clock):
+    card = run_text(db, settings, clock, "日报 0001-01-01")
+    assert "YYYY-MM-DD" in json.dumps(card, ensure_ascii=False)
+
+
 def test_silence_writes_table(db, settings, clock):
     run_text(db, settings, clock, "silence coze:4100 2h")
     row = db.execute("SELECT key, until, created_by FROM silences").fetchone()
