@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Union
@@ -47,8 +48,9 @@ OPTIONS: dict[str, frozenset[str]] = {
 _MULTI = frozenset({"include", "exclude"})
 _MENTION = re.compile(r"@_(?:user_\d+|all)\b")
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」"}
-_BATCH_ID = re.compile(r"^b[0-9a-f]{4,32}$")
-_ID = re.compile(r"^[\w.:\-]{1,128}$")
+BATCH_ID = re.compile(r"^b[0-9a-f]{4,32}$")   # what batch ids look like (new_batch_id, run)
+_ID = re.compile(r"^[\w.:\-]{1,128}$")        # batch ids given to status/cancel/pause/...
+MAX_ID = 128
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DURATION = re.compile(r"^(\d{1,7})(s|m|h|d|秒|分钟|分|小时|时|天)$", re.IGNORECASE)
 _UNIT = {"s": 1, "秒": 1, "m": 60, "分": 60, "分钟": 60, "h": 3600, "时": 3600, "小时": 3600,
@@ -203,9 +205,17 @@ def _ids(opt: str, values: list[str]) -> tuple[str, ...]:
     if not out:
         raise _Fail("missing_value", option="--" + opt)
     for v in out:
-        if not _ID.match(v):
+        if not valid_ref(v):
             raise _Fail("bad_id", value=_short(v))
     return tuple(dict.fromkeys(out))
+
+
+def valid_ref(value: str) -> bool:
+    """A task key, record id or batch id as users type them: any printable text (spaces inside
+    quotes too) up to :data:`MAX_ID` characters. Refs are only compared, and neutralised when
+    shown, so nothing more is needed."""
+    return (0 < len(value) <= MAX_ID and value.strip() == value
+            and all(c.isprintable() or unicodedata.category(c) == "Zs" for c in value))
 
 
 def _single(opt: str, values: list[str] | None) -> str | None:
@@ -293,16 +303,16 @@ def _build_retry(pos, opts):
         if len(pos) < 2:
             raise _Fail("retry_needs_target")
         _no_more("retry", pos[2:])
-        if not _ID.match(pos[1]):
+        if not valid_ref(pos[1]):
             raise _Fail("bad_id", value=_short(pos[1]))
         return Command("retry", batch_id=pos[1])
     if not pos:
         raise _Fail("retry_needs_target")
     _no_more("retry", pos[1:])
-    if not _ID.match(pos[0]):
+    if not valid_ref(pos[0]):
         raise _Fail("bad_id", value=_short(pos[0]))
-    if _BATCH_ID.match(pos[0]):
-        return Command("retry", batch_id=pos[0])
+    # A ref that looks like a batch id may still be a task key: the handler decides (a batch
+    # only when one by that id exists); `retry batch X` is the unambiguous form.
     return Command("retry", task_ref=pos[0])
 
 

@@ -28,7 +28,7 @@ from storage import inbox, outbox, queue
 from storage.db import Conflict, NotFound, transaction
 
 from . import cards
-from .commands import Command, ParseError, neutral, parse
+from .commands import BATCH_ID, Command, ParseError, neutral, parse
 from .i18n import t
 
 log = logging.getLogger("opsbot.handlers")
@@ -197,7 +197,7 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
     mark_running(ctx.db, ctx.settings, batch_id, ctx.now)
     filters = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
                        for k, v in options.items())
-    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=filters)
+    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=neutral(filters))
 
 
 def record_to_task(record: dict[str, Any], f) -> dict[str, Any]:
@@ -284,12 +284,25 @@ def _cmd_move(action: str) -> Callable[[Context, Command], dict[str, Any]]:
     return run
 
 
+def find_task(db, ref: str) -> dict[str, Any]:
+    """The task ``ref`` names: ``#17`` is internal id 17; anything else is a task key (the
+    latest task with it). Bitable task ids are often numbers, so a bare number is a key too.
+    Raises NotFound."""
+    if ref.startswith("#") and ref[1:].isascii() and ref[1:].isdigit():
+        return queue.get_task(db, int(ref[1:]))
+    rows = list(db.query("SELECT * FROM tasks WHERE task_key = ? ORDER BY id DESC LIMIT 1",
+                         [ref]))
+    if not rows:
+        raise NotFound(f"task {ref} not found")
+    return rows[0]
+
+
 def retry_task(db, settings, clock, ref: str) -> tuple[bool, str]:
     lang = settings.language
     try:
-        task = queue.find_task(db, str(ref))
+        task = find_task(db, str(ref))
     except NotFound:
-        return False, t("retry.task_not_found", lang, task=ref)
+        return False, t("retry.task_not_found", lang, task=neutral(ref))
     if task["status"] not in RETRYABLE_STATUSES:
         return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
                         status=task["status"])
@@ -306,13 +319,21 @@ def retry_batch(db, settings, clock, batch_id: str) -> tuple[bool, str]:
     failed = [x["id"] for x in queue.tasks_of(db, batch_id, ["failed"])]
     n = queue.requeue_tasks(db, failed, now=clock.now())
     if not n:
-        return False, t("retry.batch_nothing", lang, batch_id=batch_id)
-    return True, t("retry.batch_done", lang, batch_id=batch_id, count=n)
+        return False, t("retry.batch_nothing", lang, batch_id=neutral(batch_id))
+    return True, t("retry.batch_done", lang, batch_id=neutral(batch_id), count=n)
+
+
+def _names_batch(db, ref: str | None) -> bool:
+    """``retry bXXXX`` means the batch only when a batch by that id exists."""
+    if not ref or not BATCH_ID.match(ref):
+        return False
+    return db.execute("SELECT 1 FROM batches WHERE id = ?", [ref]).fetchone() is not None
 
 
 def cmd_retry(ctx: Context, cmd: Command) -> dict[str, Any]:
-    if cmd.batch_id:
-        changed, text = retry_batch(ctx.db, ctx.settings, ctx.clock, cmd.batch_id)
+    if cmd.batch_id or _names_batch(ctx.db, cmd.task_ref):
+        batch_id = cmd.batch_id or cmd.task_ref or ""
+        changed, text = retry_batch(ctx.db, ctx.settings, ctx.clock, batch_id)
     else:
         changed, text = retry_task(ctx.db, ctx.settings, ctx.clock, cmd.task_ref or "")
     return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
@@ -473,7 +494,7 @@ def _alert_actions() -> dict[str, Callable[..., dict[str, Any]]]:
 
 
 def _a_retry(db, settings, clock, act):
-    return retry_task(db, settings, clock, str(int(act.value["task_id"])))
+    return retry_task(db, settings, clock, "#" + str(int(act.value["task_id"])))
 
 
 def _a_retry_batch(db, settings, clock, act):

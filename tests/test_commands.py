@@ -18,7 +18,8 @@ from bot.commands import (ALIASES, COMMANDS, MAX_DATE, MAX_TEXT, MIN_DATE, Comma
     ("/status b1a2b3c4d", Command("status", batch_id="b1a2b3c4d")),
     ("重试 12", Command("retry", task_ref="12")),
     ("retry batch b12345678", Command("retry", batch_id="b12345678")),
-    ("retry b12345678", Command("retry", batch_id="b12345678")),
+    ("retry b12345678", Command("retry", task_ref="b12345678")),  # the handler decides
+    ("retry #17", Command("retry", task_ref="#17")),
     ("retry task-7", Command("retry", task_ref="task-7")),
     ("取消", Command("cancel")), ("pause b1234abcd", Command("pause", batch_id="b1234abcd")),
     ("恢复", Command("resume")),
@@ -36,6 +37,19 @@ def test_examples(text, expected):
     assert parse(text) == expected
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("run --include a/b,x+y", Command("run", include=("a/b", "x+y"))),
+    ('run --exclude "视频 01",#3', Command("run", exclude=("视频 01", "#3"))),
+    ('retry "task (old) 7"', Command("retry", task_ref="task (old) 7")),
+    ("重试 <at id=all></at>", ParseError("unexpected", {"command": "retry",
+                                                      "value": "id=all></at>"}, "retry")),
+    ('retry "<at id=all></at>"', Command("retry", task_ref="<at id=all></at>")),
+    ("retry " + "k" * 128, Command("retry", task_ref="k" * 128)),
+])
+def test_ids_are_any_printable_text(text, expected):
+    assert parse(text) == expected
+
+
 @pytest.mark.parametrize("text,code", [
     ("", "empty"), ("@_user_1", "empty"), ("   \u3000 ", "empty"),
     ("deploy", "unknown_command"), ("run x", "unexpected"),
@@ -50,7 +64,8 @@ def test_examples(text, expected):
     ("retry", "retry_needs_target"), ("retry batch", "retry_needs_target"),
     ("silence", "silence_needs_key"), ("silence k 5x", "bad_duration"),
     ("silence k 0m", "bad_duration"), ("silence k 31d", "bad_duration"),
-    ("status a b", "unexpected"), ("run --include a/b", "bad_id"),
+    ("status a b", "unexpected"), ("run --include a\x07b", "bad_id"),
+    ("retry " + "k" * 129, "bad_id"), ("retry batch a\x00", "bad_id"),
     ("x" * (MAX_TEXT + 1), "too_long"),
 ])
 def test_errors(text, code):
@@ -100,6 +115,10 @@ def test_huge_string_is_fast():
 
 
 ids = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,11}", fullmatch=True)
+refs = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Co", "Zl", "Zp"),
+                             blacklist_characters="\"'“”‘’「」,，、"), min_size=1, max_size=40) \
+    .filter(lambda s: s.strip() == s and s and not s.startswith(("-", "—", "@_", "/", "／"))
+            and "@_" not in s)
 batch_ids = st.from_regex(r"b[0-9a-f]{8}", fullmatch=True)
 keys = st.text(st.characters(blacklist_categories=("Cs", "Cc"),
                              blacklist_characters="\"'“”‘’「」"), min_size=1, max_size=30) \
@@ -111,7 +130,7 @@ def _valid_commands():
     return st.one_of(
         st.builds(lambda i, e, n: Command("run", include=tuple(dict.fromkeys(i)),
                                           exclude=tuple(dict.fromkeys(e)), limit=n),
-                  st.lists(ids, max_size=4), st.lists(ids, max_size=4),
+                  st.lists(refs, max_size=4), st.lists(refs, max_size=4),
                   st.none() | st.integers(1, 100_000)),
         st.builds(lambda name, b: Command(name, batch_id=b),
                   st.sampled_from(["status", "cancel", "pause", "resume"]), st.none() | ids),
@@ -121,9 +140,7 @@ def _valid_commands():
                   st.none() | st.dates(MIN_DATE, MAX_DATE)),
         st.builds(lambda b: Command("retry", batch_id=b), batch_ids),
         st.builds(lambda r: Command("retry", task_ref=r),
-                  ids.filter(lambda s: s.lower() not in ("batch",) and not
-                             __import__("re").match(r"^b[0-9a-f]{4,32}$", s)
-                             and not s.startswith("-"))),
+                  refs.filter(lambda s: s.lower() not in ("batch", "批次"))),
         st.builds(lambda k, s: Command("silence", key=k, seconds=s), keys,
                   st.none() | st.integers(1, 30 * 86400)),
         st.just(Command("help")),

@@ -98,6 +98,19 @@ def test_run_applies_filters_and_names_count(db, settings, clock):
                                             "exclude": ["t2"], "limit": 2}
 
 
+def test_run_include_takes_any_printable_id_and_shows_it_neutralised(db, settings, clock):
+    recs = [{"record_id": "rec1", "fields": {"task_id": "视频 01", "状态": "待处理"}},
+            {"record_id": "rec2", "fields": {"task_id": "<at id=all></at>", "状态": "待处理"}},
+            {"record_id": "rec3", "fields": {"task_id": "c", "状态": "待处理"}}]
+    card = run_text(db, settings, clock, 'run --include "视频 01","<at id=all></at>"',
+                    feishu=StubFeishu(recs))
+    [batch] = queue.list_batches(db)
+    assert [t["task_key"] for t in queue.tasks_of(db, batch["id"])] == ["视频 01",
+                                                                        "<at id=all></at>"]
+    text = json.dumps(card, ensure_ascii=False)
+    assert "<at" not in text and "&#60;at id=all&#62;" in text
+
+
 def test_run_without_bitable_config_names_env_vars(db, clock):
     s = Settings(feishu=FeishuSettings(admin_ids=(ADMIN,)))
     card = run_text(db, s, clock, "run")
@@ -170,14 +183,47 @@ def test_resume_blocked_closes_breakers(db, settings, clock):
 
 def test_retry_task_and_batch(db, settings, clock):
     bid, tid = failed_task(db)
-    assert "重新排队" in json.dumps(run_text(db, settings, clock, f"retry {tid}"),
+    assert "重新排队" in json.dumps(run_text(db, settings, clock, f"retry #{tid}"),
                                    ensure_ascii=False)
     assert queue.get_task(db, tid)["status"] == "queued"
-    again = json.dumps(run_text(db, settings, clock, f"retry {tid}"), ensure_ascii=False)
+    again = json.dumps(run_text(db, settings, clock, f"retry #{tid}"), ensure_ascii=False)
     assert "无需重试" in again
     queue.update_task(db, tid, status="failed")
     run_text(db, settings, clock, f"retry batch {bid}")
     assert queue.get_task(db, tid)["status"] == "queued"
+
+
+def test_retry_number_is_a_task_key_not_an_internal_id(db, settings, clock):
+    """Bitable task ids are often numbers: `重试 2` means task_key "2", not internal row 2."""
+    b1 = queue.create_batch(db, [{"task_key": "a-video"}, {"task_key": "b-video"}], now=NOW,
+                            source="chat")
+    queue.create_batch(db, [{"task_key": "2"}], now=NOW, source="chat")
+    db.execute("UPDATE tasks SET status = 'failed'")
+    db.conn.commit()
+    row_two = queue.get_task(db, 2)
+    assert row_two["batch_id"] == b1 and row_two["task_key"] == "b-video"
+    run_text(db, settings, clock, "重试 2")
+    statuses = {r[0]: r[1] for r in db.execute("SELECT task_key, status FROM tasks")}
+    assert statuses == {"a-video": "failed", "b-video": "failed", "2": "queued"}
+    run_text(db, settings, clock, "retry #2")
+    assert queue.get_task(db, 2)["status"] == "queued"
+    unknown = json.dumps(run_text(db, settings, clock, "retry 99"), ensure_ascii=False)
+    assert "找不到任务 99" in unknown
+
+
+def test_retry_batch_looking_ref_is_a_batch_only_when_one_exists(db, settings, clock):
+    bid = queue.create_batch(db, [{"task_key": "b20240101"}, {"task_key": "x"}], now=NOW,
+                             source="chat")
+    db.execute("UPDATE tasks SET status = 'failed'")
+    db.conn.commit()
+    run_text(db, settings, clock, "retry b20240101")  # no such batch: the task key
+    statuses = {r[0]: r[1] for r in db.execute("SELECT task_key, status FROM tasks")}
+    assert statuses == {"b20240101": "queued", "x": "failed"}
+    run_text(db, settings, clock, f"retry {bid}")     # a batch by that id exists
+    assert {r[0] for r in db.execute("SELECT status FROM tasks")} == {"queued"}
+    missing = json.dumps(run_text(db, settings, clock, "retry batch b20240101"),
+                         ensure_ascii=False)
+    assert "b20240101" in missing and queue.get_task(db, 1)["status"] == "queued"
 
 
 def test_errors_lists_failed_tasks(db, settings, clock):
