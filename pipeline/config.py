@@ -35,12 +35,16 @@ ACTIONS = ("retry", "resubmit", "fail", "fatal")
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     # Order matters: the first matching rule wins.
+    # Fatal rules judge API calls only: a run that ended in Fail because a plugin inside the
+    # workflow got "permission denied" from a third party says nothing about opsbot's token.
     Rule("auth", "fatal", codes=("4100", "4101", "401", "403", "99991663", "99991661", "99991672"),
          http_statuses=(401, 403),
          messages=("token invalid", "invalid token", "token expired", "unauthorized",
-                   "permission denied")),
-    Rule("balance", "fatal", codes=("4011", "4019", "4022", "4008", "4102", "6003"),
-         messages=("insufficient balance", "quota exhausted", "quota exceeded", "arrears")),
+                   "permission denied"), scope="call"),
+    Rule("balance", "fatal", codes=("4011", "4019", "4022", "4008", "6003"),
+         messages=("insufficient balance", "quota exhausted", "quota exceeded", "arrears"),
+         scope="call"),
+    Rule("risk_control", "fail", codes=("4102",)),  # a verdict on this input, not on the account
     Rule("plugin_timeout", "resubmit", codes=("720701002", "720701001"),
          messages=("timeout", "timed out", "access plugin", "server error"), scope="run"),
     Rule("rate_limited", "retry", codes=("4009", "4013", "4020", "429"), http_statuses=(429,),

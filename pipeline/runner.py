@@ -47,13 +47,17 @@ async def run_batch(db: sqlite_utils.Database, config: PipelineConfig, *, tasks:
     stop = asyncio.Event()
     _install_stop(stop)
     async with CozeClient(coze_base_url, coze_token, limiter=limiter) as coze:
-        worker = Worker(db, config, coze, workflow_id, clock=clock, notifier=notifier)
+        # this batch only: the store may be shared with a service worker's chat batches
+        worker = Worker(db, config, coze, workflow_id, clock=clock, notifier=notifier,
+                        batch_ids=(batch_id,))
         run = asyncio.create_task(worker.run(drain=True, stop=stop))
-        while not run.done():
-            bar.update(queue.batch_counts(db, batch_id), clock.monotonic() - started)
-            await asyncio.wait([run], timeout=progress_every)
-        await run
-        worker.synth.close()
+        try:
+            while not run.done():
+                bar.update(queue.batch_counts(db, batch_id), clock.monotonic() - started)
+                await asyncio.wait([run], timeout=progress_every)
+            await run
+        finally:
+            worker.synth.close()
     counts = queue.batch_counts(db, batch_id)
     bar.update(counts, clock.monotonic() - started, final=True)
     write_results(db, batch_id, results_path)

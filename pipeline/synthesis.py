@@ -20,8 +20,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import tempfile
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,20 +98,36 @@ class Synthesizer:
     async def _run_callable(self, task_key: str, params: dict, coze_output: Any,
                             out_dir: str) -> dict:
         loop = asyncio.get_running_loop()
-        if self._func is builtin_synthesize:
-            # Cheap I/O: a thread is enough and avoids pickling to a process.
-            fut = loop.run_in_executor(None, self._func, task_key, params, coze_output, out_dir)
-        else:
-            fut = loop.run_in_executor(self._pool(), self._func, task_key, params, coze_output,
-                                       out_dir)
+        in_pool = self._func is not builtin_synthesize
         try:
+            if in_pool:
+                fut = loop.run_in_executor(self._pool(), self._func, task_key, params,
+                                           coze_output, out_dir)
+            else:  # cheap I/O: a thread is enough and avoids pickling to a process
+                fut = loop.run_in_executor(None, self._func, task_key, params, coze_output,
+                                           out_dir)
             return await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
+            if in_pool:
+                self._reset_pool()  # the job would go on holding a worker process
             raise SynthesisError("timeout", f"synthesis timed out after {self.timeout:.0f}s")
+        except BrokenProcessPool as exc:
+            self._reset_pool()
+            raise SynthesisError("crashed", "a synthesis process died; the pool was restarted") \
+                from exc
         except SynthesisError:
             raise
         except Exception as exc:  # the user's callable: any failure is a synthesis failure
             raise SynthesisError("error", f"{type(exc).__name__}: {exc}") from exc
+
+    def _reset_pool(self) -> None:
+        """Kill the pool's processes (a hung or dead job) and start a fresh pool next time."""
+        pool, self._executor = self._executor, None
+        if pool is None:
+            return
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run_command(self, task_key: str, params: dict, coze_output: Any,
                            out_dir: str) -> dict:
@@ -122,15 +140,18 @@ class Synthesizer:
                     for a in shlex.split(self.command)]
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                    *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True)
             except OSError as exc:
                 raise SynthesisError("config", f"cannot start {argv[0]!r}: {exc}") from exc
             try:
                 _, err = await asyncio.wait_for(proc.communicate(), self.timeout)
             except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+                await _kill(proc)
                 raise SynthesisError("timeout", f"synthesis timed out after {self.timeout:.0f}s")
+            except asyncio.CancelledError:  # batch cancelled, lease lost, shutdown
+                await _kill(proc)
+                raise
             if proc.returncode != 0:
                 tail = err.decode("utf-8", "replace").strip()[-300:]
                 raise SynthesisError("exit", f"exit code {proc.returncode}: {tail}")
@@ -139,5 +160,15 @@ class Synthesizer:
             return {"manifest": str(outp)}
 
     def close(self) -> None:
+        """Stop the pool without waiting for jobs (their tasks are handed back)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill the command and everything it started (its own session), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    await proc.wait()

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import socket
+import sqlite3
 import uuid
 from collections import deque
 from typing import Any
@@ -59,7 +60,8 @@ class Worker:
     def __init__(self, db: sqlite_utils.Database, config: PipelineConfig, coze: Any,
                  workflow_id: str, *, clock: Clock | None = None,
                  synthesizer: Synthesizer | None = None, notifier: Notifier | None = None,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, batch_ids: tuple[str, ...] | None = None) -> None:
+        """``batch_ids`` limits the worker to those batches (``opsbot run`` works on its own)."""
         self.db = db
         self.config = config
         self.coze = coze
@@ -87,6 +89,11 @@ class Worker:
         self._wake = asyncio.Event()
         self._synth_claim_at = 0.0    # next look for synthesis-stage tasks (see _claim_and_start)
         self.stats = {"submits": 0, "polls": 0, "claimed": 0}
+        self.batch_ids = tuple(batch_ids) if batch_ids else None
+        self._finish_at = 0.0
+        self._submitting: dict[int, asyncio.Future] = {}
+        self._probe_lock = asyncio.Lock()
+        self._batch_workflows: dict[str, str | None] = {}
 
     # ---- main loop -------------------------------------------------------------------------
 
@@ -97,10 +104,16 @@ class Worker:
         renewer = asyncio.create_task(self._renew_loop())
         try:
             while not stop.is_set():
-                self._enforce_batch_states()
-                self._claim_and_start()
-                if drain and not self._inflight and not queue.has_pending_work(self.db):
-                    break
+                try:
+                    self._enforce_batch_states()
+                    self._claim_and_start()
+                    self._tick_finish()
+                    if drain and not self._inflight and self._nothing_runnable():
+                        break
+                except sqlite3.OperationalError:  # e.g. a lock held past busy_timeout
+                    log.exception("store unavailable; trying again")
+                    await asyncio.sleep(1.0)
+                    continue
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._idle_timeout())
@@ -113,6 +126,22 @@ class Worker:
 
     def _idle_timeout(self) -> float:
         return self.config.idle_interval
+
+    def _tick_finish(self) -> None:
+        """Batches can end without a task ending here (resumed empty, cancelled elsewhere)."""
+        now = self.clock.monotonic()
+        if now >= self._finish_at:
+            self._finish_at = now + 1.0
+            self._finish_batches()
+
+    def _nothing_runnable(self) -> bool:
+        """For --drain: no pending work, or only work a human must unblock (manual breaker)."""
+        if not queue.has_pending_work(self.db, batch_ids=self.batch_ids):
+            return True
+        if not self.breaker.allow() and self.breaker.retry_at() is None:
+            log.warning("the Coze breaker waits for a human (resume); drain stops here")
+            return True
+        return False
 
     def recover_dead_owners(self) -> int:
         """Expire the leases of workers on this host whose process is gone (after a kill -9)."""
@@ -141,17 +170,22 @@ class Worker:
         if free_synth > 0 and now >= self._synth_claim_at:
             claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
                                          lease=self.config.lease_seconds, limit=free_synth,
-                                         stage="synthesis")
+                                         stage="synthesis", batch_ids=self.batch_ids)
             # Tasks reach the queue in the synthesis stage only when a worker stopped or died
             # mid-synthesis, and finding them scans the queued tasks (stage is not indexed):
             # look again at once only while there may be more, else after a second.
             self._synth_claim_at = now if len(claimed) == free_synth else now + 1.0
         free_coze = self.config.max_coze - len(self._coze_active)
         if free_coze > 0 and self.breaker.allow():
-            claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
-                                         lease=self.config.lease_seconds, limit=free_coze,
-                                         stage="coze")
+            if self.breaker.state().state == "half_open":
+                free_coze = 1 if not self._coze_active else 0  # one probe, not a stampede
+            if free_coze:
+                claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
+                                             lease=self.config.lease_seconds, limit=free_coze,
+                                             stage="coze", batch_ids=self.batch_ids)
         for task in claimed:
+            if task["id"] in self._inflight:  # our own, still alive: its lease just ran late
+                continue
             self.stats["claimed"] += 1
             if task["stage"] == "coze":
                 self._coze_active.add(task["id"])
@@ -169,7 +203,9 @@ class Worker:
         states = dict(self.db.execute(f"SELECT id, status FROM batches WHERE id IN ({marks})",
                                       ids).fetchall())
         for task_id, batch_id in list(self._batch_of.items()):
-            if states.get(batch_id) in ("cancelled", "blocked"):
+            state = states.get(batch_id)
+            # a block stops Coze work; synthesis needs no Coze and finishes what it started
+            if state == "cancelled" or (state == "blocked" and task_id in self._coze_active):
                 t = self._inflight.get(task_id)
                 if t and not t.done():
                     t.cancel()
@@ -178,8 +214,12 @@ class Worker:
         interval = max(0.05, self.config.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
-            lost = queue.renew_leases(self.db, list(self._inflight), owner=self.owner,
-                                      now=self.clock.now(), lease=self.config.lease_seconds)
+            try:
+                lost = queue.renew_leases(self.db, list(self._inflight), owner=self.owner,
+                                          now=self.clock.now(), lease=self.config.lease_seconds)
+            except sqlite3.OperationalError:
+                log.exception("lease renewal failed; trying again")
+                continue
             for task_id in lost:
                 t = self._inflight.get(task_id)
                 if t and not t.done():
@@ -223,18 +263,29 @@ class Worker:
                 output = _load(task.get("coze_output"))
             await self._synthesis_stage(task, output)
         except asyncio.CancelledError:
+            await self._settle_submit(task_id)
             self._release(task_id)
             raise
         except Exception as exc:  # a bug must not kill the worker or stall other tasks
             log.exception("task crashed", extra={"task_id": task_id})
             self._fail(task, None, exc, error_class="internal")
         finally:
-            self._coze_active.discard(task_id)
-            self._synth_active.discard(task_id)
-            self._inflight.pop(task_id, None)
-            self._batch_of.pop(task_id, None)
+            if self._inflight.get(task_id) is asyncio.current_task():
+                self._coze_active.discard(task_id)
+                self._synth_active.discard(task_id)
+                self._inflight.pop(task_id, None)
+                self._batch_of.pop(task_id, None)
             self._finish_batches()
             self._wake.set()
+
+    async def _settle_submit(self, task_id: int) -> None:
+        """A cancelled task whose submit is on the wire waits for it, so its id gets stored."""
+        pending = self._submitting.pop(task_id, None)
+        if pending is not None and not pending.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(pending), 60)
+            except BaseException:  # noqa: BLE001 - its outcome is recorded by itself
+                pass
 
     async def _coze_stage(self, task: dict[str, Any]) -> Any:
         params = _load(task["params"]) or {}
@@ -244,19 +295,16 @@ class Worker:
             if not task.get("execute_id"):
                 started = self.clock.now()
                 try:
-                    workflow = self._workflow_for_submit()
-                    sub = await self._call(task, lambda: self.coze.submit(workflow, params))
+                    workflow = self._workflow_for_submit(task)
+                    await self._call(task, lambda: self._shielded_submit(task, workflow, params))
+                except LeaseLost:
+                    return _STOPPED
                 except Exception as exc:
                     result = self._handle_error(task, exc, "coze", started)
                     if isinstance(result, _Resubmit):
                         await self.clock.sleep(result.wait)
                         continue
                     return result
-                self.stats["submits"] += 1
-                if not self._update(task, execute_id=sub.execute_id, submitted_at=self.clock.now(),
-                                    debug_url=sub.debug_url, attempts=task["attempts"] + 1,
-                                    run_workflow_id=workflow):
-                    return _STOPPED
             started = task["submitted_at"] or self.clock.now()
             try:
                 status = await self._wait_run(task)
@@ -277,7 +325,37 @@ class Worker:
                 return result
             await self.clock.sleep(result.wait)
 
-    def _workflow_for_submit(self) -> str:
+    def _shielded_submit(self, task: dict[str, Any], workflow: str, params: dict) -> Any:
+        """One submit attempt whose answer is stored even if the task is cancelled meanwhile.
+
+        Coze creates the run as soon as it accepts the request; cancelling while the answer is
+        on its way would lose the ``execute_id`` and the next claim would submit again.
+        """
+        async def submit_and_store():
+            sub = await self.coze.submit(workflow, params)
+            self.stats["submits"] += 1
+            if not self._update(task, execute_id=sub.execute_id, submitted_at=self.clock.now(),
+                                debug_url=sub.debug_url, attempts=task["attempts"] + 1,
+                                run_workflow_id=workflow):
+                raise LeaseLost(f"task {task['id']} was taken over")
+            return sub
+
+        inner = asyncio.ensure_future(submit_and_store())
+        self._submitting[task["id"]] = inner
+        inner.add_done_callback(lambda f, tid=task["id"]: self._submitting.pop(tid, None)
+                                if self._submitting.get(tid) is f else None)
+        return asyncio.shield(inner)
+
+    def _workflow_for_submit(self, task: dict[str, Any]) -> str:
+        """The batch's own workflow when it names another one; else primary or fallback."""
+        batch_id = task["batch_id"]
+        if batch_id not in self._batch_workflows:
+            row = self.db.execute("SELECT workflow_id FROM batches WHERE id = ?",
+                                  [batch_id]).fetchone()
+            self._batch_workflows[batch_id] = row[0] if row else None
+        own = self._batch_workflows[batch_id]
+        if own and own not in (self.workflow_id, self.selector.fallback):
+            return own
         workflow, switch = self.selector.current(self.clock.now())
         if switch is not None:
             self._announce(switch)
@@ -306,7 +384,12 @@ class Worker:
             elapsed = self.clock.now() - submitted
             await self.clock.sleep(self._poll_delay(elapsed, polls))
             workflow = task.get("run_workflow_id") or self.workflow_id
-            status = await self._call(task, lambda: self.coze.poll(workflow, execute_id))
+            try:
+                status = await self._call(task, lambda: self.coze.poll(workflow, execute_id))
+            except CozeError as exc:
+                if not self._keep_waiting(exc, submitted):
+                    raise
+                continue
             polls += 1
             self.stats["polls"] += 1
             now = self.clock.now()
@@ -319,6 +402,23 @@ class Worker:
             if now - submitted > self.config.run_timeout:
                 raise RunFailed("run_timeout", f"run timed out: still Running after "
                                 f"{self.config.run_timeout:.0f}s", debug_url=task.get("debug_url"))
+
+    def _keep_waiting(self, exc: CozeError, submitted: float) -> bool:
+        """Should a failed poll leave the run alone and poll again later?
+
+        Yes when Coze is merely unreachable, overloaded or rate limiting (retries exhausted for
+        now): the run goes on at Coze and its result must not be thrown away. No for fatal errors
+        and for answers about the run itself (e.g. 4314 execution not found), and once the run
+        is past ``run_timeout``.
+        """
+        decision = getattr(exc, "decision", None)
+        transient = decision is not None and decision.action in ("retry", "fail") and \
+            decision.error_class in ("network", "server", "rate_limited")
+        if not transient or self.clock.now() - submitted > self.config.run_timeout:
+            return False
+        log.warning("Coze unreachable while waiting on a run; waiting on",
+                    extra={"error": _msg(exc)})
+        return True
 
     #: Target mean detection delay, as a fraction of the mean run time (adaptive polling).
     poll_target = 0.03
@@ -371,8 +471,7 @@ class Worker:
     async def _call(self, task: dict[str, Any], make_call) -> Any:
         """One Coze API call: behind the breaker, retried by the classifier's rules."""
 
-        async def guarded():
-            await self._gate()
+        async def attempt():
             try:
                 result = await make_call()
             except CozeError as exc:
@@ -382,6 +481,14 @@ class Worker:
                 raise
             self.breaker.record_success()
             return result
+
+        async def guarded():
+            await self._gate()
+            if self.breaker.state().state != "half_open":
+                return await attempt()
+            async with self._probe_lock:  # half-open: one probe at a time, not every waiter
+                await self._gate()
+                return await attempt()
 
         def on_retry(decision: Decision, exc: BaseException, attempt: int) -> None:
             now = self.clock.now()
@@ -446,8 +553,10 @@ class Worker:
         """Stop dispatching: trip the breaker, block open batches, hand the task back."""
         reason = f"{decision.error_class}: {_msg(exc)}"
         self.breaker.trip(reason)
+        ended_run = {"execute_id": None, "submitted_at": None} \
+            if isinstance(exc, RunFailed) else {}  # never poll an ended run again after resume
         self._update(task, error_class=decision.error_class,
-                     error_code=getattr(exc, "code", None), error_message=_msg(exc))
+                     error_code=getattr(exc, "code", None), error_message=_msg(exc), **ended_run)
         self._release(task["id"])
         blocked = queue.block_open_batches(self.db, now=self.clock.now(), reason=reason)
         for batch_id in blocked:

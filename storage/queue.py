@@ -79,6 +79,11 @@ def batch_counts(db: sqlite_utils.Database, batch_id: str) -> dict[str, int]:
                         " GROUP BY status", [batch_id]):
         counts[row["status"]] = row["n"]
     counts["total"] = sum(counts.values())
+    # A running task that already failed once is waiting on a retry or a new run: show it so.
+    backing_off = db.execute("SELECT COUNT(*) FROM tasks WHERE batch_id = ? AND status = 'running'"
+                             " AND error_class IS NOT NULL", [batch_id]).fetchone()[0]
+    counts["running"] -= backing_off
+    counts["retrying"] += backing_off
     return counts
 
 
@@ -114,12 +119,14 @@ def tasks_of(db: sqlite_utils.Database, batch_id: str,
 
 
 def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: float,
-                limit: int, stage: str | None = None) -> list[dict[str, Any]]:
+                limit: int, stage: str | None = None,
+                batch_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Claim up to ``limit`` due tasks of running batches for ``owner``.
 
     A task is due when it is queued/retrying with ``next_at <= now``, or running with an expired
-    lease (its worker died). Claimed tasks become ``running`` with a fresh lease. Batches that are
-    queued become running on their first claim.
+    lease held by another owner (its worker died; an owner never takes over its own tasks, whose
+    coroutines may still be alive). Claimed tasks become ``running`` with a fresh lease. Batches
+    that are queued become running on their first claim. ``batch_ids`` limits the claim.
     """
     if limit <= 0:
         return []
@@ -128,12 +135,16 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     # One index-ordered, limited scan per status (tasks_claim is (status, next_at) and rowid
     # breaks ties), merged: cost grows with ``limit``, not with the number of queued tasks.
     runnable = " AND t.batch_id IN (SELECT id FROM batches WHERE status IN ('queued', 'running'))"
+    wanted = tuple(batch_ids) if batch_ids else ()
+    if wanted:
+        runnable += f" AND t.batch_id IN ({','.join('?' * len(wanted))})"
     parts, args = [], []
     for status, cond in (("queued", "t.next_at <= ?"), ("retrying", "t.next_at <= ?"),
-                         ("running", "t.lease_until < ?")):
+                         ("running", "t.lease_until < ? AND t.lease_owner IS NOT ?")):
         parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t WHERE t.status = ?"
                      f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?)")
-        args += [status, now, *stage_args, limit]
+        own = [owner] if status == "running" else []
+        args += [status, now, *own, *stage_args, *wanted, limit]
     sql = (f"SELECT id FROM ({' UNION ALL '.join(parts)}) ORDER BY next_at, id LIMIT ?")
     with transaction(db) as conn:
         ids = [r[0] for r in conn.execute(sql, [*args, limit]).fetchall()]
@@ -274,12 +285,15 @@ def finish_batches(db: sqlite_utils.Database, *, now: float) -> list[str]:
     return ids
 
 
-def has_pending_work(db: sqlite_utils.Database) -> bool:
-    """True while some task of a queued/running batch is not final."""
+def has_pending_work(db: sqlite_utils.Database,
+                     batch_ids: Iterable[str] | None = None) -> bool:
+    """True while some task of a queued/running batch (of ``batch_ids``, if given) is not final."""
+    wanted = tuple(batch_ids) if batch_ids else ()
+    only = f" AND b.id IN ({','.join('?' * len(wanted))})" if wanted else ""
     row = db.execute(
         "SELECT 1 FROM tasks t JOIN batches b ON b.id = t.batch_id"
         " WHERE b.status IN ('queued', 'running') AND t.status IN ('queued', 'running', 'retrying')"
-        " LIMIT 1").fetchone()
+        f"{only} LIMIT 1", list(wanted)).fetchone()
     return row is not None
 
 

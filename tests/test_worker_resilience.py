@@ -1,0 +1,196 @@
+"""The worker under the failure modes a review found: each once lost or repeated work."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+from pipeline.breaker import Breaker
+from pipeline.coze import CozeClient
+from pipeline.simulator import CozeSimulator, Script
+from pipeline.synthesis import Synthesizer
+from pipeline.worker import Worker
+from storage import queue
+from tests.test_worker import FAST, _drain
+
+
+def test_a_run_failing_with_permission_denied_inside_fails_the_task_not_the_batch(db, tmp_path):
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        sim.script("bad", Script(outcome="Fail", error_code="403", duration=0.02,
+                                 error_message="plugin call failed: permission denied"))
+        await sim.start()
+        try:
+            batch = queue.create_batch(db, [{"task_key": "bad"}, {"task_key": "ok"}], now=0,
+                                       source="cli")
+            await _drain(db, sim, tmp_path=tmp_path)
+            return sim, batch
+        finally:
+            await sim.stop()
+
+    sim, batch = asyncio.run(go())
+    assert queue.get_batch(db, batch)["status"] == "done"
+    assert queue.find_task(db, "bad")["status"] == "failed"
+    assert queue.find_task(db, "ok")["status"] == "succeeded"
+    assert not sim.polls_after_final
+
+
+def test_coze_down_while_runs_are_going_keeps_their_results(db, tmp_path):
+    """Polls fail for longer than the retry budget; the runs finish at Coze meanwhile."""
+    cfg = dataclasses.replace(FAST, retry=dataclasses.replace(FAST.retry, max_attempts=2),
+                              breaker=dataclasses.replace(FAST.breaker, open_seconds=0.3))
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.3)
+        await sim.start()
+        try:
+            batch = queue.create_batch(db, [{"task_key": f"t{i}"} for i in range(3)], now=0,
+                                       source="cli")
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(cfg, output_dir=str(tmp_path)), coze,
+                                "wf")
+                job = asyncio.create_task(worker.run(drain=True))
+                while sum(sim.task(f"t{i}").submits for i in range(3)) < 3:
+                    await asyncio.sleep(0.01)
+                sim.set_down(True)
+                await asyncio.sleep(1.0)           # far past the runs' end and the retry budget
+                sim.set_down(False)
+                await asyncio.wait_for(job, 20)
+            return sim, batch
+        finally:
+            await sim.stop()
+
+    sim, batch = asyncio.run(go())
+    assert queue.batch_counts(db, batch)["succeeded"] == 3
+    assert all(sim.task(f"t{i}").submits == 1 for i in range(3))
+
+
+def test_cancelling_a_task_while_its_submit_is_on_the_wire_never_submits_twice(db, tmp_path):
+    """A batch blocked, cancelled or a shutdown during the submit round trip: the id is kept."""
+    async def go():
+        sim = CozeSimulator(default_duration=0.2)
+        await sim.start()
+        try:
+            queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+
+            class SlowAnswer(CozeClient):
+                async def submit(self, workflow_id, parameters):
+                    result = await super().submit(workflow_id, parameters)
+                    await asyncio.sleep(0.3)        # Coze accepted; the answer is slow
+                    return result
+
+            async with SlowAnswer(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf")
+                stop = asyncio.Event()
+                job = asyncio.create_task(worker.run(stop=stop))
+                while sim.task("a").submits == 0:
+                    await asyncio.sleep(0.01)
+                stop.set()                           # shut down mid-submit
+                await asyncio.wait_for(job, 5)
+            assert queue.find_task(db, "a")["execute_id"]
+            await _drain(db, sim, tmp_path=tmp_path)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    assert queue.find_task(db, "a")["status"] == "succeeded"
+    assert sim.task("a").submits == 1
+
+
+def test_a_worker_never_takes_over_its_own_live_task(db):
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    [task] = queue.claim_tasks(db, owner="me", now=0, lease=1, limit=1)
+    assert queue.claim_tasks(db, owner="me", now=5, lease=1, limit=1) == []   # late renewal
+    assert [t["id"] for t in queue.claim_tasks(db, owner="other", now=5, lease=1,
+                                               limit=1)] == [task["id"]]
+
+
+def test_opsbot_run_works_only_on_its_own_batch(db, tmp_path):
+    chat = queue.create_batch(db, [{"task_key": "chat0"}], now=0, source="chat")
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        await sim.start()
+        try:
+            mine = queue.create_batch(db, [{"task_key": "cli0"}], now=0, source="cli")
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf", batch_ids=(mine,))
+                await asyncio.wait_for(worker.run(drain=True), 10)
+            return mine
+        finally:
+            await sim.stop()
+
+    mine = asyncio.run(go())
+    assert queue.batch_counts(db, mine)["succeeded"] == 1
+    assert queue.find_task(db, "chat0")["status"] == "queued"
+    assert queue.get_batch(db, chat)["status"] == "queued"
+
+
+def test_drain_stops_when_only_a_human_can_unblock_the_breaker(db, tmp_path):
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="chat")   # made after the trip
+    Breaker(db, "coze", FAST.breaker, time.time).trip("auth: token invalid")
+
+    async def go():
+        sim = CozeSimulator()
+        await sim.start()
+        try:
+            started = time.monotonic()
+            await _drain(db, sim, tmp_path=tmp_path, timeout=5)
+            return time.monotonic() - started, sim
+        finally:
+            await sim.stop()
+
+    took, sim = asyncio.run(go())
+    assert took < 2 and sim.total_requests == 0
+    assert queue.find_task(db, "a")["status"] == "queued"
+
+
+def test_half_open_lets_one_probe_through_then_closes(db, tmp_path):
+    cfg = dataclasses.replace(FAST, breaker=dataclasses.replace(FAST.breaker, open_seconds=0.2))
+    br = Breaker(db, "coze", cfg.breaker, time.time)
+    for _ in range(FAST.breaker.failure_threshold):
+        br.record_failure("500")
+    assert br.state().state == "open"
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.05)
+        await sim.start()
+        try:
+            queue.create_batch(db, [{"task_key": f"t{i}"} for i in range(8)], now=0,
+                               source="cli")
+            await _drain(db, sim, config=cfg, tmp_path=tmp_path)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    assert br.state().state == "closed"
+    assert all(sim.task(f"t{i}").submits == 1 for i in range(8))
+    # half-open: one probe claimed and sent alone; the other 7 were claimed only after the
+    # breaker closed (3 successes: the probe's submit and its polls)
+    first_submits = sorted(r.time for r in sim.requests if r.path == "/v1/workflow/run")
+    answers_before_second = [r for r in sim.requests if r.time < first_submits[1]]
+    assert len(answers_before_second) >= 3
+
+
+def test_a_hung_synthesis_job_is_killed_and_the_pool_keeps_working(tmp_path):
+    async def go():
+        synth = Synthesizer("tests.synth_jobs:slow_or_fast", workers=1,
+                            output_dir=tmp_path, timeout=0.5)
+        try:
+            results = []
+            for key in ("slow", "fast1", "crash", "fast2"):
+                try:
+                    results.append(await synth.run("b", key, {}, {"x": 1}))
+                except Exception as exc:  # noqa: BLE001
+                    results.append(getattr(exc, "code", type(exc).__name__))
+            return results
+        finally:
+            synth.close()
+
+    results = asyncio.run(go())
+    assert results[0] == "timeout" and results[2] == "crashed"
+    assert results[1] == {"ok": "fast1"} and results[3] == {"ok": "fast2"}
