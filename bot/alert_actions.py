@@ -34,8 +34,8 @@ from storage.db import Conflict, NotFound, transaction
 
 from .alert_cards import tr
 from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card,
-                     enqueue_patch, load_alert, open_alerts, resolve_batch_unblocked,
-                     silenced_until)
+                     enqueue_patch, load_alert, open_alerts, refresh_pending_patch,
+                     resolve_batch_unblocked, silenced_until)
 
 MIN_SILENCE = 60.0
 MAX_SILENCE = 30 * 86400.0
@@ -71,9 +71,14 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
     except (KeyError, ValueError, TypeError) as exc:
         return _toast("error", tr("a.failed", ctx.lang, error=f"{type(exc).__name__}: {exc}"[:200]))
     answer = _toast("success" if ok else "info", text)
-    card = _current_card(ctx)
+    card, target = _current_card(ctx)
     if card is not None:
         answer["card"] = {"type": "raw", "data": card}
+        if target:
+            # A patch still waiting for this card carries its state from before the click and
+            # would revert the answer's card when delivered: it must carry the new card.
+            refresh_pending_patch(ctx.db, target, card, now=ctx.now,
+                                  ref=str(ctx.value.get("key") or ctx.value.get("batch_id")))
     return answer
 
 
@@ -81,20 +86,22 @@ def _toast(kind: str, content: str) -> dict[str, Any]:
     return {"toast": {"type": kind, "content": content}}
 
 
-def _current_card(ctx: _Ctx) -> dict[str, Any] | None:
-    """The clicked card as it should look now: the alert's, else the batch's."""
+def _current_card(ctx: _Ctx) -> tuple[dict[str, Any] | None, str | None]:
+    """The clicked card as it should look now (the alert's, else the batch's) and the outbox
+    target its later patches use (None when unknown)."""
     key = ctx.value.get("key")
     if key:
         alert = load_alert(ctx.db, str(key))
         if alert is not None:
-            return alert_card_for(ctx.db, ctx.settings, alert, ctx.now)
+            return alert_card_for(ctx.db, ctx.settings, alert, ctx.now), alert.get("message_uuid")
     batch_id = ctx.value.get("batch_id")
     if batch_id:
         try:
-            return batch_card(ctx.db, ctx.settings, str(batch_id), ctx.now)
+            card = batch_card(ctx.db, ctx.settings, str(batch_id), ctx.now)
         except NotFound:
-            return None
-    return None
+            return None, None
+        return card, queue.get_batch(ctx.db, str(batch_id)).get("progress_message_id")
+    return None, None
 
 
 def _note(ctx: _Ctx, key: Any, text: str, *, status: str | None = None) -> None:

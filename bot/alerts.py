@@ -155,6 +155,22 @@ def enqueue_patch(db: sqlite_utils.Database, target: str, card: dict[str, Any], 
     return key
 
 
+def refresh_pending_patch(db: sqlite_utils.Database, target: str, card: dict[str, Any], *,
+                          now: float, ref: str | None = None) -> str | None:
+    """When a patch of ``target`` is still pending, make the card it delivers ``card``.
+
+    Used after a button press: the callback's answer already shows ``card``, and an older
+    pending patch would otherwise revert it. A pending row no sender holds gets the new payload;
+    when the only pending row is in flight, a new row follows it. Returns the row's uuid, or
+    None when nothing was pending (nothing to do: the answer updated the card).
+    """
+    pending = db.execute("SELECT 1 FROM outbox WHERE kind = 'patch' AND target = ?"
+                         " AND status = 'pending' LIMIT 1", [target]).fetchone()
+    if pending is None:
+        return None
+    return enqueue_patch(db, target, card, now=now, ref=ref, interval=0.0)
+
+
 def _uuid(prefix: str, *parts: Any) -> str:
     """A deterministic outbox uuid (<= 50 chars): a crash-and-repeat enqueues nothing new."""
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]

@@ -73,6 +73,35 @@ def test_retry_on_an_old_card_for_a_task_that_moved_on_does_nothing(db, settings
     assert snapshot(db) == before
 
 
+def test_a_pending_patch_does_not_revert_the_card_a_button_answered(db, settings, clock, router):
+    """A grouped card has a coalesced patch pending; Ignore answers with the grey card; the
+    pending patch must deliver that card too, not the open one with buttons."""
+    from storage import outbox
+    b = batch(db, 3)
+    ids = [t["id"] for t in queue.tasks_of(db, b)]
+    fail(db, router, ids[0])
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET status = 'sent', result = 'om_alert' WHERE kind = 'send'")
+    clock.advance(0.2)
+    fail(db, router, ids[1])
+    key = f"{b}:coze:plugin_timeout"
+    assert len(rows(db, "patch")) == 1
+    answer = press(db, settings, clock, {"action": "ignore", "task_id": ids[0], "key": key})
+    assert answer["card"]["data"]["header"]["template"] == "grey"
+    delivered = outbox.claim_due(db, owner="w", now=clock.now() + 5)
+    assert [r["kind"] for r in delivered] == ["patch"]
+    assert delivered[0]["payload"]["card"] == answer["card"]["data"]
+
+
+def test_a_press_with_no_pending_patch_enqueues_none(db, settings, clock, router):
+    b = batch(db, 1)
+    tid = queue.tasks_of(db, b)[0]["id"]
+    fail(db, router, tid)
+    press(db, settings, clock, {"action": "ignore", "task_id": tid,
+                                "key": f"{b}:coze:plugin_timeout"})
+    assert rows(db, "patch") == []
+
+
 def test_retry_batch_requeues_every_failed_task(db, settings, clock, router):
     b = batch(db, 3)
     for t in queue.tasks_of(db, b)[:2]:
