@@ -13,8 +13,9 @@ Actions (values)::
     retry_batch  {"batch_id"}          requeue every failed task of the batch
     ignore       {"task_id"?, "key"?}  failed tasks -> ignored; open alert -> ignored
     silence      {"key", "seconds"?}   silence the key (default alerts.default_silence)
-    resume       {"batch_id", "key"?}  blocked/paused -> running; close every breaker;
-                                       resolve the batch's HIGH card and breaker cards
+    resume       {"batch_id", "key"?}  blocked/paused -> running; for a blocked batch close
+                                       every breaker and resolve the batch's HIGH card and
+                                       breaker cards (a paused one leaves breakers alone)
     cancel       {"batch_id", "key"?}  cancel the batch; its open alerts -> ignored
 
 Authorisation is the caller's job (only ``FEISHU_ADMIN_IDS`` may press). Double clicks and old
@@ -32,10 +33,11 @@ from pipeline.breaker import reset_all
 from storage import queue
 from storage.db import Conflict, NotFound, transaction
 
-from .alert_cards import tr
+from .alert_cards import status_word, tr
 from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card,
                      enqueue_patch, load_alert, open_alerts, refresh_pending_patch,
-                     resolve_batch_unblocked, silenced_until)
+                     resolve_alert, resolve_batch_unblocked, silenced_until)
+from .commands import neutral
 
 MIN_SILENCE = 60.0
 MAX_SILENCE = 30 * 86400.0
@@ -106,16 +108,8 @@ def _current_card(ctx: _Ctx) -> tuple[dict[str, Any] | None, str | None]:
 
 def _note(ctx: _Ctx, key: Any, text: str, *, status: str | None = None) -> None:
     """Record who did what on the alert ``key`` (and optionally change its status)."""
-    if not key:
-        return
-    with transaction(ctx.db) as conn:
-        alert = _load_in(conn, str(key))
-        if alert is None:
-            return
-        _add_action(alert, {"by": ctx.operator, "text": text}, ctx.now)
-        if status and alert["status"] == "open":
-            alert["status"] = status
-        _save_in(conn, alert)
+    if key:
+        _note_alert(ctx.db, str(key), {"by": ctx.operator, "text": text}, ctx.now, status=status)
 
 
 def _alert_task_ids(ctx: _Ctx) -> list[int]:
@@ -200,35 +194,126 @@ def _silence(ctx: _Ctx) -> Result:
 
 
 def _resume(ctx: _Ctx) -> Result:
-    batch_id = str(ctx.value["batch_id"])
-    try:
-        previous = queue.set_batch_status(ctx.db, batch_id, "running", now=ctx.now,
-                                          allowed_from=("blocked", "paused"))
-    except Conflict:
-        status = queue.get_batch(ctx.db, batch_id)["status"]
-        return False, tr("a.not_blocked", ctx.lang, batch_id=batch_id, status=status)
-    # The human vouches that the cause (token, balance) is fixed: every breaker closes.
-    reset_all(ctx.db, ctx.now)
-    resolve_batch_unblocked(ctx.db, ctx.settings, batch_id, now=ctx.now, by=ctx.operator)
-    return True, tr("a.resumed", ctx.lang, batch_id=batch_id, previous=previous)
+    return resume_batch(ctx.db, ctx.settings, str(ctx.value["batch_id"]), now=ctx.now,
+                        by=ctx.operator, patch_card=False)
 
 
 def _cancel(ctx: _Ctx) -> Result:
-    batch_id = str(ctx.value["batch_id"])
+    return cancel_batch(ctx.db, ctx.settings, str(ctx.value["batch_id"]), now=ctx.now,
+                        by=ctx.operator, shown_key=ctx.value.get("key"), patch_card=False)
+
+
+# --- shared with the chat commands (bot.handlers): a command does what its button does --------
+
+def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
+                 patch_card: bool = True) -> Result:
+    """Resume ``batch_id`` (None: the latest blocked, else paused, batch). Raises NotFound.
+    ``patch_card``: patch the batch's progress card (a button's answer already shows it).
+
+    Breakers are reset only when a human vouches for the cause of a fatal stop: resuming a
+    *blocked* batch, a ``resume`` without a batch, or a resume of a batch that was not stopped
+    while breakers are open and no batch is blocked (new batches would stay queued forever).
+    Resuming a *paused* batch leaves a breaker tripped by a fatal error alone.
+    """
+    lang = settings.language
+    explicit = batch_id is not None
+    if batch_id is None:
+        batch_id = _latest_stopped(db)
+        if batch_id is None:
+            return _reset_breakers(db, settings, now=now, by=by) or \
+                (False, tr("a.nothing_to_resume", lang))
     try:
-        queue.set_batch_status(ctx.db, batch_id, "cancelled", now=ctx.now,
+        previous = queue.set_batch_status(db, batch_id, "running", now=now,
+                                          allowed_from=("blocked", "paused"))
+    except Conflict:
+        status = queue.get_batch(db, batch_id)["status"]
+        if status in ("queued", "running") and not _latest_stopped(db, ("blocked",)):
+            reset = _reset_breakers(db, settings, now=now, by=by)
+            if reset is not None:
+                return reset
+        return False, tr("a.not_blocked", lang, batch_id=neutral(batch_id),
+                         status=status_word(status, lang))
+    reset = previous == "blocked" or (not explicit and _open_breakers(db))
+    if reset:
+        # The human vouches that the cause (token, balance) is fixed: every breaker closes.
+        reset_all(db, now)
+        resolve_batch_unblocked(db, settings, batch_id, now=now, by=by)
+    if patch_card:
+        _patch_batch_card(db, settings, batch_id, now)
+    key = "a.resumed" if reset else "a.resumed_paused"
+    return True, tr(key, lang, batch_id=neutral(batch_id), previous=status_word(previous, lang),
+                    status=status_word("running", lang))
+
+
+def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
+                 shown_key: Any = None, patch_card: bool = True) -> Result:
+    """Cancel ``batch_id``; its open alerts become ignored and their cards are patched (except
+    ``shown_key``, the card whose button answer already shows it); with ``patch_card`` the
+    batch's progress card too. Raises NotFound."""
+    lang = settings.language
+    try:
+        queue.set_batch_status(db, batch_id, "cancelled", now=now,
                                allowed_from=queue.BATCH_OPEN)
     except Conflict:
-        status = queue.get_batch(ctx.db, batch_id)["status"]
-        return False, tr("a.cannot_cancel", ctx.lang, batch_id=batch_id, status=status)
-    for alert in open_alerts(ctx.db, batch_id=batch_id):
-        _note(ctx, alert["key"], tr("n.cancel", ctx.lang), status="ignored")
-        if alert.get("message_uuid") and alert["key"] != ctx.value.get("key"):
-            fresh = load_alert(ctx.db, alert["key"])
-            enqueue_patch(ctx.db, alert["message_uuid"],
-                          alert_card_for(ctx.db, ctx.settings, fresh, ctx.now), now=ctx.now,
-                          ref=alert["key"])
-    return True, tr("a.cancelled", ctx.lang, batch_id=batch_id)
+        status = queue.get_batch(db, batch_id)["status"]
+        return False, tr("a.cannot_cancel", lang, batch_id=neutral(batch_id),
+                         status=status_word(status, lang))
+    note = {"by": by, "text": tr("n.cancel", lang)}
+    for alert in open_alerts(db, batch_id=batch_id):
+        _note_alert(db, alert["key"], note, now, status="ignored")
+        if alert.get("message_uuid") and alert["key"] != shown_key:
+            fresh = load_alert(db, alert["key"])
+            enqueue_patch(db, alert["message_uuid"],
+                          alert_card_for(db, settings, fresh, now), now=now, ref=alert["key"])
+    if patch_card:
+        _patch_batch_card(db, settings, batch_id, now)
+    return True, tr("a.cancelled", lang, batch_id=neutral(batch_id))
+
+
+def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused")) -> str | None:
+    """The latest batch in the first of ``statuses`` that has one (blocked before paused)."""
+    for status in statuses:
+        row = db.execute("SELECT id FROM batches WHERE status = ? ORDER BY created_at DESC,"
+                         " rowid DESC LIMIT 1", [status]).fetchone()
+        if row:
+            return row[0]
+    return None
+
+
+def _open_breakers(db) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT service FROM breakers WHERE state != 'closed' ORDER BY service")]
+
+
+def _reset_breakers(db, settings, *, now: float, by: str) -> Result | None:
+    """Close open breakers (resolving their cards); None when every breaker is closed."""
+    services = _open_breakers(db)
+    if not services:
+        return None
+    reset_all(db, now)
+    note = {"by": by, "text": tr("n.reset", settings.language)}
+    for alert in open_alerts(db, kinds=("breaker",)):
+        resolve_alert(db, settings, alert["key"], now=now, note=note)
+    return True, tr("a.breakers_reset", settings.language, services=", ".join(services))
+
+
+def _patch_batch_card(db, settings, batch_id: str, now: float) -> None:
+    """Show the new state on the batch's progress card (a command has no answer card)."""
+    target = queue.get_batch(db, batch_id).get("progress_message_id")
+    if target:
+        enqueue_patch(db, target, batch_card(db, settings, batch_id, now), now=now, ref=batch_id)
+
+
+def _note_alert(db, key: str, note: dict[str, Any], now: float, *,
+                status: str | None = None) -> None:
+    with transaction(db) as conn:
+        alert = _load_in(conn, key)
+        if alert is None:
+            return
+        _add_action(alert, note, now)
+        if status and alert["status"] == "open":
+            alert["status"] = status
+        _save_in(conn, alert)
 
 
 def _local(ctx: _Ctx, ts: float) -> str:

@@ -109,8 +109,15 @@ _T: dict[str, dict[str, str]] = {
     "a.silenced": {"zh": "已静默 `{key}` 至 {until}", "en": "Silenced `{key}` until {until}"},
     "a.already_silenced": {"zh": "`{key}` 已静默至 {until}", "en": "`{key}` is already silenced "
                                                              "until {until}"},
-    "a.resumed": {"zh": "批次 `{batch_id}` 已恢复（{previous} → running），熔断器已重置",
-                  "en": "Batch `{batch_id}` resumed ({previous} → running); breakers reset"},
+    "a.resumed": {"zh": "批次 `{batch_id}` 已恢复（{previous} → {status}），熔断器已重置",
+                  "en": "Batch `{batch_id}` resumed ({previous} → {status}); breakers reset"},
+    "a.resumed_paused": {"zh": "批次 `{batch_id}` 已恢复（{previous} → {status}）",
+                         "en": "Batch `{batch_id}` resumed ({previous} → {status})"},
+    "a.breakers_reset": {"zh": "熔断器已重置（{services}），排队中的批次将继续运行",
+                         "en": "Circuit breakers reset ({services}); queued batches will run"},
+    "a.nothing_to_resume": {"zh": "没有已暂停或已阻塞的批次，熔断器也都正常，无需恢复",
+                            "en": "No paused or blocked batch and no open breaker: nothing to "
+                                  "resume"},
     "a.not_blocked": {"zh": "批次 `{batch_id}` 当前为 {status}，无需恢复",
                       "en": "Batch `{batch_id}` is {status}; nothing to resume"},
     "a.cancelled": {"zh": "批次 `{batch_id}` 已取消", "en": "Batch `{batch_id}` cancelled"},
@@ -121,6 +128,18 @@ _T: dict[str, dict[str, str]] = {
     "n.silence": {"zh": "静默至 {until}", "en": "silenced until {until}"},
     "n.resume": {"zh": "恢复了批次", "en": "resumed the batch"},
     "n.cancel": {"zh": "取消了批次", "en": "cancelled the batch"},
+    "n.reset": {"zh": "重置了熔断器", "en": "reset the breakers"},
+    # status words shown to users
+    "st.queued": {"zh": "排队中", "en": "queued"},
+    "st.running": {"zh": "运行中", "en": "running"},
+    "st.retrying": {"zh": "重试中", "en": "retrying"},
+    "st.paused": {"zh": "已暂停", "en": "paused"},
+    "st.blocked": {"zh": "已阻塞", "en": "blocked"},
+    "st.done": {"zh": "已完成", "en": "done"},
+    "st.cancelled": {"zh": "已取消", "en": "cancelled"},
+    "st.succeeded": {"zh": "成功", "en": "succeeded"},
+    "st.failed": {"zh": "失败", "en": "failed"},
+    "st.ignored": {"zh": "已忽略", "en": "ignored"},
     # advice per error class
     "advice.auth": {"zh": "检查 COZE_API_TOKEN 是否有效、有无权限，修好后点「恢复」。",
                     "en": "Check that COZE_API_TOKEN is valid and allowed; then press Resume."},
@@ -157,6 +176,12 @@ def tr(msg_key: str, lang: str = "zh", /, **kwargs: Any) -> str:
         return msg_key
     text = entry.get(lang) or entry["zh"]
     return string.Formatter().vformat(text, (), _Lenient(kwargs)) if kwargs else text
+
+
+def status_word(status: str | None, lang: str) -> str:
+    """A batch or task status as users read it (an unknown one is shown as it is)."""
+    key = f"st.{status}"
+    return tr(key, lang) if key in _T else str(status or "-")
 
 
 def advice(error_class: str | None, lang: str) -> str:

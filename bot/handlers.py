@@ -28,6 +28,7 @@ from storage import inbox, outbox, queue
 from storage.db import Conflict, NotFound, transaction
 
 from . import cards
+from .alert_cards import status_word
 from .commands import BATCH_ID, Command, ParseError, neutral, parse
 from .i18n import t
 
@@ -249,37 +250,47 @@ BATCH_MOVES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def move_batch(db, settings, clock, action: str, batch_id: str) -> tuple[bool, str]:
-    """Apply cancel/pause/resume to a batch; returns (changed, user-facing text)."""
+def move_batch(db, settings, clock, action: str, batch_id: str | None, *,
+               by: str = "") -> tuple[bool, str]:
+    """Apply cancel/pause/resume to a batch; returns (changed, user-facing text).
+
+    Cancel and resume are the buttons' own functions (:mod:`bot.alert_actions`): the same
+    alerts resolve, the same breakers reset and the same Bitable rows go back. ``batch_id``
+    None is only meaningful for resume (the latest stopped batch, or the breakers alone).
+    """
+    from .alert_actions import cancel_batch, resume_batch
+
     lang = settings.language
-    status, allowed = BATCH_MOVES[action]
     now = clock.now()
     try:
-        previous = queue.set_batch_status(db, batch_id, status, now=now, allowed_from=allowed)
+        if action == "resume":
+            return resume_batch(db, settings, batch_id, now=now, by=by)
+        if action == "cancel":
+            return cancel_batch(db, settings, str(batch_id), now=now, by=by)
+        status, allowed = BATCH_MOVES[action]
+        previous = queue.set_batch_status(db, str(batch_id), status, now=now,
+                                          allowed_from=allowed)
     except NotFound:
-        return False, t("batch.not_found", lang, batch_id=batch_id)
+        return False, t("batch.not_found", lang, batch_id=neutral(str(batch_id)))
     except Conflict:
-        current = queue.get_batch(db, batch_id)["status"]
-        return False, t("batch.conflict", lang, batch_id=batch_id, status=current,
-                        action=t("action." + action, lang))
-    if action == "resume" and previous == "blocked":
-        close_breakers(db, now)
-    return True, t("batch.changed", lang, batch_id=batch_id, previous=previous, status=status)
-
-
-def close_breakers(db, now: float) -> None:
-    """A human resumed a blocked batch: they vouch the cause is fixed, so breakers close."""
-    with transaction(db) as conn:
-        conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
-                     " opened_at = NULL, reason = NULL, updated_at = ?", [now])
+        current = queue.get_batch(db, str(batch_id))["status"]
+        return False, t("batch.conflict", lang, batch_id=neutral(str(batch_id)),
+                        status=status_word(current, lang), action=t("action." + action, lang))
+    return True, t("batch.changed", lang, batch_id=batch_id, previous=status_word(previous, lang),
+                   status=status_word(status, lang))
 
 
 def _cmd_move(action: str) -> Callable[[Context, Command], dict[str, Any]]:
     def run(ctx: Context, cmd: Command) -> dict[str, Any]:
+        if action == "resume" and not cmd.batch_id:  # the latest stopped batch, or breakers
+            changed, text = move_batch(ctx.db, ctx.settings, ctx.clock, action, None,
+                                       by=ctx.sender)
+            return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
         batch = _target_batch(ctx, cmd.batch_id)
         if batch is None:
             return cards.info_card(t("batch.none_open", ctx.lang), ctx.lang)
-        changed, text = move_batch(ctx.db, ctx.settings, ctx.clock, action, batch["id"])
+        changed, text = move_batch(ctx.db, ctx.settings, ctx.clock, action, batch["id"],
+                                   by=ctx.sender)
         return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
     return run
 
@@ -503,7 +514,8 @@ def _a_retry_batch(db, settings, clock, act):
 
 def _a_move(action):
     def run(db, settings, clock, act):
-        return move_batch(db, settings, clock, action, str(act.value["batch_id"]))
+        return move_batch(db, settings, clock, action, str(act.value["batch_id"]),
+                          by=act.operator)
     return run
 
 

@@ -176,7 +176,7 @@ def test_resume_unblocks_the_batch_closes_breakers_and_resolves_the_card(db, set
     assert len(notices) == 1
     before = snapshot(db)
     second = press(db, settings, clock, {"action": "resume", "batch_id": b, "key": key})
-    assert second["toast"]["type"] == "info" and "running" in second["toast"]["content"]
+    assert second["toast"]["type"] == "info" and "运行中" in second["toast"]["content"]
     assert snapshot(db) == before
 
 
@@ -215,3 +215,97 @@ def test_english_toasts(db, clock, router):
     answer = handle_alert_action(db, settings, {"action": "retry_batch", "batch_id": b}, ADMIN,
                                  clock)
     assert answer["toast"]["content"] == "No failed task to retry"
+
+
+# --- chat commands do what the buttons do ------------------------------------------------------
+
+def say(db, settings, clock, text):
+    from bot.commands import parse
+    from bot.handlers import Context, execute
+    ctx = Context(db, settings, None, clock, sender=ADMIN, chat_id="oc", message_id="om_cmd")
+    return execute(ctx, parse(text))
+
+
+def _blocked(db, clock, router, n=1, batch_id="b1"):
+    b = batch(db, n, batch_id=batch_id)
+    Breaker(db, "coze", BreakerPolicy(), clock.now).trip("auth: token invalid")
+    queue.block_open_batches(db, now=clock.now(), reason="auth")
+    router.batch_blocked(b, FATAL, RuntimeError("token invalid"))
+    return b, f"{b}:coze:auth"
+
+
+@pytest.mark.parametrize("text", ["恢复 b1", "resume b1", "resume"])
+def test_chat_resume_resolves_the_high_card_like_the_button(db, settings, clock, router, text):
+    b, key = _blocked(db, clock, router)
+    card = say(db, settings, clock, text)
+    assert card["header"]["template"] == "green"
+    assert queue.get_batch(db, b)["status"] == "running"
+    assert [s.state for s in all_states(db)] == ["closed"]
+    alert = load_alert(db, key)
+    assert alert["status"] == "resolved"
+    assert alert["details"]["actions"][-1]["by"] == ADMIN
+    notices = [r for r in rows(db, "send") if "text" in r["payload"]]
+    assert len(notices) == 1
+    # the HIGH card's Resume button now just says so
+    answer = press(db, settings, clock, {"action": "resume", "batch_id": b, "key": key})
+    assert answer["toast"]["type"] == "info"
+
+
+@pytest.mark.parametrize("text", ["取消 b1", "cancel b1"])
+def test_chat_cancel_ignores_the_batch_alerts_and_patches_their_cards(db, settings, clock, router,
+                                                                     text):
+    b = batch(db, 2)
+    fail(db, router, queue.tasks_of(db, b)[0]["id"])
+    key = f"{b}:coze:plugin_timeout"
+    say(db, settings, clock, text)
+    assert queue.get_batch(db, b)["status"] == "cancelled"
+    assert load_alert(db, key)["status"] == "ignored"
+    [patch] = rows(db, "patch")
+    assert patch["target"] == load_alert(db, key)["message_uuid"]
+    assert patch["payload"]["card"]["header"]["template"] == "grey"
+
+
+@pytest.mark.parametrize("how", ["button", "command"])
+def test_resuming_a_paused_batch_leaves_a_fatal_breaker_open(db, settings, clock, router, how):
+    b = batch(db, 1)
+    queue.set_batch_status(db, b, "paused", now=clock.now())
+    Breaker(db, "coze", BreakerPolicy(), clock.now).trip("auth: token invalid")
+    if how == "button":
+        answer = press(db, settings, clock, {"action": "resume", "batch_id": b})
+        text = answer["toast"]["content"]
+    else:
+        text = json.dumps(say(db, settings, clock, f"resume {b}"), ensure_ascii=False)
+    assert queue.get_batch(db, b)["status"] == "running"
+    assert [s.state for s in all_states(db)] == ["open"]
+    assert "已暂停 → 运行中" in text and "熔断器" not in text
+
+
+@pytest.mark.parametrize("text", ["resume", "resume b2", "恢复"])
+def test_resume_with_a_manual_breaker_and_nothing_blocked_resets_the_breaker(db, settings, clock,
+                                                                            router, text):
+    """Batch A blocked by a bad token was cancelled; the new batch B stays queued behind the
+    tripped breaker until someone says resume: that must reset it, not refuse."""
+    a, _ = _blocked(db, clock, router)
+    say(db, settings, clock, f"cancel {a}")
+    b = batch(db, 1, batch_id="b2")
+    card = say(db, settings, clock, text)
+    assert [s.state for s in all_states(db)] == ["closed"]
+    shown = json.dumps(card, ensure_ascii=False)
+    assert card["header"]["template"] == "green" and "熔断器已重置（coze）" in shown
+    assert queue.get_batch(db, b)["status"] == "queued"
+
+
+def test_resume_with_nothing_to_resume_says_so(db, settings, clock):
+    batch(db, 1)
+    card = say(db, settings, clock, "resume")
+    assert "无需恢复" in json.dumps(card, ensure_ascii=False)
+    assert card["header"]["template"] == "blue"
+
+
+def test_resume_of_a_queued_batch_while_another_is_blocked_is_refused(db, settings, clock,
+                                                                      router):
+    _blocked(db, clock, router)
+    batch(db, 1, batch_id="b2")  # created after the block: queued
+    card = say(db, settings, clock, "resume b2")
+    assert "排队中" in json.dumps(card, ensure_ascii=False)
+    assert [s.state for s in all_states(db)] == ["open"]

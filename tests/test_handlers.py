@@ -160,7 +160,7 @@ def test_status_cancel_pause_resume(db, settings, clock):
     run_text(db, settings, clock, "pause")
     assert queue.get_batch(db, bid)["status"] == "paused"
     conflict = json.dumps(run_text(db, settings, clock, f"pause {bid}"), ensure_ascii=False)
-    assert "paused" in conflict
+    assert "已暂停" in conflict and "paused" not in conflict
     run_text(db, settings, clock, "resume")
     assert queue.get_batch(db, bid)["status"] == "running"
     run_text(db, settings, clock, f"cancel {bid}")
