@@ -37,6 +37,7 @@ from .alert_cards import status_word, tr
 from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card,
                      enqueue_patch, load_alert, open_alerts, refresh_pending_patch,
                      resolve_alert, resolve_batch_unblocked, silenced_until)
+from .bitable_sync import mark_cancelled
 from .commands import neutral
 
 MIN_SILENCE = 60.0
@@ -258,6 +259,7 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
         status = queue.get_batch(db, batch_id)["status"]
         return False, tr("a.cannot_cancel", lang, batch_id=neutral(batch_id),
                          status=status_word(status, lang))
+    mark_cancelled(db, settings, batch_id, now)  # their Bitable rows become pending again
     note = {"by": by, "text": tr("n.cancel", lang)}
     for alert in open_alerts(db, batch_id=batch_id):
         _note_alert(db, alert["key"], note, now, status="ignored")

@@ -6,6 +6,7 @@ rate limited and retried. Several updates to one record before a send merge into
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -70,6 +71,31 @@ def mark_running(db, settings: Settings, batch_id: str, now: float) -> int:
                            ref=f"batch:{batch_id}", key=f"run:{batch_id}:{row['id']}")
             n += 1
     return n
+
+
+def mark_cancelled(db, settings: Settings, batch_id: str, now: float) -> int:
+    """Set the records of the batch's cancelled tasks back to the pending value, so the next
+    ``run`` takes them again (``mark_running`` left them at the running value). Deterministic
+    uuids: cancelling twice (or a crash and a repeat) enqueues nothing new."""
+    f = settings.feishu
+    if not (f.bitable_app_token and f.bitable_table_id):
+        return 0
+    n = 0
+    for row in queue.tasks_of(db, batch_id, ["cancelled"]):
+        if row.get("record_id"):
+            enqueue_update(db, settings, row["record_id"],
+                           {f.bitable_status_field: f.bitable_pending_value}, now=now,
+                           ref=f"batch:{batch_id}", key=_key("cx", batch_id, row["id"]))
+            n += 1
+    return n
+
+
+def _key(prefix: str, batch_id: str, task_id: int) -> str:
+    """An outbox uuid for one task's update (Feishu-style uuids are at most 50 characters)."""
+    key = f"{prefix}:{batch_id}:{task_id}"
+    if len(key) <= 50:
+        return key
+    return f"{prefix}-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
 def enqueue_update(db, settings: Settings, record_id: str, fields: dict[str, Any], *, now: float,

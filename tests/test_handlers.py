@@ -85,6 +85,36 @@ def test_run_marks_rows_running_and_a_second_run_does_not_take_them_again(db, se
     assert "待处理" in json.dumps(card, ensure_ascii=False)
 
 
+@pytest.mark.parametrize("how", ["command", "button"])
+def test_cancelled_tasks_go_back_to_pending_in_bitable(db, settings, clock, how):
+    feishu = StubFeishu([{"record_id": "rec1", "fields": {"task_id": "a", "状态": "待处理"}},
+                         {"record_id": "rec2", "fields": {"task_id": "b", "状态": "待处理"}}])
+    run_text(db, settings, clock, "run", feishu=feishu, message_id="om_first")
+    [batch] = queue.list_batches(db)
+    [first, second] = queue.tasks_of(db, batch["id"])
+    queue.update_task(db, first["id"], status="succeeded", finished_at=NOW)
+
+    def cancel():
+        if how == "command":
+            run_text(db, settings, clock, f"取消 {batch['id']}")
+        else:
+            click(db, settings, clock, {"action": "cancel", "batch_id": batch["id"]})
+    cancel()
+    assert queue.get_task(db, second["id"])["status"] == "cancelled"
+    updates = [(r[0], json.loads(r[1])) for r in db.execute(
+        "SELECT uuid, payload FROM outbox WHERE kind = 'bitable_update' ORDER BY id")]
+    back = [p for _, p in updates if p["fields"] == {"状态": "待处理"}]
+    assert back == [{"record_id": "rec2", "fields": {"状态": "待处理"}}]  # not the succeeded one
+    assert all(len(u) <= 50 for u, _ in updates)
+    cancel()  # a second cancel (or a repeat after a crash) enqueues nothing new
+    assert db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'bitable_update'").fetchone()[0] \
+        == len(updates)
+    # the next run takes the row again
+    feishu.records = [{"record_id": "rec2", "fields": {"task_id": "b", "状态": "待处理"}}]
+    run_text(db, settings, clock, "run", feishu=feishu, message_id="om_again")
+    assert len(queue.list_batches(db)) == 2
+
+
 def test_run_applies_filters_and_names_count(db, settings, clock):
     recs = [{"record_id": f"rec{i}", "fields": {"task_id": f"t{i}", "状态": "待处理", "x": i}}
             for i in range(5)]
