@@ -129,6 +129,8 @@ _T: dict[str, dict[str, str]] = {
     "n.resume": {"zh": "恢复了批次", "en": "resumed the batch"},
     "n.cancel": {"zh": "取消了批次", "en": "cancelled the batch"},
     "n.reset": {"zh": "重置了熔断器", "en": "reset the breakers"},
+    "n.superseded": {"zh": "超过分组时间窗，后续情况见新的告警卡片",
+                     "en": "past the grouping window: a newer card continues this alert"},
     # status words shown to users
     "st.queued": {"zh": "排队中", "en": "queued"},
     "st.running": {"zh": "运行中", "en": "running"},

@@ -22,7 +22,8 @@ Tiers (from the classifier's :class:`~pipeline.classifier.Decision`):
 Grouping: the key is ``batch_id:stage:error_class`` (``breaker:<service>``, ``failure_rate`` and
 ``batch_id:latency:slow`` for the others), so a batch id is a key prefix. An alert whose key
 fires again within ``alerts.group_window`` seconds of its first occurrence is counted on the same
-card, which is patched in place ("× 12, last at 10:42"). Patches are coalesced: at most one
+card, which is patched in place ("× 12, last at 10:42"); after the window the key starts a new
+card and the old one is patched closed ("a newer card continues"). Patches are coalesced: at most one
 pending patch row per card (a newer card replaces the payload of a pending, unclaimed row) and
 at most one patch per :attr:`patch_interval` seconds per card (the row's ``next_at``).
 
@@ -448,6 +449,7 @@ class AlertRouter:
         details = _shown(details)
         if mentions:
             details["mentions"] = mentions
+        superseded = None
         with transaction(self.db) as conn:
             alert = _load_in(conn, key)
             grouped = (alert is not None and alert["status"] in ("open", "ignored")
@@ -458,6 +460,7 @@ class AlertRouter:
                 alert["tier"] = _at_least(tier, alert["tier"])
                 _merge(alert["details"], details)
             else:
+                superseded = _supersede(alert, now, self.lang)
                 alert = {"key": key, "tier": tier, "status": "open", "count": increment,
                          "first_at": now, "last_at": now, "resolved_at": None,
                          "message_uuid": None, "batch_id": batch_id, "task_id": task_id,
@@ -472,6 +475,10 @@ class AlertRouter:
                 alert["message_uuid"] = _uuid("al", key, alert["first_at"])
             _save_in(conn, alert)
         self.stats[tier] += increment
+        if superseded is not None:  # the earlier card must not stay open with live buttons
+            enqueue_patch(self.db, superseded["message_uuid"],
+                          alert_cards.alert_card(superseded, self.lang, self.settings.tz),
+                          now=now, ref=key, interval=self.patch_interval)
         card = alert_cards.alert_card(alert, self.lang, self.settings.tz, silenced_until=silence)
         if send and chat:
             outbox.enqueue(self.db, "send", chat, {"card": card}, now=now,
@@ -586,6 +593,18 @@ class AlertRouter:
             return None
         row = self.db.execute("SELECT status FROM batches WHERE id = ?", [batch_id]).fetchone()
         return row[0] if row else None
+
+
+def _supersede(alert: dict[str, Any] | None, now: float, lang: str) -> dict[str, Any] | None:
+    """An open, sent alert that fired again after the group window is closed: the row goes to
+    the new occurrence, so the old card is patched to say a newer card took over (returned
+    for that patch; None when there is no such card)."""
+    if alert is None or alert["status"] != "open" or not alert.get("message_uuid"):
+        return None
+    old = {**alert, "details": dict(alert["details"]), "status": "resolved", "resolved_at": now}
+    old["details"]["actions"] = list(alert["details"].get("actions") or [])
+    _add_action(old, {"by": "opsbot", "text": alert_cards.tr("n.superseded", lang)}, now)
+    return old
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:

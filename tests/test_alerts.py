@@ -231,6 +231,24 @@ def test_outside_the_group_window_a_new_card_is_sent(db, clock):
     assert load_alert(db, f"{b}:coze:plugin_timeout")["count"] == 1
 
 
+def test_outside_the_group_window_the_first_card_is_closed_not_left_open(db, clock):
+    router = AlertRouter(db, make_settings(group_window=60), clock)
+    b = batch(db, 2)
+    t1, t2 = (t["id"] for t in queue.tasks_of(db, b))
+    fail(db, router, t1)
+    first = load_alert(db, f"{b}:coze:plugin_timeout")["message_uuid"]
+    clock.advance(61)
+    fail(db, router, t2)
+    second = load_alert(db, f"{b}:coze:plugin_timeout")["message_uuid"]
+    assert second != first
+    [patch] = [r for r in rows(db, "patch") if r["target"] == first]
+    card = patch["payload"]["card"]
+    text = json.dumps(card, ensure_ascii=False)
+    assert card["header"]["template"] == "green" and '"button"' not in text
+    assert "新的告警卡片" in text
+    assert [r for r in rows(db, "patch") if r["target"] == second] == []
+
+
 def test_different_keys_are_different_cards(db, router):
     b = batch(db, 3)
     t1, t2, t3 = (t["id"] for t in queue.tasks_of(db, b))
