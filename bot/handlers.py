@@ -389,8 +389,10 @@ def build_report_card(db, settings, day: date, lang: str) -> dict[str, Any]:
 
 
 def cmd_report(ctx: Context, cmd: Command) -> dict[str, Any]:
-    day = date.fromisoformat(cmd.date) if cmd.date else \
-        datetime.fromtimestamp(ctx.now, ctx.settings.tz).date()
+    """The daily report of ``--date``, by default yesterday (as the CLI and the 09:00 send)."""
+    from .report_cli import parse_day
+
+    day = parse_day(cmd.date, ctx.settings, ctx.now)
     try:  # the full daily report, once a module provides it
         from .report import build_report_card as full_report  # type: ignore[import-not-found]
     except ImportError:

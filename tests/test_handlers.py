@@ -297,6 +297,17 @@ def test_report_date_out_of_range_is_a_parse_error_not_a_crash(db, settings, clo
     assert "YYYY-MM-DD" in json.dumps(card, ensure_ascii=False)
 
 
+def test_report_defaults_to_yesterday_like_the_cli_and_the_scheduler(db, settings, clock):
+    from datetime import datetime, timedelta
+
+    from bot.report_cli import parse_day
+    yesterday = datetime.fromtimestamp(NOW, settings.tz).date() - timedelta(days=1)
+    assert parse_day(None, settings, NOW) == yesterday
+    for text in ("report", "日报"):
+        card = run_text(db, settings, clock, text)
+        assert yesterday.isoformat() in card["header"]["title"]["content"]
+
+
 def test_silence_writes_table(db, settings, clock):
     run_text(db, settings, clock, "silence coze:4100 2h")
     row = db.execute("SELECT key, until, created_by FROM silences").fetchone()
