@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from datetime import date, datetime, time, timedelta, tzinfo
-from typing import Any
+from typing import Any, Callable
 
 import sqlite_utils
 
 from . import alert_cards
 from .cards import Card, card, hr, markdown
+from .commands import neutral
 
 STAGES = ("coze", "synthesis")
 FAILED_LIKE = ("failed", "ignored")
@@ -163,8 +164,11 @@ def _signed(v: float | None, fmt: str = "{:+d}") -> str:
     return fmt.format(v)
 
 
-def report_lines(report: dict[str, Any], lang: str) -> list[str]:
-    """The report as markdown lines (the card's text and, stripped, the CLI's)."""
+def report_lines(report: dict[str, Any], lang: str,
+                 shown: Callable[[str], str] = neutral) -> list[str]:
+    """The report as markdown lines (the card's text and, stripped, the CLI's). Node names and
+    error classes come from Coze and the store: ``shown`` neutralises them for card markdown
+    (the terminal passes them through)."""
     lines = [_r("runs", lang, **{k: report[k] for k in ("runs", "succeeded", "failed", "ignored",
                                                        "cancelled")}),
              _r("rate", lang, rate=_pct(report["success_rate"]))]
@@ -174,11 +178,11 @@ def report_lines(report: dict[str, Any], lang: str) -> list[str]:
                         count=lat["count"]))
     lines.append(_r("retries", lang, retries=report["retries"], failures=report["failures"]))
     lines.append(_r("top", lang))
-    lines += [f"{i}. {alert_cards.cut(n['name'], 80)} × {n['count']}"
+    lines += [f"{i}. {shown(alert_cards.cut(n['name'], 80))} × {n['count']}"
               for i, n in enumerate(report["top_nodes"], 1)] or ["- " + _r("none", lang)]
     lines.append(_r("errors", lang))
     errs = report["errors"]
-    lines += [f"- {alert_cards.cut(e['name'], 80)}: {e['count']}" for e in errs[:10]] \
+    lines += [f"- {shown(alert_cards.cut(e['name'], 80))}: {e['count']}" for e in errs[:10]] \
         or ["- " + _r("none", lang)]
     if len(errs) > 10:
         lines.append(alert_cards.tr("f.more_rows", lang, n=len(errs) - 10))
@@ -214,7 +218,7 @@ def report_card(report: dict[str, Any], lang: str = "zh") -> Card:
 def report_text(report: dict[str, Any], lang: str = "zh") -> str:
     """A plain-text version for the terminal."""
     title = _r("title", lang, date=report["date"])
-    body = "\n".join(line.replace("**", "") for line in report_lines(report, lang))
+    body = "\n".join(line.replace("**", "") for line in report_lines(report, lang, str))
     return f"{title}\n{'=' * len(title)}\n{body}\n"
 
 

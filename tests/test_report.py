@@ -127,6 +127,23 @@ def test_report_card_has_a_chart_and_fits(db):
     assert "Daily report 2025-06-10" in report_text(report, "en")
 
 
+def test_node_names_and_error_classes_are_neutralised_on_the_card(db):
+    start, _ = day_bounds(DAY, TZ)
+    bid = queue.create_batch(db, [{"task_key": "k"}], now=start, source="cli")
+    with transaction(db) as conn:
+        tid = conn.execute("SELECT id FROM tasks").fetchone()[0]
+        for node, ec in (("<at id=all></at>", "x"), (None, "[click](https://evil.example)")):
+            conn.execute("INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at,"
+                         " outcome, error_class, node) VALUES (?, ?, 'coze', ?, ?, 'fail', ?, ?)",
+                         [tid, bid, start + 60, start + 61, ec, node])
+    report = compute_report(db, DAY, TZ)
+    text = "\n".join(e["content"] for e in report_card(report)["body"]["elements"]
+                     if e["tag"] == "markdown")
+    assert "<at" not in text and "](" not in text
+    assert "&#60;at id=all&#62;" in text and "&#91;click&#93;" in text
+    assert "<at id=all></at>" in report_text(report)   # the terminal shows them as they are
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
 def cli_settings(tmp_path, **feishu) -> Settings:
