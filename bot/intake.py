@@ -16,7 +16,8 @@ body ``{"error": code, "message": text}``, never an exception and never a 500. O
    also when no verification token is configured); other plaintext is refused (400);
 5. ``url_verification``: token check (401), then ``{"challenge": ...}`` at once;
 6. v2 envelope: ``schema == "2.0"`` (400 otherwise), ``header.token`` == verification token (401);
-7. by event type: ``im.message.receive_v1`` from a user is recorded in the inbox under
+7. by event type: ``im.message.receive_v1`` from a user (in a group chat: only when it starts by
+   @-mentioning, see :func:`addressed_to_bot`) is recorded in the inbox under
    ``msg:<message_id>`` (Feishu's advice: dedupe messages by message_id, redeliveries can carry
    new event ids) and answered ``{}``; ``card.action.trigger`` is answered synchronously by the
    card handler; everything else gets 200 ``{}`` and leaves no trace (a non-200 makes Feishu
@@ -39,6 +40,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import sqlite3
 import threading
 from contextlib import nullcontext
@@ -235,7 +237,49 @@ def message_key(data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     if message.get("message_type") not in MESSAGE_TYPES:
         return None
     check_message_shape(sender, message)
+    if not addressed_to_bot(message):
+        return None  # group chatter that does not @ the bot: no trace, no help card
     return "msg:" + message["message_id"], message
+
+
+_LEADING_MENTION = re.compile(r"^\s*@_user_\d+")
+
+
+def addressed_to_bot(message: Mapping[str, Any]) -> bool:
+    """True for a p2p message, or a group message that starts by @-mentioning someone.
+
+    The bot's own open_id is not configured, so "mentions the bot" is approximated: at least
+    one mention, and the text starts with a mention placeholder (``@_user_1 run``). Apps with
+    the ``group_msg`` scope receive every group message, and these must not get a help card.
+    """
+    if message.get("chat_type") != "group":
+        return True
+    mentions = message.get("mentions")
+    if not isinstance(mentions, list) or not any(
+            isinstance(m, dict) and str(m.get("key", "")).startswith("@_user_") for m in mentions):
+        return False
+    return _starts_with_mention(message)
+
+
+def _starts_with_mention(message: Mapping[str, Any]) -> bool:
+    try:
+        content = json.loads(message.get("content") or "{}")
+    except (TypeError, ValueError, RecursionError):
+        return False
+    if not isinstance(content, dict):
+        return False
+    if message.get("message_type") == "text":
+        return isinstance(content.get("text"), str) and bool(_LEADING_MENTION.match(content["text"]))
+    body = content if "content" in content else next(
+        (v for v in content.values() if isinstance(v, dict)), {})
+    for para in body.get("content") or []:
+        elements = [el for el in para if isinstance(el, dict)
+                    and not (el.get("tag") == "text" and not str(el.get("text", "")).strip())] \
+            if isinstance(para, list) else []
+        if elements:  # the first paragraph with something in it
+            first = elements[0]
+            return first.get("tag") == "at" and str(first.get("user_id", "")).startswith("@_user_")
+    return False
 
 
 def check_message_shape(sender: Mapping[str, Any], message: Mapping[str, Any]) -> None:

@@ -98,6 +98,39 @@ def test_bot_messages_ignored(db):
     assert table_counts(db)["inbox"] == 0
 
 
+def _group(text, *, mentions=True, chat_type="group", **kw):
+    ev = message_event(text, mention=False, **kw)
+    ev["event"]["message"]["chat_type"] = chat_type
+    if not mentions:
+        ev["event"]["message"]["mentions"] = []
+    return ev
+
+
+def _post(paragraphs):
+    ev = message_event("", message_type="post")
+    ev["event"]["message"]["content"] = json.dumps({"title": "", "content": paragraphs})
+    return ev
+
+
+@pytest.mark.parametrize("ev, recorded", [
+    (_group("@_user_1 run"), True),
+    (_group("  @_user_1  状态"), True),
+    (_group("run"), False),                              # no mention at all
+    (_group("run", mentions=False), False),
+    (_group("@_user_1 run", mentions=False), False),     # placeholder without a mention
+    (_group("please look @_user_1"), False),             # mentioned later in a chat line
+    (_group("@_all run"), False),
+    (_group("run", mentions=False, chat_type="p2p"), True),   # p2p needs no mention
+    (_post([[{"tag": "at", "user_id": "@_user_1"}, {"tag": "text", "text": " run"}]]), True),
+    (_post([[{"tag": "text", "text": "hello "}, {"tag": "at", "user_id": "@_user_1"}]]), False),
+])
+def test_group_messages_must_at_the_bot(db, ev, recorded):
+    out = intake(db).handle(signed(ev))
+    assert (out.response.status, out.response.json) == (200, {})
+    assert (out.recorded is not None) is recorded
+    assert table_counts(db)["inbox"] == (1 if recorded else 0)
+
+
 def test_unknown_event_type_is_200_and_not_stored(db):
     ev = message_event("x")
     ev["header"]["event_type"] = "im.chat.member.bot.added_v1"
