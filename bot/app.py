@@ -51,6 +51,8 @@ class AppState:
         self._explicit_db = db is not None
         self._feishu = feishu_client
         self._dispatcher: Dispatcher | None = None
+        self._metrics_db: tuple[int, Any, Any] | None = None
+        self._totals: Any = None
 
     @property
     def db(self) -> Any:
@@ -80,6 +82,30 @@ class AppState:
         return Intake(self.settings, db, self.clock, db_lock=self.lock,
                       card_handler=lambda p: handlers.handle_card_action(db, self.settings, p,
                                                                          self.clock))
+
+    def metrics_connection(self) -> tuple[Any, Any]:
+        """The /metrics view's own connection and lock (per process), so a scrape does not
+        take :attr:`lock`, which every webhook request holds. An in-memory store cannot be
+        opened twice: it is shared, behind the request lock."""
+        cached = self._metrics_db
+        if cached is not None and cached[0] == os.getpid():
+            return cached[1], cached[2]
+        path = self.db_file
+        if not path or path == ":memory:":
+            return self.db, self.lock
+        with self.lock:  # once per process
+            if self._metrics_db is None or self._metrics_db[0] != os.getpid():
+                self.db  # noqa: B018 - opening the main connection migrates the store first
+                self._metrics_db = (os.getpid(), open_db(path, migrate=False), threading.Lock())
+                self._totals = None
+            return self._metrics_db[1], self._metrics_db[2]
+
+    def attempt_totals(self) -> Any:
+        """This process's running attempt totals (see :class:`bot.metrics.AttemptTotals`)."""
+        if self._totals is None:
+            from .metrics import AttemptTotals
+            self._totals = AttemptTotals()
+        return self._totals
 
     def dispatcher(self) -> "Dispatcher":
         with self.lock:
@@ -198,15 +224,16 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
     @app.get("/metrics")
     def metrics():
         """Prometheus text: the full set from ``bot.metrics`` (queue depths at the least)."""
-        with state.lock:
+        db, lock = state.metrics_connection()
+        with lock:  # not the request lock: a scrape never holds up a webhook answer
             try:
                 from .metrics import render_metrics
-                text = render_metrics(state.db)
+                text = render_metrics(db, totals=state.attempt_totals())
             except ImportError:
                 text = ("# TYPE opsbot_inbox_pending gauge\n"
-                        f"opsbot_inbox_pending {inbox.pending(state.db)}\n"
+                        f"opsbot_inbox_pending {inbox.pending(db)}\n"
                         "# TYPE opsbot_outbox_depth gauge\n"
-                        f"opsbot_outbox_depth {outbox.depth(state.db)}\n")
+                        f"opsbot_outbox_depth {outbox.depth(db)}\n")
         return FlaskResponse(text, mimetype="text/plain; version=0.0.4")
 
     return app

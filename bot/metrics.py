@@ -96,19 +96,60 @@ class _Out:
         self.sample(f"{name}_count", count, **labels)
 
 
-def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None = None) -> str:
-    """Every family above as Prometheus text (ends with a newline)."""
+class AttemptTotals:
+    """Running totals over the append-only ``attempts`` table, read incrementally.
+
+    Each :meth:`update` reads only the rows added since the last one (a range of the integer
+    primary key), so a scrape costs the same with a year of history as with a day; the first
+    scrape of a process reads everything once. Keep one per process and database file. Not
+    thread-safe: the caller serialises scrapes.
+    """
+
+    def __init__(self) -> None:
+        self.last_id = 0
+        self.by_class: dict[str, int] = {}
+        self.stages: dict[str, list[float]] = {}   # stage -> bucket counts..., sum, count
+
+    def update(self, db: sqlite_utils.Database) -> "AttemptTotals":
+        top = db.execute("SELECT MAX(id) FROM attempts").fetchone()[0] or 0
+        if top < self.last_id:      # the table was emptied or replaced: start over
+            self.__init__()
+        if top == self.last_id:
+            return self
+        span = [self.last_id, top]
+        for ec, n in db.execute("SELECT COALESCE(error_class, 'none') AS ec, COUNT(*) FROM"
+                                " attempts WHERE id > ? AND id <= ? GROUP BY ec", span):
+            self.by_class[ec] = self.by_class.get(ec, 0) + n
+        sums = ", ".join(f"SUM(d <= {le})" for le in STAGE_BUCKETS)
+        for row in db.execute(
+                f"SELECT stage, {sums}, SUM(d), COUNT(*) FROM (SELECT stage, ended_at - started_at"
+                f" AS d FROM attempts WHERE id > ? AND id <= ? AND outcome = 'success'"
+                f" AND ended_at IS NOT NULL) GROUP BY stage", span):
+            acc = self.stages.setdefault(row[0], [0.0] * (len(STAGE_BUCKETS) + 2))
+            for i, v in enumerate(row[1:]):
+                acc[i] += v or 0
+        self.last_id = top
+        return self
+
+
+def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None = None,
+                   totals: AttemptTotals | None = None) -> str:
+    """Every family above as Prometheus text (ends with a newline).
+
+    ``totals``: the process's :class:`AttemptTotals` (the web app keeps one, so a scrape only
+    reads new attempts); without it the attempts are read in full.
+    """
     out = _Out()
     out.family("opsbot_tasks", "gauge", "Tasks by status.")
     states = {s: 0 for s in ACTIVE + FINAL}
     states.update(dict(db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status")))
     for state, n in sorted(states.items()):
         out.sample("opsbot_tasks", n, state=state)
+    totals = (totals or AttemptTotals()).update(db)
     out.family("opsbot_attempts_total", "counter", "Stage attempts by error class.")
-    for ec, n in db.execute("SELECT COALESCE(error_class, 'none') AS ec, COUNT(*) FROM attempts"
-                            " GROUP BY ec ORDER BY ec"):
+    for ec, n in sorted(totals.by_class.items()):
         out.sample("opsbot_attempts_total", n, error_class=ec)
-    _stage_histograms(db, out)
+    _stage_histograms(totals, out)
     out.family("opsbot_breaker_state", "gauge", "Circuit breaker: 0 closed, 1 half_open, 2 open.")
     for service, state in db.execute("SELECT service, state FROM breakers ORDER BY service"):
         out.sample("opsbot_breaker_state", BREAKER_VALUES.get(state, 2), service=service)
@@ -133,13 +174,9 @@ def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None 
     return "\n".join(out.lines) + "\n"
 
 
-def _stage_histograms(db: sqlite_utils.Database, out: _Out) -> None:
+def _stage_histograms(totals: AttemptTotals, out: _Out) -> None:
     out.family("opsbot_stage_seconds", "histogram", "Successful stage attempt durations.")
-    sums = ", ".join(f"SUM(d <= {le})" for le in STAGE_BUCKETS)
-    for row in db.execute(
-            f"SELECT stage, {sums}, SUM(d), COUNT(*) FROM (SELECT stage, ended_at - started_at"
-            f" AS d FROM attempts WHERE outcome = 'success' AND ended_at IS NOT NULL)"
-            f" GROUP BY stage ORDER BY stage"):
-        stage, counts, total, count = row[0], row[1:-2], row[-2], row[-1]
-        out.histogram("opsbot_stage_seconds", list(zip(STAGE_BUCKETS, counts)), float(total or 0),
-                      count, stage=stage)
+    for stage, acc in sorted(totals.stages.items()):
+        counts, total, count = acc[:-2], acc[-2], acc[-1]
+        out.histogram("opsbot_stage_seconds", list(zip(STAGE_BUCKETS, map(int, counts))),
+                      float(total), int(count), stage=stage)

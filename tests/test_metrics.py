@@ -105,3 +105,50 @@ def test_the_web_app_measures_webhook_latency(tmp_path):
     assert after != before
     count = [line for line in text.splitlines() if line.startswith("opsbot_webhook_seconds_count")]
     assert count and float(count[0].split()[-1]) >= 1
+
+
+def _attempts(db, n, *, start=0):
+    b = queue.create_batch(db, [{"task_key": f"a{start}"}], now=0, source="cli")
+    [task] = queue.tasks_of(db, b)
+    rows = [(task["id"], b, "coze" if i % 2 else "synthesis", float(i), float(i) + i % 700,
+             "success" if i % 5 else "retry", None if i % 5 else "timeout")
+            for i in range(start, start + n)]
+    with transaction(db) as conn:
+        conn.executemany("INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at,"
+                         " outcome, error_class) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def test_incremental_attempt_totals_equal_a_full_read(db):
+    from bot.metrics import AttemptTotals
+    totals = AttemptTotals()
+    _attempts(db, 500)
+    render_metrics(db, totals=totals)
+    _attempts(db, 300, start=500)
+    statements = []
+    db.conn.set_trace_callback(statements.append)
+    incremental = render_metrics(db, totals=totals)
+    db.conn.set_trace_callback(None)
+    assert incremental == render_metrics(db)       # a fresh full read
+    attempt_reads = [s for s in statements if "FROM attempts" in s and "MAX(id)" not in s]
+    assert attempt_reads and all("id > 500" in s for s in attempt_reads)
+    with transaction(db) as conn:                  # emptied: start over, no stale numbers
+        conn.execute("DELETE FROM attempts")
+    assert render_metrics(db, totals=totals) == render_metrics(db)
+
+
+def test_a_scrape_does_not_wait_for_the_request_lock(tmp_path):
+    import threading
+
+    from bot.app import create_app
+    from bot.settings import Settings
+
+    app = create_app(Settings(db_path=tmp_path / "m.db"), dispatch=False)
+    state = app.extensions["opsbot"]
+    client = app.test_client()
+    assert client.get("/metrics").status_code == 200
+    got = []
+    with state.lock:   # a webhook request in progress in another thread
+        t = threading.Thread(target=lambda: got.append(client.get("/metrics").status_code))
+        t.start()
+        t.join(5)
+        assert got == [200]
