@@ -23,8 +23,8 @@ Grouping: the key is ``batch_id:stage:error_class`` (``breaker:<service>``, ``fa
 ``batch_id:latency:slow`` for the others), so a batch id is a key prefix. An alert whose key
 fires again within ``alerts.group_window`` seconds of its first occurrence is counted on the same
 card, which is patched in place ("× 12, last at 10:42"); after the window the key starts a new
-card and the old one is patched closed ("a newer card continues"). Patches are coalesced: at most one
-pending patch row per card (a newer card replaces the payload of a pending, unclaimed row) and
+card and the old one is patched closed ("a newer card continues"). Patches are coalesced: at
+most one pending patch row per card (a newer card replaces the payload of a pending, unclaimed row) and
 at most one patch per :attr:`patch_interval` seconds per card (the row's ``next_at``).
 
 Silences: a row in ``silences`` whose key equals the alert key, or is a prefix of it ending at a
