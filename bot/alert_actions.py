@@ -33,12 +33,13 @@ from pipeline.breaker import reset_all
 from storage import queue
 from storage.db import Conflict, NotFound, transaction
 
-from .alert_cards import status_word, tr
+from .alert_cards import tr
 from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card,
                      enqueue_patch, load_alert, open_alerts, refresh_pending_patch,
                      resolve_alert, resolve_batch_unblocked, silenced_until)
 from .bitable_sync import mark_cancelled
 from .commands import neutral
+from .i18n import not_found, status_word
 
 MIN_SILENCE = 60.0
 MAX_SILENCE = 30 * 86400.0
@@ -70,7 +71,7 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
     try:
         ok, text = action(ctx)
     except NotFound as exc:
-        return _toast("error", tr("a.not_found", ctx.lang, what=str(exc)))
+        return _toast("error", not_found(exc, ctx.lang))
     except (KeyError, ValueError, TypeError) as exc:
         return _toast("error", tr("a.failed", ctx.lang, error=f"{type(exc).__name__}: {exc}"[:200]))
     answer = _toast("success" if ok else "info", text)
@@ -135,7 +136,8 @@ def _moved_on(ctx: _Ctx, ids: list[int]) -> str:
     if not ids:
         return tr("a.nothing_failed", ctx.lang)
     task = queue.get_task(ctx.db, ids[0])
-    return tr("a.moved_on", ctx.lang, task=task["task_key"], status=task["status"])
+    return tr("a.moved_on", ctx.lang, task=neutral(task["task_key"]),
+              status=status_word(task["status"], ctx.lang))
 
 
 # --- the actions ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from datetime import datetime, tzinfo
 from typing import Any, Iterable
 
 from .cards import Card, button, card, hr, markdown, mention
+from .i18n import status_word
 
 TIER_TEMPLATES = {"LOW": "grey", "MEDIUM": "orange", "HIGH": "red", "CRITICAL": "carmine"}
 STATUS_TEMPLATES = {"resolved": "green", "ignored": "grey"}
@@ -131,17 +132,6 @@ _T: dict[str, dict[str, str]] = {
     "n.reset": {"zh": "重置了熔断器", "en": "reset the breakers"},
     "n.superseded": {"zh": "超过分组时间窗，后续情况见新的告警卡片",
                      "en": "past the grouping window: a newer card continues this alert"},
-    # status words shown to users
-    "st.queued": {"zh": "排队中", "en": "queued"},
-    "st.running": {"zh": "运行中", "en": "running"},
-    "st.retrying": {"zh": "重试中", "en": "retrying"},
-    "st.paused": {"zh": "已暂停", "en": "paused"},
-    "st.blocked": {"zh": "已阻塞", "en": "blocked"},
-    "st.done": {"zh": "已完成", "en": "done"},
-    "st.cancelled": {"zh": "已取消", "en": "cancelled"},
-    "st.succeeded": {"zh": "成功", "en": "succeeded"},
-    "st.failed": {"zh": "失败", "en": "failed"},
-    "st.ignored": {"zh": "已忽略", "en": "ignored"},
     # advice per error class
     "advice.auth": {"zh": "检查 COZE_API_TOKEN 是否有效、有无权限，修好后点「恢复」。",
                     "en": "Check that COZE_API_TOKEN is valid and allowed; then press Resume."},
@@ -178,12 +168,6 @@ def tr(msg_key: str, lang: str = "zh", /, **kwargs: Any) -> str:
         return msg_key
     text = entry.get(lang) or entry["zh"]
     return string.Formatter().vformat(text, (), _Lenient(kwargs)) if kwargs else text
-
-
-def status_word(status: str | None, lang: str) -> str:
-    """A batch or task status as users read it (an unknown one is shown as it is)."""
-    key = f"st.{status}"
-    return tr(key, lang) if key in _T else str(status or "-")
 
 
 def advice(error_class: str | None, lang: str) -> str:
@@ -384,7 +368,7 @@ def progress_card(batch: dict[str, Any], counts: dict[str, int],
     elapsed = max(0.0, now - (batch.get("started_at") or batch.get("created_at") or now))
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else None
-    lines = [tr("p.status", lang, status=batch["status"]),
+    lines = [tr("p.status", lang, status=status_word(batch["status"], lang)),
              tr("p.counts", lang, done=done, **{k: counts.get(k, 0) for k in (
                  "total", "succeeded", "failed", "retrying", "running", "queued")}),
              tr("p.rate", lang, rate=f"{rate * 60:.1f}", eta=fmt_duration(eta))]

@@ -13,6 +13,7 @@ from typing import Any
 from storage import queue
 
 from .alerts import AlertRouter, oncall, resolve_alert
+from .i18n import t
 
 log = logging.getLogger("opsbot.canary")
 KEY = "canary"
@@ -24,6 +25,10 @@ class Canary:
         self.settings = settings
         self.clock = clock
         self.router = router
+
+    @property
+    def lang(self) -> str:
+        return self.settings.language
 
     @property
     def enabled(self) -> bool:
@@ -60,15 +65,17 @@ class Canary:
             return
         if task["status"] == "succeeded":
             resolve_alert(self.db, self.settings, KEY, now=now,
-                          note={"by": "opsbot", "text": f"canary {batch['id']} succeeded"})
+                          note={"by": "opsbot", "text": t("canary.succeeded", self.lang,
+                                                          batch_id=batch["id"])})
             return
         late = (task["status"] in queue.ACTIVE
                 and now - batch["created_at"] >= self.settings.alerts.canary_timeout)
         if task["status"] == "failed" or late or batch["status"] == "blocked":
-            reason = (task["error_message"] or task["error_class"] or "failed") \
+            reason = (task["error_message"] or task["error_class"]
+                      or t("canary.failed", self.lang)) \
                 if task["status"] == "failed" else (
-                f"not finished after {self.settings.alerts.canary_timeout:.0f}s"
-                if late else f"batch blocked: {batch['blocked_reason'] or ''}")
+                t("canary.late", self.lang, seconds=f"{self.settings.alerts.canary_timeout:.0f}")
+                if late else t("canary.blocked", self.lang, reason=batch["blocked_reason"] or ""))
             details = {"kind": "canary", "reason": reason, "error_code": task["error_code"],
                        "batch_id": batch["id"], "task_key": task["task_key"],
                        "task_id": task["id"], "debug_url": task["debug_url"], "stage": "coze"}

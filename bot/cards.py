@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from .i18n import t
+from .i18n import breaker_word, status_word, t
 
 MAX_CARD_BYTES = 28_000        # Feishu refuses cards over 30 KB (230025); keep a margin
 MAX_ELEMENTS = 100             # Feishu allows 200
@@ -122,12 +122,13 @@ def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lan
     if batch is None:
         return card(t("title.status", lang), [markdown(t("status.none", lang))],
                     template=TEMPLATES["neutral"])
-    lines = [t("status.batch", lang, batch_id=batch["id"], status=batch["status"]),
+    lines = [t("status.batch", lang, batch_id=batch["id"],
+               status=status_word(batch["status"], lang)),
              t("status.counts", lang, **(counts or {}))]
     if batch.get("blocked_reason"):
         lines.append(t("status.blocked", lang, reason=batch["blocked_reason"]))
     if breakers:
-        states = ", ".join(f"{b['service']}={b['state']}" for b in breakers)
+        states = ", ".join(f"{b['service']}={breaker_word(b['state'], lang)}" for b in breakers)
         lines.append(t("status.breakers", lang, states=states))
     els = [markdown("\n".join(lines))]
     buttons = []

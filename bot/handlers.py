@@ -28,9 +28,8 @@ from storage import inbox, outbox, queue
 from storage.db import Conflict, NotFound, transaction
 
 from . import cards
-from .alert_cards import status_word
 from .commands import BATCH_ID, Command, ParseError, neutral, parse
-from .i18n import t
+from .i18n import not_found, status_word, t
 
 log = logging.getLogger("opsbot.handlers")
 
@@ -131,7 +130,7 @@ def execute(ctx: Context, cmd: Command | ParseError) -> dict[str, Any]:
     try:
         return COMMAND_HANDLERS[cmd.name](ctx, cmd)
     except NotFound as exc:
-        return cards.error_card(neutral(str(exc)), ctx.lang)
+        return cards.error_card(not_found(exc, ctx.lang), ctx.lang)
     except Exception:  # noqa: BLE001 - the sender gets an answer; the traceback goes to the log
         log.exception("command %s failed", cmd.name, extra={"message_id": ctx.message_id})
         return cards.error_card(t("generic.internal", ctx.lang), ctx.lang)
@@ -316,11 +315,11 @@ def retry_task(db, settings, clock, ref: str) -> tuple[bool, str]:
         return False, t("retry.task_not_found", lang, task=neutral(ref))
     if task["status"] not in RETRYABLE_STATUSES:
         return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
-                        status=task["status"])
+                        status=status_word(task["status"], lang))
     n = queue.requeue_tasks(db, [task["id"]], now=clock.now())
     if not n:  # changed between the read and the write (a double click)
         return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
-                        status="queued")
+                        status=status_word("queued", lang))
     return True, t("retry.task_done", lang, task=neutral(task["task_key"]))
 
 
@@ -489,7 +488,9 @@ def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str
     else:
         try:
             ok, text = CARD_ACTIONS[name](db, settings, clock, act)
-        except (NotFound, KeyError, ValueError, TypeError) as exc:
+        except NotFound as exc:
+            ok, text = False, not_found(exc, lang)
+        except (KeyError, ValueError, TypeError) as exc:
             ok, text = False, t("toast.failed", lang, error=str(exc)[:200])
         answer = toast("success" if ok else "warning", text)
     if act.event_id:
@@ -544,7 +545,8 @@ def _a_status(db, settings, clock, act):
     batch = queue.get_batch(db, str(act.value["batch_id"]))
     counts = queue.batch_counts(db, batch["id"])
     return True, t("status.batch", settings.language, batch_id=batch["id"],
-                   status=batch["status"]) + " " + t("status.counts", settings.language, **counts)
+                   status=status_word(batch["status"], settings.language)) + " " + \
+        t("status.counts", settings.language, **counts)
 
 
 CARD_ACTIONS: dict[str, Callable[..., tuple[bool, str]]] = {

@@ -6,6 +6,7 @@ in place: a wording slip must never break a reply.
 """
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -120,6 +121,27 @@ MESSAGES: dict[str, dict[str, str]] = {
     "toast.ignored": {"zh": "已忽略", "en": "Ignored"},
     "toast.failed": {"zh": "操作失败：{error}", "en": "Action failed: {error}"},
     "generic.internal": {"zh": "处理命令时出错，已记录日志。", "en": "The command failed; it has been logged."},
+    "generic.not_found": {"zh": "找不到 {what}", "en": "{what} not found"},
+    "toast.error": {"zh": "操作出错，已记录日志", "en": "Something went wrong; it has been logged"},
+    # status words shown to users (code and logs keep the English ones)
+    "st.queued": {"zh": "排队中", "en": "queued"},
+    "st.running": {"zh": "运行中", "en": "running"},
+    "st.retrying": {"zh": "重试中", "en": "retrying"},
+    "st.paused": {"zh": "已暂停", "en": "paused"},
+    "st.blocked": {"zh": "已阻塞", "en": "blocked"},
+    "st.done": {"zh": "已完成", "en": "done"},
+    "st.cancelled": {"zh": "已取消", "en": "cancelled"},
+    "st.succeeded": {"zh": "成功", "en": "succeeded"},
+    "st.failed": {"zh": "失败", "en": "failed"},
+    "st.ignored": {"zh": "已忽略", "en": "ignored"},
+    "breaker.closed": {"zh": "正常", "en": "closed"},
+    "breaker.open": {"zh": "已熔断", "en": "open"},
+    "breaker.half_open": {"zh": "试探中", "en": "half open"},
+    # the canary (bot.canary)
+    "canary.succeeded": {"zh": "巡检批次 {batch_id} 已成功", "en": "canary {batch_id} succeeded"},
+    "canary.failed": {"zh": "失败", "en": "failed"},
+    "canary.late": {"zh": "{seconds} 秒后仍未完成", "en": "not finished after {seconds}s"},
+    "canary.blocked": {"zh": "批次已阻塞：{reason}", "en": "batch blocked: {reason}"},
 }
 
 
@@ -140,3 +162,30 @@ def t(key: str, lang: str = DEFAULT, /, **kwargs: Any) -> str:
         return string.Formatter().vformat(text, (), _Lenient(kwargs))
     except (ValueError, IndexError, KeyError, AttributeError):
         return text
+
+
+def status_word(status: str | None, lang: str = DEFAULT) -> str:
+    """A batch or task status as users read it (an unknown one is shown as it is)."""
+    key = f"st.{status}"
+    return t(key, lang) if key in MESSAGES else str(status or "-")
+
+
+def breaker_word(state: str | None, lang: str = DEFAULT) -> str:
+    key = f"breaker.{state}"
+    return t(key, lang) if key in MESSAGES else str(state or "-")
+
+
+_NOT_FOUND = re.compile(r"^(batch|task) (.*) not found$", re.DOTALL)
+
+
+def not_found(exc: BaseException, lang: str = DEFAULT) -> str:
+    """The user's text for a ``storage.db.NotFound`` ("batch X not found" from the store).
+
+    The id inside is echoed back: callers show it as markdown, so it is neutralised here.
+    """
+    from .commands import neutral
+    m = _NOT_FOUND.match(str(exc))
+    if m is None:
+        return t("generic.not_found", lang, what=neutral(str(exc)))
+    key = "batch.not_found" if m.group(1) == "batch" else "retry.task_not_found"
+    return t(key, lang, batch_id=neutral(m.group(2)), task=neutral(m.group(2)))

@@ -269,7 +269,8 @@ def _starts_with_mention(message: Mapping[str, Any]) -> bool:
     if not isinstance(content, dict):
         return False
     if message.get("message_type") == "text":
-        return isinstance(content.get("text"), str) and bool(_LEADING_MENTION.match(content["text"]))
+        text = content.get("text")
+        return isinstance(text, str) and bool(_LEADING_MENTION.match(text))
     body = content if "content" in content else next(
         (v for v in content.values() if isinstance(v, dict)), {})
     for para in body.get("content") or []:
@@ -414,7 +415,9 @@ class Intake:
                 answer = self.card_handler(data)
         except Exception:  # noqa: BLE001 - a click must get an answer, not a 500
             log.exception("card action handler failed")
-            answer = {"toast": {"type": "error", "content": "error"}}
+            from .i18n import t
+            answer = {"toast": {"type": "error",
+                                "content": t("toast.error", self.settings.language)}}
         return Response(200, answer if isinstance(answer, dict) else {})
 
 

@@ -58,7 +58,7 @@ def test_retry_requeues_the_failed_task_once(db, settings, clock, router):
     before = snapshot(db)
     second = press(db, settings, clock, {"action": "retry", "task_id": tid, "key": key})
     assert second["toast"]["type"] == "info"
-    assert "queued" in second["toast"]["content"]   # "task k0 is queued now; nothing to retry"
+    assert "排队中" in second["toast"]["content"]   # "task k0 is queued now; nothing to retry"
     assert snapshot(db) == before
 
 
@@ -69,7 +69,7 @@ def test_retry_on_an_old_card_for_a_task_that_moved_on_does_nothing(db, settings
         conn.execute("UPDATE tasks SET status = 'succeeded' WHERE id = ?", [tid])
     before = snapshot(db)
     answer = press(db, settings, clock, {"action": "retry", "task_id": tid})
-    assert answer["toast"]["type"] == "info" and "succeeded" in answer["toast"]["content"]
+    assert answer["toast"]["type"] == "info" and "成功" in answer["toast"]["content"]
     assert snapshot(db) == before
 
 
@@ -207,6 +207,15 @@ def test_bad_values_answer_an_error_toast_and_change_nothing(db, settings, clock
     assert answer["toast"]["type"] == "error"
     assert "card" not in answer
     assert snapshot(db) == before
+
+
+def test_unknown_ids_are_named_in_chinese_not_in_english(db, settings, clock):
+    batch(db, 1)
+    answer = handle_alert_action(db, settings, {"action": "retry", "task_id": 999}, ADMIN, clock)
+    assert answer["toast"]["content"] == "找不到任务 999"
+    answer = handle_alert_action(db, settings, {"action": "cancel", "batch_id": "nope"}, ADMIN,
+                                 clock)
+    assert answer["toast"]["content"] == "找不到批次 nope"
 
 
 def test_english_toasts(db, clock, router):

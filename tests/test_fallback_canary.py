@@ -122,6 +122,6 @@ def test_a_canary_that_hangs_is_reported_and_no_canary_runs_when_off(db, tmp_pat
     clock.advance(301)
     canary.tick()
     [alert] = list(db.query("SELECT * FROM alerts WHERE key = 'canary'"))
-    assert "not finished" in json.loads(alert["details"])["reason"]
+    assert "仍未完成" in json.loads(alert["details"])["reason"]
     off = Canary(db, _alert_settings(tmp_path), clock, AlertRouter(db, settings, clock))
     assert off.tick() is None

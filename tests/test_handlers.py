@@ -205,7 +205,7 @@ def test_resume_blocked_closes_breakers(db, settings, clock):
     db.execute("INSERT INTO breakers (service, state, failures, updated_at) VALUES"
                " ('coze', 'open', 5, ?)", [NOW])
     db.conn.commit() if db.conn.in_transaction else None
-    assert "coze=open" in json.dumps(run_text(db, settings, clock, "status"))
+    assert "coze=已熔断" in json.dumps(run_text(db, settings, clock, "status"), ensure_ascii=False)
     run_text(db, settings, clock, "resume")
     assert queue.get_batch(db, bid)["status"] == "running"
     assert db.execute("SELECT state FROM breakers").fetchone()[0] == "closed"
@@ -312,6 +312,35 @@ def test_silence_writes_table(db, settings, clock):
     run_text(db, settings, clock, "silence coze:4100 2h")
     row = db.execute("SELECT key, until, created_by FROM silences").fetchone()
     assert row == ("coze:4100", NOW + 7200, ADMIN)
+
+
+@pytest.mark.parametrize("lang, text, want, unwanted", [
+    ("zh", "status bdeadbeef", "找不到批次 bdeadbeef", "not found"),
+    ("zh", "errors bdeadbeef", "找不到批次 bdeadbeef", "not found"),
+    ("zh", "status", "**排队中**", "queued"),
+    ("en", "status bdeadbeef", "Batch bdeadbeef not found", "找不到"),
+    ("en", "status", "**queued**", "排队中"),
+])
+def test_user_text_is_in_the_configured_language(db, clock, lang, text, want, unwanted):
+    s = Settings(feishu=FeishuSettings(admin_ids=(ADMIN,)), language=lang)
+    queue.create_batch(db, [{"task_key": "a"}], now=NOW, source="chat")
+    shown = "\n".join(e["content"] for e in run_text(db, s, clock, text)["body"]["elements"]
+                      if e["tag"] == "markdown")
+    assert want in shown and unwanted not in shown
+
+
+def test_status_words_in_move_and_retry_replies_are_translated(db, settings, clock):
+    bid, tid = failed_task(db)
+    queue.set_batch_status(db, bid, "paused", now=NOW)
+    text = json.dumps([run_text(db, settings, clock, f"pause {bid}"),
+                       run_text(db, settings, clock, f"resume {bid}"),
+                       run_text(db, settings, clock, f"retry #{tid}"),
+                       run_text(db, settings, clock, f"retry #{tid}"),
+                       click(db, settings, clock, {"action": "status", "batch_id": bid})],
+                      ensure_ascii=False)
+    assert "已暂停" in text and "运行中" in text and "排队中" in text
+    for word in ("paused", "running", "queued", "blocked"):
+        assert word not in text
 
 
 def test_english(db, clock):

@@ -152,6 +152,7 @@ def test_card_handler_crash_still_answers_200(db):
     it = Intake(make_settings(), db, FakeClock(NOW), card_handler=boom)
     out = it.handle(signed(card_action_event({"action": "retry"})))
     assert out.response.status == 200 and out.response.json["toast"]["type"] == "error"
+    assert out.response.json["toast"]["content"] == "操作出错，已记录日志"
 
 
 def test_legacy_card_callback_sha1(db):
