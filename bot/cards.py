@@ -98,7 +98,9 @@ def help_card(lang: str, *, error: str | None = None) -> Card:
 
 
 def refusal_card(command: str, admin_ids: Iterable[str], lang: str) -> Card:
-    admins = " ".join(mention(a) for a in admin_ids)
+    """Names the admins by id without @-mentioning them: anyone can send refused commands,
+    and each mention would notify every admin (a spam vector)."""
+    admins = ", ".join(f"`{a}`" for a in admin_ids)
     text = (t("refused.body", lang, command=command, admins=admins) if admins
             else t("refused.no_admins", lang, command=command))
     return card(t("title.refused", lang), [markdown(text)], template=TEMPLATES["warning"])
