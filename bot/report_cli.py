@@ -72,8 +72,10 @@ def _send(db, settings, card, day: Date, clock, err: TextIO, feishu_client,
     now = clock.now()
     uid = outbox.enqueue(db, "send", settings.feishu.alert_chat_id, {"card": card}, now=now,
                          ref=f"report:{day.isoformat()}")
+    # Only this row: other due rows (alerts, Bitable writes) belong to the worker, which has
+    # the notifier and the per-table writer; a CLI run must not deliver them on the side.
     sender = OutboxSender(db, feishu_client or FeishuClient(settings.feishu), clock=clock,
-                          owner=make_owner())
+                          owner=make_owner(), uuids=(uid,))
     deadline = _time.monotonic() + send_timeout
     while True:
         sender.deliver_due()

@@ -98,9 +98,11 @@ class OutboxSender:
                  patch_wait: float = 2.0, chat_rate: int = CHAT_RATE,
                  chat_window: float = CHAT_WINDOW,
                  rng: Callable[[], float] = random.random,
-                 kinds: tuple[str, ...] | None = None) -> None:
+                 kinds: tuple[str, ...] | None = None,
+                 uuids: tuple[str, ...] | None = None) -> None:
         self.db, self.client, self.clock, self.owner = db, client, clock, owner
         self.kinds = kinds  # None: every kind; the web process leaves Bitable to the worker
+        self.uuids = uuids  # None: every row; `opsbot report --send` delivers only its own
         self.max_backoff, self.base_backoff = max_backoff, base_backoff
         self.lease, self.claim_limit, self.max_rows = lease, claim_limit, max_rows
         self.patch_wait = patch_wait
@@ -127,7 +129,8 @@ class OutboxSender:
         delivered = claimed = 0
         while claimed < self.max_rows:
             rows = outbox.claim_due(self.db, owner=self.owner, now=self.clock.now(),
-                                    lease=self.lease, limit=self.claim_limit, kinds=self.kinds)
+                                    lease=self.lease, limit=self.claim_limit, kinds=self.kinds,
+                                    uuids=self.uuids)
             if not rows:
                 break
             claimed += len(rows)

@@ -190,6 +190,24 @@ def test_cli_send_posts_the_card_with_the_chart(tmp_path):
     assert db.execute("SELECT value FROM kv WHERE key = 'report:last_sent_at'").fetchone()
 
 
+def test_cli_send_delivers_only_its_own_report(tmp_path):
+    """Other due rows (an alert for another chat, a Bitable write) are the worker's."""
+    from storage import outbox
+    db = open_db(tmp_path / "opsbot.db")
+    outbox.enqueue(db, "send", "oc_other", {"text": "an alert"}, now=0, uuid="al-1")
+    outbox.enqueue(db, "bitable_update", "app/tbl", {"record_id": "r", "fields": {}}, now=0,
+                   uuid="bt-1")
+    with FakeFeishu() as fake:
+        settings = Settings(db_path=tmp_path / "opsbot.db",
+                            feishu=fake.settings(alert_chat_id="oc_alerts"))
+        assert run_report(settings, date="2025-06-10", send=True, out=io.StringIO(),
+                          err=io.StringIO()) == 0
+        assert [m["chat_id"] for m in fake.messages] == ["oc_alerts"]
+    assert outbox.status_of(db, "al-1") == "pending" and outbox.status_of(db, "bt-1") == "pending"
+    assert db.execute("SELECT lease_owner FROM outbox WHERE uuid IN ('al-1', 'bt-1')"
+                      ).fetchall() == [(None,), (None,)]
+
+
 def test_cli_send_failure_exits_1_and_says_why(tmp_path):
     with FakeFeishu() as fake:
         fake.fail("send", code=230002, msg="Bot is not in the chat")
