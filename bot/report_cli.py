@@ -26,11 +26,15 @@ def parse_day(text: str | None, settings, now: float) -> Date:
     """The day asked for, or yesterday in the settings' time zone. ValueError when malformed."""
     if text is None:
         return datetime.fromtimestamp(now, settings.tz).date() - timedelta(days=1)
+    from .commands import MAX_DATE, MIN_DATE
     try:
-        return Date.fromisoformat(text.strip())
+        day = Date.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(f"--date must look like YYYY-MM-DD (e.g. 2025-06-01), got {text!r}") \
             from None
+    if not MIN_DATE <= day <= MAX_DATE:  # the report also reads the day before
+        raise ValueError(f"--date must be between {MIN_DATE} and {MAX_DATE}, got {text!r}")
+    return day
 
 
 def run_report(settings, *, date: str | None, send: bool, clock=None, out: TextIO | None = None,
