@@ -11,7 +11,10 @@ Durability rules, in the order things happen for a task:
 3. wait (adaptive polling; a run that ended is never polled again);
 4. write the outcome, with the lease check, so a worker that lost its lease writes nothing.
 The only window for a duplicate submit is a crash between Coze accepting the run and the store
-committing its id (a few milliseconds); Coze offers no idempotency key to close it.
+committing its id (a few milliseconds); Coze offers no idempotency key to close it. Each submit
+is marked before it goes out, so a task caught in that window is submitted again with the doubt
+recorded (an ``in_doubt`` attempt), never silently. Cancellation (block, cancel, shutdown) waits
+for a submit on the wire, so only a hard kill can hit the window.
 
 Failures go through :func:`pipeline.classifier.classify`: retry (inside the call, with backoff),
 resubmit (a new run, bounded), fail the task, or fatal: trip the breaker, block every open batch
@@ -291,6 +294,8 @@ class Worker:
         params = _load(task["params"]) or {}
         if self.config.task_id_param:
             params = {self.config.task_id_param: task["task_key"], **params}
+        if task.get("submit_started_at") and not task.get("execute_id"):
+            self._submit_in_doubt(task)
         while True:
             if not task.get("execute_id"):
                 started = self.clock.now()
@@ -332,11 +337,19 @@ class Worker:
         on its way would lose the ``execute_id`` and the next claim would submit again.
         """
         async def submit_and_store():
-            sub = await self.coze.submit(workflow, params)
+            # Mark the submit in doubt first: if this process dies before the id is stored, the
+            # next worker knows a run may exist that it cannot see (Coze has no idempotency key).
+            if not self._update(task, submit_started_at=self.clock.now()):
+                raise LeaseLost(f"task {task['id']} was taken over")
+            try:
+                sub = await self.coze.submit(workflow, params)
+            except BaseException:
+                self._update(task, submit_started_at=None, _final=True)
+                raise
             self.stats["submits"] += 1
             if not self._update(task, execute_id=sub.execute_id, submitted_at=self.clock.now(),
                                 debug_url=sub.debug_url, attempts=task["attempts"] + 1,
-                                run_workflow_id=workflow):
+                                run_workflow_id=workflow, submit_started_at=None):
                 raise LeaseLost(f"task {task['id']} was taken over")
             return sub
 
@@ -345,6 +358,21 @@ class Worker:
         inner.add_done_callback(lambda f, tid=task["id"]: self._submitting.pop(tid, None)
                                 if self._submitting.get(tid) is f else None)
         return asyncio.shield(inner)
+
+    def _submit_in_doubt(self, task: dict[str, Any]) -> None:
+        """The previous worker died during a submit: Coze may hold a run nobody can see.
+
+        It is submitted again (losing the task would be worse), and the doubt is recorded so the
+        report and the task's history show a possible duplicate run.
+        """
+        now = self.clock.now()
+        log.warning("a worker died during this task's submit; submitting again",
+                    extra={"task_id": task["id"], "batch_id": task["batch_id"]})
+        queue.record_attempt(self.db, task, stage="coze", started_at=task["submit_started_at"],
+                             ended_at=now, outcome="in_doubt", error_class="crash_during_submit",
+                             error_message="the worker died between submitting and storing the "
+                                           "run id; Coze may have run this task once more")
+        self._update(task, submit_started_at=None)
 
     def _workflow_for_submit(self, task: dict[str, Any]) -> str:
         """The batch's own workflow when it names another one; else primary or fallback."""

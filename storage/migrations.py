@@ -151,4 +151,9 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE tasks ADD COLUMN run_workflow_id TEXT",
         "CREATE INDEX tasks_stage ON tasks(stage, status)",
     ],
+    [
+        # set while a submit is on the wire: a worker that finds it set (and no execute_id)
+        # knows its predecessor died mid-submit and Coze may hold a run it cannot see
+        "ALTER TABLE tasks ADD COLUMN submit_started_at REAL",
+    ],
 ]

@@ -86,10 +86,18 @@ def test_kill_9_at_random_moments_never_loses_or_repeats_work(tmp_path, simulato
     stats = _stats(simulator)
     submits = {k: v["submits"] for k, v in stats["tasks"].items()}
     assert sorted(submits) == sorted(f"c{i}" for i in range(n))
-    assert set(submits.values()) == {1}, {k: v for k, v in submits.items() if v != 1}
-    # each task's run recorded as one success; the execute_id stored is the one run it had
+    # A second run is allowed only where a kill landed inside a submit (between Coze accepting
+    # it and the store committing its id, a few ms; Coze has no idempotency key), and then the
+    # doubt must be on record. Anywhere else, one run per task.
     rows = queue.tasks_of(db, batch)
-    assert all(r["execute_id"] == stats["tasks"][r["task_key"]]["runs"][0] for r in rows)
+    in_doubt = {r["task_key"] for r in rows if db.execute(
+        "SELECT 1 FROM attempts WHERE task_id = ? AND outcome = 'in_doubt'", [r["id"]]
+    ).fetchone()}
+    twice = {k for k, v in submits.items() if v != 1}
+    assert twice <= in_doubt, twice - in_doubt
+    assert len(in_doubt) <= kills * 6 and all(submits[k] <= 2 for k in in_doubt)  # 6 in flight
+    # the execute_id stored is the task's last run, and it succeeded once
+    assert all(r["execute_id"] == stats["tasks"][r["task_key"]]["runs"][-1] for r in rows)
     successes = db.execute("SELECT task_id, COUNT(*) FROM attempts WHERE stage = 'coze'"
                            " AND outcome = 'success' GROUP BY task_id").fetchall()
     assert len(successes) == n and {c for _, c in successes} == {1}

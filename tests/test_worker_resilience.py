@@ -194,3 +194,27 @@ def test_a_hung_synthesis_job_is_killed_and_the_pool_keeps_working(tmp_path):
     results = asyncio.run(go())
     assert results[0] == "timeout" and results[2] == "crashed"
     assert results[1] == {"ok": "fast1"} and results[3] == {"ok": "fast2"}
+
+
+def test_a_submit_cut_short_by_a_crash_is_made_again_and_the_doubt_recorded(db, tmp_path):
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    # as a worker that died after marking its submit and before storing the run id
+    [task] = queue.claim_tasks(db, owner="deadhost:1:x", now=0, lease=0.01, limit=1)
+    queue.update_task(db, task["id"], submit_started_at=0.5)
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        await sim.start()
+        try:
+            await _drain(db, sim, tmp_path=tmp_path)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "succeeded" and row["submit_started_at"] is None
+    outcomes = [r[0] for r in db.execute(
+        "SELECT outcome FROM attempts WHERE task_id = ? ORDER BY id", [row["id"]])]
+    assert outcomes[0] == "in_doubt" and outcomes[-1] == "success"
+    assert sim.task("a").submits == 1
