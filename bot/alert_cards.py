@@ -13,11 +13,11 @@ below; ``bot.i18n`` belongs to the command handlers).
 """
 from __future__ import annotations
 
-import string
 from datetime import datetime, tzinfo
 from typing import Any, Iterable
 
 from .cards import Card, button, card, hr, markdown, mention
+from . import i18n
 from .i18n import status_word
 
 TIER_TEMPLATES = {"LOW": "grey", "MEDIUM": "orange", "HIGH": "red", "CRITICAL": "carmine"}
@@ -156,18 +156,12 @@ _T: dict[str, dict[str, str]] = {
 }
 
 
-class _Lenient(dict):
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
+i18n.register("alert", _T)
 
 
 def tr(msg_key: str, lang: str = "zh", /, **kwargs: Any) -> str:
-    """Text ``msg_key`` in ``lang`` (Chinese fallback), formatted leniently with ``kwargs``."""
-    entry = _T.get(msg_key)
-    if entry is None:
-        return msg_key
-    text = entry.get(lang) or entry["zh"]
-    return string.Formatter().vformat(text, (), _Lenient(kwargs)) if kwargs else text
+    """Text ``msg_key`` of this module's catalog in ``lang`` (see :func:`bot.i18n.t`)."""
+    return i18n.t("alert." + msg_key, lang, **kwargs)
 
 
 def advice(error_class: str | None, lang: str) -> str:

@@ -150,6 +150,12 @@ class _Lenient(dict):
         return "{" + key + "}"
 
 
+def register(namespace: str, entries: dict[str, dict[str, str]]) -> None:
+    """Add a module's own messages as ``namespace.key`` (cards keep their texts beside them)."""
+    for key, entry in entries.items():
+        MESSAGES[f"{namespace}.{key}"] = entry
+
+
 def t(key: str, lang: str = DEFAULT, /, **kwargs: Any) -> str:
     """The message ``key`` in ``lang`` (falling back to Chinese), formatted with ``kwargs``."""
     entry = MESSAGES.get(key)

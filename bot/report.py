@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import sqlite_utils
 
-from . import alert_cards
+from . import alert_cards, i18n
 from .cards import Card, card, hr, markdown
 from .commands import neutral
 
@@ -55,9 +55,11 @@ _R: dict[str, dict[str, str]] = {
 }
 
 
+i18n.register("report", _R)
+
+
 def _r(key: str, lang: str, **kw: Any) -> str:
-    entry = _R[key]
-    return (entry.get(lang) or entry["zh"]).format(**kw)
+    return i18n.t("report." + key, lang, **kw)
 
 
 def day_bounds(day: date, tz: tzinfo) -> tuple[float, float]:
