@@ -51,6 +51,26 @@ def button(label: str, value: dict[str, Any], *, kind: str = "default") -> dict[
             "type": kind, "behaviors": [{"type": "callback", "value": dict(value)}]}
 
 
+def elements(data: Any, *tags: str) -> list[dict[str, Any]]:
+    """Every element of a card (at any depth) whose ``tag`` is one of ``tags``, in order."""
+    found: list[dict[str, Any]] = []
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("tag") in tags:
+                found.append(node)
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+    return found
+
+
+def button_values(data: Any) -> list[dict[str, Any]]:
+    """The callback values of a card's buttons, in order."""
+    return [b["behaviors"][0]["value"] for b in elements(data, "button") if b.get("behaviors")]
+
+
 def hr() -> dict[str, Any]:
     return {"tag": "hr"}
 

@@ -394,7 +394,7 @@ class Demo:
     # -- acting like Feishu ------------------------------------------------------------------
 
     def user_says(self, command: str) -> str:
-        from .devtools import message_event, signed_event
+        from .devtools import message_event
 
         self._n += 1
         message_id = f"om_demo_{self._n:04d}_{secrets.token_hex(3)}"

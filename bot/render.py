@@ -24,6 +24,8 @@ import re
 import unicodedata
 from typing import Any, Iterable, Mapping, TextIO
 
+from .cards import elements
+
 MAX_LINES = 40          # lines of one element before "… (N more lines)"
 BAR_WIDTH = 28          # characters of the longest bar in a chart
 MAX_BARS = 24           # rows of a chart
@@ -195,20 +197,7 @@ def render_button(el: Mapping[str, Any], st: Style | None = None) -> str:
 
 def button_labels(card: Any) -> list[str]:
     """Labels of every button on a card, in order."""
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, Mapping):
-            if node.get("tag") == "button":
-                found.append(_text_of(node.get("text")) or "?")
-                return
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-    walk(card)
-    return found
+    return [_text_of(b.get("text")) or "?" for b in elements(card, "button")]
 
 
 def _fit(text: str, st: Style, w: int, names: Mapping[str, str]) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 
 from bot import alert_cards
 from bot.alerts import AlertRouter, load_alert
-from bot.cards import size
+from bot.cards import button_values, size
 from bot.feishu import FeishuClient
 from bot.handlers import reply_uuid
 from bot.sender import OutboxSender
@@ -84,19 +84,7 @@ def rows(db, kind=None):
 
 
 def buttons(card) -> list[dict]:
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("tag") == "button":
-                found.append(node["behaviors"][0]["value"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-    walk(card)
-    return found
+    return button_values(card)
 
 
 def text_of(card) -> str:
@@ -279,7 +267,7 @@ def test_a_silenced_batch_prefix_suppresses_sends_and_counts(db, router, clock):
 
 
 def test_a_silence_does_not_cover_other_keys_or_expired_ones(db, router, clock):
-    b = batch(db, 2, batch_id="b1")
+    batch(db, 2, batch_id="b1")
     b2 = batch(db, 1, batch_id="b10")   # "b1" must not silence "b10"
     silence(db, "b1", clock.now() + 3600)
     silence(db, "b10:coze:auth", clock.now() - 1)

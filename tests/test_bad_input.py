@@ -19,16 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from werkzeug.serving import make_server
 
-from bot import handlers
 from bot.app import create_app
+from bot.cards import elements
 from bot.feishu import FeishuClient
 from bot.handlers import process_inbox
 from bot.settings import Secret, Settings
 from pipeline.clock import Clock
 from storage import queue
-from storage.db import open_db
 from tests.fake_feishu import FakeFeishu
-from tests.helpers import (ADMIN, ENCRYPT_KEY, TOKEN, USER, card_action_event, encrypt,
+from tests.helpers import (ADMIN, ENCRYPT_KEY, TOKEN, USER, encrypt,
                            message_event, sign, signed_event, table_counts)
 
 APP, TABLE = "app_tok", "tbl_1"
@@ -76,19 +75,8 @@ def handle_all(db, settings, fake):
 
 def card_markdown(card) -> str:
     """Every markdown/plain text in a card, joined."""
-    out = []
-
-    def walk(x):
-        if isinstance(x, dict):
-            if x.get("tag") in ("markdown", "plain_text") and isinstance(x.get("content"), str):
-                out.append(x["content"])
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-    walk(card)
-    return "\n".join(out)
+    return "\n".join(x["content"] for x in elements(card, "markdown", "plain_text")
+                     if isinstance(x.get("content"), str))
 
 
 def assert_neutral(text: str) -> None:

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import pytest
 
-from bot.alerts import AlertRouter, load_alert
+from bot.alerts import load_alert
 from bot.feishu import FeishuClient
 from bot.handlers import reply_uuid
 from bot.sender import OutboxSender

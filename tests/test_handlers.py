@@ -9,7 +9,7 @@ from bot import cards, handlers
 from bot.commands import parse
 from bot.settings import FeishuSettings, Settings
 from pipeline.clock import FakeClock
-from storage import inbox, outbox, queue
+from storage import inbox, queue
 from tests.helpers import ADMIN, USER, card_action_event, legacy_card_action, message_event
 
 NOW = 1_750_000_000.0

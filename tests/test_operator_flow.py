@@ -11,6 +11,7 @@ import time
 import pytest
 
 from bot.app import create_app
+from bot.cards import button_values
 from bot.devtools import ADMIN, ENCRYPT_KEY, TOKEN, card_action_event, signed_event
 from bot.service import build_notifier
 from bot.settings import FeishuSettings, Secret, Settings
@@ -70,20 +71,7 @@ def cards(db, ref_prefix=""):
 
 
 def buttons(card):
-    found = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("tag") == "button":
-                value = node["behaviors"][0]["value"]
-                found[value["action"]] = value
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-    walk(card)
-    return found
+    return {value["action"]: value for value in button_values(card)}
 
 
 def press(app, value, operator=ADMIN):

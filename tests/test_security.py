@@ -6,7 +6,6 @@ against the fake Feishu, the real worker against the Coze simulator.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import threading

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import sqlite3
 
 import pytest
 

@@ -5,7 +5,6 @@ import asyncio
 import dataclasses
 import json
 
-import pytest
 
 from pipeline.breaker import all_states, reset_all
 from pipeline.config import PipelineConfig, PollPolicy, RetryPolicy
