@@ -1,13 +1,14 @@
 """The web process: ``create_app()`` builds the Flask app that gunicorn serves.
 
 Routes: ``POST /webhook/event`` and ``POST /webhook/card`` (both through :mod:`bot.intake`),
-``GET /healthz``, ``GET /metrics`` (a minimal Prometheus text of the queue depths).
+``GET /healthz``, ``GET /metrics`` (Prometheus text, :mod:`bot.metrics`).
 
-The request only validates, records and answers. A recorded message is handed to a per-process
-:class:`Dispatcher` thread (started lazily, so it lives in each gunicorn worker after the fork)
-that claims the inbox row, runs the command and flushes the outbox: the HTTP answer never waits
-for Feishu. If the process dies first, the row stays in the inbox and the worker process picks it
-up with :func:`bot.handlers.process_inbox` once the lease runs out.
+The request only validates, records and answers; the HTTP answer never waits for Feishu. By
+default the worker process answers recorded commands (:func:`bot.handlers.process_inbox`). With
+``OPSBOT_WEB_DISPATCH=1`` a per-process :class:`Dispatcher` thread (started lazily, so it lives in
+each gunicorn worker after the fork) also claims inbox rows, runs the commands and flushes the
+message outbox; rows it does not finish are left to the worker once their lease runs out.
+Card button presses are answered inside the request (Feishu shows the toast and new card).
 
 Threads: request threads share one connection behind a lock (gunicorn sync workers serve one
 request at a time; the dev server is threaded); the dispatcher opens its own connection.
