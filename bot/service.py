@@ -20,7 +20,7 @@ from pipeline.notify import Notifier
 from pipeline.ratelimit import coze_limiter
 from pipeline.worker import Worker, make_owner
 from storage import inbox, outbox
-from storage.db import open_db
+from storage.db import open_db, prune
 
 from .settings import Settings
 
@@ -101,12 +101,19 @@ class FeishuLoop:
 
 async def _tick_loop(scheduler: Any, router: Any, canary: Any, interval: float) -> None:
     """On the worker's loop (the router shares its DB connection): report, latency, progress,
-    canary."""
+    canary, and once an hour the pruning of old inbox and outbox rows."""
+    prune_at = 0.0
     while True:
         try:
             scheduler.tick()
             canary.tick()
             router.flush()
+            now = router.clock.now()
+            if now >= prune_at:
+                prune_at = now + 3600
+                removed = prune(router.db, now=now)
+                if any(removed.values()):
+                    log.info("pruned old rows", extra=removed)
         except Exception:
             log.exception("scheduler tick failed")
         await asyncio.sleep(interval)

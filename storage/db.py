@@ -85,3 +85,18 @@ class transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def prune(db: sqlite_utils.Database, *, now: float, keep_days: float = 7.0) -> dict[str, int]:
+    """Delete handled inbox rows and delivered (or dead) outbox rows older than ``keep_days``.
+
+    A week is far past Feishu's last re-push (6 h) and its send-uuid window (1 h), so dedup and
+    idempotency are unaffected. Tasks, attempts and alerts are kept: the reports read them.
+    """
+    cutoff = now - keep_days * 86400
+    with transaction(db) as conn:
+        inbox = conn.execute("DELETE FROM inbox WHERE status != 'new' AND received_at < ?",
+                             [cutoff]).rowcount
+        outbox = conn.execute("DELETE FROM outbox WHERE status != 'pending' AND created_at < ?",
+                              [cutoff]).rowcount
+    return {"inbox": inbox, "outbox": outbox}

@@ -177,3 +177,22 @@ def test_outbox_order_holds_across_two_senders(db):
     outbox.mark_sent(db, a[0]["id"], now=2, result="om_1")
     assert [r["uuid"] for r in outbox.claim_due(db, owner="worker", now=2)] == ["second"]
     assert outbox.claim_due(db, owner="x", now=3, uuids=("nope",)) == []
+
+
+def test_prune_drops_only_old_handled_rows(db):
+    from storage.db import prune
+
+    day = 86400
+    inbox.record(db, "msg:old", event_type="im.message.receive_v1", payload={}, now=0)
+    inbox.finish(db, "msg:old", now=1)
+    inbox.record(db, "msg:old_unhandled", event_type="im.message.receive_v1", payload={}, now=0)
+    inbox.record(db, "msg:new", event_type="im.message.receive_v1", payload={}, now=9 * day)
+    inbox.finish(db, "msg:new", now=9 * day)
+    outbox.enqueue(db, "send", "oc", {"text": "a"}, now=0, uuid="sent-old")
+    outbox.enqueue(db, "send", "oc", {"text": "b"}, now=0, uuid="pending-old")
+    [row, _] = outbox.claim_due(db, owner="s", now=1)
+    outbox.mark_sent(db, row["id"], now=1, result="om")
+    assert prune(db, now=10 * day) == {"inbox": 1, "outbox": 1}
+    keys = {r[0] for r in db.execute("SELECT key FROM inbox")}
+    assert keys == {"msg:old_unhandled", "msg:new"}
+    assert [r[0] for r in db.execute("SELECT uuid FROM outbox")] == ["pending-old"]
