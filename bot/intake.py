@@ -153,24 +153,20 @@ def check_timestamp(ts: str, now: float) -> None:
 
 def verify_signature(req: Request, encrypt_key: str, now: float) -> bool:
     """True when signed correctly, False when unsigned; raises Rejected when signed wrongly."""
-    parts = _signed_parts(req)
-    if parts is None:
-        return False
-    ts, nonce, sig = parts
-    if not hmac.compare_digest(signature(ts, nonce, encrypt_key, req.body).encode(),
-                               sig.strip().lower().encode()):
-        raise Rejected(401, "bad_signature", "X-Lark-Signature does not match")
-    check_timestamp(ts, now)
-    return True
+    return _verify(req, now, lambda ts, nonce: signature(ts, nonce, encrypt_key, req.body))
 
 
 def verify_legacy_signature(req: Request, token: str, now: float) -> bool:
+    """The same for the old card callback (SHA-1 over the verification token)."""
+    return _verify(req, now, lambda ts, nonce: legacy_signature(ts, nonce, token, req.body))
+
+
+def _verify(req: Request, now: float, expected: Callable[[str, str], str]) -> bool:
     parts = _signed_parts(req)
     if parts is None:
         return False
     ts, nonce, sig = parts
-    if not hmac.compare_digest(legacy_signature(ts, nonce, token, req.body).encode(),
-                               sig.strip().lower().encode()):
+    if not hmac.compare_digest(expected(ts, nonce).encode(), sig.strip().lower().encode()):
         raise Rejected(401, "bad_signature", "X-Lark-Signature does not match")
     check_timestamp(ts, now)
     return True

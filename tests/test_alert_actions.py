@@ -6,30 +6,18 @@ import json
 import pytest
 
 from bot.alert_actions import handle_alert_action
-from bot.alerts import AlertRouter, load_alert
+from bot.alerts import load_alert
 from pipeline.breaker import Breaker, all_states
 from pipeline.config import BreakerPolicy
-from pipeline.clock import FakeClock
 from storage import queue
 from storage.db import transaction
-from tests.test_alerts import FATAL, batch, fail, make_settings, rows
+# the clock, settings and router fixtures are shared with the alert router's tests
+from tests.test_alerts import (FATAL, batch, clock, fail, make_settings,  # noqa: F401
+                               router, rows, settings)
 
 ADMIN = "ou_admin"
 
 
-@pytest.fixture
-def clock():
-    return FakeClock(1_750_000_000.0)
-
-
-@pytest.fixture
-def settings():
-    return make_settings()
-
-
-@pytest.fixture
-def router(db, settings, clock):
-    return AlertRouter(db, settings, clock)
 
 
 def press(db, settings, clock, value):
