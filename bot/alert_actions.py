@@ -40,6 +40,7 @@ from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card
 from .bitable_sync import mark_cancelled
 from .commands import neutral
 from .i18n import not_found, status_word
+from .mdtext import code, escape, plain
 
 MIN_SILENCE = 60.0
 MAX_SILENCE = 30 * 86400.0
@@ -73,7 +74,8 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
     except NotFound as exc:
         return _toast("error", not_found(exc, ctx.lang))
     except (KeyError, ValueError, TypeError) as exc:
-        return _toast("error", tr("a.failed", ctx.lang, error=f"{type(exc).__name__}: {exc}"[:200]))
+        return _toast("error", tr("a.failed", ctx.lang,
+                                  error=escape(f"{type(exc).__name__}: {exc}"[:200])))
     answer = _toast("success" if ok else "info", text)
     card, target = _current_card(ctx)
     if card is not None:
@@ -87,7 +89,8 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
 
 
 def _toast(kind: str, content: str) -> dict[str, Any]:
-    return {"toast": {"type": kind, "content": content}}
+    """Toast content is plain text to Feishu: the markdown of our texts is turned into it."""
+    return {"toast": {"type": kind, "content": plain(content)}}
 
 
 def _current_card(ctx: _Ctx) -> tuple[dict[str, Any] | None, str | None]:
@@ -136,7 +139,7 @@ def _moved_on(ctx: _Ctx, ids: list[int]) -> str:
     if not ids:
         return tr("a.nothing_failed", ctx.lang)
     task = queue.get_task(ctx.db, ids[0])
-    return tr("a.moved_on", ctx.lang, task=neutral(task["task_key"]),
+    return tr("a.moved_on", ctx.lang, task=code(task["task_key"]),
               status=status_word(task["status"], ctx.lang))
 
 
@@ -186,14 +189,15 @@ def _silence(ctx: _Ctx) -> Result:
     until = ctx.now + seconds
     current = silenced_until(ctx.db, key, ctx.now)
     if current is not None and current >= until - MIN_SILENCE:  # a second click, or longer
-        return False, tr("a.already_silenced", ctx.lang, key=key, until=_local(ctx, current))
+        return False, tr("a.already_silenced", ctx.lang, key=code(key),
+                         until=_local(ctx, current))
     with transaction(ctx.db) as conn:
         conn.execute("INSERT INTO silences (key, until, created_by, created_at) VALUES (?, ?, ?, ?)"
                      " ON CONFLICT(key) DO UPDATE SET until = excluded.until,"
                      " created_by = excluded.created_by, created_at = excluded.created_at",
                      [key, until, ctx.operator, ctx.now])
     _note(ctx, key, tr("n.silence", ctx.lang, until=_local(ctx, until)))
-    return True, tr("a.silenced", ctx.lang, key=key, until=_local(ctx, until))
+    return True, tr("a.silenced", ctx.lang, key=code(key), until=_local(ctx, until))
 
 
 def _resume(ctx: _Ctx) -> Result:
@@ -298,7 +302,8 @@ def _reset_breakers(db, settings, *, now: float, by: str) -> Result | None:
     note = {"by": by, "text": tr("n.reset", settings.language)}
     for alert in open_alerts(db, kinds=("breaker",)):
         resolve_alert(db, settings, alert["key"], now=now, note=note)
-    return True, tr("a.breakers_reset", settings.language, services=", ".join(services))
+    return True, tr("a.breakers_reset", settings.language,
+                    services=escape(", ".join(services)))
 
 
 def _patch_batch_card(db, settings, batch_id: str, now: float) -> None:

@@ -9,16 +9,25 @@ lists are cut to :data:`LIST_LIMIT` rows plus an "and N more" line, long text is
 
 Header colours by tier: LOW grey, MEDIUM orange, HIGH red, CRITICAL carmine; resolved green,
 ignored grey. Text is Chinese by default and English with ``lang="en"`` (own small catalog
-below; ``bot.i18n`` belongs to the command handlers).
+below, registered into ``bot.i18n``).
+
+Text from Bitable, Coze or people (task keys, error messages, reasons, notes) is stored as it
+came and escaped here, when the card is built (:mod:`bot.mdtext`): cut first, then escaped, so
+no cut splits an entity. Only the on-call people (``details["mentions"]``) and the people who
+pressed a button are @-mentioned; notes the bot writes itself mention nobody. An alert that
+wanted to mention someone but has nobody configured says so on the card.
 """
 from __future__ import annotations
 
 from datetime import datetime, tzinfo
 from typing import Any, Iterable
 
+import re
+
 from .cards import Card, button, card, hr, markdown, mention
 from . import i18n
 from .i18n import status_word
+from .mdtext import clip, code, escape
 
 TIER_TEMPLATES = {"LOW": "grey", "MEDIUM": "orange", "HIGH": "red", "CRITICAL": "carmine"}
 STATUS_TEMPLATES = {"resolved": "green", "ignored": "grey"}
@@ -35,8 +44,8 @@ _T: dict[str, dict[str, str]] = {
     "title.latency": {"zh": "任务运行过久", "en": "Tasks running too long"},
     "title.fallback": {"zh": "已切换到备用工作流", "en": "Switched to the fallback workflow"},
     "title.canary": {"zh": "巡检任务失败：流程不通", "en": "Canary failed: the flow is broken"},
-    "f.workflows": {"zh": "主工作流 `{primary}` → 备用 `{fallback}`",
-                    "en": "primary `{primary}` -> fallback `{fallback}`"},
+    "f.workflows": {"zh": "主工作流 {primary} → 备用 {fallback}",
+                    "en": "primary {primary} -> fallback {fallback}"},
     "title.progress": {"zh": "批次进度 {batch_id}", "en": "Batch progress {batch_id}"},
     "title.summary": {"zh": "批次完成 {batch_id}", "en": "Batch finished {batch_id}"},
     "title.summary_failed": {"zh": "批次完成（部分失败）{batch_id}",
@@ -44,11 +53,11 @@ _T: dict[str, dict[str, str]] = {
     # alert fields
     "f.stage": {"zh": "**阶段**：{v}", "en": "**Stage**: {v}"},
     "f.reason": {"zh": "**原因**：{v}", "en": "**Reason**: {v}"},
-    "f.task": {"zh": "**任务**：`{task}`（#{id}）", "en": "**Task**: `{task}` (#{id})"},
-    "f.batch": {"zh": "**批次**：`{v}`", "en": "**Batch**: `{v}`"},
+    "f.task": {"zh": "**任务**：{task}（#{id}）", "en": "**Task**: {task} (#{id})"},
+    "f.batch": {"zh": "**批次**：{v}", "en": "**Batch**: {v}"},
     "f.attempts": {"zh": "**尝试次数**：{v}", "en": "**Attempts**: {v}"},
     "f.time": {"zh": "**时间**：{v}", "en": "**Time**: {v}"},
-    "f.debug": {"zh": "[查看运行详情]({url})", "en": "[Open the run]({url})"},
+    "f.debug_label": {"zh": "查看运行详情", "en": "Open the run"},
     "f.count": {"zh": "**× {count}**，最近一次 {last}", "en": "**× {count}**, last at {last}"},
     "f.tasks": {"zh": "**涉及任务**：{v}", "en": "**Tasks**: {v}"},
     "f.more": {"zh": "等另外 {n} 个", "en": "and {n} more"},
@@ -56,13 +65,25 @@ _T: dict[str, dict[str, str]] = {
     "f.blocked_what": {"zh": "**受阻**：{v}", "en": "**Blocked**: {v}"},
     "f.since": {"zh": "**开始于**：{v}", "en": "**Since**: {v}"},
     "f.nothing_blocked": {"zh": "暂无进行中的批次", "en": "no open batch"},
+    "f.nobody": {"zh": "⚠️ 没有配置要提醒的人：请设置 FEISHU_ONCALL_IDS 或 FEISHU_ADMIN_IDS"
+                       "（群主允许时也可设置 OPSBOT_MENTION_ALL=1 提醒所有人）。",
+                 "en": "⚠️ Nobody is configured to be mentioned: set FEISHU_ONCALL_IDS or "
+                       "FEISHU_ADMIN_IDS (or OPSBOT_MENTION_ALL=1 if the group owner allows "
+                       "mentioning everyone)."},
+    "f.held": {"zh": "**同一原因的其他告警**：{n} 条已并入此卡片（{kinds}）",
+               "en": "**Held by this card**: {n} alert(s) of the same cause ({kinds})"},
+    "f.held_kind": {"zh": "{key} × {count}", "en": "{key} × {count}"},
+    "s.released": {"zh": "此告警已恢复；并入的 {n} 条告警仍未解决，已各自单独发出。",
+                   "en": "This alert resolved; the {n} alert(s) it held are still open and "
+                         "were sent on their own."},
+    "s.by_bot": {"zh": "opsbot", "en": "opsbot"},
     "f.rate": {"zh": "最近 {window} 内结束 {n} 个任务，失败 {failed} 个（{rate}），阈值 {threshold}",
                "en": "{failed} of {n} tasks finished in the last {window} failed ({rate}); "
                      "threshold {threshold}"},
     "f.latency": {"zh": "{n} 个任务运行超过 {threshold}（最长 {longest}）",
                   "en": "{n} task(s) running longer than {threshold} (longest {longest})"},
-    "f.blocked_batch": {"zh": "批次 `{batch_id}` 已暂停派发，等待人工处理后点「恢复」。",
-                        "en": "Batch `{batch_id}` stopped dispatching; fix the cause, then press "
+    "f.blocked_batch": {"zh": "批次 {batch_id} 已暂停派发，等待人工处理后点「恢复」。",
+                        "en": "Batch {batch_id} stopped dispatching; fix the cause, then press "
                               "Resume."},
     "s.silenced": {"zh": "🔕 已静默至 {until}，期间 {n} 次未通知",
                    "en": "🔕 Silenced until {until}; {n} occurrence(s) not announced"},
@@ -102,28 +123,28 @@ _T: dict[str, dict[str, str]] = {
     "a.failed": {"zh": "操作失败：{error}", "en": "Action failed: {error}"},
     "a.not_found": {"zh": "找不到 {what}", "en": "{what} not found"},
     "a.retried": {"zh": "已重新排队 {n} 个任务", "en": "{n} task(s) queued again"},
-    "a.moved_on": {"zh": "任务 `{task}` 当前为 {status}，无需重试", "en": "Task `{task}` is {status} now;"
+    "a.moved_on": {"zh": "任务 {task} 当前为 {status}，无需重试", "en": "Task {task} is {status} now;"
                                                                 " nothing to retry"},
     "a.nothing_failed": {"zh": "没有失败的任务需要重试", "en": "No failed task to retry"},
     "a.ignored": {"zh": "已忽略（{n} 个任务）", "en": "Ignored ({n} task(s))"},
     "a.already": {"zh": "这个操作已经处理过了", "en": "This was already handled"},
-    "a.silenced": {"zh": "已静默 `{key}` 至 {until}", "en": "Silenced `{key}` until {until}"},
-    "a.already_silenced": {"zh": "`{key}` 已静默至 {until}", "en": "`{key}` is already silenced "
+    "a.silenced": {"zh": "已静默 {key} 至 {until}", "en": "Silenced {key} until {until}"},
+    "a.already_silenced": {"zh": "{key} 已静默至 {until}", "en": "{key} is already silenced "
                                                              "until {until}"},
-    "a.resumed": {"zh": "批次 `{batch_id}` 已恢复（{previous} → {status}），熔断器已重置",
-                  "en": "Batch `{batch_id}` resumed ({previous} → {status}); breakers reset"},
-    "a.resumed_paused": {"zh": "批次 `{batch_id}` 已恢复（{previous} → {status}）",
-                         "en": "Batch `{batch_id}` resumed ({previous} → {status})"},
+    "a.resumed": {"zh": "批次 {batch_id} 已恢复（{previous} → {status}），熔断器已重置",
+                  "en": "Batch {batch_id} resumed ({previous} → {status}); breakers reset"},
+    "a.resumed_paused": {"zh": "批次 {batch_id} 已恢复（{previous} → {status}）",
+                         "en": "Batch {batch_id} resumed ({previous} → {status})"},
     "a.breakers_reset": {"zh": "熔断器已重置（{services}），排队中的批次将继续运行",
                          "en": "Circuit breakers reset ({services}); queued batches will run"},
     "a.nothing_to_resume": {"zh": "没有已暂停或已阻塞的批次，熔断器也都正常，无需恢复",
                             "en": "No paused or blocked batch and no open breaker: nothing to "
                                   "resume"},
-    "a.not_blocked": {"zh": "批次 `{batch_id}` 当前为 {status}，无需恢复",
-                      "en": "Batch `{batch_id}` is {status}; nothing to resume"},
-    "a.cancelled": {"zh": "批次 `{batch_id}` 已取消", "en": "Batch `{batch_id}` cancelled"},
-    "a.cannot_cancel": {"zh": "批次 `{batch_id}` 当前为 {status}，不能取消",
-                        "en": "Batch `{batch_id}` is {status}; it cannot be cancelled"},
+    "a.not_blocked": {"zh": "批次 {batch_id} 当前为 {status}，无需恢复",
+                      "en": "Batch {batch_id} is {status}; nothing to resume"},
+    "a.cancelled": {"zh": "批次 {batch_id} 已取消", "en": "Batch {batch_id} cancelled"},
+    "a.cannot_cancel": {"zh": "批次 {batch_id} 当前为 {status}，不能取消",
+                        "en": "Batch {batch_id} is {status}; it cannot be cancelled"},
     "n.retry": {"zh": "重试了 {n} 个任务", "en": "retried {n} task(s)"},
     "n.ignore": {"zh": "忽略了此告警", "en": "ignored this alert"},
     "n.silence": {"zh": "静默至 {until}", "en": "silenced until {until}"},
@@ -191,15 +212,28 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def cut(text: Any, n: int) -> str:
-    text = str(text or "")
-    return text if len(text) <= n else text[: n - 1] + "…"
+    """Raw text (not markdown) shortened to ``n`` characters; escape it afterwards."""
+    return clip(text or "", n)
+
+
+def shown(text: Any, n: int) -> str:
+    """Outside text as card markdown: cut to ``n`` characters, then escaped."""
+    return escape(clip(text if text is not None else "", n))
+
+
+_URL = re.compile(r"^https?://[^\s()<>\[\]`\\\"']{1,500}$")
+
+
+def link(label: str, url: Any) -> str | None:
+    """``[label](url)`` for a plain http(s) URL; None for anything else (it is not shown)."""
+    return f"[{label}]({url})" if isinstance(url, str) and _URL.match(url) else None
 
 
 def short_list(items: list[str], lang: str, limit: int = LIST_LIMIT, *,
                total: int | None = None) -> str:
     """``a, b, c 等另外 N 个``: at most ``limit`` items; ``total`` counts items not passed in."""
     total = len(items) if total is None else total
-    shown = ", ".join(f"`{cut(i, 60)}`" for i in items[:limit])
+    shown = ", ".join(code(clip(i, 60)) for i in items[:limit])
     rest = total - min(len(items), limit)
     return shown + (" " + tr("f.more", lang, n=rest) if rest > 0 else "")
 
@@ -230,10 +264,15 @@ def alert_card(alert: dict[str, Any], lang: str, tz: tzinfo, *,
     d = alert["details"]
     status = alert.get("status", "open")
     els: list[dict[str, Any]] = []
-    mentions = d.get("mentions") or []
-    if mentions and status == "open":
+    mentions = d.get("mentions")
+    if status == "open" and mentions:
         els.append(markdown(" ".join(mention_markup(m) for m in mentions)))
+    elif status == "open" and mentions is not None:  # it wanted someone, and nobody is set
+        els.append(markdown(tr("f.nobody", lang)))
     els.append(markdown("\n".join(_alert_lines(alert, lang, tz))))
+    held = _held_line(d, lang)
+    if held:
+        els.append(markdown(held))
     if alert.get("count", 1) > 1:
         els.append(markdown(tr("f.count", lang, count=alert["count"],
                                last=fmt_time(alert["last_at"], tz, seconds=True))))
@@ -250,43 +289,63 @@ def mention_markup(open_id: str) -> str:
     return "<at id=all></at>" if open_id == "all" else mention(open_id)
 
 
+_PERSON = re.compile(r"^(ou|on)_[A-Za-z0-9_-]+$")
+
+
+def _who(by: Any, lang: str) -> str:
+    """Who did something on the card: a person (an open_id) is mentioned, the bot is not."""
+    if isinstance(by, str) and _PERSON.match(by):
+        return mention(by)
+    return tr("s.by_bot", lang) if by in (None, "", "opsbot") else escape(clip(by, 40))
+
+
+def _held_line(d: dict[str, Any], lang: str) -> str | None:
+    """How many alerts of the same cause this (HIGH) card holds, by key (bot.alerts)."""
+    held = d.get("held") or {}
+    if not held:
+        return None
+    total = sum(int(h.get("count", 1)) for h in held.values())
+    kinds = ", ".join(tr("f.held_kind", lang, key=code(clip(k, 60)), count=h.get("count", 1))
+                      for k, h in list(held.items())[:5])
+    if len(held) > 5:
+        kinds += " " + tr("f.more", lang, n=len(held) - 5)
+    return tr("f.held", lang, n=total, kinds=kinds)
+
+
 def _alert_lines(alert: dict[str, Any], lang: str, tz: tzinfo) -> list[str]:
     d = alert["details"]
     kind = d.get("kind", "task_failed")
     lines: list[str] = []
-    if kind == "breaker":
-        lines.append(tr("f.reason", lang, v=cut(d.get("reason") or "-", MESSAGE_LIMIT)))
-        blocked = d.get("blocked") or []
-        lines.append(tr("f.blocked_what", lang, v=short_list(blocked, lang, 10)
-                        if blocked else tr("f.nothing_blocked", lang)))
-        lines.append(tr("f.since", lang, v=fmt_time(d.get("since"), tz, seconds=True)))
-        return lines
-    if kind == "failure_rate":
-        lines.append(tr("f.rate", lang, window=fmt_duration(d.get("window")), n=d.get("n", 0),
-                        failed=d.get("failed", 0), rate=f"{d.get('rate', 0):.0%}",
-                        threshold=f"{d.get('threshold', 0):.0%}"))
+    if kind in ("breaker", "failure_rate"):
+        if kind == "breaker":
+            lines.append(tr("f.reason", lang, v=shown(d.get("reason") or "-", MESSAGE_LIMIT)))
+        else:
+            lines.append(tr("f.rate", lang, window=fmt_duration(d.get("window")),
+                            n=d.get("n", 0), failed=d.get("failed", 0),
+                            rate=f"{d.get('rate', 0):.0%}",
+                            threshold=f"{d.get('threshold', 0):.0%}"))
         blocked = d.get("blocked") or []
         lines.append(tr("f.blocked_what", lang, v=short_list(blocked, lang, 10)
                         if blocked else tr("f.nothing_blocked", lang)))
         lines.append(tr("f.since", lang, v=fmt_time(d.get("since"), tz, seconds=True)))
         return lines
     if kind == "fallback":
-        lines.append(tr("f.workflows", lang, primary=cut(str(d.get("primary")), 80),
-                        fallback=cut(str(d.get("fallback")), 80)))
+        lines.append(tr("f.workflows", lang, primary=code(clip(d.get("primary"), 80)),
+                        fallback=code(clip(d.get("fallback"), 80))))
     if kind == "latency":
         lines.append(tr("f.latency", lang, n=len(d.get("task_ids") or []),
                         threshold=fmt_duration(d.get("threshold")),
                         longest=fmt_duration(d.get("longest"))))
     if d.get("stage"):
-        lines.append(tr("f.stage", lang, v=d["stage"]))
+        lines.append(tr("f.stage", lang, v=shown(d["stage"], 40)))
     if kind != "latency":
         reason = d.get("error_message") or d.get("reason") or "-"
-        code = f"[{d['error_code']}] " if d.get("error_code") else ""
-        lines.append(tr("f.reason", lang, v=cut(code + str(reason), MESSAGE_LIMIT)))
+        prefix = f"[{d['error_code']}] " if d.get("error_code") else ""
+        lines.append(tr("f.reason", lang, v=shown(prefix + str(reason), MESSAGE_LIMIT)))
     if d.get("task_key"):
-        lines.append(tr("f.task", lang, task=cut(d["task_key"], 80), id=d.get("task_id")))
+        lines.append(tr("f.task", lang, task=code(clip(d["task_key"], 80)), id=d.get("task_id")))
     if d.get("batch_id"):
-        lines.append(tr("f.batch", lang, v=d["batch_id"]))
+        lines.append(tr("f.batch", lang, v=code(clip(d["batch_id"], 80))))
     if d.get("attempts") is not None:
         lines.append(tr("f.attempts", lang, v=d["attempts"]))
     lines.append(tr("f.time", lang, v=fmt_time(alert["first_at"], tz, seconds=True)))
@@ -294,9 +353,10 @@ def _alert_lines(alert: dict[str, Any], lang: str, tz: tzinfo) -> list[str]:
     if len(d.get("task_ids") or []) > 1:
         lines.append(tr("f.tasks", lang, v=short_list(keys, lang, total=len(d["task_ids"]))))
     if kind == "blocked":
-        lines.append(tr("f.blocked_batch", lang, batch_id=d.get("batch_id")))
-    if d.get("debug_url"):
-        lines.append(tr("f.debug", lang, url=cut(d["debug_url"], 500)))
+        lines.append(tr("f.blocked_batch", lang, batch_id=code(clip(d.get("batch_id"), 80))))
+    debug = link(tr("f.debug_label", lang), d.get("debug_url"))
+    if debug:
+        lines.append(debug)
     return lines
 
 
@@ -311,9 +371,11 @@ def _state_lines(alert: dict[str, Any], lang: str, tz: tzinfo,
         lines.append(tr("s.resolved", lang, at=fmt_time(alert.get("resolved_at"), tz, seconds=True)))
     elif alert.get("status") == "ignored":
         lines.append(tr("s.ignored", lang))
+    if alert.get("status") == "resolved" and d.get("released"):
+        lines.append(tr("s.released", lang, n=d["released"]))
     for a in (d.get("actions") or [])[-5:]:
         lines.append(tr("s.action", lang, at=fmt_clock(a.get("at"), tz),
-                        who=mention(a["by"]) if a.get("by") else "", what=cut(a.get("text"), 200)))
+                        who=_who(a.get("by"), lang), what=shown(a.get("text"), 200)))
     return [markdown("\n".join(lines))] if lines else []
 
 
@@ -384,11 +446,11 @@ def progress_card(batch: dict[str, Any], counts: dict[str, int],
 
 
 def _failure_rows(failures: list[tuple[str, int]], lang: str) -> str:
-    rows = [tr("p.failure_row", lang, error_class=ec or "unknown", count=n)
+    rows = [tr("p.failure_row", lang, error_class=shown(ec or "unknown", 60), count=n)
             for ec, n in failures[:LIST_LIMIT]]
     if len(failures) > LIST_LIMIT:
         rows.append(tr("f.more_rows", lang, n=len(failures) - LIST_LIMIT))
-    return tr("p.failures", lang) + "\n" + "\n".join(rows)
+    return tr("p.failures", lang) + "\n\n" + "\n".join(rows)
 
 
 def summary_card(batch: dict[str, Any], counts: dict[str, int],
@@ -409,8 +471,8 @@ def summary_card(batch: dict[str, Any], counts: dict[str, int],
         els.append(markdown(tr("sum.partial", lang, n=counts.get("succeeded", 0))))
         for g in groups[:10]:
             els.append(markdown(tr(
-                "sum.group", lang, error_class=g["error_class"] or "unknown", count=g["count"],
-                message=cut(g.get("message") or "-", MESSAGE_LIMIT),
+                "sum.group", lang, error_class=shown(g["error_class"] or "unknown", 60),
+                count=g["count"], message=shown(g.get("message") or "-", MESSAGE_LIMIT),
                 advice=advice(g["error_class"], lang),
                 tasks=short_list(g.get("task_keys") or [], lang, total=g["count"]))))
         if len(groups) > 10:

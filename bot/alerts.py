@@ -11,11 +11,14 @@ Tiers (from the classifier's :class:`~pipeline.classifier.Decision`):
 - MEDIUM: a task failed after its retries. A card with stage, reason, task, batch, attempts,
   time, the run's debug link and buttons Retry / Ignore / Silence 1 h.
 - HIGH: a fatal error blocked a batch. Sent at once, mentions the on-call people
-  (``feishu.oncall_ids``; the admins when none are configured); buttons Resume / Cancel.
+  (``feishu.oncall_ids``; the admins when none are configured; ``<at id=all>`` when nobody is
+  and ``alerts.mention_all`` is on); buttons Resume / Cancel.
 - CRITICAL: a breaker opened by itself (consecutive failures), or the failure rate of tasks
   finished in the last ``alerts.failure_rate_window`` seconds passed
   ``alerts.failure_rate_threshold`` with at least ``failure_rate_min_tasks`` finished. Mentions
-  everyone configured (on-call + admins, or ``<at id=all></at>`` when nobody is). A breaker
+  everyone configured (on-call + admins), or ``<at id=all></at>`` when ``alerts.mention_all``
+  is on (Feishu refuses the whole card unless the group owner allows it, so it is off by
+  default). A card that wants to mention someone while nobody is configured says so. A breaker
   tripped by a fatal error (``pipeline.breaker.MANUAL``) raises no CRITICAL card of its own: the
   HIGH card of each blocked batch already says so, so one bad token gives one card.
 
@@ -43,6 +46,19 @@ at most every :attr:`progress_interval` seconds per batch; updates skipped by th
 flushed by :meth:`AlertRouter.flush`. ``batch_finished`` patches the final state and replies
 with a summary card (partial results, failures by reason with advice, Retry-all-failed).
 
+One cause, one card (inhibition, as Alertmanager's): while a HIGH alert stands for a cause, a
+MEDIUM alert of that cause that would start a new card is *held* by it instead: no card is sent,
+the MEDIUM row keeps counting (``details.held_by`` names the holder) and the HIGH card says how
+many it holds (``details.held``). The causes: a batch blocked by a fatal error (the open
+``blocked`` alert of that batch holds the batch's MEDIUM alerts) and a canary batch (the
+``canary`` alert holds the canary task's own failure, even before the canary check raised it).
+A MEDIUM alert that already has a card keeps being updated there. When the holder resolves, the
+held alerts that are still open are released: each is sent as its own card then (a human
+resumed the batch and those failed tasks still want Retry or Ignore), and the resolved HIGH
+card says how many were released; the held alerts of a canary are closed with it instead (the
+next canary's success shows the flow works; its old task needs nothing). A held alert whose
+tasks succeed resolves quietly (it never had a card) and leaves the holder's count.
+
 When ``feishu.alert_chat_id`` is empty, alerts are stored (and logged) but not sent.
 """
 from __future__ import annotations
@@ -61,13 +77,13 @@ from storage import outbox, queue
 from storage.db import NotFound, transaction
 
 from . import alert_cards
-from .commands import neutral
 
 log = logging.getLogger("opsbot.alerts")
 
 TIERS = ("LOW", "MEDIUM", "HIGH", "CRITICAL")
 OPEN_BATCH = ("queued", "running", "paused", "blocked")
 TASK_DONE_OK = ("succeeded", "ignored", "cancelled")   # a MEDIUM alert resolves when all are
+CANARY_KEY = "canary"    # bot.canary.KEY: the alert of a failing canary
 
 
 # --- store helpers (shared with bot.alert_actions) --------------------------------------------
@@ -179,13 +195,18 @@ def _uuid(prefix: str, *parts: Any) -> str:
 
 
 def everyone(settings) -> list[str]:
-    """On-call people and admins (deduplicated), or ``["all"]`` when nobody is configured."""
-    ids = list(dict.fromkeys((*settings.feishu.oncall_ids, *settings.feishu.admin_ids)))
-    return ids or ["all"]
+    """Whom a CRITICAL card mentions: ``["all"]`` with ``alerts.mention_all``, else on-call
+    people and admins (deduplicated; ``[]`` when nobody is configured)."""
+    if settings.alerts.mention_all:
+        return ["all"]
+    return list(dict.fromkeys((*settings.feishu.oncall_ids, *settings.feishu.admin_ids)))
 
 
 def oncall(settings) -> list[str]:
-    return list(settings.feishu.oncall_ids or settings.feishu.admin_ids)
+    """Whom a HIGH card mentions: on-call, else the admins, else ``["all"]`` with
+    ``alerts.mention_all``, else nobody (``[]``: the card says nobody is configured)."""
+    ids = list(settings.feishu.oncall_ids or settings.feishu.admin_ids)
+    return ids or (["all"] if settings.alerts.mention_all else [])
 
 
 def resolve_alert(db: sqlite_utils.Database, settings, key: str, *, now: float,
@@ -202,7 +223,18 @@ def resolve_alert(db: sqlite_utils.Database, settings, key: str, *, now: float,
         alert["status"], alert["resolved_at"] = "resolved", now
         if note:
             _add_action(alert, note, now)
+        released = _release_held(conn, settings, key, now)
+        if released:
+            alert["details"]["released"] = len(released)
+        alert["details"].pop("held", None)
         _save_in(conn, alert)
+    for held in released:
+        outbox.enqueue(db, "send", settings.feishu.alert_chat_id,
+                       {"card": alert_card_for(db, settings, held, now)}, now=now,
+                       uuid=held["message_uuid"], ref=held["key"])
+    if alert["details"].get("held_by"):
+        refresh_holder(db, settings, alert["details"]["held_by"], now=now,
+                       patch_interval=patch_interval)
     if alert.get("message_uuid"):
         enqueue_patch(db, alert["message_uuid"], alert_card_for(db, settings, alert, now), now=now,
                       ref=key, interval=patch_interval)
@@ -212,6 +244,49 @@ def resolve_alert(db: sqlite_utils.Database, settings, key: str, *, now: float,
                            now=now, uuid=_uuid("rs", alert["message_uuid"]), ref=key)
     log.info("alert resolved", extra={"alert_key": key, "count": alert["count"]})
     return True
+
+
+def held_by(conn, key: str) -> dict[str, dict[str, Any]]:
+    """Open alerts held by ``key``: ``{alert_key: {"count", "tier"}}`` in first-seen order."""
+    rows = conn.execute(
+        "SELECT key, count, tier FROM alerts WHERE status = 'open' AND message_uuid IS NULL"
+        " AND json_extract(details, '$.held_by') = ? ORDER BY first_at, key", [key]).fetchall()
+    return {r[0]: {"count": r[1], "tier": r[2]} for r in rows}
+
+
+def _release_held(conn, settings, key: str, now: float) -> list[dict[str, Any]]:
+    """The holder ``key`` resolves: its held alerts go free (see the module docstring).
+
+    Returns the released alerts that now need a card of their own (their ``message_uuid`` set;
+    the caller enqueues the sends after the transaction)."""
+    released = []
+    for held_key in held_by(conn, key):
+        held = _load_in(conn, held_key)
+        held["details"].pop("held_by", None)
+        if key == CANARY_KEY:
+            held["status"], held["resolved_at"] = "resolved", now
+        elif settings.feishu.alert_chat_id:
+            held["message_uuid"] = _uuid("al", held_key, held["first_at"])
+            released.append(held)
+        _save_in(conn, held)
+    return released
+
+
+def refresh_holder(db: sqlite_utils.Database, settings, key: str, *, now: float,
+                   patch_interval: float = 1.0) -> None:
+    """Recount what the open alert ``key`` holds and show it on its card."""
+    with transaction(db) as conn:
+        alert = _load_in(conn, key)
+        if alert is None or alert["status"] != "open":
+            return
+        held = held_by(conn, key)
+        if held == (alert["details"].get("held") or {}):
+            return
+        alert["details"]["held"] = held
+        _save_in(conn, alert)
+    if alert.get("message_uuid"):
+        enqueue_patch(db, alert["message_uuid"], alert_card_for(db, settings, alert, now),
+                      now=now, ref=key, interval=patch_interval)
 
 
 def _add_action(alert: dict[str, Any], note: dict[str, Any], now: float) -> None:
@@ -259,8 +334,8 @@ def failure_groups(db: sqlite_utils.Database, batch_id: str) -> list[dict[str, A
             " AND error_class IS ? ORDER BY id LIMIT ?",
             [batch_id, cls, alert_cards.LIST_LIMIT]).fetchall()
         groups.append({"error_class": error_class, "count": n,
-                       "message": neutral(next((r[1] for r in rows if r[1]), "")),
-                       "task_keys": [neutral(r[0]) for r in rows]})
+                       "message": next((r[1] for r in rows if r[1]), ""),
+                       "task_keys": [r[0] for r in rows]})
     return groups
 
 
@@ -356,7 +431,7 @@ class AlertRouter:
             self.raise_alert("workflow:fallback", "HIGH", details, mentions=oncall(self.settings))
         else:
             resolve_alert(self.db, self.settings, "workflow:fallback", now=self.clock.now(),
-                          note={"by": "opsbot", "text": switch.reason},
+                          note={"by": None, "text": switch.reason},
                           patch_interval=self.patch_interval)
 
     def batch_progress(self, batch_id: str, *, force: bool = False) -> None:
@@ -446,9 +521,10 @@ class AlertRouter:
         """Record one occurrence of alert ``key``: a new card, or a count on the open one."""
         now = self.clock.now()
         silence = silenced_until(self.db, key, now)
-        details = _shown(details)
-        if mentions:
+        details = dict(details)
+        if mentions is not None:
             details["mentions"] = mentions
+        holder = self._holder(batch_id) if tier == "MEDIUM" else None
         superseded = None
         with transaction(self.db) as conn:
             alert = _load_in(conn, key)
@@ -470,6 +546,13 @@ class AlertRouter:
                 alert["details"]["silenced_until"] = silence
             send = (alert["message_uuid"] is None and silence is None
                     and alert["status"] == "open")
+            if send and holder is not None:  # one cause, one card: the HIGH card holds it
+                alert["details"]["held_by"] = holder
+                send = False
+            elif alert["details"].get("held_by") and alert["message_uuid"] is None:
+                alert["details"].pop("held_by")  # its holder is gone: it goes out on its own
+            if alert["tier"] in ("HIGH", "CRITICAL"):
+                alert["details"]["held"] = held_by(conn, key)
             chat = self.settings.feishu.alert_chat_id
             if send and chat:
                 alert["message_uuid"] = _uuid("al", key, alert["first_at"])
@@ -486,12 +569,27 @@ class AlertRouter:
         elif alert["message_uuid"]:
             enqueue_patch(self.db, alert["message_uuid"], card, now=now, ref=key,
                           interval=self.patch_interval)
+        if alert["details"].get("held_by"):
+            self.stats["held"] += increment
+            refresh_holder(self.db, self.settings, holder, now=now,
+                           patch_interval=self.patch_interval)
         if silence is not None:
             self.stats["silenced"] += increment
         elif send and not chat:
             log.warning("no alert chat configured (FEISHU_ALERT_CHAT_ID); alert stored only",
                         extra={"alert_key": key, "tier": tier})
         return alert
+
+    def _holder(self, batch_id: str | None) -> str | None:
+        """The key of the HIGH alert that stands for this batch's cause (see the module
+        docstring), or None: the batch's open ``blocked`` alert, else ``canary`` for a canary
+        batch."""
+        if not batch_id:
+            return None
+        for alert in open_alerts(self.db, batch_id=batch_id, kinds=("blocked",)):
+            return alert["key"]
+        row = self.db.execute("SELECT source FROM batches WHERE id = ?", [batch_id]).fetchone()
+        return CANARY_KEY if row is not None and row[0] == "canary" else None
 
     def _task_failed(self, task: dict[str, Any], decision: Any | None,
                      error: BaseException | None) -> None:
@@ -603,7 +701,7 @@ def _supersede(alert: dict[str, Any] | None, now: float, lang: str) -> dict[str,
         return None
     old = {**alert, "details": dict(alert["details"]), "status": "resolved", "resolved_at": now}
     old["details"]["actions"] = list(alert["details"].get("actions") or [])
-    _add_action(old, {"by": "opsbot", "text": alert_cards.tr("n.superseded", lang)}, now)
+    _add_action(old, {"by": None, "text": alert_cards.tr("n.superseded", lang)}, now)
     return old
 
 
@@ -629,18 +727,6 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
     for k, v in new.items():
         if k not in ("since", "task_ids", "task_keys"):
             into[k] = v
-
-
-_USER_TEXT = ("task_key", "error_message", "reason")   # Bitable and Coze text in details
-
-
-def _shown(details: dict[str, Any]) -> dict[str, Any]:
-    """``details`` with the text that came from Bitable or Coze neutralised for markdown."""
-    out = {k: neutral(v) if k in _USER_TEXT and isinstance(v, str) else v
-           for k, v in details.items()}
-    if isinstance(out.get("task_keys"), list):
-        out["task_keys"] = [neutral(k) if isinstance(k, str) else k for k in out["task_keys"]]
-    return out
 
 
 def _at_least(tier: str | None, floor: str) -> str:

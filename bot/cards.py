@@ -1,18 +1,24 @@
 """Card builders: pure functions from data to Feishu Card JSON 2.0.
 
 Every card is shared (``config.update_multi: true``) so it can be patched in place later, keeps
-under Feishu's limits (30 KB, 200 elements: long text is cut, long lists are shortened with a
-"…" line), and carries button values as objects.
+under Feishu's limits (30 KB; 200 components counting nested ones, such as the columns and
+buttons of a ``column_set``: long text is cut, and when a card would still be over, elements
+before the last are dropped and a "…" line says how many), and carries button values as objects.
+:mod:`bot.card_rules` holds the rules themselves; the fake Feishu refuses any card breaking them.
+
+Markdown given to these builders is already safe: outside text is escaped by the caller
+(:mod:`bot.mdtext`); :func:`markdown` only cuts, never inside an entity or tag.
 """
 from __future__ import annotations
 
 import json
 from typing import Any, Iterable
 
+from . import mdtext
 from .i18n import breaker_word, status_word, t
 
 MAX_CARD_BYTES = 28_000        # Feishu refuses cards over 30 KB (230025); keep a margin
-MAX_ELEMENTS = 100             # Feishu allows 200
+MAX_COMPONENTS = 150           # Feishu allows 200, nested components included
 MAX_MARKDOWN = 4_000           # characters per markdown element
 TEMPLATES = {"info": "blue", "success": "green", "warning": "orange", "error": "red",
              "neutral": "grey"}
@@ -21,8 +27,13 @@ Card = dict[str, Any]
 
 
 def card(title: str, elements: Iterable[dict[str, Any]], *, template: str = "blue") -> Card:
-    """A Card JSON 2.0 with a header and body; trimmed to fit Feishu's limits."""
-    els = list(elements)[:MAX_ELEMENTS]
+    """A Card JSON 2.0 with a header and body; trimmed to fit Feishu's limits.
+
+    While the card has more than :data:`MAX_COMPONENTS` components (nested ones counted) or
+    more than :data:`MAX_CARD_BYTES` bytes, the element before the last (the last is usually
+    the buttons) is dropped; a "… (+N)" line then says how many went.
+    """
+    els = list(elements)
     data = {
         "schema": "2.0",
         "config": {"update_multi": True},
@@ -30,10 +41,24 @@ def card(title: str, elements: Iterable[dict[str, Any]], *, template: str = "blu
                    "template": template},
         "body": {"elements": els},
     }
-    while size(data) > MAX_CARD_BYTES and len(els) > 1:
+    dropped = 0
+    while len(els) > 1 and (count_components(els) + (dropped > 0) > MAX_COMPONENTS
+                            or size(data) > MAX_CARD_BYTES - 100 * (dropped > 0)):
         els.pop(-2 if len(els) > 2 else -1)
-        data["body"]["elements"] = els
+        dropped += 1
+    if dropped:
+        els.insert(max(0, len(els) - 1), markdown(f"… (+{dropped})"))
     return data
+
+
+def count_components(items: Any) -> int:
+    """Components in a list of elements, nested ones included (a column_set with two columns
+    of one button each counts 5), as Feishu counts them against its limit of 200."""
+    n = 0
+    for el in items if isinstance(items, list) else []:
+        if isinstance(el, dict):
+            n += 1 + count_components(el.get("columns")) + count_components(el.get("elements"))
+    return n
 
 
 def size(data: Card) -> int:
@@ -42,7 +67,8 @@ def size(data: Card) -> int:
 
 
 def markdown(text: str) -> dict[str, Any]:
-    return {"tag": "markdown", "content": _cut(text, MAX_MARKDOWN)}
+    """A markdown element; ``text`` must already be safe (see the module docstring)."""
+    return {"tag": "markdown", "content": mdtext.cut(text, MAX_MARKDOWN)}
 
 
 def button(label: str, value: dict[str, Any], *, kind: str = "default") -> dict[str, Any]:
@@ -121,8 +147,9 @@ def refusal_card(command: str, admin_ids: Iterable[str], lang: str) -> Card:
     """Names the admins by id without @-mentioning them: anyone can send refused commands,
     and each mention would notify every admin (a spam vector)."""
     admins = ", ".join(f"`{a}`" for a in admin_ids)
-    text = (t("refused.body", lang, command=command, admins=admins) if admins
-            else t("refused.no_admins", lang, command=command))
+    shown = mdtext.code(_cut(command, 40))
+    text = (t("refused.body", lang, command=shown, admins=admins) if admins
+            else t("refused.no_admins", lang, command=shown))
     return card(t("title.refused", lang), [markdown(text)], template=TEMPLATES["warning"])
 
 
@@ -169,11 +196,15 @@ def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lan
 
 
 def errors_card(tasks: list[dict[str, Any]], lang: str) -> Card:
+    """The latest failed tasks; their keys and messages (Bitable, Coze) are escaped here."""
     if not tasks:
         return card(t("title.errors", lang), [markdown(t("errors.none", lang))],
                     template=TEMPLATES["success"])
-    rows = [t("errors.row", lang, task=r["task_key"], id=r["id"], batch_id=r["batch_id"],
-              error_class=r.get("error_class") or "-", error_code=r.get("error_code") or "",
-              message=_cut(r.get("error_message") or "", 200)) for r in tasks]
+    shown = mdtext.escape
+    rows = [t("errors.row", lang, task=mdtext.code(_cut(r["task_key"], 80)), id=r["id"],
+              batch_id=mdtext.code(_cut(r["batch_id"], 80)),
+              error_class=shown(r.get("error_class") or "-"),
+              error_code=shown(r.get("error_code") or ""),
+              message=shown(_cut(r.get("error_message") or "", 200))) for r in tasks]
     return card(t("title.errors", lang), [markdown("- " + _lines(rows).replace("\n", "\n- "))],
                 template=TEMPLATES["error"])

@@ -341,13 +341,11 @@ _BUILDERS = {
 }
 
 
-_MARKUP = str.maketrans({"<": "&#60;", ">": "&#62;", "[": "&#91;", "]": "&#93;"})
-
-
 def neutral(text: str) -> str:
-    """``text`` safe to show inside card markdown: no tag (``<at id=all>``, ``<font>``) and no
-    link survives; Feishu renders the entities as the characters typed."""
-    return str(text).translate(_MARKUP)
+    """``text`` safe to show inside card markdown (:func:`bot.mdtext.escape`): no markup, tag
+    (``<at id=all>``, ``<font>``), link or line break survives; Feishu shows what was typed."""
+    from .mdtext import escape
+    return escape(text)
 
 
 def _short(value: str, n: int = 40) -> str:

@@ -135,6 +135,7 @@ class Demo:
             self._quiet_logs()
             self.start()
             self.play()
+            self._check_refusals()
             code = 0
         except StepTimeout as exc:
             self.pump()
@@ -166,7 +167,8 @@ class Demo:
         self.say(self.st("opsbot demo", "1") + " — the whole loop on this machine: the real web app"
                  " and worker, a Coze simulator and a stand-in for Feishu, all on 127.0.0.1.")
         self.say(f"Files of this run: {self.dir}")
-        self.fake = FakeFeishu(app_id="cli_demo", app_secret=secrets.token_urlsafe(16))
+        self.fake = FakeFeishu(app_id="cli_demo", app_secret=secrets.token_urlsafe(16),
+                               users=PEOPLE)
         self.fake.start()
         self.fake.seed_records(APP_TOKEN, TABLE_ID, [
             {"task_id": key, "topic": topic, "style": style, "状态": "待处理"}
@@ -372,6 +374,13 @@ class Demo:
             raise StepTimeout(f"the batch finished before the token could break ({counts}); "
                               "is the machine very busy? try again")
 
+    def _check_refusals(self) -> None:
+        """The stand-in applies Feishu's card rules: a card it refused would not have shown."""
+        refused = self.fake.take_refusals()
+        if refused:
+            raise StepTimeout("Feishu would have refused these cards: " + "; ".join(
+                f"{r['route']} {r['code']} {r['violations'][0]}" for r in refused))
+
     def _check_outcome(self) -> None:
         from storage import queue
         from storage.db import open_db
@@ -427,6 +436,10 @@ class Demo:
         status, answer = self._post("/webhook/card", event)
         if status != 200 or not isinstance(answer, dict):
             raise StepTimeout(f"the web app answered {status} {answer} to the {label} press")
+        refused = self.fake.check_answer(answer, CHAT)
+        if refused:
+            raise StepTimeout(f"Feishu would refuse the answer to the {label} press: "
+                              + "; ".join(map(str, refused[:3])))
         toast = answer.get("toast")
         self.say("  " + render_toast(toast, color=self.color))
         if isinstance(answer.get("card"), dict) and isinstance(answer["card"].get("data"), dict):

@@ -28,6 +28,9 @@ _ids = itertools.count(1)
 
 ADMIN = "ou_admin"
 USER = "ou_someone"
+ONCALL = "ou_oncall"
+#: The people of the fake Feishu's user directory (cards may only @-mention these).
+DIRECTORY = (ADMIN, USER, ONCALL)
 CHAT = "oc_chat"
 TOKEN = "vtoken-123"
 ENCRYPT_KEY = "encrypt-key-456"

@@ -31,6 +31,16 @@ Endpoints (route names in brackets, used by :meth:`FakeFeishu.fail`):
 - [bot_info] ``GET /open-apis/bot/v3/info``.
 - anything else: HTTP 404 with code 404 (recorded), unless a handler was added with :meth:`on`.
 
+Cards are checked as strictly as Feishu checks them (:mod:`bot.card_rules`): a send, reply or
+PATCH whose ``interactive`` content breaks a rule is refused with HTTP 400 and code 230099
+(``ErrCode: 11310`` for the structure, ``ErrCode: 100290`` for a mention of no user) or 230025
+(too big), stores nothing, and is kept in :attr:`refusals`. Mentions must name a user of the
+fake's directory (:attr:`users`: ``bot.devtools.DIRECTORY`` plus ``users=`` and
+:meth:`add_users`); ``<at id=all>`` passes only in chats where :meth:`allow_mention_all` was
+called (the group owner's setting). The test suite fails any test during which a fake refused a
+card it was not told to expect: a test that provokes a refusal on purpose takes it with
+:meth:`take_refusals`. :meth:`check_answer` applies the same rules to a card-callback answer.
+
 Like real Feishu, a send or reply that repeats a ``uuid`` answers the first message's id and adds
 no second message. Every request is recorded in :attr:`requests` (method, path, query, headers,
 json, time); every message in :attr:`messages` (message_id, chat_id / receive_id, msg_type,
@@ -47,13 +57,33 @@ import itertools
 import json
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from aiohttp import web
 
+from . import card_rules
+from .devtools import DIRECTORY
+
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 ROUTES = ("token", "send", "reply", "patch", "search", "batch_update", "bot_info")
+
+_LIVE: "weakref.WeakSet[FakeFeishu]" = weakref.WeakSet()
+
+
+def unexpected_refusals() -> list[dict[str, Any]]:
+    """Refusals of every fake in this process not yet taken or reported (then marked reported).
+
+    The test suite's conftest calls this after each test and fails the test when it is not
+    empty: a card the bot built was refused, as Feishu would refuse it.
+    """
+    found = []
+    for fake in list(_LIVE):
+        with fake._lock:
+            found += fake.refusals[fake._reported:]
+            fake._reported = len(fake.refusals)
+    return found
 
 
 @dataclass
@@ -74,7 +104,8 @@ class FakeFeishu:
     """The fake server. Use as a context manager, or call :meth:`start` / :meth:`stop`."""
 
     def __init__(self, *, app_id: str = "cli_fake", app_secret: str = "fake-secret",
-                 token_expire: int = 7200, strict_records: bool = False) -> None:
+                 token_expire: int = 7200, strict_records: bool = False,
+                 users: Iterable[str] = ()) -> None:
         self.app_id = app_id
         self.app_secret = app_secret
         self.token_expire = token_expire
@@ -86,7 +117,10 @@ class FakeFeishu:
         self._runner: web.AppRunner | None = None
         self._ids = itertools.count(1)
         self._handlers: dict[tuple[str, str], Callable[[dict[str, Any]], tuple[int, Any]]] = {}
+        self.users: set[str] = {*DIRECTORY, *users}
+        self.mention_all_chats: set[str] = set()
         self.reset()
+        _LIVE.add(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -145,6 +179,8 @@ class FakeFeishu:
             self.patches: list[dict[str, Any]] = []
             self.chat_log: list[tuple[str, dict[str, Any]]] = []
             self.batch_updates: list[dict[str, Any]] = []
+            self.refusals: list[dict[str, Any]] = []
+            self._reported = 0
             self.tables: dict[tuple[str, str], list[dict[str, Any]]] = {}
             self.tokens: list[str] = getattr(self, "tokens", [])
             self.expired: set[str] = set()
@@ -172,6 +208,35 @@ class FakeFeishu:
         with self._lock:
             self._scripts[route].append(Scripted(status, code, msg, dict(headers or {}), drop,
                                                  delay, body, times))
+
+    def add_users(self, *open_ids: str) -> None:
+        """Add people to the directory: cards may then @-mention them."""
+        with self._lock:
+            self.users.update(open_ids)
+
+    def allow_mention_all(self, chat_id: str, allowed: bool = True) -> None:
+        """The group owner lets (or no longer lets) bots mention everyone in ``chat_id``."""
+        with self._lock:
+            (self.mention_all_chats.add if allowed else self.mention_all_chats.discard)(chat_id)
+
+    def check_card(self, card: Any, chat_id: str | None = None) -> list[card_rules.Violation]:
+        """What this fake would refuse in ``card`` sent to ``chat_id``."""
+        with self._lock:
+            return card_rules.check_card(card, users=set(self.users),
+                                         mention_all=chat_id in self.mention_all_chats)
+
+    def check_answer(self, answer: Any, chat_id: str | None = None) -> list[card_rules.Violation]:
+        """What Feishu would refuse in a ``card.action.trigger`` answer shown in ``chat_id``."""
+        with self._lock:
+            return card_rules.check_answer(answer, users=set(self.users),
+                                           mention_all=chat_id in self.mention_all_chats)
+
+    def take_refusals(self) -> list[dict[str, Any]]:
+        """The refusals so far (each ``{"route", "chat_id", "message_id", "code", "msg",
+        "violations", "card"}``), forgotten here: a test that expects a refusal takes it."""
+        with self._lock:
+            taken, self.refusals, self._reported = self.refusals, [], 0
+            return taken
 
     def expire_tokens(self) -> None:
         """Make every token issued so far invalid: calls carrying one get 99991663."""
@@ -364,6 +429,10 @@ class FakeFeishu:
             content = json.loads(body.get("content") or "null")
         except ValueError:
             return 400, {"code": 230001, "msg": "content is not valid JSON"}
+        refused = self._refuse_card(body.get("msg_type"), content, chat_id,
+                                    route="reply" if reply_to else "send", message_id=reply_to)
+        if refused is not None:
+            return refused
         message = {"message_id": f"om_{next(self._ids):06x}", "chat_id": chat_id,
                    "receive_id": body.get("receive_id"), "msg_type": body.get("msg_type"),
                    "content": content, "uuid": uuid, "reply_to": reply_to, "time": time.time()}
@@ -372,6 +441,25 @@ class FakeFeishu:
         if uuid:
             self._by_uuid[uuid] = message["message_id"]
         return 200, {"code": 0, "msg": "success", "data": self._message_data(message)}
+
+    def _refuse_card(self, msg_type: Any, content: Any, chat_id: str | None, *, route: str,
+                     message_id: str | None) -> tuple[int, Any] | None:
+        """Feishu's answer refusing a card that breaks a rule (recorded), or None."""
+        if msg_type != "interactive" or (isinstance(content, dict)
+                                         and content.get("type") == "template"):
+            return None  # a template card is checked where it was built, not here
+        violations = card_rules.check_card(content, users=self.users,
+                                           mention_all=chat_id in self.mention_all_chats)
+        if not violations:
+            return None
+        too_big = [v for v in violations if v.code == card_rules.CARD_TOO_BIG]
+        code = card_rules.CARD_TOO_BIG if too_big else card_rules.CARD_INVALID
+        msg = ("The message content is too long (card over 30 KB)" if too_big
+               else card_rules.refusal_message(violations))
+        self.refusals.append({"route": route, "chat_id": chat_id, "message_id": message_id,
+                              "code": code, "msg": msg, "card": content,
+                              "violations": [str(v) for v in violations], "time": time.time()})
+        return 400, {"code": code, "msg": msg, "data": {}}
 
     @staticmethod
     def _message_data(m: dict[str, Any]) -> dict[str, Any]:
@@ -383,7 +471,14 @@ class FakeFeishu:
         message = next((m for m in self.messages if m["message_id"] == message_id), None)
         if message is None:
             return 400, {"code": 230011, "msg": "message not found (fake)"}
-        content = json.loads((rec["json"] or {}).get("content") or "null")
+        try:
+            content = json.loads((rec["json"] or {}).get("content") or "null")
+        except ValueError:
+            return 400, {"code": 230001, "msg": "content is not valid JSON"}
+        refused = self._refuse_card(message["msg_type"], content, message["chat_id"],
+                                    route="patch", message_id=message_id)
+        if refused is not None:
+            return refused
         message["content"] = content
         patch = {"message_id": message_id, "content": content, "time": time.time()}
         self.patches.append(patch)

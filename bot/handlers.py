@@ -29,6 +29,7 @@ from storage.db import Conflict, NotFound, transaction
 
 from . import cards
 from .commands import BATCH_ID, Command, ParseError, neutral, parse
+from .mdtext import plain
 from .i18n import not_found, status_word, t
 
 log = logging.getLogger("opsbot.handlers")
@@ -358,9 +359,7 @@ def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
     else:
         rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed'"
                             " ORDER BY finished_at DESC, id DESC LIMIT ?", [limit])
-    shown = [{**r, "task_key": neutral(r["task_key"]),  # Bitable and Coze text, as markdown
-              "error_message": neutral(r.get("error_message") or "")} for r in rows]
-    return cards.errors_card(shown, ctx.lang)
+    return cards.errors_card(list(rows), ctx.lang)  # it escapes the Bitable and Coze text
 
 
 def day_bounds(settings, day: date) -> tuple[float, float]:
@@ -457,7 +456,9 @@ def card_action_from(payload: dict[str, Any]) -> CardAction:
 
 
 def toast(kind: str, content: str) -> dict[str, Any]:
-    return {"toast": {"type": kind, "content": content}}
+    """A card-action answer's toast: Feishu shows its content as plain text, so the markdown
+    our texts carry (bold, code spans, escaped outside text) becomes what a reader would see."""
+    return {"toast": {"type": kind, "content": plain(content)}}
 
 
 READ_ONLY_ACTIONS = frozenset({"status"})

@@ -170,30 +170,34 @@ def report_lines(report: dict[str, Any], lang: str,
                  shown: Callable[[str], str] = neutral) -> list[str]:
     """The report as markdown lines (the card's text and, stripped, the CLI's). Node names and
     error classes come from Coze and the store: ``shown`` neutralises them for card markdown
-    (the terminal passes them through)."""
-    lines = [_r("runs", lang, **{k: report[k] for k in ("runs", "succeeded", "failed", "ignored",
-                                                       "cancelled")}),
-             _r("rate", lang, rate=_pct(report["success_rate"]))]
+    (the terminal passes them through).
+
+    Blocks are separated by an empty line, as CommonMark needs: the figures are one list, each
+    bold heading its own paragraph, then its list; without the empty lines a heading after a
+    list is read as part of the list's last item.
+    """
+    figures = [_r("runs", lang, **{k: report[k] for k in ("runs", "succeeded", "failed",
+                                                         "ignored", "cancelled")}),
+               _r("rate", lang, rate=_pct(report["success_rate"]))]
     for stage in STAGES:
         lat = report["latency"][stage]
-        lines.append(_r("latency", lang, stage=stage, avg=_secs(lat["avg"]), p95=_secs(lat["p95"]),
-                        count=lat["count"]))
-    lines.append(_r("retries", lang, retries=report["retries"], failures=report["failures"]))
-    lines.append(_r("top", lang))
-    lines += [f"{i}. {shown(alert_cards.cut(n['name'], 80))} × {n['count']}"
-              for i, n in enumerate(report["top_nodes"], 1)] or ["- " + _r("none", lang)]
-    lines.append(_r("errors", lang))
+        figures.append(_r("latency", lang, stage=stage, avg=_secs(lat["avg"]),
+                          p95=_secs(lat["p95"]), count=lat["count"]))
+    figures.append(_r("retries", lang, retries=report["retries"], failures=report["failures"]))
+    top = [f"{i}. {shown(alert_cards.cut(n['name'], 80))} × {n['count']}"
+           for i, n in enumerate(report["top_nodes"], 1)] or ["- " + _r("none", lang)]
     errs = report["errors"]
-    lines += [f"- {shown(alert_cards.cut(e['name'], 80))}: {e['count']}" for e in errs[:10]] \
+    errors = [f"- {shown(alert_cards.cut(e['name'], 80))}: {e['count']}" for e in errs[:10]] \
         or ["- " + _r("none", lang)]
     if len(errs) > 10:
-        lines.append(alert_cards.tr("f.more_rows", lang, n=len(errs) - 10))
+        errors.append("- " + alert_cards.tr("f.more_rows", lang, n=len(errs) - 10))
     tr_ = report["trend"]
-    lines.append(_r("trend", lang, runs=_signed(tr_["runs"]),
-                    rate=_signed(None if tr_["success_rate"] is None
-                                 else tr_["success_rate"] * 100, "{:+.1f}pp"),
-                    retries=_signed(tr_["retries"]), failures=_signed(tr_["failures"])))
-    return lines
+    trend = _r("trend", lang, runs=_signed(tr_["runs"]),
+               rate=_signed(None if tr_["success_rate"] is None
+                            else tr_["success_rate"] * 100, "{:+.1f}pp"),
+               retries=_signed(tr_["retries"]), failures=_signed(tr_["failures"]))
+    return (["- " + f for f in figures] + ["", _r("top", lang), ""] + top
+            + ["", _r("errors", lang), ""] + errors + ["", trend])
 
 
 def report_card(report: dict[str, Any], lang: str = "zh") -> Card:

@@ -17,6 +17,10 @@ Decisions:
 - success -> ``mark_sent`` (result = message_id for messages).
 - retryable FeishuError -> ``mark_retry`` after ``base * 2**attempts`` seconds, jittered to
   50-100 %, capped at ``max_backoff``, and never sooner than Feishu's ``retry_after``.
+- a PATCH refused because someone is pressing a button on that card right now (230099 with
+  "card action is lock", ErrCode 11310): retried after ``LOCK_RETRY`` seconds (growing to
+  ``LOCK_RETRY_MAX``), however often; the lock lasts a moment. Other 230099 answers (the card
+  itself is refused) stay permanent.
 - permanent FeishuError (or a malformed payload) -> ``mark_dead`` and an ERROR log line.
 - order per target: once a row is postponed, the later rows for the same target claimed in the
   same pass are postponed to the same time (``claim_due`` keeps them back in later passes).
@@ -48,6 +52,13 @@ log = logging.getLogger("opsbot.sender")
 BITABLE_BATCH = 500  # records per batch_update call
 CHAT_RATE = 5        # messages per CHAT_WINDOW seconds per chat (Feishu: 5 QPS per chat)
 CHAT_WINDOW = 1.0
+LOCK_RETRY = 0.5     # seconds before the first retry of a PATCH of a locked card
+LOCK_RETRY_MAX = 4.0
+
+
+def card_locked(err: FeishuError) -> bool:
+    """Feishu refused a PATCH because the card is being interacted with (retry shortly)."""
+    return err.code == 230099 and "card action is lock" in (err.msg or "").lower()
 
 _table_locks: dict[str, threading.Lock] = {}
 _table_locks_guard = threading.Lock()
@@ -244,6 +255,9 @@ class OutboxSender:
 
     def _failed(self, rows: list[dict[str, Any]], err: FeishuError,
                 held: dict[str, float]) -> None:
+        if card_locked(err) and all(r["kind"] == "patch" for r in rows):
+            self._retry_locked(rows, err, held)
+            return
         if not err.retryable:
             self._dead(rows, str(err), err)
             return
@@ -255,6 +269,17 @@ class OutboxSender:
         log.warning("outbox retry in %.1fs: %s", delay, err,
                     extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows],
                            "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
+
+    def _retry_locked(self, rows: list[dict[str, Any]], err: FeishuError,
+                      held: dict[str, float]) -> None:
+        attempts = max(r["attempts"] for r in rows)
+        delay = min(LOCK_RETRY_MAX, LOCK_RETRY * 2 ** min(attempts, 3)) * (0.5 + 0.5 * self.rng())
+        now = self.clock.now()
+        for r in rows:
+            held[r["target"]] = now + delay
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err))
+        log.info("card locked by an interaction; patch retried in %.1fs", delay,
+                 extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows]})
 
     def _dead(self, rows: list[dict[str, Any]], error: str,
               err: FeishuError | None = None) -> None:

@@ -105,6 +105,7 @@ class AlertSettings:
     canary_interval: float = 0.0           # seconds between canary runs; 0 = no canary
     canary_timeout: float = 1800.0         # a canary not finished after this is an alert
     canary_params: dict = field(default_factory=dict)  # workflow parameters of the canary
+    mention_all: bool = False              # CRITICAL cards @all (the group owner must allow it)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "OPSBOT_TIMEZONE": ("opsbot", "timezone"),
     "OPSBOT_LANGUAGE": ("opsbot", "language"),
     "OPSBOT_WEB_DISPATCH": ("opsbot", "web_dispatch"),
+    "OPSBOT_MENTION_ALL": ("alerts", "mention_all"),
 }
 
 SECRET_KEYS = {"app_secret", "verification_token", "encrypt_key", "api_token"}

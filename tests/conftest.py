@@ -1,8 +1,9 @@
-"""Shared fixtures: real SQLite files in a temporary folder."""
+"""Shared fixtures: real SQLite files in a temporary folder; the fake Feishu's strictness."""
 from __future__ import annotations
 
 import pytest
 
+from bot.fake_feishu import unexpected_refusals
 from storage.db import open_db
 
 
@@ -16,3 +17,17 @@ def db(db_path):
     database = open_db(db_path)
     yield database
     database.conn.close()
+
+
+@pytest.fixture(autouse=True)
+def feishu_refuses_nothing():
+    """Fail the test during which a fake Feishu refused a card (as real Feishu would have),
+    unless the test took the refusal itself with ``FakeFeishu.take_refusals()``."""
+    unexpected_refusals()  # refusals of fakes outliving an earlier test are that test's
+    yield
+    refused = unexpected_refusals()
+    if refused:
+        lines = [f"{r['route']} to {r['chat_id'] or r['message_id']}: {r['code']} "
+                 f"{'; '.join(r['violations'][:5])}" for r in refused]
+        pytest.fail("the fake Feishu refused card(s) the bot sent:\n" + "\n".join(lines),
+                    pytrace=False)

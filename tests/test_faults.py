@@ -64,12 +64,19 @@ def pump(sender, clock, fake, *, until, step=7.0, limit=2000):
 
 # --- 1. Feishu outage ---------------------------------------------------------------------------
 
+def numbered_card(n: int, chat: str) -> dict:
+    """A valid 2.0 card carrying its number (the fake refuses a card Feishu would refuse)."""
+    return {"schema": "2.0", "config": {"update_multi": True},
+            "body": {"elements": [{"tag": "markdown", "content": f"{n} {chat}",
+                                   "element_id": f"n{n}"}]}}
+
+
 def _enqueue_traffic(db, clock, n_per_chat=6):
     """Interleaved sends to three chats plus alert cards; returns uuids in enqueue order."""
     uuids = []
     for i in range(n_per_chat):
         for chat in CHATS:
-            uuids.append(outbox.enqueue(db, "send", chat, {"card": {"n": i, "chat": chat}},
+            uuids.append(outbox.enqueue(db, "send", chat, {"card": numbered_card(i, chat)},
                                         now=clock.now(), uuid=f"u-{chat}-{i}"))
             clock.advance(0.01)
     return uuids
@@ -98,7 +105,7 @@ def test_feishu_outage_everything_delivered_after_recovery_in_order_once(db, fak
     assert sorted(m["uuid"] for m in sent) == sorted(uuids)
     by_chat = defaultdict(list)
     for m in sent:
-        by_chat[m["chat_id"]].append(m["content"]["n"])
+        by_chat[m["chat_id"]].append(int(m["content"]["body"]["elements"][0]["content"].split()[0]))
     assert by_chat == {c: list(range(6)) for c in CHATS}
     assert [r["status"] for r in outbox_rows(db)] == ["sent"] * len(uuids)
     # every retried call carried the row's uuid (Feishu dedupes on it)
@@ -150,7 +157,7 @@ async def _run_batch(db, settings, sim, n, tmp_path, *, config=FAST, limiter=Non
         db, [{"task_key": f"t{i}", "params": {"i": i}} for i in range(n)], now=time.time(),
         source="chat", chat_id="oc_run", command_message_id=cmd)
     # the `run` command's reply card, which the progress patches update (as bot.handlers does)
-    outbox.enqueue(db, "reply", cmd, {"card": {"run": batch}}, now=time.time(),
+    outbox.enqueue(db, "reply", cmd, {"card": numbered_card(0, batch)}, now=time.time(),
                    uuid=reply_uuid(cmd), ref="oc_run")
     notifier, router = build_notifier(db, settings, _RealClock())
     limiter = limiter or coze_limiter(config.coze_qps)  # as run_worker and opsbot run build it

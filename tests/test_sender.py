@@ -18,7 +18,8 @@ CHAT = "oc_ops"
 
 def card(title: str) -> dict:
     return {"schema": "2.0", "config": {"update_multi": True},
-            "header": {"title": {"tag": "plain_text", "content": title}}}
+            "header": {"title": {"tag": "plain_text", "content": title}},
+            "body": {"elements": [{"tag": "markdown", "content": title}]}}
 
 
 @pytest.fixture
