@@ -18,6 +18,7 @@ text bar chart. Unknown elements render as ``[tag]`` and never raise. Long lines
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -40,7 +41,7 @@ SERIES_CHARS = "█░▓▒#+"
 _AT = re.compile(r"<at\s+(?:id|user_id|open_id)=[\"']?([^\s\"'>]+)[\"']?\s*>(?:[^<]*)</at>")
 _LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
-_CODE = re.compile(r"`([^`\n]+)`")
+_CODE_SPLIT = re.compile(r"(`[^`\n]+`)")
 _FONT = re.compile(r"</?font[^>]*>")
 
 
@@ -251,12 +252,21 @@ def render_markdown(text: str, st: Style | None = None,
         who = m.group(1)
         name = "all" if who == "all" else names.get(who, who)
         return st("@" + name, "1;36")
-    text = _AT.sub(at, text)
-    text = _FONT.sub("", text)
-    text = _LINK.sub(lambda m: f"{m.group(1)} {st.dim('<' + cut(m.group(2), 80) + '>')}", text)
-    text = _BOLD.sub(lambda m: st.bold(m.group(1)), text)
-    text = _CODE.sub(lambda m: st(m.group(1), "36") if st.color else m.group(1), text)
-    return text
+    def markup(part: str) -> str:
+        part = _AT.sub(at, part)
+        part = _FONT.sub("", part)
+        part = _LINK.sub(lambda m: f"{m.group(1)} {st.dim('<' + cut(m.group(2), 80) + '>')}",
+                         part)
+        return html.unescape(_BOLD.sub(lambda m: st.bold(m.group(1)), part))
+
+    # code spans are literal (entities included); elsewhere markup, then entities decoded
+    out = []
+    for i, part in enumerate(_CODE_SPLIT.split(text)):
+        if i % 2:
+            out.append(st(part[1:-1], "36") if st.color else part[1:-1])
+        else:
+            out.append(markup(part))
+    return "".join(out)
 
 
 # --- charts -----------------------------------------------------------------------------------

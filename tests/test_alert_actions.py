@@ -11,6 +11,7 @@ from pipeline.breaker import Breaker, all_states
 from pipeline.config import BreakerPolicy
 from storage import queue
 from storage.db import transaction
+from tests.helpers import checked_answer
 # the clock, settings and router fixtures are shared with the alert router's tests
 from tests.test_alerts import (FATAL, batch, clock, fail, make_settings,  # noqa: F401
                                router, rows, settings)
@@ -21,7 +22,7 @@ ADMIN = "ou_admin"
 
 
 def press(db, settings, clock, value):
-    answer = handle_alert_action(db, settings, value, ADMIN, clock)
+    answer = checked_answer(handle_alert_action(db, settings, value, ADMIN, clock))
     if "card" in answer:
         assert answer["card"]["type"] == "raw"
         assert answer["card"]["data"]["schema"] == "2.0"

@@ -4,6 +4,7 @@ Where delivery matters the real outbox sender and lark-oapi client talk to the f
 """
 from __future__ import annotations
 
+import html
 import json
 import threading
 
@@ -22,6 +23,7 @@ from pipeline.errors import RunFailed
 from storage import queue
 from storage.db import transaction
 from tests.fake_feishu import FakeFeishu
+from tests.helpers import checked_answer
 
 ALERT_CHAT = "oc_alerts"
 MEDIUM = Decision("fail", 0.0, "plugin_timeout", "MEDIUM", "matched rule plugin_timeout: "
@@ -140,10 +142,23 @@ def test_scripted_sequence_gives_exactly_the_expected_cards(db, router, clock):
             for s in rows(db, "send")] == ["[MEDIUM]", "[HIGH]", "[CRITICAL]"]
 
 
-def test_critical_mentions_everyone_when_nobody_is_configured(db, clock):
+def test_with_nobody_configured_critical_mentions_nobody_and_says_so(db, clock):
+    """Before: <at id=all> whenever nobody was configured; Feishu refuses the whole card unless
+    the group owner allows mentioning everyone, so the most important card never arrived."""
     router = AlertRouter(db, Settings(feishu=FeishuSettings(alert_chat_id=ALERT_CHAT)), clock)
     router.breaker_changed("coze", "closed", "open", "5000: server error")
-    assert "<at id=all></at>" in text_of(rows(db, "send")[0]["payload"]["card"])
+    text = text_of(rows(db, "send")[0]["payload"]["card"])
+    assert "<at" not in text
+    assert "FEISHU_ONCALL_IDS" in text and "没有配置要提醒的人" in text
+
+
+def test_critical_mentions_everyone_only_when_configured_to(db, clock):
+    settings = Settings(feishu=FeishuSettings(alert_chat_id=ALERT_CHAT, admin_ids=("ou_admin",)),
+                        alerts=AlertSettings(mention_all=True))
+    router = AlertRouter(db, settings, clock)
+    router.breaker_changed("coze", "closed", "open", "5000: server error")
+    text = text_of(rows(db, "send")[0]["payload"]["card"])
+    assert "<at id=all></at>" in text and "ou_admin" not in text
 
 
 def test_english_cards(db, clock):
@@ -406,7 +421,7 @@ def test_progress_patches_the_run_reply_throttled_then_summary(db, router, clock
     replies = rows(db, "reply")
     assert len(replies) == 1 and replies[0]["target"] == "om_run1"
     summary = replies[0]["payload"]["card"]
-    body = text_of(summary)
+    body = html.unescape(text_of(summary))     # Coze's texts are escaped on the card
     assert "plugin_timeout" in body and "bad_request" in body and "invalid parameter" in body
     assert "处理建议" in body
     assert buttons(summary) == [{"action": "retry_batch", "batch_id": b}]
@@ -503,8 +518,9 @@ def test_worker_plugin_timeout_gives_one_medium_card_and_retry_resolves_it(db, t
         assert [c["ref"] for c in cards] == ["bw:coze:plugin_timeout"]
         bad = next(t for t in queue.tasks_of(db, b) if t["task_key"] == "bad")
         assert bad["status"] == "failed"
-        answer = handle_alert_action(db, router.settings, {"action": "retry", "task_id": bad["id"],
-                                     "key": "bw:coze:plugin_timeout"}, "ou_admin", Clock())
+        answer = checked_answer(handle_alert_action(
+            db, router.settings, {"action": "retry", "task_id": bad["id"],
+                                  "key": "bw:coze:plugin_timeout"}, "ou_admin", Clock()))
         assert answer["toast"]["type"] == "success"
         _drain_with(db, router, sim, tmp_path)
         assert queue.get_task(db, bad["id"])["status"] == "succeeded"

@@ -10,7 +10,9 @@ from bot.commands import parse
 from bot.settings import FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from storage import inbox, queue
-from tests.helpers import ADMIN, USER, card_action_event, legacy_card_action, message_event
+from bot.mdtext import escape
+from tests.helpers import (ADMIN, USER, card_action_event, checked_answer, legacy_card_action,
+                           message_event)
 
 NOW = 1_750_000_000.0
 
@@ -138,7 +140,7 @@ def test_run_include_takes_any_printable_id_and_shows_it_neutralised(db, setting
     assert [t["task_key"] for t in queue.tasks_of(db, batch["id"])] == ["视频 01",
                                                                         "<at id=all></at>"]
     text = json.dumps(card, ensure_ascii=False)
-    assert "<at" not in text and "&#60;at id=all&#62;" in text
+    assert "<at" not in text and escape("<at id=all></at>") in text
 
 
 def test_run_without_bitable_config_names_env_vars(db, clock):
@@ -353,7 +355,8 @@ def test_english(db, clock):
 # --- card actions -----------------------------------------------------------------------------
 
 def click(db, settings, clock, value, **kw):
-    return handlers.handle_card_action(db, settings, card_action_event(value, **kw), clock)
+    return checked_answer(handlers.handle_card_action(db, settings, card_action_event(value, **kw),
+                                                      clock))
 
 
 def test_card_retry_acts_once_on_double_click(db, settings, clock):

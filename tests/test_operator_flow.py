@@ -19,6 +19,7 @@ from pipeline.coze import CozeClient
 from pipeline.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
+from tests.helpers import checked_answer
 from tests.test_worker import FAST
 
 CHAT = "oc_alerts"
@@ -78,7 +79,7 @@ def press(app, value, operator=ADMIN):
     body, headers = signed_event(card_action_event(value, operator=operator))
     resp = app.post("/webhook/event", data=body, headers=headers)
     assert resp.status_code == 200
-    return resp.get_json()
+    return checked_answer(resp.get_json())
 
 
 def test_bad_token_one_high_card_within_a_second_blocks_until_resume(db, settings, app,
