@@ -170,6 +170,7 @@ def check_settings(settings: Settings) -> list[Finding]:
                            "FEISHU_ADMIN_IDS is empty: nobody can run commands or press buttons",
                            "set FEISHU_ADMIN_IDS to a comma-separated list of open_ids "
                            "(ou_..., each person's open_id for this app)"))
+    out.append(_mentions_finding(settings))
     coze = [_hidden("COZE_API_TOKEN", bool(c.api_token)), _show("COZE_WORKFLOW_ID", c.workflow_id)]
     if c.api_token and c.workflow_id:
         out.append(Finding(OK, "settings.coze", ", ".join(coze) + f"; COZE_BASE_URL={c.base_url}"))
@@ -183,6 +184,29 @@ def check_settings(settings: Settings) -> list[Finding]:
                            "workflow editor's URL, .../workflow/<id>); try `opsbot demo` to see "
                            "opsbot work without an account"))
     return out
+
+
+def _mentions_finding(settings: Settings) -> Finding:
+    """Whom HIGH and CRITICAL cards @-mention (bot.alerts.oncall / everyone)."""
+    f = settings.feishu
+    people = list(dict.fromkeys((*f.oncall_ids, *f.admin_ids)))
+    if settings.alerts.mention_all:
+        return Finding(WARN, "settings.mentions",
+                       "OPSBOT_MENTION_ALL is on: CRITICAL cards mention everyone "
+                       "(<at id=all>); Feishu refuses the whole card unless the group owner "
+                       "allows bots to mention everyone",
+                       "in the group's settings let members (bots) @all, or turn "
+                       "OPSBOT_MENTION_ALL off and set FEISHU_ONCALL_IDS")
+    if people:
+        return Finding(OK, "settings.mentions",
+                       f"HIGH and CRITICAL cards mention {len(people)} person(s): "
+                       f"{', '.join(people)}")
+    return Finding(WARN, "settings.mentions",
+                   "no on-call or admin open_ids: HIGH and CRITICAL cards mention nobody "
+                   "(they say so on the card)",
+                   "set FEISHU_ONCALL_IDS (or FEISHU_ADMIN_IDS) to the open_ids to call; "
+                   "OPSBOT_MENTION_ALL=1 mentions everyone instead, where the group owner "
+                   "allows it")
 
 
 def _show(name: str, value: str) -> str:

@@ -121,7 +121,8 @@ def test_everything_configured_and_working_is_all_ok(env, fake, sim):
     assert code == 0
     assert levels(lines) == {name: "OK" for name in (
         "settings.feishu", "settings.security", "settings.alerts", "settings.bitable",
-        "settings.admins", "settings.coze", "database", "database.disk", "feishu.token",
+        "settings.admins", "settings.mentions", "settings.coze", "database", "database.disk",
+        "feishu.token",
         "feishu.alert_chat", "feishu.bitable_fields", "feishu.bitable", "coze.api")}
     assert line_of(lines, "settings.security") == (
         "OK    settings.security: FEISHU_VERIFICATION_TOKEN set (hidden), "
@@ -131,7 +132,7 @@ def test_everything_configured_and_working_is_all_ok(env, fake, sim):
     assert line_of(lines, "coze.api") == (
         f"OK    coze.api: {sim.base_url} reachable; token accepted (the probe's dummy run is not "
         "found, as expected: 4314)")
-    assert lines[-2:] == ["doctor: 13 OK, 0 WARN, 0 FAIL",
+    assert lines[-2:] == ["doctor: 14 OK, 0 WARN, 0 FAIL",
                           "All good: start `opsbot worker` and the web process (see Procfile)."]
     # The table was read one row at a time, once; nothing was posted; no Coze run was started.
     [search] = fake.requests_to("/records/search")
@@ -151,12 +152,17 @@ def test_nothing_configured_points_to_the_demo(tmp_path):
         "WARN  settings.admins: FEISHU_ADMIN_IDS is empty: nobody can run commands or press "
         "buttons — fix: set FEISHU_ADMIN_IDS to a comma-separated list of open_ids (ou_..., "
         "each person's open_id for this app)")
+    assert line_of(lines, "settings.mentions") == (
+        "WARN  settings.mentions: no on-call or admin open_ids: HIGH and CRITICAL cards mention "
+        "nobody (they say so on the card) — fix: set FEISHU_ONCALL_IDS (or FEISHU_ADMIN_IDS) to "
+        "the open_ids to call; OPSBOT_MENTION_ALL=1 mentions everyone instead, where the group "
+        "owner allows it")
     assert line_of(lines, "settings.security").startswith(
         "WARN  settings.security: FEISHU_VERIFICATION_TOKEN missing, FEISHU_ENCRYPT_KEY missing: "
         "dev mode, the webhook accepts unverified requests — fix: copy Verification Token")
     assert not any(name.startswith(("feishu.", "coze.")) for name in levels(lines))
     assert lines[-3:] == [
-        "doctor: 2 OK, 5 WARN, 1 FAIL",
+        "doctor: 2 OK, 6 WARN, 1 FAIL",
         "Nothing is configured yet. To see opsbot work on this machine without any Feishu or "
         "Coze account, run `opsbot demo` first.",
         "For real use set FEISHU_APP_ID, FEISHU_APP_SECRET, FEISHU_VERIFICATION_TOKEN, "
@@ -443,3 +449,10 @@ class _silent_server:
 
     def __exit__(self, *exc) -> None:
         self.sock.close()
+
+
+def test_mention_all_is_flagged_as_needing_the_group_owners_permission(env):
+    env["OPSBOT_MENTION_ALL"] = "1"
+    code, lines = run(env)
+    assert line_of(lines, "settings.mentions").startswith(
+        "WARN  settings.mentions: OPSBOT_MENTION_ALL is on: CRITICAL cards mention everyone")
