@@ -12,7 +12,7 @@
 The header shows the card's colour (``template``) by name, and in colour when ``color=True``
 (:func:`use_color` says whether a stream is a terminal and ``NO_COLOR`` is unset). Markdown is
 simplified (``**bold**``, `` `code` ``, links as ``text <url>``, ``<at id=...>`` mentions as
-``@name``), buttons are listed as ``[ Label ]``, a ``chart`` (VChart bar spec) becomes a small
+``@name``, entities such as ``&#60;`` decoded outside code spans, as Feishu shows them), buttons are listed as ``[ Label ]``, a ``chart`` (VChart bar spec) becomes a small
 text bar chart. Unknown elements render as ``[tag]`` and never raise. Long lines are cut with
 ``…`` and long elements keep their first :data:`MAX_LINES` lines.
 """

@@ -197,3 +197,11 @@ def test_text_post_and_other_messages_and_toasts():
     assert render.render_message("interactive", cards.info_card("hi", "en")).startswith("┌─")
     assert render.render_toast({"type": "success", "content": "ok"}) == "⟨toast success⟩ ok"
     assert render.render_toast(None) == "(no toast)"
+
+
+def test_escaped_outside_text_is_shown_as_typed_and_code_spans_stay_literal():
+    from bot.mdtext import code, escape
+    from bot.render import render_markdown
+    shown = render_markdown(f"**Reason**: {escape('<at id=all></at> **x**')} {code('a_b')}")
+    assert shown == "Reason: <at id=all></at> **x** a_b"
+    assert render_markdown("`&#60;`") == "&#60;"   # entities are not decoded in code spans
