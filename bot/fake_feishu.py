@@ -39,7 +39,8 @@ fake's directory (:attr:`users`: ``bot.devtools.DIRECTORY`` plus ``users=`` and
 :meth:`add_users`); ``<at id=all>`` passes only in chats where :meth:`allow_mention_all` was
 called (the group owner's setting). The test suite fails any test during which a fake refused a
 card it was not told to expect: a test that provokes a refusal on purpose takes it with
-:meth:`take_refusals`. :meth:`check_answer` applies the same rules to a card-callback answer.
+:meth:`take_refusals`. :meth:`check_answer` applies the same rules to a card-callback answer;
+:meth:`lock_card` scripts Feishu's "card action is lock" refusal of the next PATCHes.
 
 Like real Feishu, a send or reply that repeats a ``uuid`` answers the first message's id and adds
 no second message. Every request is recorded in :attr:`requests` (method, path, query, headers,
@@ -70,6 +71,8 @@ TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 ROUTES = ("token", "send", "reply", "patch", "search", "batch_update", "bot_info")
 
 _LIVE: "weakref.WeakSet[FakeFeishu]" = weakref.WeakSet()
+LOCKED_MSG = ("Failed to update card content, ext=ErrCode: 11310; ErrMsg: card action is lock; "
+              "ErrorValue: ;")
 
 
 def unexpected_refusals() -> list[dict[str, Any]]:
@@ -237,6 +240,12 @@ class FakeFeishu:
         with self._lock:
             taken, self.refusals, self._reported = self.refusals, [], 0
             return taken
+
+    def lock_card(self, times: int = 1) -> None:
+        """The next ``times`` PATCHes are refused as Feishu refuses a card someone is pressing a
+        button on at that moment: HTTP 400, 230099, "ErrCode: 11310; ErrMsg: card action is
+        lock" (retry shortly)."""
+        self.fail("patch", status=400, code=card_rules.CARD_INVALID, msg=LOCKED_MSG, times=times)
 
     def expire_tokens(self) -> None:
         """Make every token issued so far invalid: calls carrying one get 99991663."""

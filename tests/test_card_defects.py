@@ -173,9 +173,7 @@ def test_patch_of_a_locked_card_is_retried_not_dropped(db, fake, clock):
     ids = [t["id"] for t in queue.tasks_of(db, b)]
     fail(db, router, ids[0])
     deliver(db, fake, clock, passes=1)
-    fake.fail("patch", code=230099, times=2,
-              msg="Failed to update card content, ext=ErrCode: 11310; ErrMsg: card action is "
-                  "lock; ErrorValue: ;")
+    fake.lock_card(times=2)   # someone is pressing a button on it
     fail(db, router, ids[1])
     sender = OutboxSender(db, FeishuClient(fake.settings()), clock=clock, owner="t",
                           rng=lambda: 1.0)
