@@ -34,8 +34,8 @@ from storage import queue
 from storage.db import transaction
 from tests.fake_feishu import FakeFeishu
 from tests import helpers
-from tests.helpers import (ADMIN, USER, encrypt, legacy_card_action, sign, sign_legacy,
-                           table_counts, url_verification)
+from tests.helpers import (ADMIN, USER, checked_answer, encrypt, legacy_card_action, sign,
+                           sign_legacy, table_counts, url_verification)
 
 APP_SECRET = "appsecret-Zq81xK2mWv"
 TOKEN = "vtoken-Hh3kP0sLq9"
@@ -288,7 +288,7 @@ def test_admin_button_still_works(client, db):
     seed_state(db)
     resp = client.post("/webhook/card", **_req(card_action_event(
         {"action": "cancel", "batch_id": "b1111"}, operator=ADMIN)))
-    assert resp.json["toast"]["type"] == "success"
+    assert checked_answer(resp.json)["toast"]["type"] == "success"
     assert queue.get_batch(db, "b1111")["status"] == "cancelled"
 
 

@@ -11,8 +11,9 @@ from bot.feishu import FeishuClient
 from bot.settings import Secret, Settings
 from storage import queue
 from tests.fake_feishu import FakeFeishu
-from tests.helpers import (ADMIN, ENCRYPT_KEY, TOKEN, USER, card_action_event, encrypt,
-                           message_event, sign, signed_event, table_counts, url_verification)
+from tests.helpers import (ADMIN, ENCRYPT_KEY, TOKEN, USER, card_action_event, checked_answer,
+                           encrypt, message_event, sign, signed_event, table_counts,
+                           url_verification)
 
 APP, TABLE = "app_tok", "tbl_1"
 
@@ -215,7 +216,7 @@ def test_admin_run_feishu_failure_explains(client, db, fake):
 def test_card_action_answers_synchronously(client, db):
     bid = queue.create_batch(db, [{"task_key": "a"}], now=1.0, source="chat")
     resp = post(client, card_action_event({"action": "cancel", "batch_id": bid}))
-    assert resp.status_code == 200 and resp.json["toast"]["type"] == "success"
+    assert resp.status_code == 200 and checked_answer(resp.json)["toast"]["type"] == "success"
     assert queue.get_batch(db, bid)["status"] == "cancelled"
 
 
@@ -223,5 +224,5 @@ def test_card_action_non_admin_changes_nothing(client, db):
     bid = queue.create_batch(db, [{"task_key": "a"}], now=1.0, source="chat")
     before = table_counts(db)
     resp = post(client, card_action_event({"action": "cancel", "batch_id": bid}, operator=USER))
-    assert resp.json["toast"]["type"] == "error"
+    assert checked_answer(resp.json)["toast"]["type"] == "error"
     assert queue.get_batch(db, bid)["status"] == "queued" and table_counts(db) == before
