@@ -29,8 +29,8 @@ from storage.db import Conflict, NotFound, transaction
 
 from . import cards
 from .commands import BATCH_ID, Command, ParseError, neutral, parse
-from .mdtext import plain
 from .i18n import not_found, status_word, t
+from .mdtext import plain
 
 log = logging.getLogger("opsbot.handlers")
 
