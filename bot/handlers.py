@@ -4,6 +4,8 @@ Entry points
 - :func:`process_inbox` — claim recorded message events (one by key, or the oldest due ones) and
   handle each once. The web process's dispatcher calls it right after recording a message; the
   worker calls it as a fallback for rows a dying web process left behind (leases expire).
+  A group message that does not @ the bot (by the bot's open_id as stored now, see
+  :func:`for_the_bot`) is finished without a reply.
 - :func:`handle_card_action` — answer a ``card.action.trigger`` synchronously (Feishu waits 3 s).
 
 Every command answers with a card *reply* enqueued in the outbox under ``uuid = "r-" +
