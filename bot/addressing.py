@@ -9,7 +9,8 @@
   wherever the mention sits. "@Alice run" is not; "@opsbot run" and "@Alice @opsbot run" are
   (the sender picked the bot from the @ list; the parser drops every mention placeholder, so the
   command still reads "run"). A mention elsewhere in a sentence ("ask @opsbot later") is for the
-  bot too, and the text that is no command gets the help card, never an action;
+  bot too: what counts is the text without mentions, and one that does not start with a
+  command name gets the help card, never an action;
 - in a group, with the open_id unknown (the lookup failed, or has not run yet): the older
   approximation, "the text starts with a mention placeholder" (``@_user_1 run``), which also
   takes "@Alice run" as a command. ``opsbot doctor`` says when this is the case and why.
