@@ -60,7 +60,8 @@ def _starts_with_mention(message: Mapping[str, Any]) -> bool:
         return isinstance(text, str) and bool(_LEADING_MENTION.match(text))
     body = content if "content" in content else next(
         (v for v in content.values() if isinstance(v, dict)), {})
-    for para in body.get("content") or []:
+    paragraphs = body.get("content")
+    for para in paragraphs if isinstance(paragraphs, list) else []:
         elements = [el for el in para if isinstance(el, dict)
                     and not (el.get("tag") == "text" and not str(el.get("text", "")).strip())] \
             if isinstance(para, list) else []

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from hypothesis import given, strategies as st
 
 from bot import identity
 from bot.addressing import addressed_to_bot, mentioned_open_ids
@@ -94,6 +95,28 @@ def test_malformed_mentions_never_count_as_the_bot(mentions):
                "content": json.dumps({"text": "@_user_1 run"}), "mentions": mentions}
     assert mentioned_open_ids(message) == []
     assert addressed_to_bot(message, BOT) is False
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=3)
+                     | st.dictionaries(st.sampled_from(["key", "id", "open_id", "name", "text",
+                                                        "content", "tag", "user_id", "zh_cn"]),
+                                       kids, max_size=3), max_leaves=8)
+
+
+@given(message=st.fixed_dictionaries({}, optional={
+    "chat_type": st.sampled_from(["group", "p2p", None, 3]),
+    "message_type": st.sampled_from(["text", "post", "image", None]),
+    "content": st.one_of(st.text(max_size=30), _json.map(json.dumps), st.integers(),
+                         st.just('{"content": 5}'), st.just('{"zh_cn": {"content": 5}}')),
+    "mentions": _json}), bot=st.sampled_from([BOT, None, ""]))
+def test_addressed_to_bot_is_total_and_only_the_bots_mention_counts(message, bot):
+    answer = addressed_to_bot(message, bot)
+    assert isinstance(answer, bool)
+    if message.get("chat_type") != "group":
+        assert answer is True
+    elif bot:
+        assert answer is (bot in mentioned_open_ids(message))
 
 
 # --- the lookup -------------------------------------------------------------------------------
