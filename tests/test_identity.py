@@ -109,7 +109,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
     "message_type": st.sampled_from(["text", "post", "image", None]),
     "content": st.one_of(st.text(max_size=30), _json.map(json.dumps), st.integers(),
                          st.just('{"content": 5}'), st.just('{"zh_cn": {"content": 5}}')),
-    "mentions": _json}), bot=st.sampled_from([BOT, None, ""]))
+    "mentions": _json | st.just([{"key": "@_user_1", "id": {"open_id": BOT}}])}),
+       bot=st.sampled_from([BOT, None, ""]))
 def test_addressed_to_bot_is_total_and_only_the_bots_mention_counts(message, bot):
     answer = addressed_to_bot(message, bot)
     assert isinstance(answer, bool)
