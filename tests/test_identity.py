@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from bot import identity
 from bot.addressing import addressed_to_bot, mentioned_open_ids
@@ -111,6 +111,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
                          st.just('{"content": 5}'), st.just('{"zh_cn": {"content": 5}}')),
     "mentions": _json | st.just([{"key": "@_user_1", "id": {"open_id": BOT}}])}),
        bot=st.sampled_from([BOT, None, ""]))
+@example(message={"chat_type": "group", "message_type": "post", "content": '{"content": 5}',
+                  "mentions": [{"key": "@_user_1"}]}, bot=None)
 def test_addressed_to_bot_is_total_and_only_the_bots_mention_counts(message, bot):
     answer = addressed_to_bot(message, bot)
     assert isinstance(answer, bool)
