@@ -433,7 +433,7 @@ def check_legacy_callbacks(settings: Settings, report: "_Reporter") -> None:
     from storage import kv
     from storage.db import open_db
 
-    from .intake import LEGACY_KV_KEY
+    from .legacy_callbacks import LEGACY_KV_KEY
 
     try:
         db = open_db(settings.db_path, migrate=False)

@@ -25,8 +25,8 @@ body ``{"error": code, "message": text}``, never an exception and never a 500. O
 
 Legacy card callbacks (``card.action.trigger_v1``, only at ``/webhook/card``) are acted on like
 new ones but answered with the toast alone: their answer format carries JSON 1.0 cards, ours are
-2.0, so the pressed card's new state is queued as an API PATCH instead (:func:`legacy_answer`).
-Each one is counted in the kv table for ``opsbot doctor``.
+2.0, so the pressed card's new state is queued as an API PATCH instead (see
+:mod:`bot.legacy_callbacks`). Each one is counted in the kv table for ``opsbot doctor``.
 
 Timestamps: a signed request older (or newer) than :data:`MAX_SKEW` is refused. Feishu re-pushes
 an unanswered event after 15 s, 5 min, 1 h and 6 h, so the window is a day, not minutes: a tight
@@ -56,6 +56,7 @@ from Crypto.Cipher import AES
 from storage import inbox
 
 from .addressing import addressed_to_bot
+from .legacy_callbacks import legacy_answer, note_legacy_callback, patch_card_later
 
 log = logging.getLogger("opsbot.intake")
 
@@ -403,7 +404,7 @@ class Intake:
         the top level; every opsbot card is JSON 2.0, which that format cannot carry (Feishu
         refuses a card answer of the wrong version). So the answer is the toast alone, and the
         pressed card's new state goes out as an API PATCH through the outbox (which takes 2.0
-        cards), a moment later. See :func:`legacy_answer`.
+        cards), a moment later. See :mod:`bot.legacy_callbacks`.
         """
         answer = self._card(data).json
         reply, card = legacy_answer(answer)
@@ -416,40 +417,6 @@ class Intake:
         except sqlite3.Error:  # the click was acted on: still show its toast
             log.exception("webhook: could not queue the card update of a legacy callback")
         return Response(200, reply)
-
-
-LEGACY_KV_KEY = "webhook.legacy_card"
-
-
-def legacy_answer(answer: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Split a new-style callback answer into (legacy answer: the toast only, the 2.0 card
-    that answer carried or None)."""
-    reply = {k: v for k, v in answer.items() if k == "toast"}
-    card = answer.get("card")
-    data = card.get("data") if isinstance(card, dict) and card.get("type") == "raw" else None
-    return reply, data if isinstance(data, dict) else None
-
-
-def patch_card_later(db: Any, message_id: str, card: dict[str, Any], *, now: float) -> str:
-    """Queue a PATCH of ``message_id`` to ``card``; coalesced with the card's other patches
-    (same outbox target as the alert router's, when opsbot sent the card)."""
-    from storage import outbox
-
-    from .alerts import enqueue_patch
-
-    target = outbox.uuid_for_message(db, message_id) or message_id
-    return enqueue_patch(db, target, card, now=now, interval=0.0)
-
-
-def note_legacy_callback(db: Any, now: float) -> None:
-    """Count old-style callbacks in the kv table, so ``opsbot doctor`` can say they arrive."""
-    from storage import kv
-
-    seen = kv.get_json(db, LEGACY_KV_KEY)
-    count = seen.get("count", 0) if isinstance(seen, dict) else 0
-    first = seen.get("first_at", now) if isinstance(seen, dict) else now
-    kv.put_json(db, LEGACY_KV_KEY, {"count": int(count) + 1, "first_at": first, "last_at": now},
-                now=now)
 
 
 def _str(value: Any) -> str | None:

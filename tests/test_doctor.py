@@ -493,7 +493,7 @@ def test_bot_not_enabled_in_the_tenant(env, fake):
 
 
 def test_old_style_card_callbacks_are_reported(env):
-    from bot.intake import note_legacy_callback
+    from bot.legacy_callbacks import note_legacy_callback
     from storage.db import open_db
 
     db = open_db(env["OPSBOT_DB"])

@@ -12,7 +12,7 @@ import pytest
 from bot.alerts import AlertRouter
 from bot.app import create_app
 from bot.feishu import FeishuClient
-from bot.intake import LEGACY_KV_KEY, legacy_answer
+from bot.legacy_callbacks import LEGACY_KV_KEY, legacy_answer
 from bot.sender import OutboxSender
 from bot.settings import Secret, Settings
 from pipeline.clock import FakeClock
