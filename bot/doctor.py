@@ -13,8 +13,14 @@ The exit code is 0 when nothing FAILs, 1 otherwise. Checks:
 - ``database``: ``OPSBOT_DB`` opens and migrates, is writable (a write lock taken and rolled
   back), is in WAL mode and at the schema version this opsbot knows; ``database.disk``: free space.
 - ``feishu.*`` (when the app is configured), via :class:`bot.feishu.FeishuClient` (lark-oapi): a
-  fresh tenant token; the bot is a member of the alert chat (``is_in_chat``, a read); the Bitable
-  columns opsbot uses exist and the table is readable (one search page of size 1).
+  fresh tenant token; the bot's own open_id (``bot/v3/info``, stored like the worker does, so
+  group messages count only when they @ the bot; when it cannot be looked up the line says that
+  the older rule holds and why); the bot is a member of the alert chat (``is_in_chat``, a
+  read); the Bitable columns opsbot uses exist and the table is readable (one search page of
+  size 1).
+- ``webhook.card_callbacks``: whether old-style card callbacks (``/webhook/card``) arrived
+  (the web process counts them): they get the toast only and a PATCH, and the fix is to
+  subscribe the new ``card.action.trigger``.
 - ``coze.api`` (when a token is set): one history read for a dummy execute id, which exercises
   auth without starting a run: 4100/401 means the token is invalid, 4200/4314 that it was accepted.
 
@@ -96,7 +102,8 @@ def run_doctor(settings: Settings, *, out: TextIO | None = None,
         if settings.feishu.configured:
             from . import feishu  # noqa: F401  (lark-oapi takes a second or two to import)
         deadline = time.monotonic() + budget
-        sections = [_Section("database", lambda r: check_database(settings, r, timeout))]
+        sections = [_Section("database", lambda r: (check_database(settings, r, timeout),
+                                                    check_legacy_callbacks(settings, r)))]
         if settings.feishu.configured:
             sections.append(_Section("feishu", lambda r: check_feishu(settings, r, timeout)))
         if settings.coze.api_token:
@@ -348,6 +355,8 @@ def check_feishu(settings: Settings, report: "_Reporter", timeout: float) -> Non
         return
     report(Finding(OK, "feishu.token", f"tenant token obtained from {f.domain} for app "
                                        f"{f.app_id}"))
+    report.step("feishu.bot", f"check that this machine reaches {f.domain}")
+    report(check_bot_identity(settings, client, timeout))
 
     if f.alert_chat_id:
         report.step("feishu.alert_chat", f"check that this machine reaches {f.domain}")
@@ -389,6 +398,93 @@ def check_feishu(settings: Settings, report: "_Reporter", timeout: float) -> Non
             f" {f.bitable_pending_value!r} now"
         report(Finding(OK, "feishu.bitable", f"table {f.bitable_table_id} is readable; "
                                              f"{pending}"))
+
+
+_OLD_RULE = ("in groups any message that starts with an @mention is taken as a command, "
+             "\"@Alice run\" too")
+
+
+def check_bot_identity(settings: Settings, client, lock_wait: float = 2.0) -> Finding:
+    """Look the bot's open_id up (``bot/v3/info``) and store it, as the worker does at start.
+
+    With it, group messages are commands only when they @ the bot; without it the older rule
+    holds (see :mod:`bot.addressing`). Storing it here makes a fix take effect at once.
+    """
+    from storage.db import open_db
+
+    from . import identity
+    from .errors import FeishuError, FeishuNetworkError
+
+    f = settings.feishu
+    try:
+        db = open_db(settings.db_path)
+    except (OSError, sqlite3.Error):
+        db = None  # the database line says why; the lookup is still worth checking
+    try:
+        stored = identity.load(db, f.app_id) if db is not None else None
+        try:
+            ident = identity.look_up(client, f.app_id, time.time())
+        except FeishuError as exc:
+            fix = _feishu_finding("feishu.bot", exc, settings, context="bot",
+                                  scopes="im:message").fix
+            cause = exc.msg if isinstance(exc, FeishuNetworkError) else \
+                f"code {exc.code}: {exc.msg}" + (f"; log_id {exc.log_id}" if exc.log_id else "")
+            kept = (f"; the open_id stored earlier ({stored.open_id}) stays in use" if stored
+                    else f": {_OLD_RULE}")
+            return Finding(WARN, "feishu.bot", "cannot look up the bot's own open_id "
+                           f"(GET /open-apis/bot/v3/info: {cause}){kept}", fix)
+        where = "stored for the web process and the worker"
+        if db is not None:
+            try:  # a running worker may hold the write lock: wait a little, not 30 s
+                db.conn.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000)}")
+                identity.store(db, ident, now=ident.checked_at)
+            except sqlite3.Error as exc:
+                where = f"not stored ({type(exc).__name__}: {exc})"
+    finally:
+        if db is not None:
+            db.conn.close()
+    if not ident.active:
+        return Finding(WARN, "feishu.bot", f"the bot {ident.app_name or '?'} ({ident.open_id}) "
+                       f"is not enabled in this tenant (activate_status {ident.activate_status}):"
+                       " it receives no messages", "publish an app version and have the tenant "
+                       "admin approve and enable it in the admin console")
+    return Finding(OK, "feishu.bot", f"the bot is {ident.app_name or '?'} ({ident.open_id}); in "
+                   f"groups only messages that @ it are commands ({where})")
+
+
+def check_legacy_callbacks(settings: Settings, report: "_Reporter") -> None:
+    """Whether old-style card callbacks arrive (the web process counts them in the kv table)."""
+    from storage import kv
+    from storage.db import open_db
+
+    from .legacy_callbacks import LEGACY_KV_KEY
+
+    try:
+        db = open_db(settings.db_path, migrate=False)
+        try:
+            seen = kv.get_json(db, LEGACY_KV_KEY)
+        finally:
+            db.conn.close()
+    except (OSError, sqlite3.Error):
+        return  # the database line already says what is wrong
+    if not isinstance(seen, dict) or not seen.get("count"):
+        if not settings.feishu.configured:
+            return  # no app, no buttons: nothing to say
+        report(Finding(OK, "webhook.card_callbacks", "no old-style card callback (POST "
+                       "/webhook/card) received; buttons use card.action.trigger"))
+        return
+
+    def day(ts: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(float(ts)))
+    report(Finding(WARN, "webhook.card_callbacks",
+                   f"{seen['count']} old-style card callback(s) (card.action.trigger_v1 at POST "
+                   f"/webhook/card) since {day(seen.get('first_at', 0))}, last "
+                   f"{day(seen.get('last_at', 0))}: they get the toast only and the card changes "
+                   "a moment later by API PATCH, because the old answer format cannot carry "
+                   "opsbot's JSON 2.0 cards",
+                   f"in {_CONSOLE} > Events & Callbacks > Callback Configuration subscribe "
+                   "card.action.trigger (the new card callback) with request URL "
+                   "https://YOUR_HOST/webhook/event, then remove the old card request URL"))
 
 
 _ADD_BOT_FIX = ("add the bot to the group: open the group > Settings > Group bots > Add bot, "

@@ -28,7 +28,9 @@ Endpoints (route names in brackets, used by :meth:`FakeFeishu.fail`):
 - [batch_update] ``POST .../records/batch_update``: merges fields into stored rows (an unknown
   record_id creates the row unless ``strict_records=True``, then 1254043); every call is kept in
   :attr:`batch_updates`.
-- [bot_info] ``GET /open-apis/bot/v3/info``.
+- [bot_info] ``GET /open-apis/bot/v3/info``: ``{"code": 0, "bot": {"open_id", "app_name",
+  "activate_status"}}`` from the constructor's ``bot_open_id`` / ``bot_name`` /
+  ``bot_activate_status`` (attributes, change them freely); Bearer token checked like the rest.
 - anything else: HTTP 404 with code 404 (recorded), unless a handler was added with :meth:`on`.
 
 Cards are checked as strictly as Feishu checks them (:mod:`bot.card_rules`): a send, reply or
@@ -108,8 +110,11 @@ class FakeFeishu:
 
     def __init__(self, *, app_id: str = "cli_fake", app_secret: str = "fake-secret",
                  token_expire: int = 7200, strict_records: bool = False,
-                 users: Iterable[str] = ()) -> None:
+                 users: Iterable[str] = (), bot_open_id: str = "ou_bot",
+                 bot_name: str = "opsbot", bot_activate_status: int = 2) -> None:
         self.app_id = app_id
+        self.bot_open_id, self.bot_name = bot_open_id, bot_name
+        self.bot_activate_status = bot_activate_status
         self.app_secret = app_secret
         self.token_expire = token_expire
         self.strict_records = strict_records
@@ -414,7 +419,8 @@ class FakeFeishu:
 
     def _on_bot_info(self, rec: dict[str, Any]) -> tuple[int, Any]:
         return 200, {"code": 0, "msg": "ok",
-                     "bot": {"app_name": "fake bot", "open_id": "ou_fakebot"}}
+                     "bot": {"activate_status": self.bot_activate_status, "app_name": self.bot_name,
+                             "avatar_url": "", "ip_white_list": [], "open_id": self.bot_open_id}}
 
     def _on_send(self, rec: dict[str, Any]) -> tuple[int, Any]:
         if rec["query"].get("receive_id_type") not in ("chat_id", "open_id", "user_id",

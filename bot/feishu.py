@@ -31,6 +31,7 @@ from lark_oapi.api.im.v1 import (CreateMessageRequest, CreateMessageRequestBody,
                                  PatchMessageRequestBody, ReplyMessageRequest,
                                  ReplyMessageRequestBody)
 from lark_oapi.core.cache import ICache
+from lark_oapi.core.enum import AccessTokenType, HttpMethod
 from lark_oapi.core.exception import ObtainAccessTokenException
 from lark_oapi.core.model import BaseRequest, BaseResponse, RequestOption
 from lark_oapi.core.token.manager import TokenManager
@@ -200,6 +201,22 @@ class FeishuClient:
         req = IsInChatChatMembersRequest.builder().chat_id(chat_id).build()
         return bool(self._call("is_in_chat", req).get("is_in_chat"))
 
+    # -- the bot itself -------------------------------------------------------------------------
+
+    def bot_info(self) -> dict[str, Any]:
+        """The app's bot: ``{"open_id", "app_name", "activate_status", ...}`` (``GET
+        /open-apis/bot/v3/info`` with the tenant token). lark-oapi has no typed request for it,
+        so a plain :class:`BaseRequest` goes through the same boundary as every other call; the
+        answer carries ``bot`` at the top level, not under ``data``. A bot without an open_id
+        raises FeishuError.
+        """
+        req = (BaseRequest.builder().http_method(HttpMethod.GET).uri("/open-apis/bot/v3/info")
+               .token_types({AccessTokenType.TENANT}).build())
+        bot = self._call("bot_info", req, field="bot")
+        if not isinstance(bot.get("open_id"), str) or not bot["open_id"]:
+            raise FeishuError(NO_CODE, "bot info without an open_id", operation="bot_info")
+        return bot
+
     # -- token ----------------------------------------------------------------------------------
 
     def check_token(self) -> None:
@@ -213,8 +230,9 @@ class FeishuClient:
 
     # -- the boundary ---------------------------------------------------------------------------
 
-    def _call(self, operation: str, request: BaseRequest) -> dict[str, Any]:
-        """Execute ``request``; return the answer's ``data`` or raise FeishuError.
+    def _call(self, operation: str, request: BaseRequest, *,
+              field: str = "data") -> dict[str, Any]:
+        """Execute ``request``; return the answer's ``field`` (``data``) or raise FeishuError.
 
         On an invalid or expired tenant token the cached token is dropped and the call is made
         once more with a fresh one.
@@ -226,7 +244,7 @@ class FeishuClient:
             code = resp.code
             status = resp.raw.status_code if resp.raw is not None else None
             if code == 0 or (code is None and status is not None and 200 <= status < 300):
-                return _data_of(resp)
+                return _data_of(resp, field)
             if code in TOKEN_CODES and attempt == 1:
                 log.info("feishu token rejected; refreshing", extra={"operation": operation,
                                                                      "code": code})
@@ -254,14 +272,14 @@ class FeishuClient:
                               operation=operation) from exc
 
 
-def _data_of(resp: BaseResponse) -> dict[str, Any]:
+def _data_of(resp: BaseResponse, field: str = "data") -> dict[str, Any]:
     if resp.raw is None or not resp.raw.content:
         return {}
     try:
         body = json.loads(resp.raw.content)
     except ValueError:
         return {}
-    data = body.get("data") if isinstance(body, dict) else None
+    data = body.get(field) if isinstance(body, dict) else None
     return data if isinstance(data, dict) else {}
 
 

@@ -4,6 +4,8 @@ Entry points
 - :func:`process_inbox` — claim recorded message events (one by key, or the oldest due ones) and
   handle each once. The web process's dispatcher calls it right after recording a message; the
   worker calls it as a fallback for rows a dying web process left behind (leases expire).
+  A group message that does not @ the bot (by the bot's open_id as stored now, see
+  :func:`for_the_bot`) is finished without a reply.
 - :func:`handle_card_action` — answer a ``card.action.trigger`` synchronously (Feishu waits 3 s).
 
 Every command answers with a card *reply* enqueued in the outbox under ``uuid = "r-" +
@@ -73,13 +75,33 @@ def process_inbox(db, settings, feishu_client, clock, owner: str, *, key: str | 
     for row in rows:
         try:
             if row["event_type"] == "im.message.receive_v1":
-                handle_message(db, settings, feishu_client, clock, row["payload"])
+                if for_the_bot(db, settings, row["payload"]):
+                    handle_message(db, settings, feishu_client, clock, row["payload"])
+                else:
+                    log.info("inbox row %s does not @ the bot: no reply", row["key"])
             inbox.finish(db, row["key"], now=clock.now())
         except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
             log.exception("inbox row %s failed (attempt %s)", row["key"], row["attempts"])
             if row["attempts"] >= MAX_HANDLE_ATTEMPTS:
                 inbox.finish(db, row["key"], now=clock.now(), error=repr(exc)[:500])
     return len(rows)
+
+
+def for_the_bot(db, settings, payload: dict[str, Any]) -> bool:
+    """Whether a recorded message is for the bot, by the bot's open_id as stored *now*.
+
+    The intake already filtered with what it knew when the message came in; a message recorded
+    before the worker's first identity lookup (by the older rule, which also takes "@Alice run")
+    is checked again here, so the rule that holds when a command runs is the current one.
+    """
+    from .addressing import addressed_to_bot
+    from .identity import bot_open_id
+
+    event = payload.get("event") if isinstance(payload, dict) else None
+    message = event.get("message") if isinstance(event, dict) else None
+    if not isinstance(message, dict):
+        return True  # malformed rows fail in handle_message, as before
+    return addressed_to_bot(message, bot_open_id(db, settings.feishu.app_id))
 
 
 def message_text(message: dict[str, Any]) -> str:

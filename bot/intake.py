@@ -16,12 +16,17 @@ body ``{"error": code, "message": text}``, never an exception and never a 500. O
    also when no verification token is configured); other plaintext is refused (400);
 5. ``url_verification``: token check (401), then ``{"challenge": ...}`` at once;
 6. v2 envelope: ``schema == "2.0"`` (400 otherwise), ``header.token`` == verification token (401);
-7. by event type: ``im.message.receive_v1`` from a user (in a group chat: only when it starts by
-   @-mentioning, see :func:`addressed_to_bot`) is recorded in the inbox under
-   ``msg:<message_id>`` (Feishu's advice: dedupe messages by message_id, redeliveries can carry
-   new event ids) and answered ``{}``; ``card.action.trigger`` is answered synchronously by the
-   card handler; everything else gets 200 ``{}`` and leaves no trace (a non-200 makes Feishu
-   re-push it for hours).
+7. by event type: ``im.message.receive_v1`` from a user (in a group chat: only when it
+   @-mentions the bot, by the bot's stored open_id, see :mod:`bot.addressing` and
+   :mod:`bot.identity`) is recorded in the inbox under ``msg:<message_id>`` (Feishu's advice:
+   dedupe messages by message_id, redeliveries can carry new event ids) and answered ``{}``;
+   ``card.action.trigger`` is answered synchronously by the card handler; everything else gets
+   200 ``{}`` and leaves no trace (a non-200 makes Feishu re-push it for hours).
+
+Legacy card callbacks (``card.action.trigger_v1``, only at ``/webhook/card``) are acted on like
+new ones but answered with the toast alone: their answer format carries JSON 1.0 cards, ours are
+2.0, so the pressed card's new state is queued as an API PATCH instead (see
+:mod:`bot.legacy_callbacks`). Each one is counted in the kv table for ``opsbot doctor``.
 
 Timestamps: a signed request older (or newer) than :data:`MAX_SKEW` is refused. Feishu re-pushes
 an unanswered event after 15 s, 5 min, 1 h and 6 h, so the window is a day, not minutes: a tight
@@ -40,7 +45,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import sqlite3
 import threading
 from contextlib import nullcontext
@@ -50,6 +54,9 @@ from typing import Any, Callable, ContextManager, Mapping
 from Crypto.Cipher import AES
 
 from storage import inbox
+
+from .addressing import addressed_to_bot
+from .legacy_callbacks import legacy_answer, note_legacy_callback, patch_card_later
 
 log = logging.getLogger("opsbot.intake")
 
@@ -220,8 +227,12 @@ def is_legacy_card(data: Mapping[str, Any]) -> bool:
     return "schema" not in data and "action" in data and "open_id" in data
 
 
-def message_key(data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The inbox key of a message event to record, or None when it is to be ignored."""
+def message_key(data: Mapping[str, Any],
+                bot_open_id: str | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The inbox key of a message event to record, or None when it is to be ignored.
+
+    ``bot_open_id`` is the bot's own open_id when known (see :mod:`bot.addressing`).
+    """
     event = data.get("event")
     message = event.get("message") if isinstance(event, dict) else None
     if not isinstance(message, dict) or not isinstance(message.get("message_id"), str) \
@@ -233,50 +244,9 @@ def message_key(data: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     if message.get("message_type") not in MESSAGE_TYPES:
         return None
     check_message_shape(sender, message)
-    if not addressed_to_bot(message):
+    if not addressed_to_bot(message, bot_open_id):
         return None  # group chatter that does not @ the bot: no trace, no help card
     return "msg:" + message["message_id"], message
-
-
-_LEADING_MENTION = re.compile(r"^\s*@_user_\d+")
-
-
-def addressed_to_bot(message: Mapping[str, Any]) -> bool:
-    """True for a p2p message, or a group message that starts by @-mentioning someone.
-
-    The bot's own open_id is not configured, so "mentions the bot" is approximated: at least
-    one mention, and the text starts with a mention placeholder (``@_user_1 run``). Apps with
-    the ``group_msg`` scope receive every group message, and these must not get a help card.
-    """
-    if message.get("chat_type") != "group":
-        return True
-    mentions = message.get("mentions")
-    if not isinstance(mentions, list) or not any(
-            isinstance(m, dict) and str(m.get("key", "")).startswith("@_user_") for m in mentions):
-        return False
-    return _starts_with_mention(message)
-
-
-def _starts_with_mention(message: Mapping[str, Any]) -> bool:
-    try:
-        content = json.loads(message.get("content") or "{}")
-    except (TypeError, ValueError, RecursionError):
-        return False
-    if not isinstance(content, dict):
-        return False
-    if message.get("message_type") == "text":
-        text = content.get("text")
-        return isinstance(text, str) and bool(_LEADING_MENTION.match(text))
-    body = content if "content" in content else next(
-        (v for v in content.values() if isinstance(v, dict)), {})
-    for para in body.get("content") or []:
-        elements = [el for el in para if isinstance(el, dict)
-                    and not (el.get("tag") == "text" and not str(el.get("text", "")).strip())] \
-            if isinstance(para, list) else []
-        if elements:  # the first paragraph with something in it
-            first = elements[0]
-            return first.get("tag") == "at" and str(first.get("user_id", "")).startswith("@_user_")
-    return False
 
 
 def check_message_shape(sender: Mapping[str, Any], message: Mapping[str, Any]) -> None:
@@ -338,7 +308,7 @@ class Intake:
                 raise Rejected(400, "bad_challenge", "url_verification without a challenge")
             return Outcome(Response(200, {"challenge": challenge}))
         if is_legacy_card(data) and req.path.rstrip("/").endswith("/card"):
-            return Outcome(self._card(data))
+            return Outcome(self._legacy_card(data, now))
         if not signed and self._key:
             raise Rejected(401, "unsigned", "X-Lark-Signature is required")
         return self._event(data, now)
@@ -386,7 +356,7 @@ class Intake:
         check_token(header.get("token"), self._token)
         event_type = header.get("event_type")
         if event_type == EVENT_MESSAGE:
-            found = message_key(data)
+            found = message_key(data, self._bot_open_id())
             if found is None:
                 return Outcome(OK)
             key, _ = found
@@ -403,6 +373,17 @@ class Intake:
             return Outcome(self._card(data))
         return Outcome(OK)
 
+    def _bot_open_id(self) -> str | None:
+        """The bot's own open_id as stored by the worker or ``doctor`` (None: not known)."""
+        from . import identity
+
+        try:
+            with self._lock:
+                return identity.bot_open_id(self.db, self.settings.feishu.app_id)
+        except sqlite3.Error:
+            log.warning("webhook: could not read the bot's identity; using the older rule")
+            return None
+
     def _card(self, data: dict[str, Any]) -> Response:
         if self.card_handler is None:
             return OK
@@ -415,6 +396,27 @@ class Intake:
             answer = {"toast": {"type": "error",
                                 "content": t("toast.error", self.settings.language)}}
         return Response(200, answer if isinstance(answer, dict) else {})
+
+    def _legacy_card(self, data: dict[str, Any], now: float) -> Response:
+        """Answer an old-style callback (``card.action.trigger_v1`` at ``/webhook/card``).
+
+        Its answer format puts a card's ``config``/``header``/``elements`` (card JSON 1.0) at
+        the top level; every opsbot card is JSON 2.0, which that format cannot carry (Feishu
+        refuses a card answer of the wrong version). So the answer is the toast alone, and the
+        pressed card's new state goes out as an API PATCH through the outbox (which takes 2.0
+        cards), a moment later. See :mod:`bot.legacy_callbacks`.
+        """
+        answer = self._card(data).json
+        reply, card = legacy_answer(answer)
+        message_id = _str(data.get("open_message_id"))
+        try:
+            with self._lock:
+                note_legacy_callback(self.db, now)
+                if card is not None and message_id:
+                    patch_card_later(self.db, message_id, card, now=now)
+        except sqlite3.Error:  # the click was acted on: still show its toast
+            log.exception("webhook: could not queue the card update of a legacy callback")
+        return Response(200, reply)
 
 
 def _str(value: Any) -> str | None:

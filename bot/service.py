@@ -56,7 +56,8 @@ class FanOut:
 
 
 class FeishuLoop:
-    """Background thread: handle leftover inbox rows and deliver the outbox."""
+    """Background thread: look up the bot's identity (at start, see :mod:`bot.identity`),
+    handle leftover inbox rows and deliver the outbox."""
 
     def __init__(self, settings: Settings, clock: Clock, owner: str, interval: float = 0.2,
                  feishu_client: Any = None) -> None:
@@ -68,6 +69,7 @@ class FeishuLoop:
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="feishu-loop", daemon=True)
         self.errors = 0
+        self.identity: Any = None
 
     def start(self) -> None:
         self.thread.start()
@@ -79,13 +81,17 @@ class FeishuLoop:
     def _run(self) -> None:
         from .feishu import FeishuClient
         from .handlers import process_inbox
+        from .identity import IdentityRefresher
         from .sender import OutboxSender
 
         db = open_db(self.settings.db_path)
         client = self.feishu_client or FeishuClient(self.settings.feishu)
         sender = OutboxSender(db, client, clock=self.clock, owner=self.owner)
+        # the bot's own open_id, for "is this group message for the bot" (bot.identity)
+        self.identity = IdentityRefresher(db, client, self.settings.feishu.app_id, self.clock)
         while not self.stop_event.is_set():
             try:
+                self.identity.tick()
                 # rows the web process accepted but did not finish (it died, or was busy)
                 if inbox.pending(db):
                     process_inbox(db, self.settings, client, self.clock, self.owner)

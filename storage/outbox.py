@@ -125,3 +125,11 @@ def depth(db: sqlite_utils.Database) -> int:
 def next_due(db: sqlite_utils.Database) -> float | None:
     row = db.execute("SELECT MIN(next_at) FROM outbox WHERE status = 'pending'").fetchone()
     return row[0] if row and row[0] is not None else None
+
+
+def uuid_for_message(db: sqlite_utils.Database, message_id: str) -> str | None:
+    """The uuid of the send or reply row that produced ``message_id`` (None: not ours, or
+    pruned). Patches use it as their target, so they stay in order with the row's others."""
+    row = db.execute("SELECT uuid FROM outbox WHERE result = ? AND kind IN ('send', 'reply')"
+                     " ORDER BY id DESC LIMIT 1", [message_id]).fetchone()
+    return None if row is None else str(row[0])

@@ -122,8 +122,8 @@ def test_everything_configured_and_working_is_all_ok(env, fake, sim):
     assert levels(lines) == {name: "OK" for name in (
         "settings.feishu", "settings.security", "settings.alerts", "settings.bitable",
         "settings.admins", "settings.mentions", "settings.coze", "database", "database.disk",
-        "feishu.token",
-        "feishu.alert_chat", "feishu.bitable_fields", "feishu.bitable", "coze.api")}
+        "feishu.token", "feishu.alert_chat", "feishu.bitable_fields", "feishu.bitable", "coze.api",
+        "feishu.bot", "webhook.card_callbacks")}
     assert line_of(lines, "settings.security") == (
         "OK    settings.security: FEISHU_VERIFICATION_TOKEN set (hidden), "
         "FEISHU_ENCRYPT_KEY set (hidden)")
@@ -132,7 +132,7 @@ def test_everything_configured_and_working_is_all_ok(env, fake, sim):
     assert line_of(lines, "coze.api") == (
         f"OK    coze.api: {sim.base_url} reachable; token accepted (the probe's dummy run is not "
         "found, as expected: 4314)")
-    assert lines[-2:] == ["doctor: 14 OK, 0 WARN, 0 FAIL",
+    assert lines[-2:] == ["doctor: 16 OK, 0 WARN, 0 FAIL",
                           "All good: start `opsbot worker` and the web process (see Procfile)."]
     # The table was read one row at a time, once; nothing was posted; no Coze run was started.
     [search] = fake.requests_to("/records/search")
@@ -456,3 +456,69 @@ def test_mention_all_is_flagged_as_needing_the_group_owners_permission(env):
     code, lines = run(env)
     assert line_of(lines, "settings.mentions").startswith(
         "WARN  settings.mentions: OPSBOT_MENTION_ALL is on: CRITICAL cards mention everyone")
+
+
+# -- the bot's identity and old-style card callbacks ----------------------------------------------
+
+def test_bot_identity_is_looked_up_and_stored(env, fake):
+    from bot import identity
+    from storage.db import open_db
+
+    code, lines = run(env)
+    assert code == 0
+    assert line_of(lines, "feishu.bot") == (
+        "OK    feishu.bot: the bot is opsbot (ou_bot); in groups only messages that @ it are "
+        "commands (stored for the web process and the worker)")
+    db = open_db(env["OPSBOT_DB"])
+    assert identity.bot_open_id(db, fake.app_id) == "ou_bot"
+    db.conn.close()
+
+
+def test_bot_identity_lookup_failure_names_the_older_rule(env, fake):
+    fake.fail("bot_info", code=230006, msg="Bot ability is not activated.")
+    code, lines = run(env)
+    assert code == 0   # the bot still answers, by the older rule
+    assert line_of(lines, "feishu.bot").startswith(
+        "WARN  feishu.bot: cannot look up the bot's own open_id (GET /open-apis/bot/v3/info: "
+        "code 230006: Bot ability is not activated.; log_id fake-log-")
+    assert line_of(lines, "feishu.bot").endswith(
+        "): in groups any message that starts with an @mention is taken as a command, "
+        "\"@Alice run\" too — fix: in the Feishu developer console (open.feishu.cn/app, your "
+        "app) > Features > Bot: enable it, then publish a new app version")
+
+
+def test_bot_identity_failure_keeps_the_stored_id(env, fake):
+    assert run(env)[0] == 0               # stores ou_bot
+    fake.fail("bot_info", status=502)
+    code, lines = run(env)
+    assert "; the open_id stored earlier (ou_bot) stays in use — fix:" in \
+        line_of(lines, "feishu.bot")
+
+
+def test_bot_not_enabled_in_the_tenant(env, fake):
+    fake.bot_activate_status = 1
+    code, lines = run(env)
+    assert line_of(lines, "feishu.bot") == (
+        "WARN  feishu.bot: the bot opsbot (ou_bot) is not enabled in this tenant "
+        "(activate_status 1): it receives no messages — fix: publish an app version and have "
+        "the tenant admin approve and enable it in the admin console")
+
+
+def test_old_style_card_callbacks_are_reported(env):
+    from bot.legacy_callbacks import note_legacy_callback
+    from storage.db import open_db
+
+    db = open_db(env["OPSBOT_DB"])
+    note_legacy_callback(db, time.mktime((2026, 5, 1, 10, 0, 0, 0, 0, -1)))
+    note_legacy_callback(db, time.mktime((2026, 5, 2, 11, 30, 0, 0, 0, -1)))
+    db.conn.close()
+    code, lines = run(env)
+    assert code == 0
+    assert line_of(lines, "webhook.card_callbacks") == (
+        "WARN  webhook.card_callbacks: 2 old-style card callback(s) (card.action.trigger_v1 at "
+        "POST /webhook/card) since 2026-05-01 10:00, last 2026-05-02 11:30: they get the toast "
+        "only and the card changes a moment later by API PATCH, because the old answer format "
+        "cannot carry opsbot's JSON 2.0 cards — fix: in the Feishu developer console "
+        "(open.feishu.cn/app, your app) > Events & Callbacks > Callback Configuration subscribe "
+        "card.action.trigger (the new card callback) with request URL "
+        "https://YOUR_HOST/webhook/event, then remove the old card request URL")
