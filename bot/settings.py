@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config import (BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy,
-                             rules_from_data)
+                             gate_from_data, rules_from_data)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -249,6 +249,12 @@ def _pipeline(p: dict[str, Any]) -> PipelineConfig:
             nested["rules"] = rules_from_data(rules)
         except (ValueError, TypeError, AttributeError) as exc:
             raise SettingsError(f"[[pipeline.rules]]: {exc}") from None
+    gate = p.pop("gate", None)  # the quality gate (pipeline.quality)
+    if gate is not None:
+        try:
+            nested["gate"] = gate_from_data(gate)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     cfg = _section(PipelineConfig, p, "pipeline")
     cfg = dataclasses.replace(cfg, **nested)
     for name in ("max_coze", "max_synthesis"):
