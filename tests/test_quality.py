@@ -291,6 +291,16 @@ def test_a_passing_output_goes_on_to_synthesis(db, tmp_path):
         "SELECT stage, outcome FROM attempts ORDER BY id")]
     assert stages == [("coze", "success"), ("gate", "success"), ("synthesis", "success")]
     assert len(sim.task("t1").runs) == 1
+    # the per-node log: bytes in and out of each stage
+    sizes = {r["stage"]: (r["input_bytes"], r["output_bytes"]) for r in db.query(
+        "SELECT stage, input_bytes, output_bytes FROM attempts")}
+    params = len(task["params"].encode("utf-8"))
+    coze_out = len(json.dumps(json.loads(task["coze_output"]), ensure_ascii=False).encode())
+    assert sizes["coze"][0] == params and sizes["coze"][1] >= coze_out > 0
+    assert sizes["gate"] == (coze_out, coze_out)
+    assert sizes["synthesis"][0] == len(task["coze_output"].encode("utf-8"))
+    result = json.loads(task["output"])["synthesis"]
+    assert sizes["synthesis"][1] == len(json.dumps(result, ensure_ascii=False).encode("utf-8"))
 
 
 def test_a_failed_check_resubmits_once_and_a_good_run_passes(db, tmp_path):
@@ -359,3 +369,14 @@ def test_the_medium_alert_names_check_and_value_escaped(db, tmp_path):
     text = json.dumps(json.loads(row["payload"])["card"], ensure_ascii=False)
     assert "quality check 'script' (text_length) failed: content" in text
     assert "<at id=all>" not in text and "&#60;at id=all&#62;" in text
+
+
+def test_a_rendered_video_counts_as_its_file_size(tmp_path):
+    from pipeline.worker import _bytes_of
+
+    video = tmp_path / "t1.mp4"
+    video.write_bytes(b"\0" * 12345)
+    assert _bytes_of({"video": str(video), "manifest": "m.json"}) == 12345
+    gone = {"video": str(tmp_path / "gone.mp4")}
+    assert _bytes_of(gone) == len(json.dumps(gone).encode())
+    assert _bytes_of("猫") == 3 and _bytes_of(None) is None
