@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable
 
 import lark_oapi as lark
 import requests
-from lark_oapi.api.bitable.v1 import (AppTableRecord, BatchUpdateAppTableRecordRequest,
+from lark_oapi.api.bitable.v1 import (AppTableRecord, BatchCreateAppTableRecordRequest,
+                                      BatchCreateAppTableRecordRequestBody,
+                                      BatchUpdateAppTableRecordRequest,
                                       BatchUpdateAppTableRecordRequestBody, Condition, FilterInfo,
                                       ListAppTableFieldRequest, SearchAppTableRecordRequest,
                                       SearchAppTableRecordRequestBody)
@@ -30,7 +33,13 @@ from lark_oapi.api.im.v1 import (CreateMessageRequest, CreateMessageRequestBody,
                                  IsInChatChatMembersRequest, PatchMessageRequest,
                                  PatchMessageRequestBody, ReplyMessageRequest,
                                  ReplyMessageRequestBody)
+from lark_oapi.api.drive.v1 import (UploadAllMediaRequest, UploadAllMediaRequestBody,
+                                    UploadFinishMediaRequest, UploadFinishMediaRequestBody,
+                                    UploadPartMediaRequest, UploadPartMediaRequestBody,
+                                    UploadPrepareMediaRequest, MediaUploadInfo)
 from lark_oapi.core.cache import ICache
+from lark_oapi.core.utils import Files
+from requests_toolbelt import MultipartEncoder
 from lark_oapi.core.exception import ObtainAccessTokenException
 from lark_oapi.core.model import BaseRequest, BaseResponse, RequestOption
 from lark_oapi.core.token.manager import TokenManager
@@ -41,6 +50,8 @@ from bot.settings import FeishuSettings
 log = logging.getLogger("opsbot.feishu")
 
 DEFAULT_TIMEOUT = 5.0  # seconds per HTTP call; Feishu answers in well under a second
+UPLOAD_TIMEOUT = 120.0  # seconds per upload call (a 20 MB file on a slow uplink)
+UPLOAD_ALL_LIMIT = 20 * 1024 * 1024  # bytes: Feishu's limit for one upload_all call
 MAX_SEARCH_PAGE = 500  # Bitable search page_size limit
 RATELIMIT_RESET_HEADER = "x-ogw-ratelimit-reset"
 _JSON = "application/json; charset=utf-8"
@@ -86,6 +97,15 @@ class FeishuClient:
                         .cache(self._cache)
                         .log_level(lark.LogLevel.WARNING)
                         .build())
+        # uploads take longer than any other call: same app, same token cache, longer timeout
+        self._upload_client = (lark.Client.builder()
+                               .app_id(settings.app_id)
+                               .app_secret(settings.app_secret.get())
+                               .domain(settings.domain.rstrip("/"))
+                               .timeout(max(timeout, UPLOAD_TIMEOUT))
+                               .cache(self._cache)
+                               .log_level(lark.LogLevel.WARNING)
+                               .build())
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -177,6 +197,84 @@ class FeishuClient:
                .table_id(table_id).request_body(body).build())
         self._call("batch_update_records", req)
 
+    def batch_create_records(self, app_token: str, table_id: str,
+                             records: list[dict[str, Any]]) -> list[str]:
+        """Add up to 500 records (each a ``fields`` dict) in one call; return their record ids."""
+        if not records:
+            return []
+        body = BatchCreateAppTableRecordRequestBody.builder().records([
+            AppTableRecord.builder().fields(fields).build() for fields in records]).build()
+        req = (BatchCreateAppTableRecordRequest.builder().app_token(app_token)
+               .table_id(table_id).request_body(body).build())
+        data = self._call("batch_create_records", req)
+        return [str(r.get("record_id")) for r in data.get("records") or []
+                if isinstance(r, dict)]
+
+    # -- drive media (Bitable attachments) --------------------------------------------------------
+
+    def upload_media(self, path: str | os.PathLike, *, parent_node: str,
+                     parent_type: str = "bitable_file", file_name: str | None = None) -> str:
+        """Upload a local file into a Bitable (``parent_node`` = its app token); return the
+        ``file_token`` an attachment field takes (``[{"file_token": ...}]``).
+
+        Files up to 20 MB go in one ``drive/v1/medias/upload_all`` call; larger ones in the
+        parts Feishu asks for (``upload_prepare``, ``upload_part`` each block, ``upload_finish``).
+        OSError when the file cannot be read.
+        """
+        size = os.path.getsize(path)
+        name = file_name or os.path.basename(os.fspath(path))
+        if size > UPLOAD_ALL_LIMIT:
+            return self._upload_in_parts(path, name, size, parent_type, parent_node)
+
+        def send(option: RequestOption) -> BaseResponse:
+            with open(path, "rb") as fh:
+                body = (UploadAllMediaRequestBody.builder().file_name(name)
+                        .parent_type(parent_type).parent_node(parent_node).size(size)
+                        .file(fh).build())
+                return self._send_multipart(UploadAllMediaRequest.builder()
+                                            .request_body(body).build(), option)
+
+        data = self._call("upload_media", None, send=send)
+        return _file_token("upload_media", data)
+
+    def _upload_in_parts(self, path: str | os.PathLike, name: str, size: int, parent_type: str,
+                         parent_node: str) -> str:
+        info = (MediaUploadInfo.builder().file_name(name).parent_type(parent_type)
+                .parent_node(parent_node).size(size).build())
+        prepared = self._call("upload_prepare", UploadPrepareMediaRequest.builder()
+                              .request_body(info).build(), client=self._upload_client)
+        upload_id, block = prepared.get("upload_id"), prepared.get("block_size")
+        blocks = prepared.get("block_num")
+        if not upload_id or not isinstance(block, int) or block <= 0 \
+                or not isinstance(blocks, int) or blocks != -(-size // block):
+            raise FeishuError(NO_CODE, f"upload_prepare answered an unusable plan {prepared}",
+                              operation="upload_prepare")
+        with open(path, "rb") as fh:
+            for seq in range(blocks):
+                chunk = fh.read(block)
+
+                def send(option: RequestOption, seq: int = seq, chunk: bytes = chunk):
+                    import io
+                    body = (UploadPartMediaRequestBody.builder().upload_id(upload_id).seq(seq)
+                            .size(len(chunk)).file(io.BytesIO(chunk)).build())
+                    return self._send_multipart(UploadPartMediaRequest.builder()
+                                                .request_body(body).build(), option)
+
+                self._call("upload_part", None, send=send)
+        done = self._call("upload_finish", UploadFinishMediaRequest.builder().request_body(
+            UploadFinishMediaRequestBody.builder().upload_id(upload_id).block_num(blocks)
+            .build()).build(), client=self._upload_client)
+        return _file_token("upload_finish", done)
+
+    def _send_multipart(self, request: BaseRequest, option: RequestOption) -> BaseResponse:
+        """Send ``request`` (a lark-oapi drive request with a file) as multipart/form-data,
+        the way the SDK's ``drive.v1.media.upload_all`` does, through the generic executor,
+        which also keeps answers that are not JSON (a gateway's 502) readable."""
+        form = MultipartEncoder(Files.parse_form_data(request.body))
+        request.body = form
+        option.headers["Content-Type"] = form.content_type
+        return self._upload_client.request(request, option)
+
     def list_field_names(self, app_token: str, table_id: str) -> list[str]:
         """The names of the table's columns (for ``opsbot doctor``); follows ``page_token``."""
         names: list[str] = []
@@ -213,16 +311,23 @@ class FeishuClient:
 
     # -- the boundary ---------------------------------------------------------------------------
 
-    def _call(self, operation: str, request: BaseRequest) -> dict[str, Any]:
-        """Execute ``request``; return the answer's ``data`` or raise FeishuError.
+    def _call(self, operation: str, request: BaseRequest | None, *,
+              send: Callable[[RequestOption], BaseResponse] | None = None,
+              client: Any = None) -> dict[str, Any]:
+        """Execute ``request`` (JSON body) or ``send(option)`` (anything else, e.g. a file);
+        return the answer's ``data`` or raise FeishuError.
 
         On an invalid or expired tenant token the cached token is dropped and the call is made
-        once more with a fresh one.
+        once more with a fresh one (``send`` builds its request again each time).
         """
+        client = client or self._client
         for attempt in (1, 2):
             option = RequestOption()
-            option.headers["Content-Type"] = _JSON
-            resp = self._guard(operation, lambda: self._client.request(request, option))
+            if send is None:
+                option.headers["Content-Type"] = _JSON
+                resp = self._guard(operation, lambda: client.request(request, option))
+            else:
+                resp = self._guard(operation, lambda: send(option))
             code = resp.code
             status = resp.raw.status_code if resp.raw is not None else None
             if code == 0 or (code is None and status is not None and 200 <= status < 300):
@@ -252,6 +357,14 @@ class FeishuClient:
         except ValueError as exc:  # a non-JSON answer to the token request
             raise FeishuError(NO_CODE, f"unreadable answer ({type(exc).__name__})",
                               operation=operation) from exc
+
+
+def _file_token(operation: str, data: dict[str, Any]) -> str:
+    token = data.get("file_token")
+    if not isinstance(token, str) or not token:
+        raise FeishuError(NO_CODE, f"the answer carries no file_token: {data}",
+                          operation=operation)
+    return token
 
 
 def _data_of(resp: BaseResponse) -> dict[str, Any]:
