@@ -277,7 +277,12 @@ class FeishuClient:
 
     def list_field_names(self, app_token: str, table_id: str) -> list[str]:
         """The names of the table's columns (for ``opsbot doctor``); follows ``page_token``."""
-        names: list[str] = []
+        return [f["field_name"] for f in self.list_fields(app_token, table_id)]
+
+    def list_fields(self, app_token: str, table_id: str) -> list[dict[str, Any]]:
+        """The table's columns as ``{"field_name", "type"}`` (type: Feishu's number, e.g. 1 text,
+        2 number, 5 date, 15 URL, 17 attachment); follows ``page_token``."""
+        fields: list[dict[str, Any]] = []
         page_token: str | None = None
         while True:
             builder = (ListAppTableFieldRequest.builder().app_token(app_token)
@@ -285,11 +290,12 @@ class FeishuClient:
             if page_token:
                 builder = builder.page_token(page_token)
             data = self._call("list_fields", builder.build())
-            names += [str(f.get("field_name")) for f in data.get("items") or []
-                      if isinstance(f, dict) and f.get("field_name")]
+            fields += [{"field_name": str(f["field_name"]), "type": f.get("type")}
+                       for f in data.get("items") or []
+                       if isinstance(f, dict) and f.get("field_name")]
             page_token = data.get("page_token")
             if not data.get("has_more") or not page_token:
-                return names
+                return fields
 
     # -- chats ----------------------------------------------------------------------------------
 
