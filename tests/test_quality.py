@@ -380,3 +380,16 @@ def test_a_rendered_video_counts_as_its_file_size(tmp_path):
     gone = {"video": str(tmp_path / "gone.mp4")}
     assert _bytes_of(gone) == len(json.dumps(gone).encode())
     assert _bytes_of("猫") == 3 and _bytes_of(None) is None
+
+
+def test_the_readme_example_loads(tmp_path):
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```toml\n[pipeline.gate]", 1)[1].split("```", 1)[0]
+    path = tmp_path / "gate.toml"
+    path.write_text("[pipeline.gate]" + block, encoding="utf-8")
+    gate = load_settings({"OPSBOT_CONFIG": str(path)}).pipeline.gate
+    assert [(c.name, c.kind) for c in gate.checks] == [("script", "text_length"), ("assets", "url"),
+                                                        ("narration", "duration")]
+    assert gate.checks[1].fields == ("images[]", "mp3_urls[]", "Output.videoUrl")
+    assert evaluate(ARRAYS, gate.checks[2:]) is None
