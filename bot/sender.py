@@ -51,6 +51,7 @@ from storage.db import transaction
 log = logging.getLogger("opsbot.sender")
 
 BITABLE_BATCH = 500  # records per batch_update call
+UPLOADS_PER_PASS = 1  # file uploads per delivery pass (an upload may take a minute)
 CHAT_RATE = 5        # messages per CHAT_WINDOW seconds per chat (Feishu: 5 QPS per chat)
 CHAT_WINDOW = 1.0
 
@@ -257,20 +258,26 @@ class OutboxSender:
         upload again), then write ``[{"file_token"}]`` into ``payload.field`` of
         ``payload.record_id``. A missing or unreadable file is dead. ``bitable_create``: add
         ``payload.records`` (at most 500) to the target table in one call."""
-        delivered = 0
+        delivered = uploads = 0
         for row in rows:
             app_token, _, table_id = row["target"].partition("/")
+            if row["kind"] == "bitable_attach" and not row["payload"].get("file_token"):
+                uploads += 1
+                if uploads > UPLOADS_PER_PASS:  # let messages through between large uploads
+                    outbox.release(self.db, row["id"], next_at=self.clock.now(),
+                                   reason=f"postponed: {UPLOADS_PER_PASS} upload(s) per pass")
+                    continue
             try:
                 if not app_token or not table_id:
                     raise _Dead(f"{row['kind']} target {row['target']!r} is not "
                                 "app_token/table_id")
-                with _table_lock(row["target"]):
-                    if row["kind"] == "bitable_attach":
-                        self._attach(row, app_token, table_id)
-                    else:
-                        records = row["payload"]["records"]
-                        if not isinstance(records, list) or not 0 < len(records) <= BITABLE_BATCH:
-                            raise ValueError(f"{len(records)} records, want 1..{BITABLE_BATCH}")
+                if row["kind"] == "bitable_attach":
+                    self._attach(row, app_token, table_id)
+                else:
+                    records = row["payload"]["records"]
+                    if not isinstance(records, list) or not 0 < len(records) <= BITABLE_BATCH:
+                        raise ValueError(f"{len(records)} records, want 1..{BITABLE_BATCH}")
+                    with _table_lock(row["target"]):
                         self.client.batch_create_records(app_token, table_id, records)
             except FeishuError as err:
                 self._failed([row], err, {})
@@ -303,8 +310,9 @@ class OutboxSender:
             with transaction(self.db) as conn:
                 conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
                              [json.dumps(payload, ensure_ascii=False), row["id"]])
-        self.client.batch_update_records(app_token, table_id, [
-            {"record_id": record_id, "fields": {field: [{"file_token": token}]}}])
+        with _table_lock(row["target"]):  # the upload itself needs no table lock
+            self.client.batch_update_records(app_token, table_id, [
+                {"record_id": record_id, "fields": {field: [{"file_token": token}]}}])
 
     # -- outcomes -------------------------------------------------------------------------------
 

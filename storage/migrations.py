@@ -162,5 +162,7 @@ MIGRATIONS: list[list[str]] = [
         # and the quality gate) and of its output
         "ALTER TABLE attempts ADD COLUMN input_bytes INTEGER",
         "ALTER TABLE attempts ADD COLUMN output_bytes INTEGER",
+        # a task's attempts (the gate's resubmit budget, alert cards' attempt counts)
+        "CREATE INDEX attempts_task ON attempts(task_id, id)",
     ],
 ]

@@ -86,7 +86,8 @@ def test_the_video_is_uploaded_into_the_bitable_and_attached_to_its_row(db, tmp_
         settings = make_settings(fake, tmp_path)
         batch = run_batch(db, tmp_path, settings, keys=("v1", "v2"), fake=fake)
         sender = OutboxSender(db, FeishuClient(settings.feishu), clock=Clock(), owner="t")
-        assert sender.deliver_due() == 4          # 2 outcome updates + 2 attachments
+        assert sender.deliver_due() == 3          # 2 outcome updates + 1 attachment
+        assert sender.deliver_due() == 1          # one upload per pass
         assert len(fake.uploads) == 2
         for up in fake.uploads:
             assert (up["parent_type"], up["parent_node"]) == ("bitable_file", APP)
@@ -317,3 +318,18 @@ def test_batch_outputs_counts_only_videos_on_disk(db, tmp_path):
                           output={"synthesis": {"video": str(path)}})
     out = batch_outputs(db, settings, batch)
     assert out["count"] == 1 and out["videos"] == [("&#60;a&#62;", str(video))]
+
+
+def test_one_upload_per_delivery_pass_so_messages_are_not_held_up(db, tmp_path):
+    with FakeFeishu() as fake:
+        settings = make_settings(fake, tmp_path)
+        run_batch(db, tmp_path, settings, keys=("v1", "v2", "v3"), fake=fake)
+        clock = Fixed(time.time() + 1)
+        sender = OutboxSender(db, FeishuClient(settings.feishu), clock=clock, owner="t")
+        outbox.enqueue(db, "send", "oc_ops", {"text": "hello"}, now=clock.t)
+        sender.deliver_due()
+        assert len(fake.uploads) == 1 and len(fake.messages) == 1
+        sender.deliver_due()
+        sender.deliver_due()
+        assert len(fake.uploads) == 3
+        assert {r["status"] for r in outbox_rows(db, "bitable_attach")} == {"sent"}
