@@ -73,12 +73,15 @@ class GateFailed(PipelineError):
 
 
 def shown(value: Any) -> str:
-    """``value`` as a short quoted text (JSON for structures), at most VALUE_SHOWN characters."""
+    """``value`` as short text: a string quoted (JSON style), a structure as JSON; cut after
+    VALUE_SHOWN characters with "…"."""
     if value is MISSING:
         return "(missing)"
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    text = json.dumps(text[:VALUE_SHOWN], ensure_ascii=False) if isinstance(value, str) else text
-    return text if len(text) <= VALUE_SHOWN + 2 else text[:VALUE_SHOWN] + "…"
+    if isinstance(value, str):
+        cut = value[:VALUE_SHOWN]
+        return json.dumps(cut, ensure_ascii=False) + ("…" if len(value) > VALUE_SHOWN else "")
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= VALUE_SHOWN else text[:VALUE_SHOWN] + "…"
 
 
 def _decoded(value: Any) -> Any:

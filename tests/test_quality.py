@@ -393,3 +393,12 @@ def test_the_readme_example_loads(tmp_path):
                                                         ("narration", "duration")]
     assert gate.checks[1].fields == ("images[]", "mp3_urls[]", "Output.videoUrl")
     assert evaluate(ARRAYS, gate.checks[2:]) is None
+
+
+@pytest.mark.parametrize("value, text", [
+    ("短", '"短"'), ("x" * 121, '"' + "x" * 120 + '"…'), ([1, 2], "[1, 2]"),
+    ({"k": "v" * 200}, '{"k": "' + "v" * 113 + "…"), (MISSING, "(missing)"), (None, "null"),
+])
+def test_values_are_shown_short(value, text):
+    from pipeline.quality import shown
+    assert shown(value) == text
