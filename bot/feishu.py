@@ -4,7 +4,10 @@ Requests are built with lark-oapi's typed builders (``lark_oapi.api.im.v1``,
 ``lark_oapi.api.bitable.v1``) and executed through one boundary, :meth:`FeishuClient._call`,
 using ``lark.Client.request``. That keeps the raw HTTP answer (status, headers, log id) even when
 Feishu or a proxy answers with something that is not JSON, and it is the single place where
-lark-oapi and ``requests`` failures become :class:`~bot.errors.FeishuError`.
+lark-oapi and ``requests`` failures become :class:`~bot.errors.FeishuError`. File uploads into a
+Bitable (``lark_oapi.api.drive.v1`` media requests, multipart bodies encoded the way the SDK's
+``drive.v1.media.upload_all`` does) pass the same boundary on a second client that shares the
+token cache and allows :data:`UPLOAD_TIMEOUT` seconds a call.
 
 Token handling: lark-oapi caches the tenant token in ``TokenManager.cache`` (process-wide, keyed
 ``self_tenant_token:<app_id>``, refreshed 10 min before expiry) and does not react to 99991663
