@@ -333,3 +333,17 @@ def test_one_upload_per_delivery_pass_so_messages_are_not_held_up(db, tmp_path):
         sender.deliver_due()
         assert len(fake.uploads) == 3
         assert {r["status"] for r in outbox_rows(db, "bitable_attach")} == {"sent"}
+
+
+def test_an_expired_token_during_an_upload_is_refreshed_and_the_file_sent_again_whole(tmp_path):
+    with FakeFeishu() as fake:
+        fake.seed_records(APP, TABLE, [{"task_id": "a"}])
+        client = FeishuClient(fake.settings())
+        client.check_token()
+        fake.expire_tokens()
+        video = tmp_path / "v.mp4"
+        video.write_bytes(VIDEO)
+        token = client.upload_media(video, parent_node=APP)
+        [up] = fake.uploads
+        assert up["file_token"] == token and up["data"] == VIDEO   # the retry re-read the file
+        assert len(fake.requests_to("upload_all")) == 2
