@@ -115,6 +115,8 @@ _T: dict[str, dict[str, str]] = {
     "sum.partial": {"zh": "成功的 {n} 个任务结果已交付；以下任务失败：",
                     "en": "The {n} successful results are delivered; these tasks failed:"},
     "sum.all_ok": {"zh": "全部成功 🎉", "en": "All succeeded 🎉"},
+    "sum.outputs": {"zh": "**产出**：{n} 个视频，在 `{folder}`", "en": "**Outputs**: {n} video(s) in "
+                                                                  "`{folder}`"},
     "sum.group": {"zh": "**{error_class}** × {count}：{message}\n处理建议：{advice}\n任务：{tasks}",
                   "en": "**{error_class}** × {count}: {message}\nWhat to do: {advice}\n"
                         "Tasks: {tasks}"},
@@ -453,18 +455,33 @@ def _failure_rows(failures: list[tuple[str, int]], lang: str) -> str:
     return tr("p.failures", lang) + "\n\n" + "\n".join(rows)
 
 
+def _outputs_text(outputs: dict[str, Any], lang: str) -> str:
+    """Where the videos are; each one a link when they are served (``video_link_base``)."""
+    text = tr("sum.outputs", lang, n=outputs["count"], folder=cut(outputs["folder"], 200))
+    if outputs.get("link_base"):
+        links = [f"[{cut(key, 40)}]({url})" for key, url in outputs["videos"][:LIST_LIMIT]]
+        text += "\n" + " · ".join(links)
+        if outputs["count"] > len(links):
+            text += " " + tr("f.more", lang, n=outputs["count"] - len(links))
+    return text
+
+
 def summary_card(batch: dict[str, Any], counts: dict[str, int],
-                 groups: list[dict[str, Any]], lang: str, now: float) -> Card:
+                 groups: list[dict[str, Any]], lang: str, now: float,
+                 outputs: dict[str, Any] | None = None) -> Card:
     """The final card of a batch: partial results, what failed and why, what to do.
 
     ``groups`` are the failed tasks grouped by error class, largest first: ``{"error_class",
     "count", "message" (one example), "task_keys" (a sample, at most LIST_LIMIT)}``.
+    ``outputs`` (``bot.bitable_sync.batch_outputs``) adds where the batch's videos are.
     """
     start = batch.get("started_at") or batch.get("created_at") or now
     duration = (batch.get("finished_at") or now) - start
     els = [markdown(tr("sum.counts", lang, duration=fmt_duration(duration),
                        **{k: counts.get(k, 0) for k in ("total", "succeeded", "failed",
                                                         "cancelled", "ignored")}))]
+    if outputs and outputs.get("count"):
+        els.append(markdown(_outputs_text(outputs, lang)))
     if not counts.get("failed"):
         els.append(markdown(tr("sum.all_ok", lang)))
     else:

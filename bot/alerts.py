@@ -77,6 +77,7 @@ from storage import outbox, queue
 from storage.db import NotFound, transaction
 
 from . import alert_cards
+from .bitable_sync import batch_outputs
 
 log = logging.getLogger("opsbot.alerts")
 
@@ -346,7 +347,8 @@ def batch_card(db: sqlite_utils.Database, settings, batch_id: str,
     counts = queue.batch_counts(db, batch_id)
     if batch["status"] == "done":
         return alert_cards.summary_card(batch, counts, failure_groups(db, batch_id),
-                                        settings.language, now)
+                                        settings.language, now,
+                                        outputs=batch_outputs(db, settings, batch_id))
     return alert_cards.progress_card(batch, counts, failures_by_class(db, batch_id),
                                      settings.language, now)
 
@@ -464,7 +466,8 @@ class AlertRouter:
         now = self.clock.now()
         counts = queue.batch_counts(self.db, batch_id)
         card = alert_cards.summary_card(batch, counts, self._failure_groups(batch_id), self.lang,
-                                        now)
+                                        now, outputs=batch_outputs(self.db, self.settings,
+                                                                   batch_id))
         uid = _uuid("sum", batch_id, batch.get("finished_at") or now)
         if batch.get("command_message_id"):
             outbox.enqueue(self.db, "reply", batch["command_message_id"], {"card": card}, now=now,

@@ -3,16 +3,35 @@
 Writes are outbox rows of kind ``bitable_update`` (target ``app_token/table_id``); the sender
 coalesces them into ``batch_update`` calls of at most 500 records, one call per table at a time,
 rate limited and retried. Several updates to one record before a send merge into one.
+
+The finished video (the synthesis result's ``"video"``: a path to an MP4) goes back to the row
+too, when ``feishu.bitable_video_field`` names a column:
+
+- ``bitable_video_mode = "upload"``: an outbox row of kind ``bitable_attach`` (payload
+  ``{"record_id", "field", "path", "file_name"}``); the sender uploads the file into the Bitable
+  and writes ``[{"file_token": ...}]`` into the attachment column. Durable like every write: a
+  crash before the upload or the write repeats it from the outbox.
+- ``"link"``: the column gets text: ``feishu.video_link_base`` + the video's path under
+  ``pipeline.output_dir`` (where the team serves that folder), or the absolute path when no base
+  is set. A result without ``"video"`` (the manifest step, an operator's command) writes nothing.
+
+With ``feishu.bitable_log_table_id`` set, every attempt is mirrored to that table (the per-node
+log for Bitable dashboards): outbox rows of kind ``bitable_create``, at most :data:`LOG_BATCH`
+records each (one ``batch_create`` call). The rows are enqueued by :func:`mirror_attempts`
+together with a cursor in ``kv`` in one transaction, so nothing is sent twice or skipped.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 from pipeline.notify import NullNotifier
 from storage import outbox, queue
+from storage.db import transaction
 
+from .commands import neutral
 from .settings import Settings
 
 MAX_TEXT = 2000  # keep a cell readable; the full output is in the store and the results JSON
@@ -28,13 +47,153 @@ class BitableWriteBack(NullNotifier):
         f = settings.feishu
         self.target = f"{f.bitable_app_token}/{f.bitable_table_id}"
         self.enabled = bool(f.bitable_app_token and f.bitable_table_id)
+        self._mirrored_at = float("-inf")
 
     def task_finished(self, task: dict[str, Any], decision: Any, error: Any) -> None:
+        self._mirror()
         if not self.enabled or not task.get("record_id"):
             return
         row = queue.get_task(self.db, task["id"])
-        enqueue_update(self.db, self.settings, row["record_id"], outcome_fields(self.settings, row),
+        fields = outcome_fields(self.settings, row)
+        video = video_path(row)
+        f = self.settings.feishu
+        if video and f.bitable_video_field:
+            if f.bitable_video_mode == "link":
+                fields[f.bitable_video_field] = video_link(self.settings, video)
+            else:
+                enqueue_attachment(self.db, self.settings, row, video, now=self.clock.now())
+        enqueue_update(self.db, self.settings, row["record_id"], fields,
                        now=self.clock.now(), ref=f"task:{row['id']}")
+
+    def task_retrying(self, task: dict[str, Any], decision: Any, error: Any) -> None:
+        self._mirror()
+
+    def batch_finished(self, batch_id: str) -> None:
+        self._mirror(force=True)
+
+    def _mirror(self, force: bool = False) -> None:
+        """Mirror new attempts to the log table, at most every LOG_INTERVAL seconds (a finished
+        batch flushes at once)."""
+        if not (self.settings.feishu.bitable_log_table_id and self.settings.feishu.bitable_app_token):
+            return
+        now = self.clock.now()
+        if force or now - self._mirrored_at >= LOG_INTERVAL:
+            self._mirrored_at = now
+            mirror_attempts(self.db, self.settings, now=now)
+
+
+# --- the finished video ---------------------------------------------------------------------------
+
+def video_path(row: dict[str, Any]) -> str | None:
+    """The rendered video of a succeeded task (``output.synthesis.video``), when it exists."""
+    if row.get("status") != "succeeded" or not row.get("output"):
+        return None
+    try:
+        output = json.loads(row["output"]) if isinstance(row["output"], str) else row["output"]
+    except ValueError:
+        return None
+    result = output.get("synthesis") if isinstance(output, dict) else None
+    video = result.get("video") if isinstance(result, dict) else None
+    return video if isinstance(video, str) and video and os.path.isfile(video) else None
+
+
+def video_link(settings: Settings, path: str) -> str:
+    """``video_link_base`` + the path under ``pipeline.output_dir``; the absolute path when no
+    base is set or the video lies outside the output folder."""
+    base = settings.feishu.video_link_base
+    absolute = os.path.abspath(path)
+    root = os.path.abspath(settings.pipeline.output_dir)
+    if not base or os.path.commonpath([absolute, root]) != root:
+        return absolute
+    relative = os.path.relpath(absolute, root).replace(os.sep, "/")
+    from urllib.parse import quote
+    return base.rstrip("/") + "/" + quote(relative)
+
+
+def enqueue_attachment(db, settings: Settings, row: dict[str, Any], path: str, *,
+                       now: float) -> str:
+    """Queue the upload of ``path`` into the row's attachment column (one per finished run)."""
+    f = settings.feishu
+    payload = {"record_id": row["record_id"], "field": f.bitable_video_field,
+               "path": os.path.abspath(path), "file_name": os.path.basename(path)}
+    key = _key("att", row["batch_id"], f"{row['id']}:{int((row.get('finished_at') or 0) * 1000)}")
+    return outbox.enqueue(db, "bitable_attach", f"{f.bitable_app_token}/{f.bitable_table_id}",
+                          payload, now=now, uuid=key, ref=f"task:{row['id']}")
+
+
+def batch_outputs(db, settings: Settings, batch_id: str) -> dict[str, Any]:
+    """What the batch produced, for its summary card: ``{"videos": [(task_key, link)],
+    "count", "folder", "link_base"}`` (links as :func:`video_link` makes them; at most 20
+    listed; task keys neutralised for card markdown)."""
+    videos = []
+    for row in queue.tasks_of(db, batch_id, ["succeeded"]):
+        path = video_path(row)
+        if path:
+            videos.append((neutral(row["task_key"]), video_link(settings, path)))
+    folder = os.path.join(os.path.abspath(settings.pipeline.output_dir), batch_id)
+    return {"count": len(videos), "videos": videos[:20], "folder": folder,
+            "link_base": bool(settings.feishu.video_link_base)}
+
+
+# --- the log table --------------------------------------------------------------------------------
+
+LOG_BATCH = 500          # records per batch_create call (Feishu's limit)
+LOG_INTERVAL = 5.0       # seconds between mirror passes while a batch runs
+LOG_CURSOR = "bitable_log:last_attempt"
+#: Columns of the log table, for ``opsbot doctor`` and the README (text unless noted).
+LOG_FIELDS = {"task_id": "text", "batch_id": "text", "stage": "text", "outcome": "text",
+              "error_class": "text", "error_code": "text", "node": "text",
+              "started_at": "date", "seconds": "number", "input_bytes": "number",
+              "output_bytes": "number", "execute_id": "text"}
+
+
+def log_record(row: dict[str, Any]) -> dict[str, Any]:
+    """One attempt as log-table fields (empty values left out; dates as ms timestamps)."""
+    seconds = None
+    if row.get("ended_at") is not None:
+        seconds = round(max(0.0, row["ended_at"] - row["started_at"]), 3)
+    values = {"task_id": row.get("task_key"), "batch_id": row.get("batch_id"),
+              "stage": row.get("stage"), "outcome": row.get("outcome"),
+              "error_class": row.get("error_class"), "error_code": row.get("error_code"),
+              "node": row.get("node"), "started_at": int(row["started_at"] * 1000),
+              "seconds": seconds, "input_bytes": row.get("input_bytes"),
+              "output_bytes": row.get("output_bytes"), "execute_id": row.get("execute_id")}
+    return {k: (str(v) if LOG_FIELDS[k] == "text" else v) for k, v in values.items()
+            if v not in (None, "")}
+
+
+def mirror_attempts(db, settings: Settings, *, now: float, limit: int = 20 * LOG_BATCH) -> int:
+    """Queue the attempts recorded since the last call for the log table; return how many.
+
+    Each outbox row carries at most LOG_BATCH records; the cursor moves in the same
+    transaction, so a crash leaves either both or neither.
+    """
+    f = settings.feishu
+    if not (f.bitable_log_table_id and f.bitable_app_token):
+        return 0
+    target = f"{f.bitable_app_token}/{f.bitable_log_table_id}"
+    with transaction(db) as conn:
+        row = conn.execute("SELECT value FROM kv WHERE key = ?", [LOG_CURSOR]).fetchone()
+        last = int(row[0]) if row else 0
+        cur = conn.execute(
+            "SELECT a.*, t.task_key FROM attempts a LEFT JOIN tasks t ON t.id = a.task_id"
+            " WHERE a.id > ? ORDER BY a.id LIMIT ?", [last, limit])
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        for i in range(0, len(rows), LOG_BATCH):
+            chunk = rows[i:i + LOG_BATCH]
+            conn.execute(
+                "INSERT OR IGNORE INTO outbox (uuid, kind, target, payload, ref, created_at,"
+                " next_at) VALUES (?, 'bitable_create', ?, ?, ?, ?, ?)",
+                [f"log:{chunk[0]['id']}:{chunk[-1]['id']}", target,
+                 json.dumps({"records": [log_record(r) for r in chunk]}, ensure_ascii=False),
+                 "attempt-log", now, now])
+        if rows:
+            conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
+                         " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
+                         " updated_at = excluded.updated_at", [LOG_CURSOR, str(rows[-1]["id"]),
+                                                               now])
+    return len(rows)
 
 
 def outcome_fields(settings: Settings, row: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +249,7 @@ def mark_cancelled(db, settings: Settings, batch_id: str, now: float) -> int:
     return n
 
 
-def _key(prefix: str, batch_id: str, task_id: int) -> str:
+def _key(prefix: str, batch_id: str, task_id: Any) -> str:
     """An outbox uuid for one task's update (Feishu-style uuids are at most 50 characters)."""
     key = f"{prefix}:{batch_id}:{task_id}"
     if len(key) <= 50:

@@ -22,7 +22,7 @@ key are set, so every event below is encrypted and signed exactly like Feishu's.
 The scripted session POSTs events to the web app like Feishu would: ``@opsbot help``,
 ``@opsbot run``; the MEDIUM alert card arrives, the plugin comes back and Retry is pressed; the
 token breaks (HIGH card, batch blocked), is fixed, and Resume is pressed; then ``status`` and
-``report``. The transcript is printed from what the fake Feishu received, in arrival order
+``report --date <today>``, whose card must count this batch's tasks. The transcript is printed from what the fake Feishu received, in arrival order
 (messages, replies, card updates), plus the toasts the web app answered button presses with.
 
 Cards are in the language of the caller's settings (``OPSBOT_LANGUAGE=en opsbot demo`` for
@@ -353,12 +353,32 @@ class Demo:
         status_id = self.user_says("status")
         self.wait_for("the status card", lambda: self._reply_to(status_id))
         self.beat()
-        report_id = self.user_says("report")
+        today = datetime.now(self.settings.tz).date().isoformat()
+        report_id = self.user_says(f"report --date {today}")   # today's: the batch just run
         report = self.wait_for("the report card", lambda: self._reply_to(report_id))
         if '"chart"' not in json.dumps(report["content"]):
             raise StepTimeout("the report card has no chart")
+        self._check_report(report["content"])
         self.pump()
         self._check_outcome()
+
+    def _check_report(self, card: Any) -> None:
+        """The report card counts this batch's tasks (the demo's store holds no other)."""
+        from storage import queue
+        from storage.db import open_db
+
+        from .report import _r
+
+        db = open_db(self.settings.db_path, migrate=False)
+        try:
+            c = queue.batch_counts(db, self.batch_id)
+        finally:
+            db.conn.close()
+        line = _r("runs", self.lang, runs=c["succeeded"] + c["failed"] + c["ignored"],
+                  succeeded=c["succeeded"], failed=c["failed"] + c["ignored"],
+                  ignored=c["ignored"], cancelled=c["cancelled"])
+        if line not in json.dumps(card, ensure_ascii=False):
+            raise StepTimeout(f"the report card does not show this batch's numbers ({line})")
 
     def _check_unfinished(self) -> None:
         """The token must break while tasks are still running, or nothing would be blocked."""

@@ -17,7 +17,9 @@ The exit code is 0 when nothing FAILs, 1 otherwise. Checks:
   group messages count only when they @ the bot; when it cannot be looked up the line says that
   the older rule holds and why); the bot is a member of the alert chat (``is_in_chat``, a
   read); the Bitable columns opsbot uses exist and the table is readable (one search page of
-  size 1).
+  size 1); with ``feishu.bitable_video_field`` set, that column exists and has the type its mode
+  needs (``feishu.bitable_video``); with ``feishu.bitable_log_table_id`` set, the log table has
+  every column the attempt log writes (``feishu.log_table``).
 - ``webhook.card_callbacks``: whether old-style card callbacks (``/webhook/card``) arrived
   (the web process counts them): they get the toast only and a PATCH, and the fix is to
   subscribe the new ``card.action.trigger``.
@@ -40,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from .settings import Settings
 
@@ -375,6 +377,7 @@ def check_feishu(settings: Settings, report: "_Reporter", timeout: float) -> Non
                                f"the bot is not a member of {f.alert_chat_id}: alerts cannot be "
                                "posted there", _ADD_BOT_FIX))
 
+    _check_results_columns(client, settings, report)
     if f.bitable_app_token and f.bitable_table_id:
         report.step("feishu.bitable", f"check that this machine reaches {f.domain}")
         try:
@@ -485,6 +488,72 @@ def check_legacy_callbacks(settings: Settings, report: "_Reporter") -> None:
                    f"in {_CONSOLE} > Events & Callbacks > Callback Configuration subscribe "
                    "card.action.trigger (the new card callback) with request URL "
                    "https://YOUR_HOST/webhook/event, then remove the old card request URL"))
+ATTACHMENT, TEXT, URL = 17, 1, 15   # Feishu's field types
+
+
+def _check_results_columns(client, settings: Settings, report: "_Reporter") -> None:
+    """The video column of the task table and the columns of the attempt log table."""
+    from .bitable_sync import LOG_FIELDS
+    from .errors import FeishuError
+
+    f = settings.feishu
+    if f.bitable_app_token and f.bitable_table_id and f.bitable_video_field:
+        report.step("feishu.bitable_video", f"check that this machine reaches {f.domain}")
+        try:
+            types = {c["field_name"]: c["type"]
+                     for c in client.list_fields(f.bitable_app_token, f.bitable_table_id)}
+        except FeishuError as exc:
+            report(_feishu_finding("feishu.bitable_video", exc, settings, context="bitable",
+                                   scopes="bitable:app"))
+        else:
+            report(_video_finding(settings, types))
+    if f.bitable_app_token and f.bitable_log_table_id:
+        report.step("feishu.log_table", f"check that this machine reaches {f.domain}")
+        try:
+            names = set(client.list_field_names(f.bitable_app_token, f.bitable_log_table_id))
+        except FeishuError as exc:
+            finding = _feishu_finding("feishu.log_table", exc, settings, context="bitable",
+                                      scopes="bitable:app")
+            if exc.code in (1254004, 1254041):
+                finding = Finding(FAIL, "feishu.log_table",
+                                  f"feishu.bitable_log_table_id={f.bitable_log_table_id} not "
+                                  f"found (code {exc.code}: {exc.msg})",
+                                  "create the log table in the same Bitable and set "
+                                  "bitable_log_table_id to its tbl... id (or set it to \"\")")
+            report(finding)
+            return
+        missing = [n for n in LOG_FIELDS if n not in names]
+        if missing:
+            kinds = ", ".join(f"{n} ({LOG_FIELDS[n]})" for n in missing)
+            report(Finding(FAIL, "feishu.log_table",
+                           f"the log table {f.bitable_log_table_id} lacks column(s) "
+                           f"{', '.join(missing)}: its rows would be refused",
+                           f"add the column(s) {kinds} to the log table"))
+        else:
+            report(Finding(OK, "feishu.log_table", f"the log table {f.bitable_log_table_id} has "
+                                                   f"the {len(LOG_FIELDS)} columns the attempt "
+                                                   "log writes"))
+
+
+def _video_finding(settings: Settings, types: dict[str, Any]) -> Finding:
+    f = settings.feishu
+    name, mode = f.bitable_video_field, f.bitable_video_mode
+    if name not in types:
+        kind = "an attachment" if mode == "upload" else "a text"
+        return Finding(WARN, "feishu.bitable_video",
+                       f"the table has no column {name!r}: finished videos are not written back",
+                       f"add {kind} column named {name!r} (or change "
+                       "feishu.bitable_video_field)")
+    wanted = (ATTACHMENT,) if mode == "upload" else (TEXT,)
+    if types[name] not in wanted:
+        kind = "attachment" if mode == "upload" else "text"
+        return Finding(FAIL, "feishu.bitable_video",
+                       f"column {name!r} has field type {types[name]}, not {kind}: the "
+                       f"{mode} of each video would be refused",
+                       f"make {name!r} a{'n' if kind == 'attachment' else ''} {kind} column, or "
+                       f"set feishu.bitable_video_mode = "
+                       f"{'link' if mode == 'upload' else 'upload'}")
+    return Finding(OK, "feishu.bitable_video", f"column {name!r} takes the videos ({mode})")
 
 
 _ADD_BOT_FIX = ("add the bot to the group: open the group > Settings > Group bots > Add bot, "

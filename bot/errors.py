@@ -30,6 +30,7 @@ RETRYABLE_CODES = frozenset({
     1254290,   # Bitable: too many requests
     1254291,   # Bitable: write conflict (another write to the same table)
     1254607,   # Bitable: data not ready
+    1061045,   # drive uploads: over 5 QPS or the daily count ("can retry" later)
 })
 #: Tenant token missing, invalid or expired: fixed by fetching a new token.
 TOKEN_CODES = frozenset({99991661, 99991663, 99991664, 99991665, 99991666, 99991668})

@@ -31,6 +31,19 @@ Endpoints (route names in brackets, used by :meth:`FakeFeishu.fail`):
 - [bot_info] ``GET /open-apis/bot/v3/info``: ``{"code": 0, "bot": {"open_id", "app_name",
   "activate_status"}}`` from the constructor's ``bot_open_id`` / ``bot_name`` /
   ``bot_activate_status`` (attributes, change them freely); Bearer token checked like the rest.
+- [batch_create] ``POST .../records/batch_create``: adds rows (at most 500 a call, else 1254104;
+  a field the table does not have, when its fields were set with :meth:`set_fields`, 1254045);
+  every call is kept in :attr:`batch_creates`.
+- [list_fields] ``GET /open-apis/bitable/v1/apps/{app}/tables/{table}/fields``: the fields set
+  with :meth:`set_fields`, else the names seen in the table's rows (as text fields); paged.
+- [upload_all] ``POST /open-apis/drive/v1/medias/upload_all`` (multipart): strict like Feishu:
+  ``parent_type`` must be ``bitable_file`` or ``bitable_image`` and ``parent_node`` the app
+  token of a known Bitable (one with seeded rows or set fields), else 1061002 / 1061044; the file
+  must not be empty and must match the declared ``size`` (1061002 / 1062009) and be at most
+  20 MB (1061043). Each upload is kept in :attr:`uploads` (file_token, file_name, parent_type,
+  parent_node, size, data).
+- [upload_prepare] / [upload_part] / [upload_finish] ``POST /open-apis/drive/v1/medias/...``:
+  the same upload in 4 MB blocks (any size above 0); parts must match the plan (1061002).
 - anything else: HTTP 404 with code 404 (recorded), unless a handler was added with :meth:`on`.
 
 Cards are checked as strictly as Feishu checks them (:mod:`bot.card_rules`): a send, reply or
@@ -70,7 +83,9 @@ from . import card_rules
 from .devtools import DIRECTORY
 
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
-ROUTES = ("token", "send", "reply", "patch", "search", "batch_update", "bot_info")
+ROUTES = ("token", "send", "reply", "patch", "search", "batch_update", "bot_info",
+          "batch_create", "list_fields", "upload_all", "upload_prepare", "upload_part",
+          "upload_finish")
 
 _LIVE: "weakref.WeakSet[FakeFeishu]" = weakref.WeakSet()
 LOCKED_MSG = ("Failed to update card content, ext=ErrCode: 11310; ErrMsg: card action is lock; "
@@ -169,7 +184,7 @@ class FakeFeishu:
         return FeishuSettings(**values)
 
     async def _serve(self) -> int:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 ** 2)  # uploads: 20 MB and parts
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -194,6 +209,7 @@ class FakeFeishu:
             self.expired: set[str] = set()
             self._by_uuid: dict[str, str] = {}
             self._scripts: dict[str, list[Scripted]] = {r: [] for r in ROUTES}
+            self._reset_drive()
 
     def fail(self, route: str, *, status: int | None = None, code: int | None = None,
              msg: str | None = None, headers: dict[str, str] | None = None, times: int = 1,
@@ -317,7 +333,8 @@ class FakeFeishu:
         except ValueError:
             body = None
         rec = {"method": request.method, "path": request.path, "query": dict(request.query),
-               "headers": dict(request.headers), "json": body, "time": time.time()}
+               "headers": dict(request.headers), "json": body, "time": time.time(),
+               "form": _form(request.headers.get("Content-Type", ""), raw)}
         route, params = self._route(request.method, request.path)
         with self._lock:
             self.requests.append(rec)
@@ -355,10 +372,11 @@ class FakeFeishu:
                 return "patch", {"message_id": parts[4]}
         if (method == "POST" and parts[:3] == ["open-apis", "bitable", "v1"] and len(parts) == 9
                 and parts[3] == "apps" and parts[5] == "tables" and parts[7] == "records"):
-            action = {"search": "search", "batch_update": "batch_update"}.get(parts[8])
+            action = {"search": "search", "batch_update": "batch_update",
+                      "batch_create": "batch_create"}.get(parts[8])
             if action:
                 return action, {"app": parts[4], "table": parts[6]}
-        return None, {}
+        return FakeFeishu._drive_route(method, parts)
 
     def _next_script(self, route: str) -> Scripted | None:
         queue = self._scripts.get(route) or []
@@ -534,6 +552,153 @@ class FakeFeishu:
                                    "time": time.time()})
         return 200, {"code": 0, "msg": "success", "data": {"records": records}}
 
+    # -- drive uploads, field lists, record creation (attachments and the log table) ------------
+
+    UPLOAD_ALL_LIMIT = 20 * 1024 * 1024
+    BLOCK = 4 * 1024 * 1024
+    PARENT_TYPES = ("bitable_file", "bitable_image")
+
+    def _reset_drive(self) -> None:
+        self.uploads: list[dict[str, Any]] = []
+        self.batch_creates: list[dict[str, Any]] = []
+        self.fields: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._sessions: dict[str, dict[str, Any]] = {}
+
+    def set_fields(self, app_token: str, table_id: str, names: list[str],
+                   types: dict[str, int] | None = None) -> None:
+        """Give a table these fields (type 1 text unless ``types`` says otherwise, e.g. 17
+        attachment); batch_create then refuses any other field name."""
+        with self._lock:
+            self.fields[(app_token, table_id)] = [
+                {"field_id": f"fld{i:04d}", "field_name": n, "type": (types or {}).get(n, 1)}
+                for i, n in enumerate(names)]
+            self.tables.setdefault((app_token, table_id), [])
+
+    @staticmethod
+    def _drive_route(method: str, parts: list[str]) -> tuple[str | None, dict[str, str]]:
+        if (method == "GET" and parts[:4] == ["open-apis", "bitable", "v1", "apps"]
+                and len(parts) == 8 and parts[5] == "tables" and parts[7] == "fields"):
+            return "list_fields", {"app": parts[4], "table": parts[6]}
+        if method == "POST" and parts[:4] == ["open-apis", "drive", "v1", "medias"] \
+                and len(parts) == 5 and parts[4] in ("upload_all", "upload_prepare",
+                                                     "upload_part", "upload_finish"):
+            return parts[4], {}
+        return None, {}
+
+    def _apps(self) -> set[str]:
+        return {app for app, _ in self.tables} | {app for app, _ in self.fields}
+
+    def _table_fields(self, app: str, table: str) -> list[dict[str, Any]]:
+        if (app, table) in self.fields:
+            return self.fields[(app, table)]
+        names = dict.fromkeys(n for r in self.tables.get((app, table), []) for n in r["fields"])
+        return [{"field_id": f"fld{i:04d}", "field_name": n, "type": 1}
+                for i, n in enumerate(names)]
+
+    def _on_list_fields(self, rec: dict[str, Any], app: str, table: str) -> tuple[int, Any]:
+        if (app, table) not in self.tables and (app, table) not in self.fields:
+            return 400, {"code": 1254041, "msg": "TableIdNotFound"}
+        items = self._table_fields(app, table)
+        size = min(int(rec["query"].get("page_size", 20)), 100)
+        start = int(rec["query"].get("page_token") or 0)
+        more = start + size < len(items)
+        return 200, {"code": 0, "msg": "success", "data": {
+            "items": items[start:start + size], "has_more": more,
+            "page_token": str(start + size) if more else "", "total": len(items)}}
+
+    def _on_batch_create(self, rec: dict[str, Any], app: str, table: str) -> tuple[int, Any]:
+        records = (rec["json"] or {}).get("records") or []
+        if len(records) > 500:
+            return 400, {"code": 1254104, "msg": "records exceed 500"}
+        if (app, table) in self.fields:
+            known = {f["field_name"] for f in self.fields[(app, table)]}
+            unknown = sorted({k for r in records for k in (r.get("fields") or {})} - known)
+            if unknown:
+                return 400, {"code": 1254045, "msg": f"FieldNameNotFound {unknown[0]}"}
+        stored = self.tables.setdefault((app, table), [])
+        made = []
+        for r in records:
+            row = {"record_id": self._record_id(), "fields": dict(r.get("fields") or {})}
+            stored.append(row)
+            made.append(row)
+        self.batch_creates.append({"app_token": app, "table_id": table, "records": records,
+                                   "time": time.time()})
+        return 200, {"code": 0, "msg": "success", "data": {"records": made}}
+
+    def _check_parent(self, form: dict[str, Any]) -> tuple[int, Any] | None:
+        if form.get("parent_type") not in self.PARENT_TYPES:
+            return 400, {"code": 1061002, "msg": f"params error: parent_type "
+                                                 f"{form.get('parent_type')!r}"}
+        if form.get("parent_node") not in self._apps():
+            return 400, {"code": 1061044, "msg": "parent node not exist"}
+        return None
+
+    def _on_upload_all(self, rec: dict[str, Any]) -> tuple[int, Any]:
+        form = rec["form"] or {}
+        data = form.get("file")
+        if not isinstance(data, bytes) or not form.get("file_name") or not data:
+            return 400, {"code": 1061002, "msg": "params error: file and file_name required"}
+        refused = self._check_parent(form)
+        if refused:
+            return refused
+        if len(data) > self.UPLOAD_ALL_LIMIT:
+            return 400, {"code": 1061043, "msg": "file size beyond limit"}
+        if str(len(data)) != str(form.get("size")):
+            return 400, {"code": 1062009, "msg": "the actual size is inconsistent with the "
+                                                 "parameter declaration size"}
+        return 200, {"code": 0, "msg": "success", "data": {"file_token": self._store(form, data)}}
+
+    def _store(self, form: dict[str, Any], data: bytes) -> str:
+        token = f"boxcn{next(self._ids):010d}"
+        self.uploads.append({"file_token": token, "file_name": form.get("file_name"),
+                             "parent_type": form.get("parent_type"),
+                             "parent_node": form.get("parent_node"), "size": len(data),
+                             "data": data, "time": time.time()})
+        return token
+
+    def _on_upload_prepare(self, rec: dict[str, Any]) -> tuple[int, Any]:
+        form = rec["json"] or {}
+        refused = self._check_parent(form)
+        if refused:
+            return refused
+        size = form.get("size")
+        if not isinstance(size, int) or size <= 0 or not form.get("file_name"):
+            return 400, {"code": 1061002, "msg": "params error: size and file_name required"}
+        upload_id = f"up{next(self._ids):08d}"
+        blocks = -(-size // self.BLOCK)
+        self._sessions[upload_id] = {**form, "blocks": blocks, "parts": {}}
+        return 200, {"code": 0, "msg": "success", "data": {
+            "upload_id": upload_id, "block_size": self.BLOCK, "block_num": blocks}}
+
+    def _on_upload_part(self, rec: dict[str, Any]) -> tuple[int, Any]:
+        form = rec["form"] or {}
+        session = self._sessions.get(str(form.get("upload_id")))
+        data = form.get("file")
+        try:
+            seq = int(form.get("seq"))
+        except (TypeError, ValueError):
+            seq = -1
+        if session is None or not isinstance(data, bytes) or not 0 <= seq < session["blocks"]:
+            return 400, {"code": 1061002, "msg": "params error: upload_id, seq or file"}
+        last = seq == session["blocks"] - 1
+        want = session["size"] - self.BLOCK * seq if last else self.BLOCK
+        if len(data) != want or str(len(data)) != str(form.get("size")):
+            return 400, {"code": 1061002, "msg": f"params error: block {seq} must be {want} "
+                                                 "bytes"}
+        session["parts"][seq] = data
+        return 200, {"code": 0, "msg": "success", "data": {}}
+
+    def _on_upload_finish(self, rec: dict[str, Any]) -> tuple[int, Any]:
+        body = rec["json"] or {}
+        session = self._sessions.get(str(body.get("upload_id")))
+        if session is None or body.get("block_num") != session["blocks"] \
+                or len(session["parts"]) != session["blocks"]:
+            return 400, {"code": 1061002, "msg": "params error: upload not complete"}
+        del self._sessions[str(body["upload_id"])]
+        data = b"".join(session["parts"][i] for i in range(session["blocks"]))
+        return 200, {"code": 0, "msg": "success", "data": {"file_token": self._store(session,
+                                                                                    data)}}
+
 
 def _plain(value: Any) -> Any:
     """A stored value as text for filtering (text segments joined)."""
@@ -566,3 +731,21 @@ def _readback(fields: dict[str, Any]) -> dict[str, Any]:
     """Values as Feishu reads them back: plain strings become text segments."""
     return {k: ([{"text": v, "type": "text"}] if isinstance(v, str) else v)
             for k, v in fields.items()}
+
+
+def _form(content_type: str, raw: bytes) -> dict[str, Any] | None:
+    """The fields of a multipart/form-data body (file parts as bytes), else None."""
+    if not content_type.startswith("multipart/form-data") or not raw:
+        return None
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    form: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        is_file = name == "file" or part.get_filename() is not None
+        form[name] = payload if is_file else payload.decode("utf-8")
+    return form

@@ -4,7 +4,10 @@ Requests are built with lark-oapi's typed builders (``lark_oapi.api.im.v1``,
 ``lark_oapi.api.bitable.v1``) and executed through one boundary, :meth:`FeishuClient._call`,
 using ``lark.Client.request``. That keeps the raw HTTP answer (status, headers, log id) even when
 Feishu or a proxy answers with something that is not JSON, and it is the single place where
-lark-oapi and ``requests`` failures become :class:`~bot.errors.FeishuError`.
+lark-oapi and ``requests`` failures become :class:`~bot.errors.FeishuError`. File uploads into a
+Bitable (``lark_oapi.api.drive.v1`` media requests, multipart bodies encoded the way the SDK's
+``drive.v1.media.upload_all`` does) pass the same boundary on a second client that shares the
+token cache and allows :data:`UPLOAD_TIMEOUT` seconds a call.
 
 Token handling: lark-oapi caches the tenant token in ``TokenManager.cache`` (process-wide, keyed
 ``self_tenant_token:<app_id>``, refreshed 10 min before expiry) and does not react to 99991663
@@ -16,13 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable
 
 import lark_oapi as lark
 import requests
-from lark_oapi.api.bitable.v1 import (AppTableRecord, BatchUpdateAppTableRecordRequest,
+from lark_oapi.api.bitable.v1 import (AppTableRecord, BatchCreateAppTableRecordRequest,
+                                      BatchCreateAppTableRecordRequestBody,
+                                      BatchUpdateAppTableRecordRequest,
                                       BatchUpdateAppTableRecordRequestBody, Condition, FilterInfo,
                                       ListAppTableFieldRequest, SearchAppTableRecordRequest,
                                       SearchAppTableRecordRequestBody)
@@ -30,8 +36,14 @@ from lark_oapi.api.im.v1 import (CreateMessageRequest, CreateMessageRequestBody,
                                  IsInChatChatMembersRequest, PatchMessageRequest,
                                  PatchMessageRequestBody, ReplyMessageRequest,
                                  ReplyMessageRequestBody)
+from lark_oapi.api.drive.v1 import (UploadAllMediaRequest, UploadAllMediaRequestBody,
+                                    UploadFinishMediaRequest, UploadFinishMediaRequestBody,
+                                    UploadPartMediaRequest, UploadPartMediaRequestBody,
+                                    UploadPrepareMediaRequest, MediaUploadInfo)
 from lark_oapi.core.cache import ICache
 from lark_oapi.core.enum import AccessTokenType, HttpMethod
+from lark_oapi.core.utils import Files
+from requests_toolbelt import MultipartEncoder
 from lark_oapi.core.exception import ObtainAccessTokenException
 from lark_oapi.core.model import BaseRequest, BaseResponse, RequestOption
 from lark_oapi.core.token.manager import TokenManager
@@ -42,6 +54,8 @@ from bot.settings import FeishuSettings
 log = logging.getLogger("opsbot.feishu")
 
 DEFAULT_TIMEOUT = 5.0  # seconds per HTTP call; Feishu answers in well under a second
+UPLOAD_TIMEOUT = 120.0  # seconds per upload call (a 20 MB file on a slow uplink)
+UPLOAD_ALL_LIMIT = 20 * 1024 * 1024  # bytes: Feishu's limit for one upload_all call
 MAX_SEARCH_PAGE = 500  # Bitable search page_size limit
 RATELIMIT_RESET_HEADER = "x-ogw-ratelimit-reset"
 _JSON = "application/json; charset=utf-8"
@@ -87,6 +101,15 @@ class FeishuClient:
                         .cache(self._cache)
                         .log_level(lark.LogLevel.WARNING)
                         .build())
+        # uploads take longer than any other call: same app, same token cache, longer timeout
+        self._upload_client = (lark.Client.builder()
+                               .app_id(settings.app_id)
+                               .app_secret(settings.app_secret.get())
+                               .domain(settings.domain.rstrip("/"))
+                               .timeout(max(timeout, UPLOAD_TIMEOUT))
+                               .cache(self._cache)
+                               .log_level(lark.LogLevel.WARNING)
+                               .build())
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -178,9 +201,92 @@ class FeishuClient:
                .table_id(table_id).request_body(body).build())
         self._call("batch_update_records", req)
 
+    def batch_create_records(self, app_token: str, table_id: str,
+                             records: list[dict[str, Any]]) -> list[str]:
+        """Add up to 500 records (each a ``fields`` dict) in one call; return their record ids."""
+        if not records:
+            return []
+        body = BatchCreateAppTableRecordRequestBody.builder().records([
+            AppTableRecord.builder().fields(fields).build() for fields in records]).build()
+        req = (BatchCreateAppTableRecordRequest.builder().app_token(app_token)
+               .table_id(table_id).request_body(body).build())
+        data = self._call("batch_create_records", req)
+        return [str(r.get("record_id")) for r in data.get("records") or []
+                if isinstance(r, dict)]
+
+    # -- drive media (Bitable attachments) --------------------------------------------------------
+
+    def upload_media(self, path: str | os.PathLike, *, parent_node: str,
+                     parent_type: str = "bitable_file", file_name: str | None = None) -> str:
+        """Upload a local file into a Bitable (``parent_node`` = its app token); return the
+        ``file_token`` an attachment field takes (``[{"file_token": ...}]``).
+
+        Files up to 20 MB go in one ``drive/v1/medias/upload_all`` call; larger ones in the
+        parts Feishu asks for (``upload_prepare``, ``upload_part`` each block, ``upload_finish``).
+        OSError when the file cannot be read.
+        """
+        size = os.path.getsize(path)
+        name = file_name or os.path.basename(os.fspath(path))
+        if size > UPLOAD_ALL_LIMIT:
+            return self._upload_in_parts(path, name, size, parent_type, parent_node)
+
+        def send(option: RequestOption) -> BaseResponse:
+            with open(path, "rb") as fh:
+                body = (UploadAllMediaRequestBody.builder().file_name(name)
+                        .parent_type(parent_type).parent_node(parent_node).size(size)
+                        .file(fh).build())
+                return self._send_multipart(UploadAllMediaRequest.builder()
+                                            .request_body(body).build(), option)
+
+        data = self._call("upload_media", None, send=send)
+        return _file_token("upload_media", data)
+
+    def _upload_in_parts(self, path: str | os.PathLike, name: str, size: int, parent_type: str,
+                         parent_node: str) -> str:
+        info = (MediaUploadInfo.builder().file_name(name).parent_type(parent_type)
+                .parent_node(parent_node).size(size).build())
+        prepared = self._call("upload_prepare", UploadPrepareMediaRequest.builder()
+                              .request_body(info).build(), client=self._upload_client)
+        upload_id, block = prepared.get("upload_id"), prepared.get("block_size")
+        blocks = prepared.get("block_num")
+        if not upload_id or not isinstance(block, int) or block <= 0 \
+                or not isinstance(blocks, int) or blocks != -(-size // block):
+            raise FeishuError(NO_CODE, f"upload_prepare answered an unusable plan {prepared}",
+                              operation="upload_prepare")
+        with open(path, "rb") as fh:
+            for seq in range(blocks):
+                chunk = fh.read(block)
+
+                def send(option: RequestOption, seq: int = seq, chunk: bytes = chunk):
+                    import io
+                    body = (UploadPartMediaRequestBody.builder().upload_id(upload_id).seq(seq)
+                            .size(len(chunk)).file(io.BytesIO(chunk)).build())
+                    return self._send_multipart(UploadPartMediaRequest.builder()
+                                                .request_body(body).build(), option)
+
+                self._call("upload_part", None, send=send)
+        done = self._call("upload_finish", UploadFinishMediaRequest.builder().request_body(
+            UploadFinishMediaRequestBody.builder().upload_id(upload_id).block_num(blocks)
+            .build()).build(), client=self._upload_client)
+        return _file_token("upload_finish", done)
+
+    def _send_multipart(self, request: BaseRequest, option: RequestOption) -> BaseResponse:
+        """Send ``request`` (a lark-oapi drive request with a file) as multipart/form-data,
+        the way the SDK's ``drive.v1.media.upload_all`` does, through the generic executor,
+        which also keeps answers that are not JSON (a gateway's 502) readable."""
+        form = MultipartEncoder(Files.parse_form_data(request.body))
+        request.body = form
+        option.headers["Content-Type"] = form.content_type
+        return self._upload_client.request(request, option)
+
     def list_field_names(self, app_token: str, table_id: str) -> list[str]:
         """The names of the table's columns (for ``opsbot doctor``); follows ``page_token``."""
-        names: list[str] = []
+        return [f["field_name"] for f in self.list_fields(app_token, table_id)]
+
+    def list_fields(self, app_token: str, table_id: str) -> list[dict[str, Any]]:
+        """The table's columns as ``{"field_name", "type"}`` (type: Feishu's number, e.g. 1 text,
+        2 number, 5 date, 15 URL, 17 attachment); follows ``page_token``."""
+        fields: list[dict[str, Any]] = []
         page_token: str | None = None
         while True:
             builder = (ListAppTableFieldRequest.builder().app_token(app_token)
@@ -188,11 +294,12 @@ class FeishuClient:
             if page_token:
                 builder = builder.page_token(page_token)
             data = self._call("list_fields", builder.build())
-            names += [str(f.get("field_name")) for f in data.get("items") or []
-                      if isinstance(f, dict) and f.get("field_name")]
+            fields += [{"field_name": str(f["field_name"]), "type": f.get("type")}
+                       for f in data.get("items") or []
+                       if isinstance(f, dict) and f.get("field_name")]
             page_token = data.get("page_token")
             if not data.get("has_more") or not page_token:
-                return names
+                return fields
 
     # -- chats ----------------------------------------------------------------------------------
 
@@ -230,17 +337,23 @@ class FeishuClient:
 
     # -- the boundary ---------------------------------------------------------------------------
 
-    def _call(self, operation: str, request: BaseRequest, *,
-              field: str = "data") -> dict[str, Any]:
-        """Execute ``request``; return the answer's ``field`` (``data``) or raise FeishuError.
+    def _call(self, operation: str, request: BaseRequest | None, *,
+              send: Callable[[RequestOption], BaseResponse] | None = None,
+              client: Any = None, field: str = "data") -> dict[str, Any]:
+        """Execute ``request`` (JSON body) or ``send(option)`` (anything else, e.g. a file);
+        return the answer's ``field`` (``data``) or raise FeishuError.
 
         On an invalid or expired tenant token the cached token is dropped and the call is made
-        once more with a fresh one.
+        once more with a fresh one (``send`` builds its request again each time).
         """
+        client = client or self._client
         for attempt in (1, 2):
             option = RequestOption()
-            option.headers["Content-Type"] = _JSON
-            resp = self._guard(operation, lambda: self._client.request(request, option))
+            if send is None:
+                option.headers["Content-Type"] = _JSON
+                resp = self._guard(operation, lambda: client.request(request, option))
+            else:
+                resp = self._guard(operation, lambda: send(option))
             code = resp.code
             status = resp.raw.status_code if resp.raw is not None else None
             if code == 0 or (code is None and status is not None and 200 <= status < 300):
@@ -270,6 +383,14 @@ class FeishuClient:
         except ValueError as exc:  # a non-JSON answer to the token request
             raise FeishuError(NO_CODE, f"unreadable answer ({type(exc).__name__})",
                               operation=operation) from exc
+
+
+def _file_token(operation: str, data: dict[str, Any]) -> str:
+    token = data.get("file_token")
+    if not isinstance(token, str) or not token:
+        raise FeishuError(NO_CODE, f"the answer carries no file_token: {data}",
+                          operation=operation)
+    return token
 
 
 def _data_of(resp: BaseResponse, field: str = "data") -> dict[str, Any]:

@@ -16,6 +16,11 @@ is ``[00:00, 24:00)`` local time in ``tz``):
   ``unknown``), the 3 largest (ties by name).
 - ``errors``: the same failures grouped by ``error_class``, largest first.
 - ``hourly``: succeeded / failed tasks per local hour of ``finished_at`` (24 rows).
+- ``stage_share``: each stage's share of the time spent in attempts that ended in the day (every
+  outcome counts: a failed try cost time too), ``{stage: {"seconds", "share"}}`` largest first;
+  stages are ``coze``, ``gate`` (the quality gate) and ``synthesis``, and any other recorded.
+- ``quality``: attempts of the quality gate that started in the day: ``resubmits`` (LOW, a new
+  run was submitted) and ``failed`` (the task failed, MEDIUM).
 - ``trend``: today minus the day before for runs, success_rate, retries, failures and each
   stage's avg / p95 (None where either side has no value).
 """
@@ -49,6 +54,9 @@ _R: dict[str, dict[str, str]] = {
     "trend": {"zh": "**对比前一天**：运行 {runs}，成功率 {rate}，重试 {retries}，失败尝试 {failures}",
               "en": "**Vs the day before**: runs {runs}, success rate {rate}, retries {retries}, "
                     "failed attempts {failures}"},
+    "share": {"zh": "**各阶段耗时占比**：{shares}", "en": "**Time by stage**: {shares}"},
+    "quality": {"zh": "**质量检查**：不合格重新提交 {resubmits} 次，最终失败 {failed} 个",
+                "en": "**Quality gate**: {resubmits} run(s) resubmitted, {failed} failed"},
     "none": {"zh": "无", "en": "none"},
     "chart_ok": {"zh": "成功", "en": "succeeded"},
     "chart_fail": {"zh": "失败", "en": "failed"},
@@ -105,7 +113,26 @@ def _day_numbers(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, 
         "latency": latency, "retries": retries, "failures": len(failures),
         "top_nodes": _ranked([n for n, _ in failures])[:3],
         "errors": _ranked([c for _, c in failures]), "hourly": hourly,
+        "stage_share": _stage_share(db, start, end), "quality": _quality(db, start, end),
     }
+
+
+def _stage_share(db: sqlite_utils.Database, start: float, end: float) -> dict[str, Any]:
+    rows = db.execute(
+        "SELECT stage, SUM(MAX(0, ended_at - started_at)) FROM attempts WHERE ended_at >= ?"
+        " AND ended_at < ? AND ended_at IS NOT NULL GROUP BY stage", [start, end]).fetchall()
+    total = sum(r[1] or 0.0 for r in rows)
+    shares = {r[0]: {"seconds": float(r[1] or 0.0),
+                     "share": (r[1] or 0.0) / total if total > 0 else None} for r in rows}
+    return dict(sorted(shares.items(), key=lambda kv: (-kv[1]["seconds"], kv[0])))
+
+
+def _quality(db: sqlite_utils.Database, start: float, end: float) -> dict[str, int]:
+    row = db.execute(
+        "SELECT COALESCE(SUM(outcome = 'resubmit'), 0), COALESCE(SUM(outcome = 'fail'), 0)"
+        " FROM attempts WHERE stage = 'gate' AND started_at >= ? AND started_at < ?",
+        [start, end]).fetchone()
+    return {"resubmits": row[0], "failed": row[1]}
 
 
 def _latency(db: sqlite_utils.Database, stage: str, start: float, end: float) -> dict[str, Any]:
@@ -183,7 +210,14 @@ def report_lines(report: dict[str, Any], lang: str,
         lat = report["latency"][stage]
         figures.append(_r("latency", lang, stage=stage, avg=_secs(lat["avg"]),
                           p95=_secs(lat["p95"]), count=lat["count"]))
+    shares = report.get("stage_share") or {}
+    if shares:
+        figures.append(_r("share", lang, shares=" · ".join(
+            f"{shown(stage)} {_pct(v['share'])}" for stage, v in shares.items())))
     figures.append(_r("retries", lang, retries=report["retries"], failures=report["failures"]))
+    quality = report.get("quality") or {}
+    if quality.get("resubmits") or quality.get("failed"):
+        figures.append(_r("quality", lang, **quality))
     top = [f"{i}. {shown(alert_cards.cut(n['name'], 80))} × {n['count']}"
            for i, n in enumerate(report["top_nodes"], 1)] or ["- " + _r("none", lang)]
     errs = report["errors"]

@@ -11,6 +11,9 @@ Rows (see ``storage.outbox``) and what is done with them:
   due rows of one table are coalesced: fields for one record merged in row order (later wins),
   written in ``batch_update`` calls of at most 500 records, one call at a time per table (a
   process-wide lock per table; Feishu answers 1254291 to concurrent writes).
+- ``bitable_attach`` and ``bitable_create`` (see :meth:`OutboxSender._deliver_bitable_extra`):
+  upload a file into a Bitable and write its token into a record's attachment column; add
+  records to a table (the attempt log), at most 500 per row. Same table lock, same decisions.
 
 Decisions:
 
@@ -36,6 +39,7 @@ Give the sender its own database connection when it runs in its own thread.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import random
 import threading
@@ -46,10 +50,12 @@ import sqlite_utils
 from bot.errors import FeishuError
 from bot.feishu import FeishuClient
 from storage import outbox
+from storage.db import transaction
 
 log = logging.getLogger("opsbot.sender")
 
 BITABLE_BATCH = 500  # records per batch_update call
+UPLOADS_PER_PASS = 1  # file uploads per delivery pass (an upload may take a minute)
 CHAT_RATE = 5        # messages per CHAT_WINDOW seconds per chat (Feishu: 5 QPS per chat)
 CHAT_WINDOW = 1.0
 LOCK_RETRY = 0.5     # seconds before the first retry of a PATCH of a locked card
@@ -137,6 +143,7 @@ class OutboxSender:
         """Claim and perform every due row; return how many rows were marked sent."""
         held: dict[str, float] = {}  # target -> time its earlier row was postponed to
         tables: dict[str, list[dict[str, Any]]] = {}
+        extra: list[dict[str, Any]] = []
         delivered = claimed = 0
         while claimed < self.max_rows:
             rows = outbox.claim_due(self.db, owner=self.owner, now=self.clock.now(),
@@ -148,10 +155,13 @@ class OutboxSender:
             for row in rows:
                 if row["kind"] == "bitable_update":
                     tables.setdefault(row["target"], []).append(row)
+                elif row["kind"] in ("bitable_attach", "bitable_create"):
+                    extra.append(row)
                 else:
                     delivered += self._deliver_message(row, held)
         for table, rows in tables.items():
             delivered += self._deliver_table(table, rows)
+        delivered += self._deliver_bitable_extra(extra)
         return delivered
 
     # -- messages -------------------------------------------------------------------------------
@@ -250,6 +260,70 @@ class OutboxSender:
                     outbox.mark_sent(self.db, r["id"], now=now)
                 delivered += len(chunk_rows)
         return delivered
+
+    # -- Bitable attachments and created records ---------------------------------------------------
+
+    def _deliver_bitable_extra(self, rows: list[dict[str, Any]]) -> int:
+        """``bitable_attach``: upload ``payload.path`` into the Bitable (``parent_node`` = the
+        target's app token; the file token is kept in the row, so a failed field write does not
+        upload again), then write ``[{"file_token"}]`` into ``payload.field`` of
+        ``payload.record_id``. A missing or unreadable file is dead. ``bitable_create``: add
+        ``payload.records`` (at most 500) to the target table in one call."""
+        delivered = uploads = 0
+        for row in rows:
+            app_token, _, table_id = row["target"].partition("/")
+            if row["kind"] == "bitable_attach" and not row["payload"].get("file_token"):
+                uploads += 1
+                if uploads > UPLOADS_PER_PASS:  # let messages through between large uploads
+                    outbox.release(self.db, row["id"], next_at=self.clock.now(),
+                                   reason=f"postponed: {UPLOADS_PER_PASS} upload(s) per pass")
+                    continue
+            try:
+                if not app_token or not table_id:
+                    raise _Dead(f"{row['kind']} target {row['target']!r} is not "
+                                "app_token/table_id")
+                if row["kind"] == "bitable_attach":
+                    self._attach(row, app_token, table_id)
+                else:
+                    records = row["payload"]["records"]
+                    if not isinstance(records, list) or not 0 < len(records) <= BITABLE_BATCH:
+                        raise ValueError(f"{len(records)} records, want 1..{BITABLE_BATCH}")
+                    with _table_lock(row["target"]):
+                        self.client.batch_create_records(app_token, table_id, records)
+            except FeishuError as err:
+                self._failed([row], err, {})
+                continue
+            except _Dead as exc:
+                self._dead([row], str(exc))
+                continue
+            except (KeyError, TypeError, ValueError) as exc:
+                self._dead([row], f"malformed {row['kind']} payload: {type(exc).__name__}: {exc}")
+                continue
+            outbox.mark_sent(self.db, row["id"], now=self.clock.now(),
+                             result=row["payload"].get("file_token"))
+            delivered += 1
+        return delivered
+
+    def _attach(self, row: dict[str, Any], app_token: str, table_id: str) -> None:
+        payload = row["payload"]
+        path, field, record_id = payload["path"], payload["field"], payload["record_id"]
+        if not (isinstance(field, str) and field and isinstance(record_id, str) and record_id):
+            raise ValueError("needs record_id and field")
+        token = payload.get("file_token")
+        if not token:
+            try:
+                token = self.client.upload_media(path, parent_node=app_token,
+                                                 file_name=payload.get("file_name"))
+            except OSError as exc:
+                raise _Dead(f"cannot read {path}: {type(exc).__name__}: {exc.strerror or exc}") \
+                    from None
+            payload["file_token"] = token
+            with transaction(self.db) as conn:
+                conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
+                             [json.dumps(payload, ensure_ascii=False), row["id"]])
+        with _table_lock(row["target"]):  # the upload itself needs no table lock
+            self.client.batch_update_records(app_token, table_id, [
+                {"record_id": record_id, "fields": {field: [{"file_token": token}]}}])
 
     # -- outcomes -------------------------------------------------------------------------------
 

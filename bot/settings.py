@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config import (BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy,
-                             rules_from_data)
+                             gate_from_data, rules_from_data)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,6 +76,11 @@ class FeishuSettings:
     bitable_running_value: str = "处理中"
     bitable_done_value: str = "已完成"
     bitable_failed_value: str = "失败"
+    # The finished video back in the task's row (bot.bitable_sync): "" = not written.
+    bitable_video_field: str = ""
+    bitable_video_mode: str = "upload"   # upload: attachment; link: text with video_link_base
+    video_link_base: str = ""            # URL under which pipeline.output_dir is served
+    bitable_log_table_id: str = ""       # every attempt mirrored to this table ("" = off)
 
     @property
     def configured(self) -> bool:
@@ -205,6 +210,9 @@ def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Setting
         for k, v in f.items()
     })
     _check_url("FEISHU_DOMAIN", feishu.domain)
+    if feishu.bitable_video_mode not in ("upload", "link"):
+        raise SettingsError(f"[feishu] bitable_video_mode must be 'upload' or 'link', got "
+                            f"{feishu.bitable_video_mode!r}")
     if feishu.encrypt_key and not feishu.verification_token:
         # Feishu issues both; an encrypt key alone would leave legacy card callbacks unsigned.
         raise SettingsError("FEISHU_VERIFICATION_TOKEN: must be set when FEISHU_ENCRYPT_KEY is set "
@@ -251,6 +259,12 @@ def _pipeline(p: dict[str, Any]) -> PipelineConfig:
             nested["rules"] = rules_from_data(rules)
         except (ValueError, TypeError, AttributeError) as exc:
             raise SettingsError(f"[[pipeline.rules]]: {exc}") from None
+    gate = p.pop("gate", None)  # the quality gate (pipeline.quality)
+    if gate is not None:
+        try:
+            nested["gate"] = gate_from_data(gate)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     cfg = _section(PipelineConfig, p, "pipeline")
     cfg = dataclasses.replace(cfg, **nested)
     for name in ("max_coze", "max_synthesis"):

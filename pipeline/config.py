@@ -5,6 +5,7 @@ reads the environment. Durations are in seconds.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -106,6 +107,7 @@ class PipelineConfig:
     poll: PollPolicy = field(default_factory=PollPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     rules: tuple[Rule, ...] = DEFAULT_RULES
+    gate: "GatePolicy" = field(default_factory=lambda: GatePolicy())
 
 
 def rules_from_data(items: list[Mapping[str, Any]]) -> tuple[Rule, ...]:
@@ -133,3 +135,121 @@ def rules_from_data(items: list[Mapping[str, Any]]) -> tuple[Rule, ...]:
         if rules[-1].scope not in ("any", "run", "call"):
             raise ValueError(f"pipeline.rules[{i}].scope must be any, run or call")
     return tuple(rules)
+
+
+# ---- quality gate ------------------------------------------------------------------------------
+
+CHECK_KINDS = ("required", "non_empty", "text_length", "url", "duration")
+DURATION_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One quality check on a workflow output (see :mod:`pipeline.quality`).
+
+    ``fields`` are paths into the output: ``a.b`` for keys, ``a[]`` for every item of a list,
+    ``a[0]`` for one item; a JSON string met on the way is decoded. ``min`` / ``max`` bound a
+    text's length in characters (``text_length``) or a duration in seconds (``duration``, whose
+    stated values are in ``unit``: ``s``, ``ms`` or ``us``).
+    """
+
+    name: str
+    kind: str                      # required | non_empty | text_length | url | duration
+    fields: tuple[str, ...]
+    min: float | None = None
+    max: float | None = None
+    unit: str = "s"
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """The quality gate between the Coze stage and synthesis (no checks: no gate)."""
+
+    max_resubmits: int = 1         # new runs after a failed check, then the task fails (MEDIUM)
+    url_timeout: float = 10.0      # seconds one URL check may take (HEAD, then a 1-byte GET)
+    checks: tuple[Check, ...] = ()
+
+
+def gate_from_data(data: Mapping[str, Any]) -> GatePolicy:
+    """Build the gate from the TOML ``[pipeline.gate]`` table; raises ValueError when malformed."""
+    if not isinstance(data, Mapping):
+        raise ValueError("[pipeline.gate] must be a table")
+    unknown = set(data) - {"max_resubmits", "url_timeout", "checks"}
+    if unknown:
+        raise ValueError(f"[pipeline.gate] has unknown keys: {', '.join(sorted(unknown))}")
+    max_resubmits = data.get("max_resubmits", GatePolicy.max_resubmits)
+    if isinstance(max_resubmits, bool) or not isinstance(max_resubmits, int) or max_resubmits < 0:
+        raise ValueError(f"[pipeline.gate] max_resubmits must be a whole number >= 0, "
+                         f"got {max_resubmits!r}")
+    timeout = data.get("url_timeout", GatePolicy.url_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"[pipeline.gate] url_timeout must be a positive number, got {timeout!r}")
+    items = data.get("checks", [])
+    if not isinstance(items, list):
+        raise ValueError("[[pipeline.gate.checks]] must be an array of tables")
+    checks = tuple(_check_from_data(i, item) for i, item in enumerate(items))
+    names = [c.name for c in checks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"pipeline.gate.checks: duplicate name(s) {', '.join(dupes)}")
+    return GatePolicy(max_resubmits=max_resubmits, url_timeout=float(timeout), checks=checks)
+
+
+def _check_from_data(i: int, item: Any) -> Check:
+    where = f"pipeline.gate.checks[{i}]"
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{where} must be a table")
+    unknown = set(item) - {"name", "kind", "fields", "min", "max", "unit"}
+    if unknown:
+        raise ValueError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+    kind = item.get("kind")
+    if kind not in CHECK_KINDS:
+        raise ValueError(f"{where}.kind must be one of {CHECK_KINDS}, got {kind!r}")
+    fields = item.get("fields")
+    if isinstance(fields, str):
+        fields = [fields]
+    if not (isinstance(fields, list) and fields
+            and all(isinstance(f, str) and f.strip() for f in fields)):
+        raise ValueError(f"{where}.fields must be a non-empty list of paths like \"content\" "
+                         f"or \"images[]\"")
+    bounds = {}
+    for key in ("min", "max"):
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value < 0):
+            raise ValueError(f"{where}.{key} must be a number >= 0, got {value!r}")
+        bounds[key] = None if value is None else float(value)
+    if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:
+        raise ValueError(f"{where}: min {bounds['min']:g} is above max {bounds['max']:g}")
+    if kind in ("text_length", "duration") and bounds["min"] is None and bounds["max"] is None:
+        raise ValueError(f"{where}: a {kind} check needs min, max or both")
+    for path in fields:
+        parse_path(path)  # raises ValueError naming the bad part
+    unit = str(item.get("unit", "s"))
+    if unit not in DURATION_UNITS:
+        raise ValueError(f"{where}.unit must be one of {tuple(DURATION_UNITS)}, got {unit!r}")
+    return Check(name=str(item.get("name") or f"{kind}{i}"), kind=kind,
+                 fields=tuple(f.strip() for f in fields), min=bounds["min"], max=bounds["max"],
+                 unit=unit)
+
+
+_STEP = re.compile(r"([^.\[\]\s][^.\[\]]*)|\[(\d*)\]")
+
+
+def parse_path(path: str) -> list[str | int | None]:
+    """``a.b[0].c[]`` -> ``["a", "b", 0, "c", None]`` (None: every item); ValueError if bad."""
+    steps: list[str | int | None] = []
+    text = path.strip()
+    pos = 0
+    while pos < len(text):
+        dot = text[pos] == "." and pos > 0
+        m = _STEP.match(text, pos + 1 if dot else pos)
+        if m is None or (dot and m.group(1) is None):
+            raise ValueError(f"bad field path {path!r} at {text[pos:]!r}: use keys joined by "
+                             f"dots, [] for every item, [N] for one item (e.g. images[].url)")
+        key, index = m.group(1), m.group(2)
+        steps.append(key.strip() if key is not None else (int(index) if index else None))
+        pos = m.end()
+    if not steps:
+        raise ValueError(f"empty field path {path!r}")
+    return steps

@@ -45,8 +45,10 @@ from .config import PipelineConfig
 from .errors import CozeError, CozeNetworkError, PipelineError, RunFailed, SynthesisError
 from .fallback import WorkflowSelector
 from .notify import Notifier, NullNotifier
+from .quality import GateFailed, evaluate, urls_to_probe
 from .retry import call_with_retry
 from .synthesis import Synthesizer
+from .urlprobe import probe_urls
 
 log = logging.getLogger("opsbot.worker")
 
@@ -252,7 +254,7 @@ class Worker:
         task_id = task["id"]
         try:
             if task["stage"] == "coze":
-                output = await self._coze_stage(task)
+                output = await self._gated_coze_stage(task)  # Coze, then the quality gate
                 self._coze_active.discard(task_id)
                 if output is _STOPPED:
                     return
@@ -280,6 +282,60 @@ class Worker:
                 self._batch_of.pop(task_id, None)
             self._finish_batches()
             self._wake.set()
+
+    # ---- quality gate (pipeline.quality) -------------------------------------------------------
+
+    async def _gated_coze_stage(self, task: dict[str, Any]) -> Any:
+        """The Coze stage, then the quality gate on its output (no checks configured: no gate).
+
+        A failed check submits a new run (LOW) while the task has gate resubmits left
+        (``gate.max_resubmits`` since its last failure); then the task fails (MEDIUM) with the
+        check's name and the offending value in its error. Every gate pass is an attempt of
+        stage ``gate`` (node = the check's name when it failed).
+        """
+        gate = self.config.gate
+        while True:
+            output = await self._coze_stage(task)
+            if output is _STOPPED or not gate.checks:
+                return output
+            started = self.clock.now()
+            urls = urls_to_probe(output, gate.checks)
+            status = await probe_urls(urls, timeout=gate.url_timeout) if urls else {}
+            failure = evaluate(output, gate.checks, status)
+            size = _bytes_of(output)
+            if failure is None:
+                queue.record_attempt(self.db, task, stage="gate", started_at=started,
+                                     ended_at=self.clock.now(), outcome="success",
+                                     execute_id=task.get("execute_id"), input_bytes=size,
+                                     output_bytes=size)
+                return output
+            exc = GateFailed(failure)
+            resubmit = self._gate_resubmits(task["id"]) < gate.max_resubmits
+            decision = Decision("resubmit" if resubmit else "fail", 0.0, "quality",
+                                "LOW" if resubmit else "MEDIUM",
+                                failure.message + ("; submitting a new run" if resubmit else
+                                                   f"; {gate.max_resubmits} new run(s) did not "
+                                                   "fix it"))
+            queue.record_attempt(self.db, task, stage="gate", started_at=started,
+                                 ended_at=self.clock.now(), outcome=decision.action,
+                                 error_class="quality", error_code=failure.kind,
+                                 error_message=_msg(exc), node=failure.check,
+                                 execute_id=task.get("execute_id"), input_bytes=size)
+            if not resubmit:
+                self._fail(task, decision, exc, error_class="quality")
+                return _STOPPED
+            if not self._update(task, execute_id=None, submitted_at=None, error_class="quality",
+                                error_code=failure.kind, error_message=_msg(exc)):
+                return _STOPPED
+            self.notifier.task_retrying(task, decision, exc)
+
+    def _gate_resubmits(self, task_id: int) -> int:
+        """Gate resubmits of the task since its last failure (a human retry starts afresh)."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM attempts WHERE task_id = ? AND stage = 'gate'"
+            " AND outcome = 'resubmit' AND id > COALESCE((SELECT MAX(id) FROM attempts"
+            " WHERE task_id = ? AND outcome IN ('fail', 'fatal')), 0)",
+            [task_id, task_id]).fetchone()[0]
 
     async def _settle_submit(self, task_id: int) -> None:
         """A cancelled task whose submit is on the wire waits for it, so its id gets stored."""
@@ -321,7 +377,8 @@ class Worker:
                     ended = self.clock.now()
                     queue.record_attempt(self.db, task, stage="coze", started_at=started,
                                          ended_at=ended, outcome="success",
-                                         execute_id=task["execute_id"])
+                                         execute_id=task["execute_id"],
+                                         output_bytes=_bytes_of(status.output))
                     self._update(task, coze_seconds=ended - started)
                     return _load(status.output)
                 error = status.as_error()
@@ -611,7 +668,8 @@ class Worker:
                 continue
             ended = self.clock.now()
             queue.record_attempt(self.db, task, stage="synthesis", started_at=started,
-                                 ended_at=ended, outcome="success")
+                                 ended_at=ended, outcome="success",
+                                 output_bytes=_bytes_of(result))
             self._succeed(task, {"workflow": coze_output, "synthesis": result},
                           synthesis=ended - started)
             return
@@ -774,6 +832,19 @@ def _load(text: Any) -> Any:
 
 def _dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _bytes_of(value: Any) -> int | None:
+    """Bytes of a stage's output for the per-node log: a rendered video's file size when the
+    result names one (``{"video": path}``), else the UTF-8 bytes of the value as JSON."""
+    if isinstance(value, dict) and isinstance(value.get("video"), str):
+        try:
+            return os.path.getsize(value["video"])
+        except OSError:
+            pass
+    if value is None:
+        return None
+    return len((value if isinstance(value, str) else _dump(value)).encode("utf-8"))
 
 
 def _msg(exc: BaseException) -> str:

@@ -7,7 +7,8 @@ Tables
   event_id otherwise); the worker or the web dispatcher claims and handles it once.
 - ``batches`` / ``tasks``: the durable work queue. A task is claimed with a lease
   (``lease_owner``, ``lease_until``); ``execute_id`` is written before anything else after submit.
-- ``attempts``: one row per stage attempt (for retries, latency and the daily report).
+- ``attempts``: one row per stage attempt (for retries, latency and the daily report), with the
+  bytes of the stage's input and output (``input_bytes``, ``output_bytes``; NULL when unknown).
 - ``outbox``: every outgoing Feishu call (send, reply, patch, Bitable write), sent at least once
   by a sender and made idempotent by ``uuid``.
 - ``breakers``: circuit breaker state per service.
@@ -155,5 +156,13 @@ MIGRATIONS: list[list[str]] = [
         # set while a submit is on the wire: a worker that finds it set (and no execute_id)
         # knows its predecessor died mid-submit and Coze may hold a run it cannot see
         "ALTER TABLE tasks ADD COLUMN submit_started_at REAL",
+    ],
+    [
+        # per-node log: bytes of a stage's input (params, or the workflow output for synthesis
+        # and the quality gate) and of its output
+        "ALTER TABLE attempts ADD COLUMN input_bytes INTEGER",
+        "ALTER TABLE attempts ADD COLUMN output_bytes INTEGER",
+        # a task's attempts (the gate's resubmit budget, alert cards' attempt counts)
+        "CREATE INDEX attempts_task ON attempts(task_id, id)",
     ],
 ]

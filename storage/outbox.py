@@ -15,7 +15,8 @@ import sqlite_utils
 
 from .db import transaction
 
-KINDS = ("send", "reply", "patch", "bitable_update")
+KINDS = ("send", "reply", "patch", "bitable_update",
+         "bitable_attach", "bitable_create")  # the last two: see bot.sender._deliver_bitable_extra
 
 
 def enqueue(db: sqlite_utils.Database, kind: str, target: str, payload: dict[str, Any], *,

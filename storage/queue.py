@@ -310,11 +310,28 @@ def record_attempt(db: sqlite_utils.Database, task: dict[str, Any], *, stage: st
                    started_at: float, ended_at: float, outcome: str,
                    error_class: str | None = None, error_code: str | None = None,
                    error_message: str | None = None, node: str | None = None,
-                   execute_id: str | None = None) -> None:
+                   execute_id: str | None = None, input_bytes: int | None = None,
+                   output_bytes: int | None = None) -> None:
+    """One stage attempt. ``input_bytes`` defaults to the size of the stage's stored input: the
+    task's params for ``coze``, its stored workflow output for ``synthesis`` (UTF-8 bytes of the
+    JSON); ``output_bytes`` is what the caller measured (None: unknown, e.g. a failed call)."""
+    if input_bytes is None:
+        stored = task.get("params") if stage == "coze" else \
+            task.get("coze_output") if stage == "synthesis" else None
+        input_bytes = _size(stored)
     with transaction(db) as conn:
         conn.execute(
             "INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at, outcome,"
-            " error_class, error_code, error_message, node, execute_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " error_class, error_code, error_message, node, execute_id, input_bytes,"
+            " output_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [task["id"], task["batch_id"], stage, started_at, ended_at, outcome, error_class,
-             error_code, error_message, node, execute_id])
+             error_code, error_message, node, execute_id, input_bytes, output_bytes])
+
+
+def _size(value: Any) -> int | None:
+    """UTF-8 bytes of a stored value (JSON for structures); None for no value."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False)
+    return len(value.encode("utf-8"))

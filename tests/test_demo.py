@@ -30,6 +30,13 @@ def _threads_settle(before: set[int], timeout: float = 10.0) -> list[threading.T
         time.sleep(0.1)
 
 
+def _today() -> str:
+    """Today in the demo's time zone: its report card is today's, with the batch it ran."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    return datetime.now(ZoneInfo(SETTINGS.timezone)).date().isoformat()
+
+
 def _after(text: str, *parts: str) -> None:
     """Each part occurs in ``text``, in this order."""
     at = 0
@@ -59,7 +66,8 @@ def test_demo_plays_the_whole_loop_in_process(tmp_path):
            "张三 presses [ Resume ]", "⟨toast success⟩", "[green] [HIGH] Batch blocked: auth",
            "Batch finished", "8 tasks: 8 succeeded, 0 failed",
            "张三: @opsbot status", "done",
-           "张三: @opsbot report", "Daily report", "chart: bar, count by hour", "█",
+           "张三: @opsbot report --date " + _today(), "Daily report " + _today(),
+           "Runs 8: 8 succeeded, 0 failed", "chart: bar, count by hour", "█",
            "Done", "database", "results", "output files", "FEISHU_APP_ID")
     assert "\033[" not in text
     # the files it points to

@@ -11,11 +11,12 @@ import pytest
 from bot.cli import build_parser
 from bot.commands import COMMANDS
 from bot.settings import ENV_KEYS, AlertSettings, CozeSettings, FeishuSettings
-from pipeline.config import BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy
+from pipeline.config import (BreakerPolicy, GatePolicy, PipelineConfig, PollPolicy,
+                             RetryPolicy)
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
-NESTED = {"retry", "poll", "breaker"}
+NESTED = {"retry", "poll", "breaker", "gate"}
 
 
 def _toml_keys():
@@ -24,8 +25,10 @@ def _toml_keys():
     keys += [f"alerts.{f.name}" for f in dataclasses.fields(AlertSettings)]
     keys += [f"pipeline.{f.name}" for f in dataclasses.fields(PipelineConfig)
              if f.name not in NESTED]
-    for name, cls in (("retry", RetryPolicy), ("poll", PollPolicy), ("breaker", BreakerPolicy)):
+    for name, cls in (("retry", RetryPolicy), ("poll", PollPolicy), ("breaker", BreakerPolicy),
+                      ("gate", GatePolicy)):
         keys += [f"pipeline.{name}.{f.name}" for f in dataclasses.fields(cls)]
+    keys += ["pipeline.gate"]
     keys += ["opsbot.db", "opsbot.timezone", "opsbot.language", "opsbot.max_body_bytes"]
     return keys
 

@@ -522,3 +522,74 @@ def test_old_style_card_callbacks_are_reported(env):
         "(open.feishu.cn/app, your app) > Events & Callbacks > Callback Configuration subscribe "
         "card.action.trigger (the new card callback) with request URL "
         "https://YOUR_HOST/webhook/event, then remove the old card request URL")
+# --- the video column and the attempt log table (issue 10) -----------------------------------
+
+LOG_TABLE = "tblLog"
+
+
+def with_toml(env, tmp_path, text):
+    path = tmp_path / "opsbot.toml"
+    path.write_text(text, encoding="utf-8")
+    return {**env, "OPSBOT_CONFIG": str(path)}
+
+
+def test_log_table_with_every_column_is_ok(env, fake, tmp_path):
+    from bot.bitable_sync import LOG_FIELDS
+    fake.set_fields(APP_TOKEN, LOG_TABLE, list(LOG_FIELDS))
+    code, lines = run(with_toml(env, tmp_path, f'[feishu]\nbitable_log_table_id = "{LOG_TABLE}"\n'))
+    assert code == 0
+    assert line_of(lines, "feishu.log_table") == (
+        f"OK    feishu.log_table: the log table {LOG_TABLE} has the 12 columns the attempt log "
+        "writes")
+    assert lines[-2] == "doctor: 17 OK, 0 WARN, 0 FAIL"
+    # read through the fields API (lark-oapi), nothing written
+    assert fake.requests_to(f"/tables/{LOG_TABLE}/fields", "GET")
+    assert fake.batch_creates == []
+
+
+def test_log_table_missing_columns_fails_naming_them(env, fake, tmp_path):
+    fake.set_fields(APP_TOKEN, LOG_TABLE, ["task_id", "batch_id", "stage", "outcome",
+                                           "error_class", "error_code", "node", "started_at",
+                                           "execute_id"])
+    code, lines = run(with_toml(env, tmp_path, f'[feishu]\nbitable_log_table_id = "{LOG_TABLE}"\n'))
+    assert code == 1
+    assert line_of(lines, "feishu.log_table") == (
+        f"FAIL  feishu.log_table: the log table {LOG_TABLE} lacks column(s) seconds, input_bytes, "
+        "output_bytes: its rows would be refused — fix: add the column(s) seconds (number), "
+        "input_bytes (number), output_bytes (number) to the log table")
+
+
+def test_log_table_that_does_not_exist(env, fake, tmp_path):
+    code, lines = run(with_toml(env, tmp_path, '[feishu]\nbitable_log_table_id = "tblNope"\n'))
+    assert code == 1
+    assert line_of(lines, "feishu.log_table").startswith(
+        "FAIL  feishu.log_table: feishu.bitable_log_table_id=tblNope not found (code 1254041: "
+        "TableIdNotFound) — fix: create the log table in the same Bitable")
+
+
+@pytest.mark.parametrize("mode, field_type, level, text", [
+    ("upload", 17, "OK", "column '视频' takes the videos (upload)"),
+    ("link", 1, "OK", "column '视频' takes the videos (link)"),
+    ("upload", 1, "FAIL", "column '视频' has field type 1, not attachment: the upload of each "
+                          "video would be refused — fix: make '视频' an attachment column, or "
+                          "set feishu.bitable_video_mode = link"),
+    ("link", 17, "FAIL", "column '视频' has field type 17, not text: the link of each video "
+                         "would be refused — fix: make '视频' a text column, or set "
+                         "feishu.bitable_video_mode = upload"),
+    ("upload", None, "WARN", "the table has no column '视频': finished videos are not written "
+                             "back — fix: add an attachment column named '视频' (or change "
+                             "feishu.bitable_video_field)"),
+])
+def test_the_video_column_must_suit_its_mode(env, fake, tmp_path, mode, field_type, level, text):
+    def fields(rec):
+        items = [{"field_id": f"fld{i}", "field_name": n, "type": 1}
+                 for i, n in enumerate(ALL_FIELDS)]
+        if field_type is not None:
+            items.append({"field_id": "fldV", "field_name": "视频", "type": field_type})
+        return 200, {"code": 0, "msg": "success", "data": {"items": items, "has_more": False}}
+
+    fake.on("GET", FIELDS_PATH, fields)
+    code, lines = run(with_toml(env, tmp_path, '[feishu]\nbitable_video_field = "视频"\n'
+                                               f'bitable_video_mode = "{mode}"\n'))
+    assert line_of(lines, "feishu.bitable_video") == f"{level:<4}  feishu.bitable_video: {text}"
+    assert code == (1 if level == "FAIL" else 0)

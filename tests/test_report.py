@@ -145,6 +145,44 @@ def test_node_names_and_error_classes_are_neutralised_on_the_card(db):
     assert "<at id=all></at>" in report_text(report)   # the terminal shows them as they are
 
 
+def test_each_stage_share_of_the_time_and_the_quality_gate_counts(db):
+    rng = random.Random(3)
+    written = seed(db, DAY, 120, rng, "t")
+    start, end = day_bounds(DAY, TZ)
+    bid = queue.create_batch(db, [{"task_key": "g"}], now=start, source="cli")
+    tid = db.execute("SELECT id FROM tasks WHERE task_key = 'g'").fetchone()[0]
+    task = {"id": tid, "batch_id": bid, "params": "{}"}
+    gate = [(start + 100, start + 104, "resubmit"), (start + 200, start + 201, "success"),
+            (start + 300, start + 302.5, "fail"), (start - 50, start - 40, "resubmit")]
+    for s, e, outcome in gate:
+        queue.record_attempt(db, task, stage="gate", started_at=s, ended_at=e, outcome=outcome)
+    report = compute_report(db, DAY, TZ)
+    seconds: dict[str, float] = {"gate": 4 + 1 + 2.5}
+    for w in written:
+        for stage, s, e, *_ in w["attempts"]:
+            if start <= e < end:
+                seconds[stage] = seconds.get(stage, 0.0) + (e - s)
+    total = sum(seconds.values())
+    share = report["stage_share"]
+    assert list(share) == sorted(seconds, key=lambda k: -seconds[k])   # largest first
+    for stage, secs in seconds.items():
+        assert share[stage]["seconds"] == pytest.approx(secs)
+        assert share[stage]["share"] == pytest.approx(secs / total)
+    assert sum(v["share"] for v in share.values()) == pytest.approx(1.0)
+    assert report["quality"] == {"resubmits": 1, "failed": 1}   # the day before is not counted
+    text = report_text(report, "en")
+    assert "Time by stage: coze " in text and " · gate " in text
+    assert "Quality gate: 1 run(s) resubmitted, 1 failed" in text
+    zh = json.dumps(report_card(report, "zh"), ensure_ascii=False)
+    assert "各阶段耗时占比" in zh and "质量检查" in zh
+
+
+def test_an_empty_day_shows_no_share_line(db):
+    report = compute_report(db, DAY, TZ)
+    assert report["stage_share"] == {} and report["quality"] == {"resubmits": 0, "failed": 0}
+    assert "Time by stage" not in report_text(report, "en")
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
 def cli_settings(tmp_path, **feishu) -> Settings:
