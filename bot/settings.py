@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config import (BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy,
-                             rules_from_data)
+                             SynthesisConfig, check_synthesis, rules_from_data)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -242,7 +242,12 @@ def _pipeline(p: dict[str, Any]) -> PipelineConfig:
         "retry": _section(RetryPolicy, p.pop("retry", {}), "pipeline.retry"),
         "poll": _section(PollPolicy, p.pop("poll", {}), "pipeline.poll"),
         "breaker": _section(BreakerPolicy, p.pop("breaker", {}), "pipeline.breaker"),
+        "synthesis": _section(SynthesisConfig, p.pop("synthesis", {}), "pipeline.synthesis"),
     }
+    try:
+        check_synthesis(nested["synthesis"])
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     rules = p.pop("rules", None)
     if rules is not None:
         try:
