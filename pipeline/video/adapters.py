@@ -16,8 +16,9 @@ It returns None when nothing matches (a text-only workflow: the caller writes a 
 raises :class:`~.errors.VideoError` ``bad_timeline`` when a shape matches but its content is
 unusable (a URL that is not a URL, a time that is not a number).
 
-A mapping names where each part lives, as dotted paths into the unwrapped output. ``[]`` after
-a key maps over a list; JSON strings met on the way are decoded::
+A mapping names where each part lives, as dotted paths from the top of the output (no wrapper
+is skipped: write ``Output.images`` for ``{"Output": ...}``). ``[]`` after a key maps over a
+list; JSON strings met on the way are decoded::
 
     [pipeline.synthesis.mapping]
     images = "data.scenes[].picture"     # list of image URLs (or clips = ... for video clips)
@@ -59,9 +60,9 @@ _URL = re.compile(r"^https?://\S+$")
 def to_timeline(output: Any, mapping: dict[str, str] | None = None,
                 time_unit: str = "auto") -> Timeline | None:
     """The timeline in ``output``, or None when it has no media (see the module docstring)."""
+    if mapping:  # paths start at the output itself, only JSON strings are decoded
+        return _from_mapping(output, _decoded(output), mapping, time_unit)
     data = unwrap(output)
-    if mapping:
-        return _from_mapping(output, data, mapping, time_unit)
     if not isinstance(data, dict):
         return None
     if any(k in data for k in ("image_infos", "video_infos", "audio_infos")):
@@ -90,6 +91,15 @@ def unwrap(value: Any, depth: int = 6) -> Any:
             value = inner
         else:
             return value
+    return value
+
+
+def _decoded(value: Any) -> Any:
+    for _ in range(6):
+        decoded = _json(value) if isinstance(value, str) else None
+        if decoded is None:
+            return value
+        value = decoded
     return value
 
 
