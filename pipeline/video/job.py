@@ -6,7 +6,8 @@ upload reads::
 
     {"video": "/abs/path/TASK.mp4", "duration": 9.48, "size": 123456, "width": 1080,
      "height": 1920, "subtitles": "/abs/path/TASK.srt" or None, "shape": "arrays",
-     "scenes": 2, "assets": 5, "reused": False, "draft": "/abs/drafts/TASK" (when on)}
+     "scenes": 2, "assets": 5, "reused": False,
+     "draft": "/abs/drafts/TASK", "draft_on_editors_machines": "D:/drafts/TASK"}  # drafts on
 
 A task whose MP4 already exists is not rendered (nor downloaded) again: the file can only
 exist whole, because renders are renamed into place. Downloads and intermediate files live in
@@ -43,7 +44,8 @@ async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, 
     ffmpeg = media.ffmpeg_exe(cfg.ffmpeg)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = (out_dir / f"{name}.mp4").resolve()
-    if final.is_file():
+    reuse = final.is_file()
+    if reuse and not (cfg.jianying and not _draft_dir(cfg, name).is_dir()):
         return await _result(ffmpeg, final, timeline, reused=True)
     work = out_dir / f".work-{name}"
     work.mkdir(parents=True, exist_ok=True)
@@ -55,24 +57,30 @@ async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, 
     plan = make_plan(timeline, found, Layout(cfg.scene_padding, cfg.scene_seconds,
                                              cfg.subtitle_max_chars, cfg.max_duration,
                                              cfg.narration_volume))
-    burn, fonts_dir, names = _subtitle_files(plan, work, cfg)
-    enc = render.Encoding(cfg.width, cfg.height, cfg.fps, cfg.crf, cfg.preset,
-                          cfg.audio_bitrate, cfg.ffmpeg_threads, cfg.music_volume, cfg.fit)
-    await render.render(ffmpeg, plan, final, enc, workdir=work, timeout=cfg.render_timeout,
-                        subtitles=burn, fonts_dir=fonts_dir, font_names=names)
-    srt_path = None
-    if plan.captions:
-        srt_path = out_dir / f"{name}.srt"
-        _publish(work / "subs.srt", srt_path)
-    result = await _result(ffmpeg, final, timeline, reused=False,
-                           srt=str(srt_path.resolve()) if srt_path else None)
+    srt_path = out_dir / f"{name}.srt" if plan.captions else None
+    if not reuse:  # (a reused video got here only because its draft was missing)
+        burn, fonts_dir, names = _subtitle_files(plan, work, cfg)
+        enc = render.Encoding(cfg.width, cfg.height, cfg.fps, cfg.crf, cfg.preset,
+                              cfg.audio_bitrate, cfg.ffmpeg_threads, cfg.music_volume, cfg.fit)
+        await render.render(ffmpeg, plan, final, enc, workdir=work, timeout=cfg.render_timeout,
+                            subtitles=burn, fonts_dir=fonts_dir, font_names=names)
+        if srt_path is not None:
+            _publish(work / "subs.srt", srt_path)
+    result = await _result(ffmpeg, final, timeline, reused=reuse,
+                           srt=str(srt_path.resolve()) if srt_path and srt_path.is_file()
+                           else None)
     if cfg.jianying:
-        from .jianying import build_draft
-        result["draft"] = await asyncio.to_thread(
-            build_draft, name, plan, srt_path, cfg)
+        from .jianying import build_draft, map_path
+        draft = await asyncio.to_thread(build_draft, name, plan, srt_path, cfg)
+        result["draft"] = draft
+        result["draft_on_editors_machines"] = map_path(draft, cfg.jianying_path_map)
     if not cfg.keep_work_files:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _draft_dir(cfg: SynthesisConfig, name: str) -> Path:
+    return Path(cfg.jianying_dir) / name
 
 
 def _kinds(timeline: Timeline) -> dict[str, str]:
