@@ -176,14 +176,17 @@ class AssetServer:
 
 
 def video_output(base_url: str, task: str, *, shape: str = "arrays", scenes: int = 2,
-                 seconds: float = 1.5, audio: str = "wav", query: str = "") -> dict:
-    """A workflow output of ``shape`` whose assets are served at ``base_url``."""
+                 seconds: float = 1.5, audio: str = "wav", query: str = "",
+                 texts: list[str] | None = None) -> dict:
+    """A workflow output of ``shape`` whose assets are served at ``base_url``; scene ``i``
+    has ``seconds + 0.25 * i`` of narration and the ``i``-th of ``texts`` (default
+    :data:`TEXTS`)."""
     a = f"{base_url.rstrip('/')}/_sim/assets"
     q = ("&" + query) if query else ""
     imgs = [f"{a}/img-{task}-{i}.png?x-sig=s{i}{q}" for i in range(scenes)]
     voices = [f"{a}/tone-{task}-{i}.{audio}?seconds={seconds + 0.25 * i:g}{q}"
               for i in range(scenes)]
-    texts = [TEXTS[i % len(TEXTS)] for i in range(scenes)]
+    texts = [(texts or TEXTS)[i % len(texts or TEXTS)] for i in range(scenes)]
     if shape == "arrays":
         return {"images": imgs, "mp3_urls": voices,
                 "mp3_durations": [seconds + 0.25 * i for i in range(scenes)], "texts": texts,
