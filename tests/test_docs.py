@@ -11,11 +11,12 @@ import pytest
 from bot.cli import build_parser
 from bot.commands import COMMANDS
 from bot.settings import ENV_KEYS, AlertSettings, CozeSettings, FeishuSettings
-from pipeline.config import BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy
+from pipeline.config import (BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy,
+                             SynthesisConfig)
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
-NESTED = {"retry", "poll", "breaker"}
+NESTED = {"retry", "poll", "breaker", "synthesis"}
 
 
 def _toml_keys():
@@ -24,7 +25,8 @@ def _toml_keys():
     keys += [f"alerts.{f.name}" for f in dataclasses.fields(AlertSettings)]
     keys += [f"pipeline.{f.name}" for f in dataclasses.fields(PipelineConfig)
              if f.name not in NESTED]
-    for name, cls in (("retry", RetryPolicy), ("poll", PollPolicy), ("breaker", BreakerPolicy)):
+    for name, cls in (("retry", RetryPolicy), ("poll", PollPolicy), ("breaker", BreakerPolicy),
+                      ("synthesis", SynthesisConfig)):
         keys += [f"pipeline.{name}.{f.name}" for f in dataclasses.fields(cls)]
     keys += ["opsbot.db", "opsbot.timezone", "opsbot.language", "opsbot.max_body_bytes"]
     return keys
