@@ -170,6 +170,9 @@ def check_synthesis(cfg: SynthesisConfig) -> None:
             isinstance(v, str) for v in cfg.jianying_path_map.values()),
          "a table of local prefix = editors' prefix"),
     ]
+    from .video.adapters import MAPPING_KEYS  # the adapters own the mapping's vocabulary
+    problems.append(("mapping", set(cfg.mapping) <= set(MAPPING_KEYS),
+                     f"a table with keys among {', '.join(MAPPING_KEYS)}"))
     for key, ok, expected in problems:
         if not ok:
             raise ValueError(f"[pipeline.synthesis] {key} must be {expected}, got "
