@@ -3,7 +3,6 @@ media copied into the draft, paths rewritten for the editors' machines."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from pathlib import Path
 

@@ -61,7 +61,7 @@ def to_timeline(output: Any, mapping: dict[str, str] | None = None,
                 time_unit: str = "auto") -> Timeline | None:
     """The timeline in ``output``, or None when it has no media (see the module docstring)."""
     if mapping:  # paths start at the output itself, only JSON strings are decoded
-        return _from_mapping(output, _decoded(output), mapping, time_unit)
+        return _from_mapping(_decoded(output), mapping, time_unit)
     data = unwrap(output)
     if not isinstance(data, dict):
         return None
@@ -195,12 +195,12 @@ def _from_single(data: dict) -> Timeline:
                     shape="single")
 
 
-def _from_mapping(raw: Any, data: Any, mapping: dict[str, str], unit: str) -> Timeline:
+def _from_mapping(data: Any, mapping: dict[str, str], unit: str) -> Timeline:
     unknown = set(mapping) - set(MAPPING_KEYS)
     if unknown:
         raise VideoError("bad_timeline", f"[pipeline.synthesis.mapping] has unknown keys "
                                          f"{sorted(unknown)}; known: {', '.join(MAPPING_KEYS)}")
-    got = {k: _path(data, p, raw) for k, p in mapping.items() if k != "time_unit"}
+    got = {k: _path(data, p) for k, p in mapping.items() if k != "time_unit"}
     unit = mapping.get("time_unit", unit)
     if unit not in ("auto", "s", "ms", "us"):
         raise VideoError("bad_timeline", f"mapping time_unit must be s, ms or us, got {unit!r}")
@@ -226,7 +226,7 @@ def _from_mapping(raw: Any, data: Any, mapping: dict[str, str], unit: str) -> Ti
 
 # -- field access ---------------------------------------------------------------------------
 
-def _path(data: Any, path: str, raw: Any) -> Any:
+def _path(data: Any, path: str) -> Any:
     """Follow a dotted path (``a.b[].c``); missing keys give None."""
     value: Any = data
     parts = [p for p in path.split(".") if p]
@@ -237,7 +237,7 @@ def _path(data: Any, path: str, raw: Any) -> Any:
         if many:
             rest = ".".join(parts[i + 1:])
             items = _list(value or [])
-            return [_path(unwrap(item, 3), rest, raw) if rest else item for item in items]
+            return [_path(unwrap(item, 3), rest) if rest else item for item in items]
     return value
 
 

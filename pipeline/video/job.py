@@ -130,7 +130,7 @@ def _subtitle_files(plan: Plan, work: Path, cfg: SynthesisConfig) -> tuple[str, 
     if cfg.subtitles == "off":
         return "", "", ()
     font = fonts.find_font(cfg.font_file)
-    fonts.check_glyphs(font, "".join(subtitles._ass_text(c.text) for c in plan.captions))
+    fonts.check_glyphs(font, "".join(subtitles.display_text(c.text) for c in plan.captions))
     style = subtitles.Style(font.family, cfg.subtitle_size, cfg.subtitle_color,
                             cfg.subtitle_outline_color, cfg.subtitle_outline, cfg.subtitle_margin)
     (work / "subs.ass").write_text(subtitles.ass(plan.captions, style, width=cfg.width,

@@ -49,7 +49,7 @@ def ass(captions: tuple[Caption, ...] | list[Caption], style: Style, *, width: i
         "Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text",
     ]
     lines = [f"Dialogue: 0,{_ass_time(c.start)},{_ass_time(c.end)},Default,,0,0,0,,"
-             f"{_ass_text(c.text)}" for c in captions if c.end > c.start]
+             f"{display_text(c.text)}" for c in captions if c.end > c.start]
     return "\n".join(head + lines) + "\n"
 
 
@@ -57,7 +57,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _ass_text(text: str) -> str:
+def display_text(text: str) -> str:
     """Text as ASS shows it literally: braces would start override tags, a backslash an escape."""
     text = _one_line(text).replace("\\", "\uff3c").replace("{", "\uff5b").replace("}", "\uff5d")
     return text

@@ -20,7 +20,7 @@ returns a :class:`Plan` with every start and length fixed, in seconds:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import VideoError
 
@@ -121,9 +121,6 @@ class Plan:
     duration: float
     music: str = ""            # local file, looped and trimmed to ``duration``
 
-    def subtitle_text(self) -> str:
-        return "".join(c.text for c in self.captions)
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -134,7 +131,6 @@ class Layout:
     max_chars: int = 16
     max_duration: float = 600.0
     narration_volume: float = 1.0
-    extra: dict = field(default_factory=dict)
 
 
 def plan(timeline: Timeline, media: dict[str, Media], layout: Layout) -> Plan:
