@@ -3,7 +3,8 @@
 The command, in the words of the ffmpeg docs:
 
 - pictures: when every shot is a still image (already normalised to the output size), one
-  input through the concat demuxer with a ``duration`` per picture; with video clips, one
+  input through the concat demuxer with a ``duration`` per picture (listed in one-second
+  pieces, which keeps ffmpeg's memory flat, see :func:`_concat_list`); with video clips, one
   input per shot (a clip loops with ``-stream_loop -1``, bounded by ``-t``), scaled, padded and
   joined by the ``concat`` filter;
 - sound: a silent bed as long as the video, each narration placed at its start (``adelay``),
@@ -30,6 +31,7 @@ from .media import run
 from .timeline import Plan
 
 SAMPLE_RATE = 48000
+PIECE = 1.0  # seconds of a still picture per concat entry (bounds ffmpeg's frame queue)
 _GLYPH = re.compile(r"Glyph 0x([0-9A-Fa-f]+) not found")
 _SELECT = re.compile(r"fontselect: \((.*?), \d+, \d+\) -> (.*?), \d+, (\S+)")
 
@@ -116,9 +118,19 @@ def _fit(enc: Encoding) -> str:
 
 
 def _concat_list(plan: Plan) -> str:
+    """The pictures for the concat demuxer, each listed once per :data:`PIECE` seconds.
+
+    The ``fps`` filter turns one input picture into every frame until the next one, at once,
+    and ffmpeg queues them all in front of the encoder: a 15 s picture held 450 full frames
+    (1.7 GB at 1080x1920). Listed in pieces, no more than ``PIECE * fps`` frames wait, at the
+    cost of decoding the picture once per piece."""
     lines = ["ffconcat version 1.0"]
     for shot in plan.shots:
-        lines += [f"file {_quote(shot.path)}", f"duration {_t(shot.duration)}"]
+        left = shot.duration
+        while left > 1e-6:
+            piece = PIECE if left > PIECE * 1.5 else left
+            lines += [f"file {_quote(shot.path)}", f"duration {_t(piece)}"]
+            left -= piece
     lines.append(f"file {_quote(plan.shots[-1].path)}")  # the demuxer needs the last one twice
     return "\n".join(lines) + "\n"
 
