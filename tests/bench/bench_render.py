@@ -10,7 +10,9 @@ defaults), assets served by the Coze simulator over loopback HTTP. Measured end 
   video, and the peak memory of all ffmpeg processes together.
 
 Memory is sampled every 50 ms from ``/proc`` (resident set of every descendant process) and
-reported as the peak sum; ``ru_maxrss`` of the children is the largest single process.
+reported as the peak sum; ``ru_maxrss`` of the children is the largest single process. CPU
+seconds of the ffmpeg processes per video are printed too: unlike wall time, they barely change
+when other programs share the machine.
 
     python -m tests.bench.bench_render [--seconds 30] [--videos 4] [--preset veryfast]
                                        [--no-subtitles] [--size 1080x1920]
@@ -74,6 +76,12 @@ class TreeMemory:
             self.peak = max(self.peak, total)
 
 
+def _child_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes (every ffmpeg run)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 async def one_batch(base: str, cfg: SynthesisConfig, out: Path, n: int, seconds: float,
                     at_once: bool) -> list[float]:
     scene = seconds / 6
@@ -108,16 +116,19 @@ async def main(args: argparse.Namespace) -> None:
               f"{cfg.preset} crf {cfg.crf}, subtitles {cfg.subtitles}, {os.cpu_count()} cores")
         for mode, at_once in (("one", False), ("four", True)):
             out = tmp / mode
+            cpu0 = _child_cpu()
             with TreeMemory() as mem:
                 started = time.monotonic()
                 times = await one_batch(base, cfg, out, args.videos, args.seconds, at_once)
                 wall = time.monotonic() - started
+            cpu = (_child_cpu() - cpu0) / args.videos
             videos = sorted(out.rglob("*.mp4"))
             size = sum(v.stat().st_size for v in videos) / len(videos) / 1e6
             print(f"{mode:>4} at a time: wall {wall:6.1f} s for {len(videos)}, "
                   f"{wall / len(videos):5.1f} s per video (each job {min(times):.1f}-"
                   f"{max(times):.1f} s), peak memory of all ffmpeg processes "
-                  f"{mem.peak / 1e6:6.0f} MB, {size:.1f} MB per video")
+                  f"{mem.peak / 1e6:6.0f} MB, {size:.1f} MB per video, ffmpeg CPU "
+                  f"{cpu:.1f} s per video")
         maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"largest single ffmpeg process: {maxrss:.0f} MB (ru_maxrss)")
     finally:
