@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import subprocess
 from pathlib import Path
 
@@ -185,3 +186,23 @@ def test_the_result_duration_is_measured_from_the_file(tmp_path):
     result, measured = serve(test)
     assert measured.kind == "video" and measured.has_audio
     assert result["duration"] == pytest.approx(measured.duration)
+
+
+def test_pictures_and_clips_mixed_in_one_timed_list(tmp_path):
+    async def test(sim, base):
+        a = f"{base}/_sim/assets"
+        out = {"image_infos": json.dumps([{"image_url": f"{a}/img-m1.png", "start": 0,
+                                           "end": 1000}]),
+               "video_infos": json.dumps([{"video_url": f"{a}/clip-m2.mp4?seconds=1",
+                                           "start": 1000, "end": 2500}]),
+               "audio_infos": json.dumps([{"audio_url": f"{a}/tone-m3.wav?seconds=2.5",
+                                           "start": 0, "end": 2500}]),
+               "captions": json.dumps([{"start": 0, "end": 2500, "text": "图片接视频"}],
+                                      ensure_ascii=False)}
+        return await _video(out, tmp_path)
+
+    result = serve(test)
+    assert result["shape"] == "jianying" and result["scenes"] == 2
+    assert result["duration"] == pytest.approx(2.5, abs=0.1)
+    a, b = frame(result["video"], 0.5), frame(result["video"], 2.0)
+    assert a[:180 * 100] != b[:180 * 100], "the clip did not follow the picture"
