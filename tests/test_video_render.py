@@ -206,3 +206,15 @@ def test_pictures_and_clips_mixed_in_one_timed_list(tmp_path):
     assert result["duration"] == pytest.approx(2.5, abs=0.1)
     a, b = frame(result["video"], 0.5), frame(result["video"], 2.0)
     assert a[:180 * 100] != b[:180 * 100], "the clip did not follow the picture"
+
+
+def test_pictures_alone_get_a_silent_sound_track(tmp_path):
+    async def test(sim, base):
+        a = f"{base}/_sim/assets"
+        return await _video({"images": [f"{a}/img-s1.png", f"{a}/img-s2.png"],
+                             "durations": [1.0, 0.5]}, tmp_path)
+
+    result = serve(test)
+    assert result["duration"] == pytest.approx(1.5, abs=0.1) and result["subtitles"] is None
+    info = streams(result["video"])
+    assert "Video: h264" in info and "Audio: aac" in info
