@@ -15,7 +15,8 @@ Four ways to configure it (``[pipeline] synthesis_command`` and ``[pipeline.synt
   placeholders ``{input}`` (a JSON file holding task, params and workflow output) and ``{output}``
   (the JSON file the command must write). Exit code 0 and the output file mean success.
 
-At most ``max_synthesis`` jobs run at once, each bounded by ``synthesis_timeout``. Failures
+At most ``max_synthesis`` jobs run at once, each bounded by ``synthesis_timeout`` (the
+built-in step downloads its assets before it waits for a slot: signed URLs expire). Failures
 raise :class:`pipeline.errors.SynthesisError` (the video step's carry a failure class as
 ``code``, see :mod:`pipeline.video.errors`), which the classifier sees like any error.
 """
@@ -103,30 +104,31 @@ class Synthesizer:
                    video=config.synthesis, rules=config.rules, retry=config.retry, clock=clock)
 
     async def run(self, batch_id: str, task_key: str, params: dict, coze_output: Any) -> dict:
+        out_dir = str(self.output_dir / _safe(batch_id))
+        if not self.command:  # the built-in step takes its slot after the downloads
+            return await self._run_builtin(task_key, params, coze_output, out_dir)
         async with self.semaphore:
-            out_dir = str(self.output_dir / _safe(batch_id))
             if self._func is not None:
                 return await self._run_callable(task_key, params, coze_output, out_dir)
-            if self.command:
-                return await self._run_command(task_key, params, coze_output, out_dir)
-            return await self._run_builtin(task_key, params, coze_output, out_dir)
+            return await self._run_command(task_key, params, coze_output, out_dir)
 
     async def _run_builtin(self, task_key: str, params: dict, coze_output: Any,
                            out_dir: str) -> dict:
+        """The video step: downloads start at once (signed URLs expire), probing and rendering
+        wait for one of the ``workers`` slots and are bounded by the timeout. An output without
+        media (mode ``auto``) and mode ``manifest`` get the manifest."""
         mode = self.video.mode
         if mode != "manifest":
             from .video.job import make_video  # ffmpeg and fontTools only when videos are made
-            try:
-                result = await asyncio.wait_for(make_video(
-                    task_key, _safe(task_key), coze_output, Path(out_dir), cfg=self.video,
-                    rules=self.rules, policy=self.retry, clock=self.clock,
-                    require=mode == "video"), self.timeout)
-            except asyncio.TimeoutError:
-                raise SynthesisError("timeout", f"synthesis timed out after {self.timeout:g}s") \
-                    from None
+            result = await make_video(
+                task_key, _safe(task_key), coze_output, Path(out_dir), cfg=self.video,
+                rules=self.rules, policy=self.retry, clock=self.clock,
+                require=mode == "video", slot=self.semaphore, timeout=self.timeout)
             if result is not None:
                 return result
-        return await asyncio.to_thread(builtin_synthesize, task_key, params, coze_output, out_dir)
+        async with self.semaphore:
+            return await asyncio.to_thread(builtin_synthesize, task_key, params, coze_output,
+                                           out_dir)
 
     async def _run_callable(self, task_key: str, params: dict, coze_output: Any,
                             out_dir: str) -> dict:

@@ -95,3 +95,33 @@ def test_mode_manifest_never_renders(db, tmp_path):
     row, out = task(db, "v")
     assert row["status"] == "succeeded" and out["synthesis"]["manifest"].endswith("v.json")
     assert out["synthesis"]["assets"] == 3 and not list((tmp_path / "out").rglob("*.mp4"))
+
+
+def test_assets_are_downloaded_while_every_synthesis_slot_is_busy(tmp_path):
+    """Signed URLs expire: a task waiting for a render slot has its files already."""
+    from pipeline.synthesis import Synthesizer
+
+    async def go():
+        sim = CozeSimulator()
+        base = await sim.start()
+        synth = Synthesizer("", workers=1, output_dir=tmp_path, video=CFG.synthesis)
+        try:
+            out = video_output(base, "w", scenes=2, seconds=0.8)
+            await synth.semaphore.acquire()          # the only slot is busy
+            job = asyncio.create_task(synth.run("b", "w", {}, out))
+            for _ in range(200):
+                if len(sim.assets.requests) == 5:
+                    break
+                await asyncio.sleep(0.02)
+            downloaded = len(list((tmp_path / "b" / ".work-w" / "assets").glob("*.*")))
+            rendered_early = list(tmp_path.rglob("*.mp4"))
+            synth.semaphore.release()
+            result = await asyncio.wait_for(job, 60)
+            return downloaded, rendered_early, result
+        finally:
+            synth.close()
+            await sim.stop()
+
+    downloaded, rendered_early, result = asyncio.run(go())
+    assert downloaded == 5 and rendered_early == []
+    assert Path(result["video"]).is_file()

@@ -17,6 +17,7 @@ after a failure, so the next attempt reuses the downloads).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -32,9 +33,14 @@ from .timeline import Layout, Media, Plan, Timeline, plan as make_plan
 
 async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, *,
                      cfg: SynthesisConfig, rules: tuple[Rule, ...], policy: RetryPolicy,
-                     clock: Clock, require: bool = False) -> dict | None:
+                     clock: Clock, require: bool = False, slot: Any = None,
+                     timeout: float | None = None) -> dict | None:
     """Render ``coze_output`` to ``out_dir/NAME.mp4``; see the module docstring.
-    ``require``: an output without media is an error (``no_timeline``) instead of None."""
+    ``require``: an output without media is an error (``no_timeline``) instead of None.
+
+    The downloads start at once (signed URLs expire); only the work after them waits for
+    ``slot`` (an async context manager: the synthesis workers) and is bounded by ``timeout``
+    seconds (:class:`VideoError` ``timeout``)."""
     timeline = adapters.to_timeline(coze_output, cfg.mapping or None, cfg.time_unit)
     if timeline is None:
         if require:
@@ -53,11 +59,25 @@ async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, 
     paths = await download_all(kinds, work / "assets", rules=rules, policy=policy, clock=clock,
                                limits=Limits(cfg.asset_max_bytes, cfg.asset_timeout,
                                              cfg.download_concurrency))
+    async with (slot or contextlib.nullcontext()):
+        try:
+            result = await asyncio.wait_for(
+                _build(ffmpeg, timeline, paths, kinds, work, final, name, cfg, reuse), timeout)
+        except asyncio.TimeoutError:
+            raise VideoError("timeout", f"synthesis timed out after {timeout:g}s") from None
+    if not cfg.keep_work_files:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+async def _build(ffmpeg: str, timeline: Timeline, paths: dict[str, str], kinds: dict[str, str],
+                 work: Path, final: Path, name: str, cfg: SynthesisConfig, reuse: bool) -> dict:
+    """Probe, plan, subtitles, render (unless the video exists), draft: the CPU-heavy part."""
     found = await _measure(ffmpeg, paths, kinds, work, cfg)
     plan = make_plan(timeline, found, Layout(cfg.scene_padding, cfg.scene_seconds,
                                              cfg.subtitle_max_chars, cfg.max_duration,
                                              cfg.narration_volume))
-    srt_path = out_dir / f"{name}.srt" if plan.captions else None
+    srt_path = final.with_suffix(".srt") if plan.captions else None
     if not reuse:  # (a reused video got here only because its draft was missing)
         # reading the font's character map takes ~0.1 s: off the event loop
         burn, fonts_dir, names = await asyncio.to_thread(_subtitle_files, plan, work, cfg)
@@ -68,15 +88,12 @@ async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, 
         if srt_path is not None:
             _publish(work / "subs.srt", srt_path)
     result = await _result(ffmpeg, final, timeline, reused=reuse,
-                           srt=str(srt_path.resolve()) if srt_path and srt_path.is_file()
-                           else None)
+                           srt=str(srt_path) if srt_path and srt_path.is_file() else None)
     if cfg.jianying:
         from .jianying import build_draft, map_path
         draft = await asyncio.to_thread(build_draft, name, plan, srt_path, cfg)
         result["draft"] = draft
         result["draft_on_editors_machines"] = map_path(draft, cfg.jianying_path_map)
-    if not cfg.keep_work_files:
-        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
