@@ -109,11 +109,12 @@ def test_assets_are_downloaded_while_every_synthesis_slot_is_busy(tmp_path):
             out = video_output(base, "w", scenes=2, seconds=0.8)
             await synth.semaphore.acquire()          # the only slot is busy
             job = asyncio.create_task(synth.run("b", "w", {}, out))
-            for _ in range(200):
-                if len(sim.assets.requests) == 5:
+            assets = tmp_path / "b" / ".work-w" / "assets"
+            for _ in range(500):
+                downloaded = len([p for p in assets.glob("*.*") if p.suffix != ".part"])
+                if downloaded == 5:
                     break
                 await asyncio.sleep(0.02)
-            downloaded = len(list((tmp_path / "b" / ".work-w" / "assets").glob("*.*")))
             rendered_early = list(tmp_path.rglob("*.mp4"))
             synth.semaphore.release()
             result = await asyncio.wait_for(job, 60)
