@@ -120,10 +120,13 @@ class Synthesizer:
         mode = self.video.mode
         if mode != "manifest":
             from .video.job import make_video  # ffmpeg and fontTools only when videos are made
-            result = await make_video(
-                task_key, _safe(task_key), coze_output, Path(out_dir), cfg=self.video,
-                rules=self.rules, policy=self.retry, clock=self.clock,
-                require=mode == "video", slot=self.semaphore, timeout=self.timeout)
+            try:
+                result = await make_video(
+                    task_key, _safe(task_key), coze_output, Path(out_dir), cfg=self.video,
+                    rules=self.rules, policy=self.retry, clock=self.clock,
+                    require=mode == "video", slot=self.semaphore, timeout=self.timeout)
+            except OSError as exc:  # disk full, permissions on output_dir …
+                raise SynthesisError("io", f"{type(exc).__name__}: {exc}") from exc
             if result is not None:
                 return result
         async with self.semaphore:

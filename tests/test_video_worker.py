@@ -126,3 +126,27 @@ def test_assets_are_downloaded_while_every_synthesis_slot_is_busy(tmp_path):
     downloaded, rendered_early, result = asyncio.run(go())
     assert downloaded == 5 and rendered_early == []
     assert Path(result["video"]).is_file()
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_synthesis_failure(tmp_path):
+    from pipeline.errors import SynthesisError
+    from pipeline.synthesis import Synthesizer
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    async def go():
+        sim = CozeSimulator()
+        base = await sim.start()
+        synth = Synthesizer("", workers=1, output_dir=blocker, video=CFG.synthesis)
+        try:
+            return await synth.run("b", "t", {}, video_output(base, "t", scenes=1))
+        finally:
+            await sim.stop()
+
+    try:
+        asyncio.run(go())
+    except SynthesisError as exc:
+        assert exc.code == "io" and "NotADirectoryError" in exc.message
+    else:
+        raise AssertionError("no error")
