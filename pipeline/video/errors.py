@@ -4,6 +4,7 @@
 
     SynthesisError
     └── VideoError          no_timeline, bad_timeline, font_missing, font_glyphs, ffmpeg_missing,
+        │                   timeout (the job, after its downloads),
         │                   render_failed, render_timeout, jianying_unavailable, jianying_failed
         └── AssetError      asset_not_found, asset_expired, asset_http, asset_too_large,
                             asset_bad_type, asset_timeout, asset_network, asset_corrupt
