@@ -180,6 +180,9 @@ class Demo:
                                             error_code="720701002", node="视频生成插件",
                                             error_message="Access plugin server url timed out"))
         self.sim.start_in_thread()
+        for i, (key, topic, style, _) in enumerate(ROWS):  # each run ends with a video output
+            if key != PLUGIN_TASK:
+                self.sim.script(key, Script(output=self._video_output(i, key, topic)))
         env = {
             "FEISHU_APP_ID": self.fake.app_id, "FEISHU_APP_SECRET": self.fake.app_secret,
             "FEISHU_VERIFICATION_TOKEN": "v_" + secrets.token_hex(8),
@@ -196,6 +199,7 @@ class Demo:
             "pipeline.max_coze": 4, "pipeline.idle_interval": 0.1,
             "pipeline.poll": {"first": poll, "multiplier": 1.0, "maximum": poll},
             "pipeline.output_dir": str(self.dir / "output"),
+            "pipeline.synthesis": self._synthesis_settings(),
         })
         from .logs import register_settings_secrets
         register_settings_secrets(self.settings)
@@ -206,6 +210,30 @@ class Demo:
                  f"web app {self.web_url} · worker running")
         self.say(f"Bitable table {TABLE_ID}: {len(ROWS)} rows with 状态 = 待处理 "
                  f"({', '.join(r[0] for r in ROWS)})")
+
+    def _video_output(self, i: int, key: str, topic: str) -> dict:
+        """A video workflow's output, in the three shapes the adapters read, with its images
+        and narration served by the simulator."""
+        from pipeline.sim_assets import TEXTS, video_output
+
+        shape = ("arrays", "jianying", "single")[i % 3]
+        return video_output(self.sim.base_url, key, shape=shape, scenes=2 + i % 2,
+                            seconds=1.2, texts=[f"{topic}。"] + TEXTS[i % 2:])
+
+    def _synthesis_settings(self) -> dict:
+        """Small, quick videos (360x640, 15 fps: the demo renders eight while the rest of the
+        loop runs) with burned subtitles when a CJK font is installed; without one the videos
+        are made without them and the fix is printed."""
+        from pipeline.video.errors import VideoError
+        from pipeline.video.fonts import find_font
+
+        settings = {"width": 360, "height": 640, "fps": 15, "preset": "ultrafast", "crf": 26}
+        try:
+            find_font()
+        except VideoError as exc:
+            self.say(self.st(f"  Subtitles are off for this demo: {exc.message}", "33"))
+            settings["subtitles"] = "off"
+        return settings
 
     def _prepare_store(self) -> None:
         """A fresh store, as if yesterday's daily report already went out (else the scheduler
@@ -325,7 +353,9 @@ class Demo:
         medium = self.wait_for("the MEDIUM alert card", lambda: self._card_titled("[MEDIUM]"))
         self.beat()
         self.narrate(f"(the plugin is back: the simulator now lets {PLUGIN_TASK} succeed)")
-        self.sim.script(PLUGIN_TASK, Script(duration=1.5 * self.pace))
+        self.sim.script(PLUGIN_TASK, Script(duration=1.5 * self.pace, output=self._video_output(
+            [r[0] for r in ROWS].index(PLUGIN_TASK), PLUGIN_TASK,
+            next(r[1] for r in ROWS if r[0] == PLUGIN_TASK))))
         self.press(medium, "retry")
         medium_id = medium["message_id"]
         self.wait_for("the MEDIUM alert card turning resolved (green)",
@@ -419,6 +449,9 @@ class Demo:
         if batch["status"] != "done" or counts["succeeded"] != len(ROWS):
             raise StepTimeout(f"the batch ended {batch['status']} with {counts}, expected all "
                               f"{len(ROWS)} tasks succeeded")
+        self.videos = _videos(self.results)
+        if len(self.videos) != len(ROWS):
+            raise StepTimeout(f"{len(self.videos)} of {len(ROWS)} tasks have a video on disk")
 
     # -- acting like Feishu ------------------------------------------------------------------
 
@@ -628,6 +661,8 @@ class Demo:
         self.say(f"  results      {getattr(self, 'results', '-')}")
         self.say(f"  output files {Path(self.settings.pipeline.output_dir) / self.batch_id}/")
         self.say(f"  log          {self.dir / 'opsbot.log'}")
+        for key, video, seconds in getattr(self, "videos", []):
+            self.say(f"  video {key:<6} {video} ({seconds:.1f} s)")
         self.say(f"  transcript   {self.dir / 'transcript.txt'}")
         self.say(f"  look around: OPSBOT_DB={self.settings.db_path} opsbot report "
                  f"--date {datetime.now(self.settings.tz).date().isoformat()}")
@@ -660,6 +695,18 @@ def _demo_dir(base: Path | None) -> Path:
         except OSError:
             continue
     return Path(tempfile.mkdtemp(prefix=f"opsbot-demo-{stamp}-"))
+
+
+def _videos(results: Path) -> list[tuple[str, str, float]]:
+    """(task, MP4 path, seconds) of every task in the results file whose video is on disk."""
+    data = json.loads(results.read_text(encoding="utf-8"))
+    found = []
+    for t in data.get("tasks", []):
+        synth = ((t.get("output") or {}).get("synthesis") or {})
+        if synth.get("video") and Path(synth["video"]).is_file():
+            found.append((t.get("task_id") or t.get("task_key") or "?", synth["video"],
+                          float(synth.get("duration") or 0)))
+    return found
 
 
 def _title(card: Any) -> str:

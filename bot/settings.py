@@ -15,7 +15,8 @@ from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config import (BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy,
-                             gate_from_data, rules_from_data)
+                             SynthesisConfig, check_synthesis, gate_from_data,
+                             rules_from_data)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -252,7 +253,12 @@ def _pipeline(p: dict[str, Any]) -> PipelineConfig:
         "retry": _section(RetryPolicy, p.pop("retry", {}), "pipeline.retry"),
         "poll": _section(PollPolicy, p.pop("poll", {}), "pipeline.poll"),
         "breaker": _section(BreakerPolicy, p.pop("breaker", {}), "pipeline.breaker"),
+        "synthesis": _section(SynthesisConfig, p.pop("synthesis", {}), "pipeline.synthesis"),
     }
+    try:
+        check_synthesis(nested["synthesis"])
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     rules = p.pop("rules", None)
     if rules is not None:
         try:

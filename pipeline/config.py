@@ -86,6 +86,100 @@ class BreakerPolicy:
 
 
 @dataclass(frozen=True)
+class SynthesisConfig:
+    """The built-in synthesis step (TOML ``[pipeline.synthesis]``); see :mod:`pipeline.video`.
+
+    Sizes in pixels, times in seconds, volumes as factors (1.0 = unchanged). Subtitle sizes and
+    margins are in pixels of a 1920-pixel-high frame and scale with the real height.
+    """
+
+    mode: str = "auto"            # auto: video when the output has media, else manifest | video | manifest
+    width: int = 1080
+    height: int = 1920
+    fps: int = 30
+    crf: int = 23                 # x264 quality: lower is better and bigger
+    preset: str = "veryfast"      # x264 speed/size trade-off
+    audio_bitrate: str = "128k"
+    fit: str = "contain"          # contain: letterbox the whole image | cover: fill and crop
+    subtitles: str = "burn"       # burn: into the picture | off: none burned (SRT/ASS still written)
+    font_file: str = ""           # a TTF/OTF/TTC with CJK glyphs; "" = search the usual places
+    subtitle_size: int = 64
+    subtitle_color: str = "#FFFFFF"
+    subtitle_outline_color: str = "#000000"
+    subtitle_outline: float = 3.0
+    subtitle_margin: int = 160    # from the bottom edge
+    subtitle_max_chars: int = 16  # longer texts are split into timed lines
+    music_volume: float = 0.15
+    narration_volume: float = 1.0
+    scene_padding: float = 0.3    # silence after each narration before the next scene
+    scene_seconds: float = 3.0    # a scene with neither narration nor a duration
+    max_duration: float = 600.0   # longer timelines are refused
+    time_unit: str = "auto"       # times in JianYing-style lists: auto | s | ms | us
+    asset_max_bytes: int = 300_000_000
+    asset_timeout: float = 60.0   # one download, start to end
+    download_concurrency: int = 4  # downloads at once per task
+    render_timeout: float = 300.0  # one ffmpeg run; it alone is killed past this
+    ffmpeg: str = ""              # the ffmpeg binary; "" = imageio-ffmpeg's
+    ffmpeg_threads: int = 0       # per render; 0 = ffmpeg decides
+    keep_work_files: bool = False  # keep downloads and intermediate files after success
+    mapping: dict = field(default_factory=dict)  # field paths for other output shapes
+    jianying: bool = False        # also build a JianYing draft (needs the jianying extra)
+    jianying_dir: str = "var/jianying"  # drafts folder
+    jianying_path_map: dict = field(default_factory=dict)  # local prefix -> editors' prefix
+
+
+SYNTHESIS_MODES = ("auto", "video", "manifest")
+_COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+_BITRATE = re.compile(r"^[1-9][0-9]{1,3}k$")
+_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+            "veryslow")
+
+
+def check_synthesis(cfg: SynthesisConfig) -> None:
+    """Raise ValueError naming the first bad ``[pipeline.synthesis]`` key and its expected form."""
+    problems = [
+        ("mode", cfg.mode in SYNTHESIS_MODES, f"one of {', '.join(SYNTHESIS_MODES)}"),
+        ("width", 16 <= cfg.width <= 7680 and cfg.width % 2 == 0, "an even number, 16..7680"),
+        ("height", 16 <= cfg.height <= 7680 and cfg.height % 2 == 0, "an even number, 16..7680"),
+        ("fps", 1 <= cfg.fps <= 120, "1..120"),
+        ("crf", 0 <= cfg.crf <= 51, "0..51"),
+        ("preset", cfg.preset in _PRESETS, f"an x264 preset ({', '.join(_PRESETS)})"),
+        ("audio_bitrate", bool(_BITRATE.match(cfg.audio_bitrate)), "like 128k"),
+        ("fit", cfg.fit in ("contain", "cover"), "contain or cover"),
+        ("subtitles", cfg.subtitles in ("burn", "off"), "burn or off"),
+        ("subtitle_size", 8 <= cfg.subtitle_size <= 400, "8..400"),
+        ("subtitle_color", bool(_COLOR.match(cfg.subtitle_color)), "#RRGGBB"),
+        ("subtitle_outline_color", bool(_COLOR.match(cfg.subtitle_outline_color)), "#RRGGBB"),
+        ("subtitle_outline", 0 <= cfg.subtitle_outline <= 20, "0..20"),
+        ("subtitle_margin", 0 <= cfg.subtitle_margin <= 1900, "0..1900"),
+        ("subtitle_max_chars", 4 <= cfg.subtitle_max_chars <= 200, "4..200"),
+        ("music_volume", 0 <= cfg.music_volume <= 4, "0..4"),
+        ("narration_volume", 0 <= cfg.narration_volume <= 4, "0..4"),
+        ("scene_padding", 0 <= cfg.scene_padding <= 10, "0..10 seconds"),
+        ("scene_seconds", 0.1 <= cfg.scene_seconds <= 600, "0.1..600 seconds"),
+        ("max_duration", 1 <= cfg.max_duration <= 86400, "1..86400 seconds"),
+        ("time_unit", cfg.time_unit in ("auto", "s", "ms", "us"), "auto, s, ms or us"),
+        ("asset_max_bytes", cfg.asset_max_bytes >= 1024, "at least 1024"),
+        ("asset_timeout", cfg.asset_timeout > 0, "positive seconds"),
+        ("download_concurrency", cfg.download_concurrency >= 1, "at least 1"),
+        ("render_timeout", cfg.render_timeout > 0, "positive seconds"),
+        ("ffmpeg_threads", cfg.ffmpeg_threads >= 0, "0 (auto) or more"),
+        ("mapping", isinstance(cfg.mapping, dict) and all(
+            isinstance(v, str) for v in cfg.mapping.values()), "a table of field paths"),
+        ("jianying_path_map", isinstance(cfg.jianying_path_map, dict) and all(
+            isinstance(v, str) for v in cfg.jianying_path_map.values()),
+         "a table of local prefix = editors' prefix"),
+    ]
+    from .video.adapters import MAPPING_KEYS  # the adapters own the mapping's vocabulary
+    problems.append(("mapping", set(cfg.mapping) <= set(MAPPING_KEYS),
+                     f"a table with keys among {', '.join(MAPPING_KEYS)}"))
+    for key, ok, expected in problems:
+        if not ok:
+            raise ValueError(f"[pipeline.synthesis] {key} must be {expected}, got "
+                             f"{getattr(cfg, key)!r}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     max_coze: int = 16
     max_synthesis: int = 4
@@ -106,6 +200,7 @@ class PipelineConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     poll: PollPolicy = field(default_factory=PollPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     rules: tuple[Rule, ...] = DEFAULT_RULES
     gate: "GatePolicy" = field(default_factory=lambda: GatePolicy())
 

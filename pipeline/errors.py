@@ -8,6 +8,7 @@
     │   ├── CozeNetworkError  connection refused / reset / dropped, or a timeout (code "network")
     │   └── RunFailed         a run ended with execute_status "Fail" (scope "run")
     └── SynthesisError        the local synthesis stage failed (scope "run")
+        └── VideoError        the built-in video step (pipeline.video.errors): code = class
 
 ``aiohttp`` and ``asyncio`` errors are translated into this tree in :mod:`pipeline.coze`, the one
 boundary where they happen (``raise ... from exc``). The classifier (:mod:`pipeline.classifier`)

@@ -3,7 +3,9 @@
 Serves ``POST /v1/workflow/run`` (async runs) and
 ``GET /v1/workflows/{workflow_id}/run_histories/{execute_id}`` with real-looking payloads
 (numeric execute ids, ``debug_url``, ``X-Tt-Logid`` header, ``output`` as a JSON string), plus
-two helper endpoints for out-of-process tests: ``GET /_sim/stats`` and ``POST /_sim/script``.
+two helper endpoints for out-of-process tests: ``GET /_sim/stats`` and ``POST /_sim/script``,
+and the generated images, audio and clips a video workflow's output links to
+(``GET /_sim/assets/{name}``, see :mod:`pipeline.sim_assets`).
 
 A run's outcome is scripted per task (the task key is ``parameters["task_id"]``, else a counter)
 with :class:`Script`. A run ends once ``clock.now() >= submitted + duration``; share a
@@ -36,6 +38,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .clock import Clock
+from .sim_assets import AssetServer
 
 __all__ = ["CozeSimulator", "Script", "TaskStats", "RequestRecord"]
 
@@ -118,6 +121,7 @@ class CozeSimulator:
         self.reset()
         self._token_valid = True
         self._down = False
+        self.assets = AssetServer()  # generated media for video outputs: pipeline/sim_assets.py
         self._storm_until = 0.0
         self._storm_retry_after = 1.0
         self._runner: web.AppRunner | None = None
@@ -199,6 +203,7 @@ class CozeSimulator:
                            self._handle_history)
         app.router.add_get("/_sim/stats", self._handle_stats)
         app.router.add_post("/_sim/script", self._handle_script)
+        self.assets.add_routes(app)  # GET /_sim/assets/{name}
         return app
 
     @web.middleware

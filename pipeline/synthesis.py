@@ -1,15 +1,24 @@
 """The local post-processing stage (video synthesis), run off the event loop.
 
-Three ways to configure it (``[pipeline] synthesis_command``):
-- ``""`` (default): the built-in step, which checks the workflow output and writes a manifest of
-  the generated assets (script text, video/image URLs) to ``<output_dir>/<batch>/<task>.json``.
+Four ways to configure it (``[pipeline] synthesis_command`` and ``[pipeline.synthesis] mode``):
+- ``""`` (default) with ``mode = "auto"``: the built-in video step (:mod:`pipeline.video`):
+  the workflow output becomes a timeline, its assets are downloaded, and ffmpeg renders
+  ``<output_dir>/<batch>/<task>.mp4``. An output with no media (a text-only workflow) gets
+  the manifest step instead. ``mode = "video"`` makes such an output an error;
+  ``mode = "manifest"`` always writes the manifest.
+- the manifest step writes the generated assets (script text, video/image URLs) to
+  ``<output_dir>/<batch>/<task>.json``.
 - ``"module:function"``: a Python callable ``f(task_key: str, params: dict, coze_output: dict,
-  output_dir: str) -> dict``, run in a process pool (``max_synthesis`` workers).
+  output_dir: str) -> dict``, each job in a process of its own (:mod:`pipeline.isolated`), so
+  a job that hangs or crashes is stopped alone.
 - anything else: a command line (split like a shell would, never run through a shell) with the
   placeholders ``{input}`` (a JSON file holding task, params and workflow output) and ``{output}``
   (the JSON file the command must write). Exit code 0 and the output file mean success.
 
-Failures raise :class:`pipeline.errors.SynthesisError`, which the classifier sees like any error.
+At most ``max_synthesis`` jobs run at once, each bounded by ``synthesis_timeout`` (the
+built-in step downloads its assets before it waits for a slot: signed URLs expire). Failures
+raise :class:`pipeline.errors.SynthesisError` (the video step's carry a failure class as
+``code``, see :mod:`pipeline.video.errors`), which the classifier sees like any error.
 """
 from __future__ import annotations
 
@@ -22,12 +31,13 @@ import re
 import shlex
 import signal
 import tempfile
-from concurrent.futures import Executor, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
+from .clock import Clock
+from .config import DEFAULT_RULES, PipelineConfig, RetryPolicy, Rule, SynthesisConfig
 from .errors import SynthesisError
+from .isolated import IsolatedRunner
 
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 
@@ -70,64 +80,65 @@ class Synthesizer:
     """Runs the synthesis step with at most ``workers`` jobs at once."""
 
     def __init__(self, command: str = "", *, workers: int = 4, output_dir: str | Path = "var/output",
-                 timeout: float = 600.0, executor: Executor | None = None) -> None:
+                 timeout: float = 600.0, video: SynthesisConfig | None = None,
+                 rules: tuple[Rule, ...] = DEFAULT_RULES, retry: RetryPolicy | None = None,
+                 clock: Clock | None = None) -> None:
         self.command = command.strip()
         self.output_dir = Path(output_dir)
         self.timeout = timeout
+        self.video = video or SynthesisConfig()
+        self.rules = rules
+        self.retry = retry or RetryPolicy()
+        self.clock = clock or Clock()
         self.semaphore = asyncio.Semaphore(workers)
         self._workers = workers
-        self._executor = executor
+        self._runner: IsolatedRunner | None = None
         self._func: Callable[..., dict] | None = None
-        if not self.command:
-            self._func = builtin_synthesize
-        elif re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", self.command):
+        if self.command and re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", self.command):
             self._func = load_callable(self.command)
 
-    def _pool(self) -> Executor:
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(max_workers=self._workers)
-        return self._executor
+    @classmethod
+    def from_config(cls, config: PipelineConfig, *, clock: Clock | None = None) -> "Synthesizer":
+        return cls(config.synthesis_command, workers=config.max_synthesis,
+                   output_dir=config.output_dir, timeout=config.synthesis_timeout,
+                   video=config.synthesis, rules=config.rules, retry=config.retry, clock=clock)
 
     async def run(self, batch_id: str, task_key: str, params: dict, coze_output: Any) -> dict:
+        out_dir = str(self.output_dir / _safe(batch_id))
+        if not self.command:  # the built-in step takes its slot after the downloads
+            return await self._run_builtin(task_key, params, coze_output, out_dir)
         async with self.semaphore:
-            out_dir = str(self.output_dir / _safe(batch_id))
             if self._func is not None:
                 return await self._run_callable(task_key, params, coze_output, out_dir)
             return await self._run_command(task_key, params, coze_output, out_dir)
 
+    async def _run_builtin(self, task_key: str, params: dict, coze_output: Any,
+                           out_dir: str) -> dict:
+        """The video step: downloads start at once (signed URLs expire), probing and rendering
+        wait for one of the ``workers`` slots and are bounded by the timeout. An output without
+        media (mode ``auto``) and mode ``manifest`` get the manifest."""
+        mode = self.video.mode
+        if mode != "manifest":
+            from .video.job import make_video  # ffmpeg and fontTools only when videos are made
+            try:
+                result = await make_video(
+                    task_key, _safe(task_key), coze_output, Path(out_dir), cfg=self.video,
+                    rules=self.rules, policy=self.retry, clock=self.clock,
+                    require=mode == "video", slot=self.semaphore, timeout=self.timeout)
+            except OSError as exc:  # disk full, permissions on output_dir …
+                raise SynthesisError("io", f"{type(exc).__name__}: {exc}") from exc
+            if result is not None:
+                return result
+        async with self.semaphore:
+            return await asyncio.to_thread(builtin_synthesize, task_key, params, coze_output,
+                                           out_dir)
+
     async def _run_callable(self, task_key: str, params: dict, coze_output: Any,
                             out_dir: str) -> dict:
-        loop = asyncio.get_running_loop()
-        in_pool = self._func is not builtin_synthesize
-        try:
-            if in_pool:
-                fut = loop.run_in_executor(self._pool(), self._func, task_key, params,
-                                           coze_output, out_dir)
-            else:  # cheap I/O: a thread is enough and avoids pickling to a process
-                fut = loop.run_in_executor(None, self._func, task_key, params, coze_output,
-                                           out_dir)
-            return await asyncio.wait_for(fut, self.timeout)
-        except asyncio.TimeoutError:
-            if in_pool:
-                self._reset_pool()  # the job would go on holding a worker process
-            raise SynthesisError("timeout", f"synthesis timed out after {self.timeout:.0f}s")
-        except BrokenProcessPool as exc:
-            self._reset_pool()
-            raise SynthesisError("crashed", "a synthesis process died; the pool was restarted") \
-                from exc
-        except SynthesisError:
-            raise
-        except Exception as exc:  # the user's callable: any failure is a synthesis failure
-            raise SynthesisError("error", f"{type(exc).__name__}: {exc}") from exc
-
-    def _reset_pool(self) -> None:
-        """Kill the pool's processes (a hung or dead job) and start a fresh pool next time."""
-        pool, self._executor = self._executor, None
-        if pool is None:
-            return
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        if self._runner is None:
+            self._runner = IsolatedRunner(self._workers)
+        return await self._runner.run(self._func, (task_key, params, coze_output, out_dir),
+                                      self.timeout)
 
     async def _run_command(self, task_key: str, params: dict, coze_output: Any,
                            out_dir: str) -> dict:
@@ -160,9 +171,10 @@ class Synthesizer:
             return {"manifest": str(outp)}
 
     def close(self) -> None:
-        """Stop the pool without waiting for jobs (their tasks are handed back)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop running callable jobs without waiting (their tasks are handed back)."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -76,9 +76,7 @@ class Worker:
             window=config.fallback_window, min_runs=config.fallback_min_runs,
             cooldown=config.fallback_cooldown)
         self.clock = clock or Clock()
-        self.synth = synthesizer or Synthesizer(
-            config.synthesis_command, workers=config.max_synthesis,
-            output_dir=config.output_dir, timeout=config.synthesis_timeout)
+        self.synth = synthesizer or Synthesizer.from_config(config, clock=self.clock)
         self.notifier = notifier or NullNotifier()
         self.owner = owner or make_owner()
         self.breaker = Breaker(db, "coze", config.breaker, self.clock.now,

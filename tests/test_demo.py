@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from bot import demo
+from pipeline.video.media import ffmpeg_exe
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = SimpleNamespace(language="en", timezone="Asia/Shanghai")
@@ -68,14 +69,23 @@ def test_demo_plays_the_whole_loop_in_process(tmp_path):
            "张三: @opsbot status", "done",
            "张三: @opsbot report --date " + _today(), "Daily report " + _today(),
            "Runs 8: 8 succeeded, 0 failed", "chart: bar, count by hour", "█",
-           "Done", "database", "results", "output files", "FEISHU_APP_ID")
+           "Done", "database", "results", "output files", "video V001", ".mp4 (",
+           "video V008", "FEISHU_APP_ID")
+    assert "Subtitles are off" not in text  # CI has a CJK font: the videos carry subtitles
     assert "\033[" not in text
     # the files it points to
     run_dir = next(tmp_path.glob("demo-*"))
     assert (run_dir / "opsbot.db").exists() and (run_dir / "opsbot.log").exists()
     results = json.loads(next((run_dir / "results").glob("*.json")).read_text())
     assert results["counts"]["succeeded"] == 8 and len(results["tasks"]) == 8
-    assert len(list((run_dir / "output").rglob("*.json"))) == 8
+    # every task ends with a playable video (h264 + aac) whose path the outro prints
+    videos = sorted((run_dir / "output").rglob("*.mp4"))
+    assert [v.stem for v in videos] == [f"V00{i}" for i in range(1, 9)]
+    for v in videos:
+        assert f"{v}" in text
+    info = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(videos[0])],
+                          capture_output=True, text=True).stderr
+    assert "Video: h264" in info and "Audio: aac" in info and "360x640" in info
     assert (run_dir / "transcript.txt").read_text(encoding="utf-8").strip() == text.strip()
     # nothing left running, logging given back
     assert _threads_settle(before) == []
@@ -108,6 +118,6 @@ def test_opsbot_demo_from_another_directory_as_a_process(tmp_path):
     assert took < 90, took
     _after(proc.stdout, "@opsbot help", "@opsbot run", "[MEDIUM]", "presses [ 重试 ]",
            "[HIGH]", "presses [ 恢复 ]", "@opsbot status", "@opsbot report", "chart: bar",
-           "Done", str(tmp_path))
+           "Done", "video V008", str(tmp_path))
     assert "Traceback" not in proc.stderr
     assert list((tmp_path / "var").glob("demo-*/opsbot.db"))

@@ -12,11 +12,11 @@ from bot.cli import build_parser
 from bot.commands import COMMANDS
 from bot.settings import ENV_KEYS, AlertSettings, CozeSettings, FeishuSettings
 from pipeline.config import (BreakerPolicy, GatePolicy, PipelineConfig, PollPolicy,
-                             RetryPolicy)
+                             RetryPolicy, SynthesisConfig)
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
-NESTED = {"retry", "poll", "breaker", "gate"}
+NESTED = {"retry", "poll", "breaker", "gate", "synthesis"}
 
 
 def _toml_keys():
@@ -26,7 +26,7 @@ def _toml_keys():
     keys += [f"pipeline.{f.name}" for f in dataclasses.fields(PipelineConfig)
              if f.name not in NESTED]
     for name, cls in (("retry", RetryPolicy), ("poll", PollPolicy), ("breaker", BreakerPolicy),
-                      ("gate", GatePolicy)):
+                      ("gate", GatePolicy), ("synthesis", SynthesisConfig)):
         keys += [f"pipeline.{name}.{f.name}" for f in dataclasses.fields(cls)]
     keys += ["pipeline.gate"]
     keys += ["opsbot.db", "opsbot.timezone", "opsbot.language", "opsbot.max_body_bytes"]

@@ -11,7 +11,7 @@ from aiohttp import web
 from hypothesis import given, settings as hsettings, strategies as st
 
 from bot.settings import SettingsError, load_settings
-from pipeline.config import Check, GatePolicy, gate_from_data
+from pipeline.config import Check, GatePolicy, SynthesisConfig, gate_from_data
 from pipeline.coze import CozeClient
 from pipeline.notify import NullNotifier
 from pipeline.quality import MISSING, evaluate, resolve, urls_to_probe
@@ -254,7 +254,9 @@ class Recorder(NullNotifier):
 def _run(db, tmp_path, scripts, gate, notifier, tasks=("t1",)):
     batch = queue.create_batch(db, [{"task_key": k, "params": {"topic": "猫"}} for k in tasks],
                                now=0, source="cli")
-    cfg = dataclasses.replace(FAST, output_dir=str(tmp_path), gate=gate)
+    # the gate is under test, not the renderer: synthesis writes the manifest of the output
+    cfg = dataclasses.replace(FAST, output_dir=str(tmp_path), gate=gate,
+                              synthesis=SynthesisConfig(mode="manifest"))
 
     async def go():
         async with Assets() as base:

@@ -103,3 +103,27 @@ def test_credential_shapes_are_redacted_even_when_unregistered(text):
     out = redact(text)
     assert "0123456789" not in out and "g1044ghJRUIJJ5ELPPXXXXXX" not in out
     assert "abcd1234efgh" not in out
+
+
+def test_the_synthesis_table_is_read_checked_and_its_mapping_validated(tmp_path):
+    import pytest as _pytest
+
+    from bot.settings import SettingsError, load_settings
+    toml = tmp_path / "c.toml"
+    toml.write_text('[pipeline.synthesis]\nwidth = 720\nheight = 1280\nsubtitles = "off"\n'
+                    'music_volume = 0.05\n[pipeline.synthesis.mapping]\n'
+                    'images = "data.scenes[].pic"\n[pipeline.synthesis.jianying_path_map]\n'
+                    '"/srv/drafts" = "D:/Drafts"\n', encoding="utf-8")
+    s = load_settings({"OPSBOT_CONFIG": str(toml)})
+    syn = s.pipeline.synthesis
+    assert (syn.width, syn.height, syn.subtitles, syn.music_volume) == (720, 1280, "off", 0.05)
+    assert syn.mapping == {"images": "data.scenes[].pic"}
+    assert syn.jianying_path_map == {"/srv/drafts": "D:/Drafts"}
+    for bad, needle in [({"width": 721}, "width must be an even number"),
+                        ({"preset": "turbo"}, "preset must be an x264 preset"),
+                        ({"subtitle_color": "white"}, "#RRGGBB"),
+                        ({"mode": "movie"}, "mode must be one of auto, video, manifest"),
+                        ({"mapping": {"pictures": "a"}}, "keys among images"),
+                        ({"colour": 1}, "unknown key 'colour'")]:
+        with _pytest.raises(SettingsError, match=needle):
+            load_settings({}, overrides={"pipeline.synthesis": bad})

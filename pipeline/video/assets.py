@@ -1,0 +1,182 @@
+"""Download a timeline's assets with aiohttp, at once (their signed URLs expire), with limits.
+
+Each URL is fetched to ``<work dir>/<hash>.<ext>`` through a ``.part`` file that is renamed
+only when complete, so a file that exists is whole: a second attempt reuses it. Limits:
+``max_bytes`` per asset (checked against Content-Length first, then while reading),
+``timeout`` seconds per download (connect to last byte), ``concurrency`` downloads at once.
+
+Failures go through the classifier (:func:`pipeline.retry.call_with_retry` with the pipeline's
+rules and retry policy): dropped connections, timeouts, HTTP 429 (Retry-After honoured) and
+5xx are retried with backoff; anything else fails at once. What is left is raised as an
+:class:`~.errors.AssetError` whose code names the class: ``asset_not_found`` (404, 410),
+``asset_expired`` (401, 403: a signed URL past its ``x-expires``, or not signed for us),
+``asset_http`` (other statuses), ``asset_too_large``, ``asset_bad_type`` (an HTML or JSON page,
+or a type of the wrong kind), ``asset_timeout``, ``asset_network``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+
+from ..clock import Clock
+from ..config import RetryPolicy, Rule
+from ..errors import PipelineError
+from ..retry import call_with_retry
+from .errors import AssetError
+
+__all__ = ["Limits", "download_all"]
+
+_EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp",
+               "image/gif": ".gif", "audio/mpeg": ".mp3", "audio/mp3": ".mp3",
+               "audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav",
+               "audio/aac": ".aac", "audio/mp4": ".m4a", "audio/ogg": ".ogg",
+               "video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm"}
+_NEUTRAL = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
+_ACCEPT = {"image": ("image/",), "audio": ("audio/", "video/"), "video": ("video/",)}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 300_000_000
+    timeout: float = 60.0
+    concurrency: int = 4
+
+
+class _HttpStatus(PipelineError):
+    """An HTTP error answer, in the shape the classifier reads (``http_status``)."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        self.code = str(status)
+        self.http_status = status
+        self.retry_after = retry_after
+        self.message = f"HTTP {status}"
+        self.scope = "call"
+        super().__init__(self.message)
+
+
+async def download_all(urls: dict[str, str], dest: Path, *, limits: Limits,
+                       rules: tuple[Rule, ...], policy: RetryPolicy,
+                       clock: Clock) -> dict[str, str]:
+    """Fetch every ``url -> kind`` (image | audio | video) into ``dest``; returns url -> path.
+    The first failure cancels the other downloads and is raised."""
+    dest.mkdir(parents=True, exist_ok=True)
+    gate = asyncio.Semaphore(limits.concurrency)
+    result: dict[str, str] = {}
+    async with aiohttp.ClientSession() as session:
+        async def one(url: str, kind: str) -> None:
+            async with gate:
+                result[url] = await _download(session, url, kind, dest, limits, rules, policy,
+                                              clock)
+        tasks = [asyncio.create_task(one(u, k)) for u, k in urls.items()]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+    return result
+
+
+def _name(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:20]
+
+
+async def _download(session: aiohttp.ClientSession, url: str, kind: str, dest: Path,
+                    limits: Limits, rules: tuple[Rule, ...], policy: RetryPolicy,
+                    clock: Clock) -> str:
+    done = [p for p in dest.glob(_name(url) + ".*") if not p.name.endswith(".part")]
+    if done:  # fetched whole by an earlier attempt
+        return str(done[0])
+    try:
+        return await call_with_retry(lambda: _fetch(session, url, kind, dest, limits),
+                                     rules=rules, policy=policy, clock=clock)
+    except AssetError:
+        raise
+    except _HttpStatus as exc:
+        raise _status_error(url, exc.http_status) from exc
+    except asyncio.TimeoutError as exc:
+        raise AssetError("asset_timeout", f"the download took longer than {limits.timeout:g} s",
+                         url=url) from exc
+    except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+        raise AssetError("asset_network", f"the download failed: {type(exc).__name__}: {exc}",
+                         url=url) from exc
+
+
+def _status_error(url: str, status: int) -> AssetError:
+    if status in (404, 410):
+        return AssetError("asset_not_found", f"HTTP {status}: the asset is gone", url=url,
+                          http_status=status)
+    if status in (401, 403):
+        expires = parse_qs(urlsplit(url).query).get("x-expires", [""])[0]
+        when = ""
+        if expires.isdigit():
+            when = time.strftime(" (x-expires %Y-%m-%d %H:%M:%S UTC)", time.gmtime(int(expires)))
+        return AssetError("asset_expired", f"HTTP {status}: the signed URL has expired or is not "
+                                           f"valid{when}; run the workflow again for fresh URLs",
+                          url=url, http_status=status)
+    return AssetError("asset_http", f"HTTP {status}", url=url, http_status=status)
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, kind: str, dest: Path,
+                 limits: Limits) -> str:
+    timeout = aiohttp.ClientTimeout(total=limits.timeout, sock_connect=min(10.0, limits.timeout))
+    try:
+        async with session.get(url, timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise _HttpStatus(resp.status, _retry_after(resp.headers.get("Retry-After")))
+            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            _check_type(url, kind, ctype)
+            if resp.content_length is not None and resp.content_length > limits.max_bytes:
+                raise _too_large(url, resp.content_length, limits)
+            path = dest / (_name(url) + _extension(url, ctype))
+            part = path.with_name(path.name + ".part")
+            size = 0
+            try:
+                with part.open("wb") as fh:
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        size += len(chunk)
+                        if size > limits.max_bytes:
+                            raise _too_large(url, size, limits)
+                        fh.write(chunk)
+                if size == 0:
+                    raise AssetError("asset_corrupt", "the asset is empty", url=url)
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)
+            return str(path)
+    except aiohttp.ClientPayloadError as exc:  # the connection dropped mid-body
+        raise ConnectionError(f"connection dropped during the download: {exc}") from exc
+
+
+def _too_large(url: str, size: int, limits: Limits) -> AssetError:
+    return AssetError("asset_too_large", f"the asset is larger than the limit of "
+                                         f"{limits.max_bytes:,} bytes (asset_max_bytes)", url=url)
+
+
+def _check_type(url: str, kind: str, ctype: str) -> None:
+    if ctype in _NEUTRAL or ctype.startswith(_ACCEPT.get(kind, ())):
+        return
+    raise AssetError("asset_bad_type", f"expected {kind}, the server sent {ctype!r} "
+                                       "(an error page or a wrong link)", url=url)
+
+
+def _extension(url: str, ctype: str) -> str:
+    if ctype in _EXTENSIONS:
+        return _EXTENSIONS[ctype]
+    suffix = Path(urlsplit(url).path.split("~", 1)[0]).suffix.lower()
+    return suffix if suffix and len(suffix) <= 5 and suffix[1:].isalnum() else ".bin"
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None

@@ -1,0 +1,181 @@
+"""One task's video: timeline, downloads, probes, plan, subtitles, render, draft, result.
+
+:func:`make_video` returns None when the output carries no media (``mode = "auto"`` then
+writes a manifest instead) and otherwise the result dict the worker stores and the Bitable
+upload reads::
+
+    {"video": "/abs/path/TASK.mp4", "duration": 9.48, "size": 123456, "width": 1080,
+     "height": 1920, "subtitles": "/abs/path/TASK.srt" or None, "shape": "arrays",
+     "scenes": 2, "assets": 5, "reused": False,
+     "draft": "/abs/drafts/TASK", "draft_on_editors_machines": "D:/drafts/TASK"}  # drafts on
+
+A task whose MP4 already exists is not rendered (nor downloaded) again: the file can only
+exist whole, because renders are renamed into place. Downloads and intermediate files live in
+``<out_dir>/.work-TASK/`` and are removed after success (kept with ``keep_work_files``, and
+after a failure, so the next attempt reuses the downloads).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..clock import Clock
+from ..config import RetryPolicy, Rule, SynthesisConfig
+from . import adapters, fonts, media, render, subtitles
+from .assets import Limits, download_all
+from .errors import AssetError, VideoError
+from .timeline import Layout, Media, Plan, Timeline, plan as make_plan
+
+
+async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, *,
+                     cfg: SynthesisConfig, rules: tuple[Rule, ...], policy: RetryPolicy,
+                     clock: Clock, require: bool = False, slot: Any = None,
+                     timeout: float | None = None) -> dict | None:
+    """Render ``coze_output`` to ``out_dir/NAME.mp4``; see the module docstring.
+    ``require``: an output without media is an error (``no_timeline``) instead of None.
+
+    The downloads start at once (signed URLs expire); only the work after them waits for
+    ``slot`` (an async context manager: the synthesis workers) and is bounded by ``timeout``
+    seconds (:class:`VideoError` ``timeout``)."""
+    timeline = adapters.to_timeline(coze_output, cfg.mapping or None, cfg.time_unit)
+    if timeline is None:
+        if require:
+            raise VideoError("no_timeline", "the workflow output has no images, clips or audio "
+                                            "that a known shape or the mapping names")
+        return None
+    ffmpeg = media.ffmpeg_exe(cfg.ffmpeg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = (out_dir / f"{name}.mp4").resolve()
+    reuse = final.is_file()
+    if reuse and not (cfg.jianying and not _draft_dir(cfg, name).is_dir()):
+        return await _result(ffmpeg, final, timeline, reused=True)
+    work = out_dir / f".work-{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    kinds = _kinds(timeline)
+    paths = await download_all(kinds, work / "assets", rules=rules, policy=policy, clock=clock,
+                               limits=Limits(cfg.asset_max_bytes, cfg.asset_timeout,
+                                             cfg.download_concurrency))
+    async with (slot or contextlib.nullcontext()):
+        try:
+            result = await asyncio.wait_for(
+                _build(ffmpeg, timeline, paths, kinds, work, final, name, cfg, reuse), timeout)
+        except asyncio.TimeoutError:
+            raise VideoError("timeout", f"synthesis timed out after {timeout:g}s") from None
+    if not cfg.keep_work_files:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+async def _build(ffmpeg: str, timeline: Timeline, paths: dict[str, str], kinds: dict[str, str],
+                 work: Path, final: Path, name: str, cfg: SynthesisConfig, reuse: bool) -> dict:
+    """Probe, plan, subtitles, render (unless the video exists), draft: the CPU-heavy part."""
+    found = await _measure(ffmpeg, paths, kinds, work, cfg)
+    plan = make_plan(timeline, found, Layout(cfg.scene_padding, cfg.scene_seconds,
+                                             cfg.subtitle_max_chars, cfg.max_duration,
+                                             cfg.narration_volume))
+    srt_path = final.with_suffix(".srt") if plan.captions else None
+    if not reuse:  # (a reused video got here only because its draft was missing)
+        # reading the font's character map takes ~0.1 s: off the event loop
+        burn, fonts_dir, names = await asyncio.to_thread(_subtitle_files, plan, work, cfg)
+        enc = render.Encoding(cfg.width, cfg.height, cfg.fps, cfg.crf, cfg.preset,
+                              cfg.audio_bitrate, cfg.ffmpeg_threads, cfg.music_volume, cfg.fit)
+        await render.render(ffmpeg, plan, final, enc, workdir=work, timeout=cfg.render_timeout,
+                            subtitles=burn, fonts_dir=fonts_dir, font_names=names)
+        if srt_path is not None:
+            _publish(work / "subs.srt", srt_path)
+    result = await _result(ffmpeg, final, timeline, reused=reuse,
+                           srt=str(srt_path) if srt_path and srt_path.is_file() else None)
+    if cfg.jianying:
+        from .jianying import build_draft, map_path
+        draft = await asyncio.to_thread(build_draft, name, plan, srt_path, cfg)
+        result["draft"] = draft
+        result["draft_on_editors_machines"] = map_path(draft, cfg.jianying_path_map)
+    return result
+
+
+def _draft_dir(cfg: SynthesisConfig, name: str) -> Path:
+    return Path(cfg.jianying_dir) / name
+
+
+def _kinds(timeline: Timeline) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    for s in timeline.scenes:
+        if s.clip:
+            kinds.setdefault(s.clip, "video")
+        if s.image:
+            kinds.setdefault(s.image, "image")
+        if s.narration:
+            kinds.setdefault(s.narration, "audio")
+    for url in [c.url for c in timeline.cues] + [timeline.narration, timeline.music]:
+        if url:
+            kinds.setdefault(url, "audio")
+    return kinds
+
+
+async def _measure(ffmpeg: str, paths: dict[str, str], kinds: dict[str, str], work: Path,
+                   cfg: SynthesisConfig) -> dict[str, Media]:
+    """Probe every download (a corrupt file fails here) and normalise the still images."""
+    gate = asyncio.Semaphore(max(1, cfg.download_concurrency))
+
+    async def one(url: str) -> tuple[str, Media]:
+        async with gate:
+            m = await media.probe(ffmpeg, paths[url], url=url)
+            want = kinds[url]
+            if want == "audio" and m.kind != "audio" and not m.has_audio:
+                raise AssetError("asset_corrupt", f"expected audio, found {m.kind}", url=url)
+            if want in ("image", "video") and m.kind == "audio":
+                raise AssetError("asset_corrupt", f"expected {want}, found audio only", url=url)
+            if m.kind == "image":
+                dst = str(work / (Path(paths[url]).stem + ".png"))
+                await media.normalise_image(ffmpeg, paths[url], dst, width=cfg.width,
+                                            height=cfg.height, fit=cfg.fit, url=url)
+                m = Media(dst, "image", None, False, cfg.width, cfg.height)
+            return url, m
+
+    return dict(await asyncio.gather(*(one(u) for u in paths)))
+
+
+def _subtitle_files(plan: Plan, work: Path, cfg: SynthesisConfig) -> tuple[str, str, tuple]:
+    """Write subs.srt (always, when there are captions) and, when burning, subs.ass and the
+    font folder; returns (ass name, fonts dir name, font names) or empty values."""
+    if not plan.captions:
+        return "", "", ()
+    (work / "subs.srt").write_text(subtitles.srt(plan.captions), encoding="utf-8")
+    if cfg.subtitles == "off":
+        return "", "", ()
+    font = fonts.find_font(cfg.font_file)
+    fonts.check_glyphs(font, "".join(subtitles.display_text(c.text) for c in plan.captions))
+    style = subtitles.Style(font.family, cfg.subtitle_size, cfg.subtitle_color,
+                            cfg.subtitle_outline_color, cfg.subtitle_outline, cfg.subtitle_margin)
+    (work / "subs.ass").write_text(subtitles.ass(plan.captions, style, width=cfg.width,
+                                                 height=cfg.height), encoding="utf-8")
+    fdir = work / "fonts"
+    shutil.rmtree(fdir, ignore_errors=True)
+    fdir.mkdir()
+    link = fdir / Path(font.path).name
+    try:
+        link.symlink_to(Path(font.path).resolve())
+    except OSError:  # no symlinks (some Windows setups): copy
+        shutil.copyfile(font.path, link)
+    return "subs.ass", "fonts", (font.family, font.postscript)
+
+
+def _publish(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+async def _result(ffmpeg: str, final: Path, timeline: Timeline, *, reused: bool,
+                  srt: str | None = None) -> dict:
+    probed = await media.probe(ffmpeg, str(final))
+    if srt is None and final.with_suffix(".srt").is_file():
+        srt = str(final.with_suffix(".srt"))
+    return {"video": str(final), "duration": round(probed.duration or 0.0, 3),
+            "size": final.stat().st_size, "width": probed.width, "height": probed.height,
+            "subtitles": srt, "shape": timeline.shape, "scenes": len(timeline.scenes),
+            "assets": len(timeline.urls()), "reused": reused}
