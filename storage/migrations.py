@@ -10,9 +10,11 @@ Tables
 - ``attempts``: one row per stage attempt (for retries, latency and the daily report).
 - ``outbox``: every outgoing Feishu call (send, reply, patch, Bitable write), sent at least once
   by a sender and made idempotent by ``uuid``.
-- ``breakers``: circuit breaker state per service.
+- ``breakers``: circuit breaker state per service (submit failures counted apart).
 - ``alerts`` / ``silences``: grouped alerts and silenced keys.
 - ``kv``: small named values (last report date, etc.).
+- ``run_times``: the last run times of each workflow (see :mod:`storage.runtimes`), so a new
+  worker places its polls from what earlier ones learned.
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -155,5 +157,18 @@ MIGRATIONS: list[list[str]] = [
         # set while a submit is on the wire: a worker that finds it set (and no execute_id)
         # knows its predecessor died mid-submit and Coze may hold a run it cannot see
         "ALTER TABLE tasks ADD COLUMN submit_started_at REAL",
+    ],
+    [
+        # learned run times per workflow (the last few hundred; see storage.runtimes)
+        """CREATE TABLE run_times (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            workflow_id TEXT NOT NULL,
+            seconds REAL NOT NULL,
+            execute_id TEXT,
+            ended_at REAL NOT NULL
+        )""",
+        "CREATE INDEX run_times_workflow ON run_times(workflow_id, id)",
+        # the breaker counts failed submits apart from failed polls (see pipeline.breaker)
+        "ALTER TABLE breakers ADD COLUMN submit_failures INTEGER NOT NULL DEFAULT 0",
     ],
 ]
