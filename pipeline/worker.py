@@ -238,10 +238,9 @@ class Worker:
             await asyncio.sleep(interval)
             ids = list(self._inflight)
             try:
-                # "now" is read when the write gets the lock, which may be seconds later
-                lost = await self.store(lambda db: queue.renew_leases(
-                    db, ids, owner=self.owner, now=self.clock.now(),
-                    lease=self.config.lease_seconds))
+                # "now" is read once the write has the lock, which may be seconds later
+                lost = await self.store(queue.renew_leases, ids, owner=self.owner,
+                                        now=self.clock.now, lease=self.config.lease_seconds)
             except sqlite3.OperationalError:
                 log.exception("lease renewal failed; trying again")
                 continue

@@ -52,13 +52,15 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     """An event loop whose clock jumps: when it would block for a timer, time advances instead.
 
     I/O is still real: before jumping, the selector is polled without blocking, and when only
-    I/O can make progress (no timer pending) the loop blocks on it as usual. Everything must run
-    in this one thread (a worker thread's progress would not stop the clock).
+    I/O can make progress (no timer pending) the loop blocks on it as usual. Work handed to a
+    thread with ``run_in_executor`` (the worker's store calls) stops the clock too: while any is
+    out, the loop blocks for real until it comes back, so a store write costs no virtual time.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._virtual = 0.0
+        self._threads = 0
         real_select = self._selector.select
 
         def select(timeout: float | None = None):
@@ -67,10 +69,22 @@ class VirtualLoop(asyncio.SelectorEventLoop):
             events = real_select(0)
             if events or timeout <= 0:
                 return events
+            if self._threads:   # a thread's answer wakes the selector through the self-pipe
+                return real_select(None)
             self._virtual += timeout
             return []
 
         self._selector.select = select  # type: ignore[method-assign]
+
+    def run_in_executor(self, executor, func, *args):
+        fut = super().run_in_executor(executor, func, *args)
+        self._threads += 1
+
+        def done(_):
+            self._threads -= 1
+
+        fut.add_done_callback(done)
+        return fut
 
     def time(self) -> float:
         return self._virtual
