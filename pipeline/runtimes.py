@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Iterable
+from typing import Callable, Iterable
 
 __all__ = ["run_seconds", "RunTimeModel", "RunTimeBook", "KEEP"]
 
@@ -67,10 +67,13 @@ class RunTimeModel:
 
     __slots__ = ("mu", "sigma", "mean", "median", "c", "target", "early")
 
-    def __init__(self, mu: float, sigma: float, target: float, max_poll_rate: float) -> None:
+    def __init__(self, mu: float, sigma: float, target: float,
+                 max_poll_rate: "float | Callable[[float], float]") -> None:
         self.mu, self.sigma = mu, sigma
         self.mean = math.exp(mu + sigma * sigma / 2)
         self.median = math.exp(mu)
+        if callable(max_poll_rate):   # the rate may depend on the mean run time
+            max_poll_rate = max_poll_rate(self.mean)
         integral = math.sqrt(sigma * math.exp(mu)) * _lognormal_i(sigma)
         c = 2 * (target * self.mean / integral) ** 2
         if max_poll_rate > 0:   # expected polls per run: integral / sqrt(2c)
@@ -82,7 +85,7 @@ class RunTimeModel:
 
     @classmethod
     def fit(cls, durations: Iterable[float], target: float,
-            max_poll_rate: float = 0.0) -> "RunTimeModel":
+            max_poll_rate: "float | Callable[[float], float]" = 0.0) -> "RunTimeModel":
         logs = [math.log(max(1e-3, d)) for d in durations]
         if not logs:
             raise ValueError("no run times to fit")
@@ -151,7 +154,8 @@ class RunTimeBook:
         self.samples(workflow_id).append(max(1e-3, float(seconds)))
         self._added[workflow_id] += 1
 
-    def model(self, workflow_id: str, *, target: float, max_poll_rate: float,
+    def model(self, workflow_id: str, *, target: float,
+              max_poll_rate: "float | Callable[[float], float]",
               min_samples: int) -> RunTimeModel | None:
         """The fitted model (None below ``min_samples`` run times); refitted after every ~12 %
         of new run times (cheap, not per poll)."""

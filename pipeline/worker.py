@@ -494,8 +494,9 @@ class Worker:
 
     #: Target mean detection delay, as a fraction of the mean run time (adaptive polling).
     poll_target = 0.03
-    #: Share of the Coze QPS budget that polling of ``max_coze`` runs may plan to use.
-    poll_qps_share = 0.5
+    #: Share of the Coze QPS budget that submits and polls of ``max_coze`` runs may plan to use
+    #: (polls get what submits leave: ``max_coze / mean run time`` of them per second).
+    poll_qps_share = 0.85
     #: Successful runs needed before polls are placed by the learned run-time model.
     poll_min_samples = 8
 
@@ -512,7 +513,7 @@ class Worker:
           have ended, dense where runs typically end, sparse in the tail, so that the expected
           delay between a run ending and the worker noticing stays about ``poll_target`` of the
           mean run time, with as few polls as that allows, and within ``poll_qps_share`` of the
-          QPS budget. Intervals are at least ``max(min(poll.first, floor), target * elapsed)``
+          QPS budget together with the submits. Intervals are at least ``max(min(poll.first, floor), target * elapsed)``
           (``target``: the model's, raised when the QPS budget binds; ``floor``: ``target`` of
           the median run time, so short runs are polled at a fraction of a second and
           minute-long ones no more often than ``poll.first``) and at most ``poll.maximum``,
@@ -544,8 +545,15 @@ class Worker:
 
     def _run_time_model(self, workflow: str) -> RunTimeModel | None:
         """The workflow's fitted model (None until ``poll_min_samples`` run times are known)."""
-        qps_polls = self.poll_qps_share * self.config.coze_qps / max(1, self.config.max_coze)
-        return self.runtimes.model(workflow, target=self.poll_target, max_poll_rate=qps_polls,
+        slots = max(1, self.config.max_coze)
+        budget = self.poll_qps_share * self.config.coze_qps
+
+        def polls_per_run_second(mean: float) -> float:
+            # what the submits leave of the budget, but never less than a quarter of it
+            return max(budget / 4, budget - slots / max(mean, 1e-3)) / slots
+
+        return self.runtimes.model(workflow, target=self.poll_target,
+                                   max_poll_rate=polls_per_run_second,
                                    min_samples=self.poll_min_samples)
 
     async def _call(self, task: dict[str, Any], make_call, *, kind: str) -> Any:
