@@ -141,8 +141,8 @@ def reset_all(db: sqlite_utils.Database, now: float) -> int:
     """Close every breaker (the chat's ``resume``); returns how many were not closed."""
     with transaction(db) as conn:
         cur = conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
-                           " submit_failures = 0,"
-                           " opened_at = NULL, reason = NULL, updated_at = ? WHERE state != 'closed'",
+                           " submit_failures = 0, opened_at = NULL, reason = NULL,"
+                           " updated_at = ? WHERE state != 'closed'",
                            [now])
         return cur.rowcount
 

@@ -56,6 +56,8 @@ from .retry import call_with_retry
 from .runtimes import KEEP, RunTimeBook, RunTimeModel, run_seconds
 from .synthesis import Synthesizer
 
+__all__ = ["Worker", "LeaseLost", "BatchPaused", "RunTimeModel", "make_owner"]
+
 log = logging.getLogger("opsbot.worker")
 
 
@@ -69,8 +71,6 @@ class LeaseLost(PipelineError):
 
 class BatchPaused(PipelineError):
     """The task's batch was paused: no new run is submitted for it until it is resumed."""
-
-__all__ = ["Worker", "LeaseLost", "BatchPaused", "RunTimeModel", "make_owner"]
 
 
 class Worker:
@@ -139,9 +139,11 @@ class Worker:
                     pass
         finally:
             renewer.cancel()
-            await self._release_all()
-            await self._finish_batches()
-            self.store.close()
+            try:
+                await self._release_all()
+                await self._finish_batches()
+            finally:
+                self.store.close()   # waits for the writes still queued
 
     def _idle_timeout(self) -> float:
         return self.config.idle_interval
@@ -513,11 +515,12 @@ class Worker:
           have ended, dense where runs typically end, sparse in the tail, so that the expected
           delay between a run ending and the worker noticing stays about ``poll_target`` of the
           mean run time, with as few polls as that allows, and within ``poll_qps_share`` of the
-          QPS budget together with the submits. Intervals are at least ``max(min(poll.first, floor), target * elapsed)``
-          (``target``: the model's, raised when the QPS budget binds; ``floor``: ``target`` of
-          the median run time, so short runs are polled at a fraction of a second and
-          minute-long ones no more often than ``poll.first``) and at most ``poll.maximum``,
-          except the wait for the first poll, which may last until the earliest likely end.
+          QPS budget together with the submits. Intervals are at least
+          ``max(min(poll.first, floor), target * elapsed)`` (``target``: the model's, raised
+          when the QPS budget binds; ``floor``: ``target`` of the median run time, so short runs
+          are polled a fraction of a second apart and minute-long ones no more often than
+          ``poll.first``) and at most ``poll.maximum``, except the wait for the first poll,
+          which may last until the earliest likely end.
         """
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:

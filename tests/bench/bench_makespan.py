@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run fixed 15/10/5 s polling and other adaptive targets")
     ap.add_argument("--scales", nargs="*", type=float, default=None, metavar="MEDIAN",
                     help="cold, warm (second batch after a restart on the same store) and fixed"
-                         f" 30 s polling per median run time (default {' '.join(f'{m:g}' for m in SCALES)})")
+                         " 30 s polling per median run time (default: "
+                         + " ".join(f"{m:g}" for m in SCALES) + ")")
     args = ap.parse_args(argv)
     n = args.tasks or (60 if args.quick else 200)
     if args.scales is not None:
