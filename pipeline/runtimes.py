@@ -3,7 +3,7 @@
 * :func:`run_seconds` turns what was seen of one run into its run time. Coze's ``run_histories``
   gives ``create_time`` and ``update_time`` (Unix seconds) for an ended run: its start and its
   end, each truncated to the second, so their difference is the run time within one second
-  either way. What the worker saw bounds it too: the run started after the submit went out and
+  either way (for sub-second runs it is 0 or 1, so the poll bounds below matter there). What the worker saw bounds it too: the run started after the submit went out and
   before its answer came back, and ended after the last poll that saw it ``Running`` was sent and
   before the answer that saw it end. Only differences of times on the same clock are used, so a
   skew between Coze's clock and ours does not matter. Without Coze's times (an older answer, a
@@ -41,15 +41,29 @@ def run_seconds(*, create_time: float | None, update_time: float | None,
     hi = end_seen - submit_sent if submit_sent is not None else math.inf
     hi = max(lo, hi)
     if create_time is not None and update_time is not None and update_time >= create_time:
-        coze = float(update_time) - float(create_time)
-        # start in [C, C+1), end in [U, U+1): the run time lies in (coze - 1, coze + 1)
-        c_lo, c_hi = max(lo, coze - 1.0), min(hi, coze + 1.0)
+        k = float(update_time) - float(create_time)
+        # start in [C, C+1), end in [U, U+1), each truncation uniform: the run time is k plus
+        # the difference of two uniforms, triangular on (k - 1, k + 1); keep the part the
+        # polls allow and take its mean
+        c_lo, c_hi = max(lo, k - 1.0), min(hi, k + 1.0)
         if c_lo <= c_hi:
-            return max(1e-3, min(max(coze, c_lo), c_hi))
+            return max(1e-3, _triangle_mean(k, c_lo, c_hi))
         # Coze's times contradict what was seen (a clock jump at Coze?): trust the polls
     if math.isinf(hi):
         return max(1e-3, lo)
     return max(1e-3, (lo + hi) / 2)
+
+
+def _triangle_mean(k: float, a: float, b: float) -> float:
+    """Mean of the density ``1 - |x - k|`` restricted to ``[a, b]`` (inside ``(k-1, k+1)``)."""
+    if b - a < 1e-9:
+        return (a + b) / 2
+    mass = moment = 0.0
+    for lo, hi, alpha, beta in ((a, min(b, k), 1.0 - k, 1.0), (max(a, k), b, 1.0 + k, -1.0)):
+        if hi > lo:     # the density is alpha + beta * x on this side of the peak
+            mass += alpha * (hi - lo) + beta * (hi * hi - lo * lo) / 2
+            moment += alpha * (hi * hi - lo * lo) / 2 + beta * (hi ** 3 - lo ** 3) / 3
+    return moment / mass if mass > 1e-12 else (a + b) / 2
 
 
 class RunTimeModel:

@@ -71,6 +71,11 @@ def test_coze_times_that_contradict_the_polls_are_not_trusted():
     # update before create, or missing: the polls decide
     assert run_seconds(create_time=150, update_time=100, submit_sent=0.0, submit_answered=0.0,
                        running_sent=4.0, end_seen=6.0) == 5.0
+    # a sub-second run: whole seconds say 0 or 1, the polls 0.41-0.61 s; not an edge of that
+    for update in (100, 101):
+        est = run_seconds(create_time=100, update_time=update, submit_sent=0.0,
+                          submit_answered=0.0, running_sent=0.41, end_seen=0.61)
+        assert 0.46 < est < 0.56, (update, est)
     # a resumed run (submit time unknown) seen ended at once: only a lower bound is known
     assert run_seconds(create_time=None, update_time=None, submit_sent=None,
                        submit_answered=0.0, running_sent=None, end_seen=9.0) == 1e-3
@@ -188,3 +193,24 @@ def test_a_new_worker_starts_from_the_run_times_an_earlier_one_learned(db):
     assert model is not None and 29 < model.median < 38
     assert worker._run_time_model("wf-never-seen") is None   # still cold
     assert worker._poll_delay(0.0, 0, "wf-never-seen") == cfg.poll.first
+
+
+def test_two_opsbot_runs_on_one_store_share_what_they_learned(tmp_path):
+    """`opsbot run` keeps the run times it learned; the next `opsbot run` loads them."""
+    from tests.test_cli_run import _env, _opsbot
+
+    env = _env(tmp_path)
+    for name, n in (("first", 8), ("second", 4)):
+        csv = tmp_path / f"{name}.csv"
+        csv.write_text("task_id\n" + "".join(f"{name}{i}\n" for i in range(n)), encoding="utf-8")
+        proc = _opsbot(["run", str(csv), "--simulate", "--results", str(tmp_path / "r.json")],
+                       env, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        db = open_db(tmp_path / "run.db")
+        try:
+            learned = stored.load(db, "sim-workflow", limit=KEEP)
+        finally:
+            db.conn.close()
+        assert len(learned) == (8 if name == "first" else 12)
+        # the simulator's runs take 0.5 s; the polls (at most 0.2 s apart) bound the estimate
+        assert all(0.2 < s < 0.8 for s in learned), learned
