@@ -28,8 +28,9 @@ KEEP = 200
 
 def run_seconds(*, create_time: float | None, update_time: float | None,
                 submit_sent: float | None, submit_answered: float,
-                running_sent: float | None, end_seen: float) -> float:
-    """The run time of one ended run, in seconds (at least 1 ms).
+                running_sent: float | None, end_seen: float) -> float | None:
+    """The run time of one ended run, in seconds (at least 1 ms); None when nothing bounds it
+    from above (no Coze times and no submit time: a run resumed after a restart).
 
     ``create_time`` / ``update_time``: Coze's start and end of the run (whole seconds, None when
     missing). The rest are the worker's own clock: when the submit went out (None when unknown,
@@ -50,7 +51,7 @@ def run_seconds(*, create_time: float | None, update_time: float | None,
             return max(1e-3, _triangle_mean(k, c_lo, c_hi))
         # Coze's times contradict what was seen (a clock jump at Coze?): trust the polls
     if math.isinf(hi):
-        return max(1e-3, lo)
+        return None
     return max(1e-3, (lo + hi) / 2)
 
 

@@ -542,6 +542,8 @@ class Worker:
             submit_sent=sent[1] if sent and sent[0] == task["execute_id"] else None,
             submit_answered=task["submitted_at"] or end_seen,
             running_sent=running_sent, end_seen=end_seen)
+        if seconds is None:   # resumed after a restart, and Coze gave no times: unknown
+            return
         self.runtimes.add(workflow, seconds)
         self.store.submit(stored_runtimes.record, workflow, seconds, now=end_seen, keep=KEEP,
                           execute_id=task["execute_id"]).add_done_callback(_warn_failed)
