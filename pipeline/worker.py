@@ -98,6 +98,7 @@ class Worker:
         self._inflight: dict[int, asyncio.Task] = {}
         self._batch_of: dict[int, str] = {}
         self._coze_active: set[int] = set()
+        self._polling: set[int] = set()     # tasks waiting on a submitted run
         self._synth_active: set[int] = set()
         self.store = StoreThread(db)  # writes: off the loop
         # run times per workflow, loaded from the store the first time a workflow is polled
@@ -201,8 +202,13 @@ class Worker:
             self._synth_claim_at = now if len(claimed) == free_synth else now + 1.0
         free_coze = self.config.max_coze - len(self._coze_active)
         if free_coze > 0 and await self._breaker_allows():
-            if self.breaker.state().state == "half_open":
-                free_coze = 1 if not self._coze_active else 0  # one probe, not a stampede
+            st = self.breaker.state()
+            if st.state == "half_open":   # one probe, not a stampede
+                busy = self._coze_active
+                if st.opened_by_submits(self.breaker.policy.failure_threshold):
+                    # only submits can close it: a probe that submitted and now polls is done
+                    busy = busy - self._polling
+                free_coze = 1 if not busy else 0
             if free_coze:
                 claimed += await self.store(queue.claim_tasks, owner=self.owner, now=now,
                                             lease=self.config.lease_seconds, limit=free_coze,
@@ -452,6 +458,14 @@ class Worker:
         execute_id = task["execute_id"]
         submitted = task["submitted_at"] or self.clock.now()
         workflow = task.get("run_workflow_id") or self.workflow_id
+        self._polling.add(task["id"])
+        try:
+            return await self._poll_until_ended(task, execute_id, submitted, workflow)
+        finally:
+            self._polling.discard(task["id"])
+
+    async def _poll_until_ended(self, task: dict[str, Any], execute_id: str, submitted: float,
+                                workflow: str) -> Any:
         polls = 0
         running_sent = None            # when the last poll that saw the run Running went out
         while True:

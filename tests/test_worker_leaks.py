@@ -117,3 +117,36 @@ def test_pausing_a_batch_stops_the_resubmit_of_a_run_in_flight(db, tmp_path):
     assert sim.task("t0").submits == 2
     row = queue.find_task(db, "t0")
     assert row["resubmits"] == 1
+
+
+def test_a_breaker_opened_by_submits_is_probed_by_submits(db, tmp_path):
+    """Half-open after failing submits: polls cannot close it, so the next probe is the next
+    submit, sent while the previous probe's run is still going, not after it ends."""
+    import time
+
+    cfg = dataclasses.replace(FAST, output_dir=str(tmp_path), skip_synthesis=True,
+                              breaker=BreakerPolicy(failure_threshold=3, open_seconds=0.1,
+                                                    success_threshold=3))
+    br = Breaker(db, "coze", cfg.breaker, time.time)
+    for _ in range(3):
+        br.record_failure("500", kind="submit")
+    assert br.state().state == "open"
+
+    async def go():
+        sim = CozeSimulator(default_duration=1.0)
+        await sim.start()
+        try:
+            queue.create_batch(db, [{"task_key": f"t{i}"} for i in range(6)], now=0,
+                               source="cli")
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, cfg, coze, "wf1")
+                await asyncio.wait_for(worker.run(drain=True), 20)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    assert br.state().state == "closed"
+    submits = sorted(r.time for r in sim.requests if r.path == "/v1/workflow/run")
+    assert len(submits) == 6
+    assert submits[2] - submits[0] < 0.9     # three probes before the first run ended
