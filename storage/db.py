@@ -2,7 +2,9 @@
 
 One file is shared by the web process (several gunicorn workers) and the worker. WAL lets readers
 run beside one writer; ``busy_timeout`` makes a writer wait for the lock instead of failing.
-Every write that must be atomic runs inside ``with db.conn:`` (one transaction).
+Every write that must be atomic runs inside ``with transaction(db):`` (one ``BEGIN IMMEDIATE``).
+An asyncio process does that waiting off its loop: :class:`StoreThread` runs its writes on a
+thread with a connection of its own.
 """
 from __future__ import annotations
 
