@@ -89,3 +89,36 @@ def test_a_write_lock_held_elsewhere_for_5s_does_not_stall_the_loop(db, db_path,
     assert queue.batch_counts(db, batch)["succeeded"] == 8
     assert all(sim.task(k).submits == 1 for k in [f"q{i}" for i in range(6)] + ["s0", "s1"])
     assert not [r for r in caplog.records if "lease lost" in r.getMessage()]
+
+
+def test_store_thread_keeps_order_and_finishes_writes_of_cancelled_callers(db):
+    import threading
+
+    from storage.db import StoreThread, open_db
+
+    def put(conn_db, key, seen):
+        seen.append((key, threading.get_ident(), conn_db.conn is db.conn))
+        with conn_db.conn:
+            conn_db.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, 'v', 0)", [key])
+        return key
+
+    async def go():
+        store = StoreThread(db)
+        seen: list = []
+        waiter = asyncio.create_task(store(put, "a", seen))
+        await asyncio.sleep(0)
+        waiter.cancel()                       # the caller goes away; its write must not
+        results = await asyncio.gather(*(store(put, k, seen) for k in "bcd"))
+        store.close()
+        memory = StoreThread(open_db(":memory:"))   # cannot be opened twice: runs inline
+        inline: list = []
+        await memory(lambda mdb: inline.append(threading.get_ident()))
+        return seen, results, inline
+
+    seen, results, inline = asyncio.run(go())
+    assert results == ["b", "c", "d"]
+    assert [k for k, _, _ in seen] == ["a", "b", "c", "d"]          # in order, "a" included
+    assert {t for _, t, _ in seen} != {threading.get_ident()}       # not on the loop's thread
+    assert not any(same for _, _, same in seen)                      # its own connection
+    assert [r[0] for r in db.execute("SELECT key FROM kv ORDER BY key")] == list("abcd")
+    assert inline == [threading.get_ident()]
