@@ -2,6 +2,11 @@
 
 closed -> open after ``failure_threshold`` consecutive failures -> half_open once ``open_seconds``
 have passed -> closed after ``success_threshold`` successes (a failure in half_open opens it again).
+
+Submits and polls are counted apart (``kind``): a success of one never clears the failures of
+the other, so a fault that hits only submits (the run endpoint down while ``run_histories``
+answers) opens the breaker although polls keep succeeding. A breaker opened by submits closes
+only on submit successes. Calls without a kind count as polls.
 A breaker tripped by a fatal error (bad token, no balance) stays open until a human resets it
 (``resume`` in chat or the Resume button): waiting cannot fix those.
 
@@ -30,6 +35,10 @@ class BreakerState:
     successes: int
     opened_at: float | None
     reason: str | None
+    submit_failures: int = 0    # consecutive failed submits (``failures``: other calls)
+
+    def opened_by_submits(self, threshold: int) -> bool:
+        return self.submit_failures >= threshold
 
 
 class Breaker:
@@ -44,8 +53,8 @@ class Breaker:
 
     def state(self) -> BreakerState:
         row = self.db.execute(
-            "SELECT service, state, failures, successes, opened_at, reason FROM breakers"
-            " WHERE service = ?", [self.service]).fetchone()
+            "SELECT service, state, failures, successes, opened_at, reason, submit_failures"
+            " FROM breakers WHERE service = ?", [self.service]).fetchone()
         if row is None:
             return BreakerState(self.service, "closed", 0, 0, None, None)
         return BreakerState(*row)
@@ -69,30 +78,36 @@ class Breaker:
             return None
         return st.opened_at + self.policy.open_seconds
 
-    def record_success(self) -> None:
+    def record_success(self, kind: str = "poll") -> None:
+        """A call of ``kind`` (``submit`` or ``poll``) succeeded."""
         st = self.state()
+        field = "submit_failures" if kind == "submit" else "failures"
         if st.state == "closed":
-            if st.failures:
-                self._write(st, failures=0)
+            if getattr(st, field):
+                self._write(st, **{field: 0})
             return
         if st.state == "half_open":
+            if kind != "submit" and st.opened_by_submits(self.policy.failure_threshold):
+                return   # a poll answering says nothing about the submits that opened it
             successes = st.successes + 1
             if successes >= self.policy.success_threshold:
-                self._write(st, state="closed", failures=0, successes=0, opened_at=None,
-                            reason=None)
+                self._write(st, state="closed", failures=0, submit_failures=0, successes=0,
+                            opened_at=None, reason=None)
             else:
                 self._write(st, successes=successes)
 
-    def record_failure(self, reason: str) -> None:
+    def record_failure(self, reason: str, kind: str = "poll") -> None:
+        """A call of ``kind`` failed in a way that says the service is unwell."""
         st = self.state()
         if st.state == "open":
             return
-        failures = st.failures + 1
-        if st.state == "half_open" or failures >= self.policy.failure_threshold:
-            self._write(st, state="open", failures=failures, successes=0, opened_at=self.now(),
-                        reason=reason[:300])
+        field = "submit_failures" if kind == "submit" else "failures"
+        count = getattr(st, field) + 1
+        if st.state == "half_open" or count >= self.policy.failure_threshold:
+            self._write(st, state="open", successes=0, opened_at=self.now(),
+                        reason=reason[:300], **{field: count})
         else:
-            self._write(st, failures=failures)
+            self._write(st, **{field: count})
 
     def trip(self, reason: str) -> None:
         """Open until a human resets it (fatal errors)."""
@@ -102,19 +117,22 @@ class Breaker:
 
     def reset(self) -> None:
         st = self.state()
-        self._write(st, state="closed", failures=0, successes=0, opened_at=None, reason=None)
+        self._write(st, state="closed", failures=0, submit_failures=0, successes=0,
+                    opened_at=None, reason=None)
 
     def _write(self, before: BreakerState, **changes: Any) -> None:
         after = BreakerState(**{**before.__dict__, **changes})
         with transaction(self.db) as conn:
             conn.execute(
                 "INSERT INTO breakers (service, state, failures, successes, opened_at, reason,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(service) DO UPDATE SET"
+                " updated_at, submit_failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(service) DO UPDATE SET"
                 " state = excluded.state, failures = excluded.failures,"
                 " successes = excluded.successes, opened_at = excluded.opened_at,"
-                " reason = excluded.reason, updated_at = excluded.updated_at",
+                " reason = excluded.reason, updated_at = excluded.updated_at,"
+                " submit_failures = excluded.submit_failures",
                 [after.service, after.state, after.failures, after.successes, after.opened_at,
-                 after.reason, self.now()])
+                 after.reason, self.now(), after.submit_failures])
         if self.on_change and after.state != before.state:
             self.on_change(before, after)
 
@@ -123,12 +141,13 @@ def reset_all(db: sqlite_utils.Database, now: float) -> int:
     """Close every breaker (the chat's ``resume``); returns how many were not closed."""
     with transaction(db) as conn:
         cur = conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
-                           " opened_at = NULL, reason = NULL, updated_at = ? WHERE state != 'closed'",
+                           " submit_failures = 0, opened_at = NULL, reason = NULL,"
+                           " updated_at = ? WHERE state != 'closed'",
                            [now])
         return cur.rowcount
 
 
 def all_states(db: sqlite_utils.Database) -> list[BreakerState]:
     return [BreakerState(*r) for r in db.execute(
-        "SELECT service, state, failures, successes, opened_at, reason FROM breakers"
-        " ORDER BY service")]
+        "SELECT service, state, failures, successes, opened_at, reason, submit_failures"
+        " FROM breakers ORDER BY service")]

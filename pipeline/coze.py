@@ -13,7 +13,8 @@ This module is the one boundary where ``aiohttp`` / ``asyncio`` errors become
   (it lags right after submit), so it is reported as ``Running`` and the caller's run timeout
   bounds it; an unknown ``execute_status`` is treated as ``Running`` and logged; ``error_code``
   may be missing, ``null`` or a number; ``output`` is kept as the JSON string Coze sends (an
-  object is serialised);
+  object is serialised); ``create_time`` / ``update_time`` (the run's start and, once it ended,
+  its end, in Unix seconds) are exposed as floats, None when missing or not a number;
 * the API token never appears in an error message or a log line.
 """
 from __future__ import annotations
@@ -61,6 +62,8 @@ class RunStatus:
     log_id: str | None = None
     node: str | None = None         # failing node, when the error message names it
     execute_id: str = ""
+    create_time: float | None = None  # Coze's start of the run, Unix seconds (None: not given)
+    update_time: float | None = None  # for an ended run, its end (whole seconds, like create_time)
 
     @property
     def done(self) -> bool:
@@ -199,7 +202,23 @@ def _parse_history(body: dict, log_id: str | None, execute_id: str) -> RunStatus
     return RunStatus(status=status, output=output or None, error_code=error_code,
                      error_message=message, debug_url=data.get("debug_url") or None,
                      log_id=log_id or data.get("logid"), node=node_from_message(message),
-                     execute_id=str(data.get("execute_id") or execute_id))
+                     execute_id=str(data.get("execute_id") or execute_id),
+                     create_time=_unix_seconds(data.get("create_time")),
+                     update_time=_unix_seconds(data.get("update_time")))
+
+
+def _unix_seconds(value: Any) -> float | None:
+    """A Coze timestamp (seconds, as a number or a string) as float seconds; None when absent
+    or unusable. Milliseconds (some gateways) are recognised by their size."""
+    if isinstance(value, bool) or value in (None, ""):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not (seconds > 0 and seconds == seconds and seconds != float("inf")):
+        return None
+    return seconds / 1000.0 if seconds > 1e11 else seconds
 
 
 def _decode(raw: bytes) -> Any:

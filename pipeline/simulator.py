@@ -329,8 +329,11 @@ class CozeSimulator:
 
     def _history_item(self, run: _Run, now: float) -> dict:
         status = run.outcome if run.ended(now) else "Running"
+        # Like Coze: whole Unix seconds; an ended run's update_time is its end, not the poll's
+        # time, so a client can learn the exact run time (to the second) from one answer.
+        updated = run.submitted + run.duration if status != "Running" else now
         item = {"execute_id": run.execute_id, "execute_status": status,
-                "create_time": int(run.submitted), "update_time": int(now),
+                "create_time": int(run.submitted), "update_time": int(updated),
                 "debug_url": _debug_url(run.execute_id, run.workflow_id), "logid": self._logid(),
                 "error_code": "", "error_message": "", "output": "", "run_mode": 0,
                 "usage": {"input_count": 50, "token_count": 150, "output_count": 100}}

@@ -16,6 +16,14 @@ is marked before it goes out, so a task caught in that window is submitted again
 recorded (an ``in_doubt`` attempt), never silently. Cancellation (block, cancel, shutdown) waits
 for a submit on the wire, so only a hard kill can hit the window.
 
+Store calls that write run on a dedicated thread (:class:`storage.db.StoreThread`) and are
+awaited, so a process holding SQLite's write lock (the web process, ``opsbot run``) delays those
+writes but never freezes the loop: polls, submits and lease renewals go on. Reads stay on the
+loop (WAL readers never wait for a writer). The notifier's hooks still run on the loop.
+
+Run times are learned per workflow from Coze's ``create_time`` / ``update_time`` (see
+:mod:`pipeline.runtimes`) and kept in the store, so a new worker starts warm.
+
 Failures go through :func:`pipeline.classifier.classify`: retry (inside the call, with backoff),
 resubmit (a new run, bounded), fail the task, or fatal: trip the breaker, block every open batch
 and wait for a human.
@@ -25,18 +33,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import socket
 import sqlite3
 import uuid
-from collections import deque
 from typing import Any
 
 import sqlite_utils
 
 from storage import queue
-from storage.db import transaction
+from storage import runtimes as stored_runtimes
+from storage.db import StoreThread, transaction
 
 from .breaker import Breaker
 from .classifier import Decision, classify
@@ -47,8 +54,11 @@ from .fallback import WorkflowSelector
 from .notify import Notifier, NullNotifier
 from .quality import GateFailed, evaluate, urls_to_probe
 from .retry import call_with_retry
+from .runtimes import KEEP, RunTimeBook, RunTimeModel, run_seconds
 from .synthesis import Synthesizer
 from .urlprobe import probe_urls
+
+__all__ = ["Worker", "LeaseLost", "BatchPaused", "RunTimeModel", "make_owner"]
 
 log = logging.getLogger("opsbot.worker")
 
@@ -59,6 +69,10 @@ def make_owner() -> str:
 
 class LeaseLost(PipelineError):
     """Another worker took the task over (this one was too slow to renew its lease)."""
+
+
+class BatchPaused(PipelineError):
+    """The task's batch was paused: no new run is submitted for it until it is resumed."""
 
 
 class Worker:
@@ -84,11 +98,13 @@ class Worker:
         self._inflight: dict[int, asyncio.Task] = {}
         self._batch_of: dict[int, str] = {}
         self._coze_active: set[int] = set()
+        self._polling: set[int] = set()     # tasks waiting on a submitted run
         self._synth_active: set[int] = set()
-        self._durations: deque[float] = deque(maxlen=200)   # estimated run times, seconds
-        self._model: RunTimeModel | None = None
-        self._model_seen = 0          # samples seen when the model was last fitted
-        self._samples = 0             # samples seen in all
+        self.store = StoreThread(db)  # writes: off the loop
+        # run times per workflow, loaded from the store the first time a workflow is polled
+        self.runtimes = RunTimeBook(
+            lambda workflow: stored_runtimes.load(self.db, workflow, limit=KEEP))
+        self._submit_sent: dict[int, tuple[str, float]] = {}  # task -> (execute_id, sent at)
         self._wake = asyncio.Event()
         self._synth_claim_at = 0.0    # next look for synthesis-stage tasks (see _claim_and_start)
         self.stats = {"submits": 0, "polls": 0, "claimed": 0}
@@ -103,15 +119,15 @@ class Worker:
     async def run(self, *, drain: bool = False, stop: asyncio.Event | None = None) -> None:
         """Work until ``stop`` is set (or, with ``drain``, until nothing is left to do)."""
         stop = stop or asyncio.Event()
-        self.recover_dead_owners()
+        await self.recover_dead_owners()
         renewer = asyncio.create_task(self._renew_loop())
         try:
             while not stop.is_set():
                 try:
                     self._enforce_batch_states()
-                    self._claim_and_start()
-                    self._tick_finish()
-                    if drain and not self._inflight and self._nothing_runnable():
+                    await self._claim_and_start()
+                    await self._tick_finish()
+                    if drain and not self._inflight and await self._nothing_runnable():
                         break
                 except sqlite3.OperationalError:  # e.g. a lock held past busy_timeout
                     log.exception("store unavailable; trying again")
@@ -124,33 +140,39 @@ class Worker:
                     pass
         finally:
             renewer.cancel()
-            await self._release_all()
-            self._finish_batches()
+            try:
+                await self._release_all()
+                await self._finish_batches()
+            finally:
+                self.store.close()   # waits for the writes still queued
 
     def _idle_timeout(self) -> float:
         return self.config.idle_interval
 
-    def _tick_finish(self) -> None:
+    async def _tick_finish(self) -> None:
         """Batches can end without a task ending here (resumed empty, cancelled elsewhere)."""
         now = self.clock.monotonic()
         if now >= self._finish_at:
             self._finish_at = now + 1.0
-            self._finish_batches()
+            await self._finish_batches()
 
-    def _nothing_runnable(self) -> bool:
+    async def _nothing_runnable(self) -> bool:
         """For --drain: no pending work, or only work a human must unblock (manual breaker)."""
         if not queue.has_pending_work(self.db, batch_ids=self.batch_ids):
             return True
-        if not self.breaker.allow() and self.breaker.retry_at() is None:
+        if not await self._breaker_allows() and self.breaker.retry_at() is None:
             log.warning("the Coze breaker waits for a human (resume); drain stops here")
             return True
         return False
 
-    def recover_dead_owners(self) -> int:
+    async def recover_dead_owners(self) -> int:
         """Expire the leases of workers on this host whose process is gone (after a kill -9)."""
+        return await self.store(self._recover_dead_owners)
+
+    def _recover_dead_owners(self, db: sqlite_utils.Database) -> int:
         host = socket.gethostname()
         dead = []
-        for (owner,) in self.db.execute(
+        for (owner,) in db.execute(
                 "SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'"
                 " AND lease_owner IS NOT NULL").fetchall():
             parts = owner.split(":")
@@ -160,32 +182,37 @@ class Worker:
         if not dead:
             return 0
         marks = ",".join("?" * len(dead))
-        with transaction(self.db) as conn:
+        with transaction(db) as conn:
             cur = conn.execute(f"UPDATE tasks SET lease_until = 0 WHERE status = 'running'"
                                f" AND lease_owner IN ({marks})", dead)
         log.info("recovered tasks of dead workers", extra={"count": cur.rowcount})
         return cur.rowcount
 
-    def _claim_and_start(self) -> None:
+    async def _claim_and_start(self) -> None:
         now = self.clock.now()
         free_synth = self.config.max_synthesis - len(self._synth_active)
         claimed = []
         if free_synth > 0 and now >= self._synth_claim_at:
-            claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
-                                         lease=self.config.lease_seconds, limit=free_synth,
-                                         stage="synthesis", batch_ids=self.batch_ids)
+            claimed += await self.store(queue.claim_tasks, owner=self.owner, now=now,
+                                        lease=self.config.lease_seconds, limit=free_synth,
+                                        stage="synthesis", batch_ids=self.batch_ids)
             # Tasks reach the queue in the synthesis stage only when a worker stopped or died
             # mid-synthesis, and finding them scans the queued tasks (stage is not indexed):
             # look again at once only while there may be more, else after a second.
             self._synth_claim_at = now if len(claimed) == free_synth else now + 1.0
         free_coze = self.config.max_coze - len(self._coze_active)
-        if free_coze > 0 and self.breaker.allow():
-            if self.breaker.state().state == "half_open":
-                free_coze = 1 if not self._coze_active else 0  # one probe, not a stampede
+        if free_coze > 0 and await self._breaker_allows():
+            st = self.breaker.state()
+            if st.state == "half_open":   # one probe, not a stampede
+                busy = self._coze_active
+                if st.opened_by_submits(self.breaker.policy.failure_threshold):
+                    # only submits can close it: a probe that submitted and now polls is done
+                    busy = busy - self._polling
+                free_coze = 1 if not busy else 0
             if free_coze:
-                claimed += queue.claim_tasks(self.db, owner=self.owner, now=now,
-                                             lease=self.config.lease_seconds, limit=free_coze,
-                                             stage="coze", batch_ids=self.batch_ids)
+                claimed += await self.store(queue.claim_tasks, owner=self.owner, now=now,
+                                            lease=self.config.lease_seconds, limit=free_coze,
+                                            stage="coze", batch_ids=self.batch_ids)
         for task in claimed:
             if task["id"] in self._inflight:  # our own, still alive: its lease just ran late
                 continue
@@ -217,9 +244,11 @@ class Worker:
         interval = max(0.05, self.config.lease_seconds / 3)
         while True:
             await asyncio.sleep(interval)
+            ids = list(self._inflight)
             try:
-                lost = queue.renew_leases(self.db, list(self._inflight), owner=self.owner,
-                                          now=self.clock.now(), lease=self.config.lease_seconds)
+                # "now" is read once the write has the lock, which may be seconds later
+                lost = await self.store(queue.renew_leases, ids, owner=self.owner,
+                                        now=self.clock.now, lease=self.config.lease_seconds)
             except sqlite3.OperationalError:
                 log.exception("lease renewal failed; trying again")
                 continue
@@ -236,14 +265,16 @@ class Worker:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _release(self, task_id: int) -> None:
-        with transaction(self.db) as conn:
-            conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL,"
-                         " lease_until = NULL WHERE id = ? AND lease_owner = ?"
-                         " AND status = 'running'", [task_id, self.owner])
+    async def _release(self, task_id: int) -> None:
+        def release(db: sqlite_utils.Database) -> None:
+            with transaction(db) as conn:
+                conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL,"
+                             " lease_until = NULL WHERE id = ? AND lease_owner = ?"
+                             " AND status = 'running'", [task_id, self.owner])
+        await self.store(release)
 
-    def _finish_batches(self) -> None:
-        for batch_id in queue.finish_batches(self.db, now=self.clock.now()):
+    async def _finish_batches(self) -> None:
+        for batch_id in await self.store(queue.finish_batches, now=self.clock.now()):
             self.notifier.batch_finished(batch_id)
 
     # ---- one task ----------------------------------------------------------------------------
@@ -257,9 +288,9 @@ class Worker:
                 if output is _STOPPED:
                     return
                 if self.config.skip_synthesis:
-                    self._succeed(task, output, synthesis=None)
+                    await self._succeed(task, output, synthesis=None)
                     return
-                if not self._update(task, stage="synthesis", coze_output=_dump(output)):
+                if not await self._update(task, stage="synthesis", coze_output=_dump(output)):
                     return
                 self._synth_active.add(task_id)
             else:
@@ -267,18 +298,22 @@ class Worker:
             await self._synthesis_stage(task, output)
         except asyncio.CancelledError:
             await self._settle_submit(task_id)
-            self._release(task_id)
+            await self._release(task_id)
             raise
         except Exception as exc:  # a bug must not kill the worker or stall other tasks
             log.exception("task crashed", extra={"task_id": task_id})
-            self._fail(task, None, exc, error_class="internal")
+            await self._fail(task, None, exc, error_class="internal")
         finally:
             if self._inflight.get(task_id) is asyncio.current_task():
                 self._coze_active.discard(task_id)
                 self._synth_active.discard(task_id)
                 self._inflight.pop(task_id, None)
                 self._batch_of.pop(task_id, None)
-            self._finish_batches()
+                self._submit_sent.pop(task_id, None)
+            try:
+                await self._finish_batches()
+            except sqlite3.OperationalError:
+                log.exception("store unavailable; batches are finished later")
             self._wake.set()
 
     # ---- quality gate (pipeline.quality) -------------------------------------------------------
@@ -302,10 +337,10 @@ class Worker:
             failure = evaluate(output, gate.checks, status)
             size = _bytes_of(output)
             if failure is None:
-                queue.record_attempt(self.db, task, stage="gate", started_at=started,
-                                     ended_at=self.clock.now(), outcome="success",
-                                     execute_id=task.get("execute_id"), input_bytes=size,
-                                     output_bytes=size)
+                await self.store(queue.record_attempt, task, stage="gate", started_at=started,
+                                 ended_at=self.clock.now(), outcome="success",
+                                 execute_id=task.get("execute_id"), input_bytes=size,
+                                 output_bytes=size)
                 return output
             exc = GateFailed(failure)
             resubmit = self._gate_resubmits(task["id"]) < gate.max_resubmits
@@ -314,16 +349,17 @@ class Worker:
                                 failure.message + ("; submitting a new run" if resubmit else
                                                    f"; {gate.max_resubmits} new run(s) did not "
                                                    "fix it"))
-            queue.record_attempt(self.db, task, stage="gate", started_at=started,
-                                 ended_at=self.clock.now(), outcome=decision.action,
-                                 error_class="quality", error_code=failure.kind,
-                                 error_message=_msg(exc), node=failure.check,
-                                 execute_id=task.get("execute_id"), input_bytes=size)
+            await self.store(queue.record_attempt, task, stage="gate", started_at=started,
+                             ended_at=self.clock.now(), outcome=decision.action,
+                             error_class="quality", error_code=failure.kind,
+                             error_message=_msg(exc), node=failure.check,
+                             execute_id=task.get("execute_id"), input_bytes=size)
             if not resubmit:
-                self._fail(task, decision, exc, error_class="quality")
+                await self._fail(task, decision, exc, error_class="quality")
                 return _STOPPED
-            if not self._update(task, execute_id=None, submitted_at=None, error_class="quality",
-                                error_code=failure.kind, error_message=_msg(exc)):
+            if not await self._update(task, execute_id=None, submitted_at=None,
+                                      error_class="quality", error_code=failure.kind,
+                                      error_message=_msg(exc)):
                 return _STOPPED
             self.notifier.task_retrying(task, decision, exc)
 
@@ -349,17 +385,23 @@ class Worker:
         if self.config.task_id_param:
             params = {self.config.task_id_param: task["task_key"], **params}
         if task.get("submit_started_at") and not task.get("execute_id"):
-            self._submit_in_doubt(task)
+            await self._submit_in_doubt(task)
         while True:
             if not task.get("execute_id"):
                 started = self.clock.now()
                 try:
                     workflow = self._workflow_for_submit(task)
-                    await self._call(task, lambda: self._shielded_submit(task, workflow, params))
+                    await self._call(task, lambda: self._shielded_submit(task, workflow, params),
+                                     kind="submit")
                 except LeaseLost:
                     return _STOPPED
+                except BatchPaused:
+                    log.info("batch paused: task handed back before a new submit",
+                             extra={"task_id": task["id"], "batch_id": task["batch_id"]})
+                    await self._release(task["id"])
+                    return _STOPPED
                 except Exception as exc:
-                    result = self._handle_error(task, exc, "coze", started)
+                    result = await self._handle_error(task, exc, "coze", started)
                     if isinstance(result, _Resubmit):
                         await self.clock.sleep(result.wait)
                         continue
@@ -373,14 +415,14 @@ class Worker:
                 self._run_ended(task, status.status == "Success")
                 if status.status == "Success":
                     ended = self.clock.now()
-                    queue.record_attempt(self.db, task, stage="coze", started_at=started,
-                                         ended_at=ended, outcome="success",
-                                         execute_id=task["execute_id"],
-                                         output_bytes=_bytes_of(status.output))
-                    self._update(task, coze_seconds=ended - started)
+                    await self.store(queue.record_attempt, task, stage="coze", started_at=started,
+                                     ended_at=ended, outcome="success",
+                                     execute_id=task["execute_id"],
+                                     output_bytes=_bytes_of(status.output))
+                    await self._update(task, coze_seconds=ended - started)
                     return _load(status.output)
                 error = status.as_error()
-            result = self._handle_error(task, error, "coze", started)
+            result = await self._handle_error(task, error, "coze", started)
             if not isinstance(result, _Resubmit):
                 return result
             await self.clock.sleep(result.wait)
@@ -392,20 +434,25 @@ class Worker:
         on its way would lose the ``execute_id`` and the next claim would submit again.
         """
         async def submit_and_store():
+            if self._batch_status(task["batch_id"]) == "paused":
+                raise BatchPaused(f"batch {task['batch_id']} is paused")
             # Mark the submit in doubt first: if this process dies before the id is stored, the
             # next worker knows a run may exist that it cannot see (Coze has no idempotency key).
-            if not self._update(task, submit_started_at=self.clock.now()):
+            if not await self._update(task, submit_started_at=self.clock.now()):
                 raise LeaseLost(f"task {task['id']} was taken over")
+            sent = self.clock.now()
             try:
                 sub = await self.coze.submit(workflow, params)
             except BaseException:
-                self._update(task, submit_started_at=None, _final=True)
+                await self._update(task, submit_started_at=None, _final=True)
                 raise
             self.stats["submits"] += 1
-            if not self._update(task, execute_id=sub.execute_id, submitted_at=self.clock.now(),
-                                debug_url=sub.debug_url, attempts=task["attempts"] + 1,
-                                run_workflow_id=workflow, submit_started_at=None):
+            if not await self._update(task, execute_id=sub.execute_id,
+                                      submitted_at=self.clock.now(), debug_url=sub.debug_url,
+                                      attempts=task["attempts"] + 1, run_workflow_id=workflow,
+                                      submit_started_at=None):
                 raise LeaseLost(f"task {task['id']} was taken over")
+            self._submit_sent[task["id"]] = (sub.execute_id, sent)
             return sub
 
         inner = asyncio.ensure_future(submit_and_store())
@@ -414,7 +461,7 @@ class Worker:
                                 if self._submitting.get(tid) is f else None)
         return asyncio.shield(inner)
 
-    def _submit_in_doubt(self, task: dict[str, Any]) -> None:
+    async def _submit_in_doubt(self, task: dict[str, Any]) -> None:
         """The previous worker died during a submit: Coze may hold a run nobody can see.
 
         It is submitted again (losing the task would be worse), and the doubt is recorded so the
@@ -423,11 +470,12 @@ class Worker:
         now = self.clock.now()
         log.warning("a worker died during this task's submit; submitting again",
                     extra={"task_id": task["id"], "batch_id": task["batch_id"]})
-        queue.record_attempt(self.db, task, stage="coze", started_at=task["submit_started_at"],
-                             ended_at=now, outcome="in_doubt", error_class="crash_during_submit",
-                             error_message="the worker died between submitting and storing the "
-                                           "run id; Coze may have run this task once more")
-        self._update(task, submit_started_at=None)
+        await self.store(queue.record_attempt, task, stage="coze",
+                         started_at=task["submit_started_at"], ended_at=now, outcome="in_doubt",
+                         error_class="crash_during_submit",
+                         error_message="the worker died between submitting and storing the "
+                                       "run id; Coze may have run this task once more")
+        await self._update(task, submit_started_at=None)
 
     def _workflow_for_submit(self, task: dict[str, Any]) -> str:
         """The batch's own workflow when it names another one; else primary or fallback."""
@@ -443,6 +491,10 @@ class Worker:
         if switch is not None:
             self._announce(switch)
         return workflow
+
+    def _batch_status(self, batch_id: str) -> str | None:
+        row = self.db.execute("SELECT status FROM batches WHERE id = ?", [batch_id]).fetchone()
+        return row[0] if row else None
 
     def _run_ended(self, task: dict[str, Any], ok: bool) -> None:
         workflow = task.get("run_workflow_id") or self.workflow_id
@@ -461,14 +513,24 @@ class Worker:
         """Poll until the run ends (see :meth:`_poll_delay`); never poll a run that has ended."""
         execute_id = task["execute_id"]
         submitted = task["submitted_at"] or self.clock.now()
+        workflow = task.get("run_workflow_id") or self.workflow_id
+        self._polling.add(task["id"])
+        try:
+            return await self._poll_until_ended(task, execute_id, submitted, workflow)
+        finally:
+            self._polling.discard(task["id"])
+
+    async def _poll_until_ended(self, task: dict[str, Any], execute_id: str, submitted: float,
+                                workflow: str) -> Any:
         polls = 0
-        running_seen = submitted       # the last time the run was seen Running
+        running_sent = None            # when the last poll that saw the run Running went out
         while True:
             elapsed = self.clock.now() - submitted
-            await self.clock.sleep(self._poll_delay(elapsed, polls))
-            workflow = task.get("run_workflow_id") or self.workflow_id
+            await self.clock.sleep(self._poll_delay(elapsed, polls, workflow))
+            sent = self.clock.now()
             try:
-                status = await self._call(task, lambda: self.coze.poll(workflow, execute_id))
+                status = await self._call(task, lambda: self.coze.poll(workflow, execute_id),
+                                          kind="poll")
             except CozeError as exc:
                 if not self._keep_waiting(exc, submitted):
                     raise
@@ -478,10 +540,9 @@ class Worker:
             now = self.clock.now()
             if status.status in ("Success", "Fail"):
                 if status.status == "Success":
-                    # the run ended between the last Running answer and this one
-                    self._observe((running_seen + now) / 2 - submitted)
+                    self._observe(task, workflow, status, running_sent, now)
                 return status
-            running_seen = now
+            running_sent = sent
             if now - submitted > self.config.run_timeout:
                 raise RunFailed("run_timeout", f"run timed out: still Running after "
                                 f"{self.config.run_timeout:.0f}s", debug_url=task.get("debug_url"))
@@ -505,54 +566,74 @@ class Worker:
 
     #: Target mean detection delay, as a fraction of the mean run time (adaptive polling).
     poll_target = 0.03
-    #: Share of the Coze QPS budget that polling of ``max_coze`` runs may plan to use.
-    poll_qps_share = 0.5
+    #: Share of the Coze QPS budget that submits and polls of ``max_coze`` runs may plan to use
+    #: (polls get what submits leave: ``max_coze / mean run time`` of them per second).
+    poll_qps_share = 0.85
     #: Successful runs needed before polls are placed by the learned run-time model.
     poll_min_samples = 8
 
-    def _poll_delay(self, elapsed: float, polls: int) -> float:
+    def _poll_delay(self, elapsed: float, polls: int, workflow: str | None = None) -> float:
         """Seconds to wait before the next poll of a run submitted ``elapsed`` seconds ago.
 
         * A pinned policy (``first == maximum`` and ``multiplier == 1``) polls at that fixed
           interval, like the seeds did.
         * Until ``poll_min_samples`` runs have succeeded: geometric, from ``poll.first`` growing
           by ``poll.multiplier`` up to ``poll.maximum``.
-        * Then polls follow the run-time distribution learned online (a lognormal fitted to the
-          last 200 successful runs; see :class:`RunTimeModel`): none while a run is unlikely to
+        * Then polls follow the run-time distribution of the run's workflow (a lognormal
+          fitted to its last 200 successful runs, kept in the store so a new worker starts from
+          them; see :class:`~pipeline.runtimes.RunTimeModel`): none while a run is unlikely to
           have ended, dense where runs typically end, sparse in the tail, so that the expected
           delay between a run ending and the worker noticing stays about ``poll_target`` of the
           mean run time, with as few polls as that allows, and within ``poll_qps_share`` of the
-          QPS budget. Intervals are at least ``max(poll.first, target * elapsed)`` (``target``:
-          the model's, raised when the QPS budget binds) and at most ``poll.maximum``, except
-          the wait for the first poll, which may last until the earliest likely end.
+          QPS budget together with the submits. Intervals are at least
+          ``max(min(poll.first, floor), target * elapsed)`` (``target``: the model's, raised
+          when the QPS budget binds; ``floor``: ``target`` of the median run time, so short runs
+          are polled a fraction of a second apart and minute-long ones no more often than
+          ``poll.first``) and at most ``poll.maximum``, except the wait for the first poll,
+          which may last until the earliest likely end.
         """
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:
             return p.first
-        model = self._run_time_model()
+        model = self._run_time_model(workflow or self.workflow_id)
         if model is None:
             return min(p.maximum, p.first * (p.multiplier ** polls))
-        floor = max(p.first, model.target * elapsed)
+        floor = max(min(p.first, model.floor), model.target * elapsed)
         cap = max(p.maximum, model.early - elapsed)
         return model.next_delay(elapsed, floor, cap)
 
-    def _observe(self, seconds: float) -> None:
-        self._durations.append(max(1e-3, seconds))
-        self._samples += 1
+    def _observe(self, task: dict[str, Any], workflow: str, status: Any,
+                 running_sent: float | None, end_seen: float) -> None:
+        """Learn the run time of a run that just succeeded (see :func:`run_seconds`)."""
+        sent = self._submit_sent.get(task["id"])
+        seconds = run_seconds(
+            create_time=getattr(status, "create_time", None),
+            update_time=getattr(status, "update_time", None),
+            submit_sent=sent[1] if sent and sent[0] == task["execute_id"] else None,
+            submit_answered=task["submitted_at"] or end_seen,
+            running_sent=running_sent, end_seen=end_seen)
+        if seconds is None:   # resumed after a restart, and Coze gave no times: unknown
+            return
+        self.runtimes.add(workflow, seconds)
+        self.store.submit(stored_runtimes.record, workflow, seconds, now=end_seen, keep=KEEP,
+                          execute_id=task["execute_id"]).add_done_callback(_warn_failed)
 
-    def _run_time_model(self) -> "RunTimeModel | None":
-        """The fitted model; refitted after every ~12% of new samples (cheap, not per poll)."""
-        n = len(self._durations)
-        if n < self.poll_min_samples:
-            return None
-        if self._model is None or self._samples - self._model_seen >= max(4, n // 8):
-            qps_polls = self.poll_qps_share * self.config.coze_qps / max(1, self.config.max_coze)
-            self._model = RunTimeModel.fit(self._durations, self.poll_target, qps_polls)
-            self._model_seen = self._samples
-        return self._model
+    def _run_time_model(self, workflow: str) -> RunTimeModel | None:
+        """The workflow's fitted model (None until ``poll_min_samples`` run times are known)."""
+        slots = max(1, self.config.max_coze)
+        budget = self.poll_qps_share * self.config.coze_qps
 
-    async def _call(self, task: dict[str, Any], make_call) -> Any:
-        """One Coze API call: behind the breaker, retried by the classifier's rules."""
+        def polls_per_run_second(mean: float) -> float:
+            # what the submits leave of the budget, but never less than a quarter of it
+            return max(budget / 4, budget - slots / max(mean, 1e-3)) / slots
+
+        return self.runtimes.model(workflow, target=self.poll_target,
+                                   max_poll_rate=polls_per_run_second,
+                                   min_samples=self.poll_min_samples)
+
+    async def _call(self, task: dict[str, Any], make_call, *, kind: str) -> Any:
+        """One Coze API call of ``kind`` (``submit`` or ``poll``): behind the breaker, retried
+        by the classifier's rules. The breaker counts the two kinds apart."""
 
         async def attempt():
             try:
@@ -560,9 +641,11 @@ class Worker:
             except CozeError as exc:
                 if exc.scope == "call" and (isinstance(exc, CozeNetworkError)
                                             or (exc.http_status or 0) >= 500):
-                    self.breaker.record_failure(f"{exc.code}: {exc.message}")
+                    await self._breaker("record_failure", f"{exc.code}: {exc.message}", kind)
                 raise
-            self.breaker.record_success()
+            st = self.breaker.state()
+            if st.state != "closed" or (st.submit_failures if kind == "submit" else st.failures):
+                await self._breaker("record_success", kind)   # a write only when it changes
             return result
 
         async def guarded():
@@ -574,28 +657,57 @@ class Worker:
                 return await attempt()
 
         def on_retry(decision: Decision, exc: BaseException, attempt: int) -> None:
+            # queued on the store thread, in order, not awaited (tenacity's hook is sync)
             now = self.clock.now()
-            queue.record_attempt(self.db, task, stage="coze", started_at=now, ended_at=now,
-                                 outcome="retry", error_class=decision.error_class,
-                                 error_code=getattr(exc, "code", None),
-                                 error_message=_msg(exc), execute_id=task.get("execute_id"))
-            self._update(task, error_class=decision.error_class,
-                         error_code=getattr(exc, "code", None), error_message=_msg(exc))
+            self.store.submit(queue.record_attempt, task, stage="coze", started_at=now,
+                              ended_at=now, outcome="retry", error_class=decision.error_class,
+                              error_code=getattr(exc, "code", None), error_message=_msg(exc),
+                              execute_id=task.get("execute_id")).add_done_callback(_warn_failed)
+            fields = dict(error_class=decision.error_class,
+                          error_code=getattr(exc, "code", None), error_message=_msg(exc))
+            self.store.submit(queue.update_task, task["id"], owner=self.owner,
+                              **fields).add_done_callback(_warn_failed)
+            task.update(fields)
             self.notifier.task_retrying(task, decision, exc)
 
         return await call_with_retry(guarded, rules=self.config.rules, policy=self.config.retry,
                                      clock=self.clock, on_retry=on_retry,
                                      resubmits=task["resubmits"])
 
+    async def _breaker_allows(self) -> bool:
+        """May a Coze call go out now? Reads on the loop; the open -> half_open write (once the
+        open time has passed) goes through the store thread."""
+        st = self.breaker.state()
+        if st.state != "open":
+            return True
+        retry_at = self.breaker.retry_at()
+        if retry_at is None or self.clock.now() < retry_at:
+            return False
+        return await self._breaker("allow")
+
+    async def _breaker(self, method: str, *args: Any) -> Any:
+        """Call a breaker method that may write, on the store thread; report state changes."""
+        changes: list[tuple[Any, Any]] = []
+
+        def call(db: sqlite_utils.Database) -> Any:
+            breaker = Breaker(db, self.breaker.service, self.breaker.policy, self.clock.now,
+                              on_change=lambda before, after: changes.append((before, after)))
+            return getattr(breaker, method)(*args)
+
+        result = await self.store(call)
+        for before, after in changes:
+            self._breaker_changed(before, after)
+        return result
+
     async def _gate(self) -> None:
         """Wait while the Coze breaker is open (a manual trip waits for a human)."""
-        while not self.breaker.allow():
+        while not await self._breaker_allows():
             retry_at = self.breaker.retry_at()
             wait = 1.0 if retry_at is None else max(0.05, retry_at - self.clock.now())
             await self.clock.sleep(min(wait, 5.0))
 
-    def _handle_error(self, task: dict[str, Any], exc: BaseException, stage: str,
-                      started: float) -> Any:
+    async def _handle_error(self, task: dict[str, Any], exc: BaseException, stage: str,
+                            started: float) -> Any:
         """Record the failure and act on the classifier's decision.
 
         Returns a :class:`_Resubmit` (submit a new run after its wait) or ``_STOPPED``. A run that
@@ -610,38 +722,39 @@ class Worker:
                                 policy=self.config.retry)
         now = self.clock.now()
         code = getattr(exc, "code", None)
-        queue.record_attempt(self.db, task, stage=stage, started_at=started, ended_at=now,
-                             outcome=decision.action, error_class=decision.error_class,
-                             error_code=code, error_message=_msg(exc),
-                             node=getattr(exc, "node", None), execute_id=task.get("execute_id"))
+        await self.store(queue.record_attempt, task, stage=stage, started_at=started, ended_at=now,
+                         outcome=decision.action, error_class=decision.error_class,
+                         error_code=code, error_message=_msg(exc),
+                         node=getattr(exc, "node", None), execute_id=task.get("execute_id"))
         new_run = decision.action == "resubmit" or (
             decision.action == "retry" and isinstance(exc, RunFailed))
         if new_run:
             log.info("submitting a new run", extra={"task_id": task["id"],
                                                     "reason": decision.reason})
             resubmits = task["resubmits"] + (1 if decision.action == "resubmit" else 0)
-            if not self._update(task, execute_id=None, submitted_at=None, resubmits=resubmits,
-                                error_class=decision.error_class, error_code=code,
-                                error_message=_msg(exc)):
+            if not await self._update(task, execute_id=None, submitted_at=None,
+                                      resubmits=resubmits, error_class=decision.error_class,
+                                      error_code=code, error_message=_msg(exc)):
                 return _STOPPED
             self.notifier.task_retrying(task, decision, exc)
             return _Resubmit(decision.wait if decision.action == "retry" else 0.0)
         if decision.action == "fatal":
-            self._fatal(task, decision, exc)
+            await self._fatal(task, decision, exc)
             return _STOPPED
-        self._fail(task, decision, exc, error_class=decision.error_class)
+        await self._fail(task, decision, exc, error_class=decision.error_class)
         return _STOPPED
 
-    def _fatal(self, task: dict[str, Any], decision: Decision, exc: BaseException) -> None:
+    async def _fatal(self, task: dict[str, Any], decision: Decision, exc: BaseException) -> None:
         """Stop dispatching: trip the breaker, block open batches, hand the task back."""
         reason = f"{decision.error_class}: {_msg(exc)}"
-        self.breaker.trip(reason)
+        await self._breaker("trip", reason)
         ended_run = {"execute_id": None, "submitted_at": None} \
             if isinstance(exc, RunFailed) else {}  # never poll an ended run again after resume
-        self._update(task, error_class=decision.error_class,
-                     error_code=getattr(exc, "code", None), error_message=_msg(exc), **ended_run)
-        self._release(task["id"])
-        blocked = queue.block_open_batches(self.db, now=self.clock.now(), reason=reason)
+        await self._update(task, error_class=decision.error_class,
+                           error_code=getattr(exc, "code", None), error_message=_msg(exc),
+                           **ended_run)
+        await self._release(task["id"])
+        blocked = await self.store(queue.block_open_batches, now=self.clock.now(), reason=reason)
         for batch_id in blocked:
             self.notifier.batch_blocked(batch_id, decision, exc)
         self._enforce_batch_states()
@@ -656,35 +769,36 @@ class Worker:
                                               coze_output)
             except SynthesisError as exc:
                 outcome = "retry" if attempt == 1 else "fail"
-                queue.record_attempt(self.db, task, stage="synthesis", started_at=started,
-                                     ended_at=self.clock.now(), outcome=outcome,
-                                     error_class="synthesis", error_code=exc.code,
-                                     error_message=_msg(exc))
+                await self.store(queue.record_attempt, task, stage="synthesis", started_at=started,
+                                 ended_at=self.clock.now(), outcome=outcome,
+                                 error_class="synthesis", error_code=exc.code,
+                                 error_message=_msg(exc))
                 if attempt == 2:
-                    self._fail(task, None, exc, error_class="synthesis")
+                    await self._fail(task, None, exc, error_class="synthesis")
                     return
                 continue
             ended = self.clock.now()
-            queue.record_attempt(self.db, task, stage="synthesis", started_at=started,
-                                 ended_at=ended, outcome="success",
-                                 output_bytes=_bytes_of(result))
-            self._succeed(task, {"workflow": coze_output, "synthesis": result},
+            await self.store(queue.record_attempt, task, stage="synthesis", started_at=started,
+                             ended_at=ended, outcome="success",
+                             output_bytes=_bytes_of(result))
+            await self._succeed(task, {"workflow": coze_output, "synthesis": result},
                           synthesis=ended - started)
             return
 
     # ---- outcomes ------------------------------------------------------------------------------
 
-    def _succeed(self, task: dict[str, Any], output: Any, *, synthesis: float | None) -> None:
-        if self._update(task, status="succeeded", stage="done", output=_dump(output),
+    async def _succeed(self, task: dict[str, Any], output: Any, *,
+                       synthesis: float | None) -> None:
+        if await self._update(task, status="succeeded", stage="done", output=_dump(output),
                         finished_at=self.clock.now(), synthesis_seconds=synthesis,
                         error_class=None, error_code=None, error_message=None,
                         lease_owner=None, lease_until=None, _final=True):
             self.notifier.task_finished(task, None, None)
             self.notifier.batch_progress(task["batch_id"])
 
-    def _fail(self, task: dict[str, Any], decision: Decision | None, exc: BaseException,
-              *, error_class: str) -> None:
-        if self._update(task, status="failed", error_class=error_class,
+    async def _fail(self, task: dict[str, Any], decision: Decision | None, exc: BaseException,
+                    *, error_class: str) -> None:
+        if await self._update(task, status="failed", error_class=error_class,
                         error_code=str(getattr(exc, "code", "") or "") or None,
                         error_message=_msg(exc), error_node=getattr(exc, "node", None),
                         finished_at=self.clock.now(), lease_owner=None, lease_until=None,
@@ -692,9 +806,9 @@ class Worker:
             self.notifier.task_finished(task, decision, exc)
             self.notifier.batch_progress(task["batch_id"])
 
-    def _update(self, task: dict[str, Any], _final: bool = False, **fields: Any) -> bool:
+    async def _update(self, task: dict[str, Any], _final: bool = False, **fields: Any) -> bool:
         """Write fields while holding the lease; mirror them into ``task``. False: lease lost."""
-        ok = queue.update_task(self.db, task["id"], owner=self.owner, **fields)
+        ok = await self.store(queue.update_task, task["id"], owner=self.owner, **fields)
         if ok:
             task.update(fields)
         elif not _final:
@@ -704,91 +818,6 @@ class Worker:
     def _breaker_changed(self, before, after) -> None:
         log.warning("breaker %s: %s -> %s", after.service, before.state, after.state)
         self.notifier.breaker_changed(after.service, before.state, after.state, after.reason)
-
-
-class RunTimeModel:
-    """Where to poll a run, given run times seen so far (a lognormal fit).
-
-    Polling is an inspection problem: a poll costs one call, and a run that ended ``d`` seconds
-    before the next poll wastes ``d`` seconds. With the hazard rate ``h(t)`` of the run-time
-    distribution (the chance per second that a run still going at ``t`` ends now), the interval
-    that minimises ``delay + c * polls`` near ``t`` is ``sqrt(2c / h(t))`` (Keller, 1974): no polls
-    while runs are unlikely to end, dense ones where they usually end. With it the expected delay
-    is ``sqrt(c/2) * I`` and the expected number of polls ``I / sqrt(2c)``, where
-    ``I = integral of sqrt(f(t) * S(t)) dt``; ``c`` is chosen so that the delay is ``target`` of the
-    mean run time, or larger when the polls would exceed ``max_poll_rate`` per run per second.
-    """
-
-    __slots__ = ("mu", "sigma", "mean", "c", "target", "early")
-
-    def __init__(self, mu: float, sigma: float, target: float, max_poll_rate: float) -> None:
-        self.mu, self.sigma = mu, sigma
-        self.mean = math.exp(mu + sigma * sigma / 2)
-        integral = math.sqrt(sigma * math.exp(mu)) * _lognormal_i(sigma)
-        c = 2 * (target * self.mean / integral) ** 2
-        if max_poll_rate > 0:   # expected polls per run: integral / sqrt(2c)
-            max_polls = max_poll_rate * self.mean
-            c = max(c, (integral / max_polls) ** 2 / 2)
-        self.c = c
-        self.target = math.sqrt(c / 2) * integral / self.mean   # >= target when QPS-bound
-        self.early = math.exp(mu - 2.6 * sigma)   # about the 0.5th percentile
-
-    @classmethod
-    def fit(cls, durations, target: float, max_poll_rate: float = 0.0) -> "RunTimeModel":
-        logs = [math.log(d) for d in durations]
-        mu = math.fsum(logs) / len(logs)
-        var = math.fsum((x - mu) ** 2 for x in logs) / max(1, len(logs) - 1)
-        return cls(mu, max(0.05, math.sqrt(var)), target, max_poll_rate)
-
-    def hazard(self, t: float) -> float:
-        if t <= 0:
-            return 0.0
-        z = (math.log(t) - self.mu) / self.sigma
-        survive = 0.5 * math.erfc(z / _SQRT2)
-        if survive < 1e-300:
-            return z / (self.sigma * t)
-        return math.exp(-0.5 * z * z) / (_SQRT2PI * survive * self.sigma * t)
-
-    def next_delay(self, elapsed: float, floor: float, cap: float) -> float:
-        """The smallest ``d`` in ``[floor, cap]`` with ``d**2 * h(elapsed + d) >= 2c``."""
-        goal = 2 * self.c
-        if floor >= cap or floor * floor * self.hazard(elapsed + floor) >= goal:
-            return min(floor, cap)
-        lo = floor
-        while lo < cap:
-            hi = min(cap, lo * 1.3)
-            if hi * hi * self.hazard(elapsed + hi) >= goal:
-                for _ in range(10):
-                    mid = (lo + hi) / 2
-                    if mid * mid * self.hazard(elapsed + mid) >= goal:
-                        hi = mid
-                    else:
-                        lo = mid
-                return hi
-            lo = hi
-        return cap
-
-
-_SQRT2 = math.sqrt(2.0)
-_SQRT2PI = math.sqrt(2.0 * math.pi)
-
-
-def _lognormal_i(sigma: float, _cache: dict[float, float] = {}) -> float:
-    """``integral of sqrt(exp(sigma z) * phi(z) * Q(z)) dz`` (the lognormal's I, unscaled)."""
-    key = round(sigma, 3)
-    value = _cache.get(key)
-    if value is None:
-        step, total = 0.05, 0.0
-        for i in range(-200, 201):
-            z = i * step
-            total += math.sqrt(math.exp(key * z - 0.5 * z * z) / _SQRT2PI
-                               * 0.5 * math.erfc(z / _SQRT2))
-        value = _cache[key] = total * step
-        if len(_cache) > 4096:
-            _cache.clear()
-    return value
-
-
 
 
 class _Marker:
@@ -807,6 +836,12 @@ class _Resubmit:
 
     def __init__(self, wait: float) -> None:
         self.wait = wait
+
+
+def _warn_failed(fut: "asyncio.Future") -> None:
+    """Done-callback of a store write nobody awaits: say when it failed."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("store write failed: %s", fut.exception())
 
 
 def _pid_alive(pid: int) -> bool:

@@ -2,16 +2,25 @@
 
 One file is shared by the web process (several gunicorn workers) and the worker. WAL lets readers
 run beside one writer; ``busy_timeout`` makes a writer wait for the lock instead of failing.
-Every write that must be atomic runs inside ``with db.conn:`` (one transaction).
+Every write that must be atomic runs inside ``with transaction(db):`` (one ``BEGIN IMMEDIATE``).
+An asyncio process does that waiting off its loop: :class:`StoreThread` runs its writes on a
+thread with a connection of its own.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import sqlite_utils
 
 from .migrations import MIGRATIONS
+
+log = logging.getLogger("opsbot.store")
 
 
 class StorageError(Exception):
@@ -100,3 +109,83 @@ def prune(db: sqlite_utils.Database, *, now: float, keep_days: float = 7.0) -> d
         outbox = conn.execute("DELETE FROM outbox WHERE status != 'pending' AND created_at < ?",
                               [cutoff]).rowcount
     return {"inbox": inbox, "outbox": outbox}
+
+
+def database_file(db: sqlite_utils.Database) -> str | None:
+    """The file behind ``db`` (None for an in-memory store)."""
+    for _, name, file in db.execute("PRAGMA database_list").fetchall():
+        if name == "main":
+            return file or None
+    return None
+
+
+class StoreThread:
+    """Store calls on one dedicated thread with its own connection, awaited from the event loop.
+
+    SQLite lets one writer hold the lock at a time and a waiting writer blocks (up to the busy
+    timeout) inside the call. On the event loop that would freeze every coroutine, lease
+    renewals included, while another process (the web process, ``opsbot run``) writes. Here the
+    wait happens on this thread; the loop goes on. Calls run one at a time, in the order they
+    were submitted, so writes of one coroutine keep their order. Awaiting a call shields it: a
+    cancelled caller does not cancel a write that was already asked for (the sync code it
+    replaces always completed its writes too).
+
+    ``fn(db, *args)`` gets this thread's own :class:`sqlite_utils.Database`. Reads may stay on
+    the loop's connection: in WAL mode a reader never waits for a writer. An in-memory store
+    cannot be opened twice, so its calls run inline on the loop.
+    """
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self._path = database_file(db)
+        self._inline_db = None if self._path else db
+        self._db: sqlite_utils.Database | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _thread_db(self) -> sqlite_utils.Database:
+        if self._db is None:   # opened on the store thread, the first time it is needed
+            self._db = open_db(self._path, migrate=False)
+        return self._db
+
+    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        with self._lock:
+            return fn(self._thread_db(), *args, **kwargs)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
+        """Queue ``fn(db, *args, **kwargs)``; returns a future of its result (not awaited here:
+        a failure is logged if nobody awaits it)."""
+        loop = asyncio.get_running_loop()
+        if self._inline_db is not None:
+            fut = loop.create_future()
+            try:
+                fut.set_result(fn(self._inline_db, *args, **kwargs))
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                fut.set_exception(exc)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="opsbot-store")
+            fut = loop.run_in_executor(self._pool, self._run, fn, args, kwargs)
+        fut.add_done_callback(_log_unretrieved)
+        return fut
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(db, *args, **kwargs)`` on the store thread and return its result."""
+        return await asyncio.shield(self.submit(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Wait for queued calls, close the thread's connection (it reopens when used again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._lock:
+            if self._db is not None:
+                self._db.conn.close()
+                self._db = None
+
+
+def _log_unretrieved(fut: asyncio.Future) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()   # marks it retrieved; the awaiting caller (if any) still gets it
+    if exc is not None and not isinstance(exc, sqlite3.OperationalError):
+        log.debug("store call failed: %s", exc)

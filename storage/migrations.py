@@ -11,9 +11,11 @@ Tables
   bytes of the stage's input and output (``input_bytes``, ``output_bytes``; NULL when unknown).
 - ``outbox``: every outgoing Feishu call (send, reply, patch, Bitable write), sent at least once
   by a sender and made idempotent by ``uuid``.
-- ``breakers``: circuit breaker state per service.
+- ``breakers``: circuit breaker state per service (submit failures counted apart).
 - ``alerts`` / ``silences``: grouped alerts and silenced keys.
 - ``kv``: small named values (last report date, etc.).
+- ``run_times``: the last run times of each workflow (see :mod:`storage.runtimes`), so a new
+  worker places its polls from what earlier ones learned.
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -164,5 +166,18 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE attempts ADD COLUMN output_bytes INTEGER",
         # a task's attempts (the gate's resubmit budget, alert cards' attempt counts)
         "CREATE INDEX attempts_task ON attempts(task_id, id)",
+    ],
+    [
+        # learned run times per workflow (the last few hundred; see storage.runtimes)
+        """CREATE TABLE run_times (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            workflow_id TEXT NOT NULL,
+            seconds REAL NOT NULL,
+            execute_id TEXT,
+            ended_at REAL NOT NULL
+        )""",
+        "CREATE INDEX run_times_workflow ON run_times(workflow_id, id)",
+        # the breaker counts failed submits apart from failed polls (see pipeline.breaker)
+        "ALTER TABLE breakers ADD COLUMN submit_failures INTEGER NOT NULL DEFAULT 0",
     ],
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
@@ -165,14 +165,19 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     return [dict(zip(cols, r)) for r in rows]
 
 
-def renew_leases(db: sqlite_utils.Database, task_ids: Iterable[int], *, owner: str, now: float,
-                 lease: float) -> set[int]:
-    """Extend the leases ``owner`` still holds; return the ids it no longer holds."""
+def renew_leases(db: sqlite_utils.Database, task_ids: Iterable[int], *, owner: str,
+                 now: float | Callable[[], float], lease: float) -> set[int]:
+    """Extend the leases ``owner`` still holds; return the ids it no longer holds.
+
+    ``now`` may be a clock function: it is read once the write lock is held, so a renewal that
+    waited for another process's write still grants a full lease from when it happens.
+    """
     ids = list(task_ids)
     if not ids:
         return set()
     marks = ",".join("?" * len(ids))
     with transaction(db) as conn:
+        now = now() if callable(now) else now
         conn.execute(f"UPDATE tasks SET lease_until = ? WHERE lease_owner = ? AND status = 'running'"
                      f" AND id IN ({marks})", [now + lease, owner, *ids])
         held = {r[0] for r in conn.execute(

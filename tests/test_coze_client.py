@@ -78,7 +78,8 @@ def test_poll_parses_the_documented_success_sample():
         status="Success", output='{"Output":"..."}', error_code="", error_message="",
         debug_url="https://www.coze.cn/work_flow?execute_id=743104097880585****",
         log_id="20241029152003BC531DC784F1897B****", node=None,
-        execute_id="743104097880585****")
+        execute_id="743104097880585****",
+        create_time=1730174063.0, update_time=1730174065.0)   # the run took 2 s
     assert status.output_data() == {"Output": "..."}
     method, path, headers, _ = server.received[0]
     assert (method, path) == ("GET", "/v1/workflows/wf1/run_histories/743104097880585****")

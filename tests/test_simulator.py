@@ -59,6 +59,28 @@ def test_run_ends_on_the_clock_and_counts_polls():
     assert [r.path for r in sim.requests][:1] == ["/v1/workflow/run"]
 
 
+def test_an_ended_run_reports_its_own_start_and_end_in_whole_seconds():
+    """Like Coze: create_time is the run's start, update_time its end (not the poll's time)."""
+    async def body(sim, coze, clock):
+        sim.script("t1", Script(duration=6.5))
+        sub = await coze.submit("wf", {"task_id": "t1"})
+        running = await coze.poll("wf", sub.execute_id)
+        await clock.sleep(100)                    # polled long after the end
+        ended = await coze.poll("wf", sub.execute_id)
+        second_sub = await coze.submit("wf", {"task_id": "t2"})   # default 1 s
+        await clock.sleep(100)
+        second = await coze.poll("wf", second_sub.execute_id)
+        return running, ended, second
+
+    sim_start = 1_750_000_000.7
+    sim_kwargs = {"clock": FakeClock(start=sim_start)}
+    running, ended, second = scenario(body, **sim_kwargs)
+    assert running.status == "Running" and running.create_time == 1_750_000_000
+    assert (ended.create_time, ended.update_time) == (1_750_000_000, 1_750_000_007)
+    assert ended.update_time - ended.create_time == 7     # 6.5 s from .7 ends at 7.2
+    assert second.status == "Success" and second.update_time == int(sim_start + 100 + 1.0)
+
+
 def test_polls_after_the_final_status_are_recorded():
     async def body(sim, coze, clock):
         sim.script("t1", Script(duration=0, outcome="Fail", error_code="720701002"))

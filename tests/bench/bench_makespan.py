@@ -2,6 +2,8 @@
 
     python -m tests.bench.bench_makespan            # 200 tasks (about a minute)
     python -m tests.bench.bench_makespan --quick    # 60 tasks
+    python -m tests.bench.bench_makespan --scales --synthesis 0   # cold / warm / fixed 30 s
+                                                    # at median run times 4 s, 30 s, 90 s, 10 min
 
 Method (see tests/bench/README.md):
 
@@ -18,6 +20,9 @@ Method (see tests/bench/README.md):
   ends, then synthesis on ``max_synthesis`` workers in order of run end.
 * Baseline: the seeds' fixed 30 s polling, i.e. ``PollPolicy(first=30, multiplier=1,
   maximum=30)`` (an interval pinned like this is never adapted by the worker).
+* Warm (``--scales``): after a cold batch, a second batch (new draws, seed + 1) runs in a new
+  loop with a new client, simulator and worker on the same SQLite file: a restart that keeps
+  the run times learned in the store. Fixed 30 s runs the second batch's draws.
 """
 from __future__ import annotations
 
@@ -52,13 +57,15 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     """An event loop whose clock jumps: when it would block for a timer, time advances instead.
 
     I/O is still real: before jumping, the selector is polled without blocking, and when only
-    I/O can make progress (no timer pending) the loop blocks on it as usual. Everything must run
-    in this one thread (a worker thread's progress would not stop the clock).
+    I/O can make progress (no timer pending) the loop blocks on it as usual. Work handed to a
+    thread with ``run_in_executor`` (the worker's store calls) stops the clock too: while any is
+    out, the loop blocks for real until it comes back, so a store write costs no virtual time.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._virtual = 0.0
+        self._threads = 0
         real_select = self._selector.select
 
         def select(timeout: float | None = None):
@@ -67,10 +74,22 @@ class VirtualLoop(asyncio.SelectorEventLoop):
             events = real_select(0)
             if events or timeout <= 0:
                 return events
+            if self._threads:   # a thread's answer wakes the selector through the self-pipe
+                return real_select(None)
             self._virtual += timeout
             return []
 
         self._selector.select = select  # type: ignore[method-assign]
+
+    def run_in_executor(self, executor, func, *args):
+        fut = super().run_in_executor(executor, func, *args)
+        self._threads += 1
+
+        def done(_):
+            self._threads -= 1
+
+        fut.add_done_callback(done)
+        return fut
 
     def time(self) -> float:
         return self._virtual
@@ -157,11 +176,14 @@ def base_config(poll: PollPolicy, synth_seconds: float, qps: float = 20.0,
 
 
 def run_batch(config: PipelineConfig, durations: list[float], synth_seconds: float,
-              workdir: Path, name: str, poll_target: float | None = None) -> dict[str, Any]:
-    """Run one batch in virtual time; return its figures."""
-    keys = [f"t{i:04d}" for i in range(len(durations))]
+              workdir: Path, name: str, poll_target: float | None = None,
+              store: str | None = None) -> dict[str, Any]:
+    """Run one batch in virtual time, in a new worker process's worth of state (a new loop,
+    client, simulator and worker); return its figures. ``store`` names the SQLite file (default:
+    one of its own): a second batch on the same store is a restart that keeps what was learned."""
+    keys = [f"{name}-{i:04d}" for i in range(len(durations))]
     by_key = dict(zip(keys, durations))
-    db = open_db(workdir / f"{name}.db")
+    db = open_db(workdir / f"{store or name}.db")
     wall = time.perf_counter()
 
     async def go(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
@@ -212,6 +234,42 @@ def run_batch(config: PipelineConfig, durations: list[float], synth_seconds: flo
 
 
 FIXED_30 = PollPolicy(first=30.0, multiplier=1.0, maximum=30.0)
+SCALES = (4.0, 30.0, 90.0, 600.0)
+
+
+def run_scales(args: argparse.Namespace, n: int) -> None:
+    """Cold, warm (a second batch after a restart, same store) and fixed 30 s per median."""
+    print(f"{n} tasks per batch, run times lognormal(sigma {args.sigma:g}), 16 in flight,"
+          f" {args.qps:g} QPS, synthesis {args.synthesis:g} s; batch 1 seed {args.seed},"
+          f" batch 2 seed {args.seed + 1}")
+    print(f"{'median':>7} | {'cold ratio':>10} {'calls/task':>10} | {'warm ratio':>10}"
+          f" {'calls/task':>10} {'delay p95':>9} | {'fixed 30 s':>10} {'calls/task':>10}"
+          f" | {'wall':>5}")
+    with tempfile.TemporaryDirectory(prefix="opsbot-bench-") as tmp:
+        for median in args.scales:
+            wall = time.perf_counter()
+            first = draw_durations(n, seed=args.seed, median=median, sigma=args.sigma)
+            second = draw_durations(n, seed=args.seed + 1, median=median, sigma=args.sigma)
+            ideal1 = ideal_makespan(first, 16, 4, args.synthesis)
+            ideal2 = ideal_makespan(second, 16, 4, args.synthesis)
+            config = base_config(PollPolicy(), args.synthesis, args.qps)
+            store = f"warm{median:g}"
+            cold = run_batch(config, first, args.synthesis, Path(tmp), f"c{median:g}",
+                             store=store)
+            warm = run_batch(config, second, args.synthesis, Path(tmp), f"w{median:g}",
+                             store=store)
+            fixed = run_batch(base_config(FIXED_30, args.synthesis, args.qps), second,
+                              args.synthesis, Path(tmp), f"f{median:g}")
+            label = f"{median / 60:g} min" if median >= 60 else f"{median:g} s"
+            print(f"{label:>7} | {cold['makespan'] / ideal1:>10.3f} {cold['calls_per_task']:>10.2f}"
+                  f" | {warm['makespan'] / ideal2:>10.3f} {warm['calls_per_task']:>10.2f}"
+                  f" {warm['delay_p95']:>8.2f}s | {fixed['makespan'] / ideal2:>10.3f}"
+                  f" {fixed['calls_per_task']:>10.2f} | {time.perf_counter() - wall:>4.0f}s",
+                  flush=True)
+            for res in (cold, warm, fixed):
+                if res["late_polls"]:
+                    print(f"  !! {res['name']}: {res['late_polls']} polls of runs already"
+                          f" seen ended")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +286,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="Coze QPS budget (submits and polls), default 20")
     ap.add_argument("--sweep", action="store_true",
                     help="also run fixed 15/10/5 s polling and other adaptive targets")
+    ap.add_argument("--scales", nargs="*", type=float, default=None, metavar="MEDIAN",
+                    help="cold, warm (second batch after a restart on the same store) and fixed"
+                         " 30 s polling per median run time (default: "
+                         + " ".join(f"{m:g}" for m in SCALES) + ")")
     args = ap.parse_args(argv)
     n = args.tasks or (60 if args.quick else 200)
+    if args.scales is not None:
+        args.scales = args.scales or list(SCALES)
+        run_scales(args, n)
+        return 0
     durations = draw_durations(n, seed=args.seed, median=args.median, sigma=args.sigma)
     ideal = ideal_makespan(durations, 16, 4, args.synthesis)
     print(f"{n} tasks, run times lognormal(median {args.median:g} s, sigma {args.sigma:g}),"
