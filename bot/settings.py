@@ -76,6 +76,9 @@ class FeishuSettings:
     bitable_running_value: str = "处理中"
     bitable_done_value: str = "已完成"
     bitable_failed_value: str = "失败"
+    # How Feishu reaches the bot: "webhook" (it calls POST /webhook/event) or "ws" (the worker
+    # opens Feishu's long connection; no public URL, no encrypt key, no verification token).
+    connection: str = "webhook"
 
     @property
     def configured(self) -> bool:
@@ -138,6 +141,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "FEISHU_ALERT_CHAT_ID": ("feishu", "alert_chat_id"),
     "FEISHU_ADMIN_IDS": ("feishu", "admin_ids"),
     "FEISHU_ONCALL_IDS": ("feishu", "oncall_ids"),
+    "FEISHU_CONNECTION": ("feishu", "connection"),
     "BITABLE_APP_TOKEN": ("feishu", "bitable_app_token"),
     "BITABLE_TABLE_ID": ("feishu", "bitable_table_id"),
     "BITABLE_STATUS_FIELD": ("feishu", "bitable_status_field"),
@@ -151,6 +155,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "OPSBOT_WEB_DISPATCH": ("opsbot", "web_dispatch"),
 }
 
+CONNECTIONS = ("webhook", "ws")
 SECRET_KEYS = {"app_secret", "verification_token", "encrypt_key", "api_token"}
 _ID_LIST = re.compile(r"^[A-Za-z0-9_\-]+$")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
@@ -203,6 +208,10 @@ def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Setting
         for k, v in f.items()
     })
     _check_url("FEISHU_DOMAIN", feishu.domain)
+    if feishu.connection not in CONNECTIONS:
+        raise SettingsError(f"FEISHU_CONNECTION: must be 'webhook' (Feishu calls POST "
+                            f"/webhook/event) or 'ws' (the worker opens the long connection), "
+                            f"got {feishu.connection!r}")
     if feishu.encrypt_key and not feishu.verification_token:
         # Feishu issues both; an encrypt key alone would leave legacy card callbacks unsigned.
         raise SettingsError("FEISHU_VERIFICATION_TOKEN: must be set when FEISHU_ENCRYPT_KEY is set "
