@@ -414,3 +414,79 @@ def test_opsbot_worker_in_ws_mode_answers_and_stops_cleanly_on_sigterm(fake, ws,
     assert proc.returncode == 0, stderr
     assert "long connection closed" in stderr
     assert ws.connections[0].close_code == 1000
+
+
+# --- doctor ------------------------------------------------------------------------------------
+
+def _doctor(env):
+    import io
+
+    from bot import doctor
+
+    out = io.StringIO()
+    code = doctor.run_doctor(load_settings(env), out=out, timeout=1.0, budget=4.0)
+    text = out.getvalue()
+    assert "fake-secret" not in text and "wrong-secret" not in text
+    return code, {ln[6:].split(":", 1)[0]: ln for ln in text.splitlines()
+                  if ln[:4].strip() in ("OK", "WARN", "FAIL")}
+
+
+def _ws_env(fake, tmp_path, **more):
+    return {"FEISHU_CONNECTION": "ws", "FEISHU_APP_ID": fake.app_id,
+            "FEISHU_APP_SECRET": fake.app_secret, "FEISHU_DOMAIN": fake.base_url,
+            "OPSBOT_DB": str(tmp_path / "d.db"), **more}
+
+
+def test_doctor_in_ws_mode_checks_discovery_and_needs_no_webhook_secrets(fake, ws, tmp_path):
+    _, lines = _doctor(_ws_env(fake, tmp_path))
+    assert lines["settings.connection"].startswith("OK    settings.connection: "
+                                                   "FEISHU_CONNECTION=ws")
+    assert lines["settings.security"].startswith("OK    settings.security: not needed")
+    assert lines["feishu.connection"] == (
+        f"OK    feishu.connection: long-connection discovery at {fake.base_url}"
+        "/callback/ws/endpoint answered code 0; ping every 1 s (no connection opened here, so "
+        "no event is taken from a running worker)")
+    assert ws.connections == [] and [d["code"] for d in ws.discoveries] == [0]
+
+
+def test_doctor_in_ws_mode_fails_on_refused_discovery_and_missing_credentials(fake, ws,
+                                                                             tmp_path):
+    code, lines = _doctor(_ws_env(fake, tmp_path, FEISHU_APP_SECRET="wrong-secret"))
+    assert code == 1
+    assert lines["feishu.connection"].startswith(
+        "FAIL  feishu.connection: long-connection discovery refused: code 514 'auth failed: "
+        "app_id or app_secret is wrong' — fix: copy App ID and App Secret")
+    assert "persistent connection" in lines["feishu.connection"]
+    env = _ws_env(fake, tmp_path)
+    del env["FEISHU_APP_SECRET"]
+    code, lines = _doctor(env)
+    assert code == 1
+    assert lines["settings.connection"].startswith(
+        "FAIL  settings.connection: FEISHU_CONNECTION=ws without FEISHU_APP_ID and "
+        "FEISHU_APP_SECRET")
+    assert "feishu.connection" not in lines
+
+
+def test_doctor_discovery_check_is_time_bounded(fake, tmp_path):
+    import socket
+
+    silent = socket.socket()                    # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        env = _ws_env(fake, tmp_path, FEISHU_DOMAIN=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        code, lines = _doctor(env)               # bounded by the 1 s request timeout
+    finally:
+        silent.close()
+    assert code == 1
+    assert lines["feishu.connection"].startswith("FAIL  feishu.connection: http://127.0.0.1:")
+    assert "did not answer (ReadTimeout)" in lines["feishu.connection"]
+
+
+def test_doctor_in_webhook_mode_does_not_touch_the_long_connection(fake, ws, tmp_path):
+    env = _ws_env(fake, tmp_path)
+    del env["FEISHU_CONNECTION"]
+    _, lines = _doctor(env)
+    assert "feishu.connection" not in lines and "settings.connection" not in lines
+    assert lines["settings.security"].startswith("WARN  settings.security:")
+    assert ws.discoveries == []
