@@ -60,7 +60,7 @@ log = logging.getLogger("opsbot.longconn")
 DISCOVERY_PATH = "/callback/ws/endpoint"
 SDK_LOOP_LOCK = threading.Lock()   # guards lark_oapi.ws.client.loop: one SDK client at a time
 CLOSE_TIMEOUT = 2.0
-STORE_WAIT = 2.5   # seconds a handler waits for SQLite's write lock
+STORE_WAIT = 2.0   # seconds a handler waits for SQLite's write lock
 
 
 class StoreUnavailable(Exception):
@@ -92,7 +92,9 @@ def build_event_handler(intake: Any, on_recorded: Callable[[str], None] | None =
             raise StoreUnavailable(outcome.response.json.get("message", "store unavailable"))
         if outcome.recorded and on_recorded is not None:
             on_recorded(outcome.recorded)
-        return outcome.response.json
+        # A refused (malformed) event is answered with nothing to show: it stays refused, so
+        # answering 500 would only make Feishu push it again.
+        return outcome.response.json if outcome.response.status == 200 else {}
 
     def on_message(event: Any) -> None:
         answer(event)
