@@ -319,7 +319,7 @@ class LongConnection:
         # Fail fast on a locked store: the SDK then answers 500 and Feishu delivers again,
         # instead of this loop waiting 30 s (a button must be answered within 3 s).
         db.conn.execute(f"PRAGMA busy_timeout = {int(STORE_WAIT * 1000)}")
-        intake = Intake(settings, db, clock, db_lock=threading.Lock(),
+        intake = Intake(settings, db, clock, db_lock=threading.RLock(),
                         card_handler=lambda p: handlers.handle_card_action(db, settings, p, clock))
         return build_event_handler(intake, self.on_recorded), db.conn.close
 
