@@ -47,12 +47,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import threading
 import time
 from typing import Any, Callable
 
+from .errors import OpsbotError
 from .settings import FeishuSettings, Settings
 
 log = logging.getLogger("opsbot.longconn")
@@ -60,10 +62,11 @@ log = logging.getLogger("opsbot.longconn")
 DISCOVERY_PATH = "/callback/ws/endpoint"
 SDK_LOOP_LOCK = threading.Lock()   # guards lark_oapi.ws.client.loop: one SDK client at a time
 CLOSE_TIMEOUT = 2.0
+KEEP = 100         # sessions and restart reasons kept for inspection
 STORE_WAIT = 2.0   # seconds a handler waits for SQLite's write lock
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(OpsbotError):
     """The event could not be recorded: the SDK answers 500 and Feishu delivers it again."""
 
 
@@ -242,11 +245,13 @@ class Session:
             return
         from lark_oapi.ws.exception import ClientException, ServerUnreachableException
 
-        if isinstance(exc, (ClientException, ServerUnreachableException)) and not self._closing:
-            log.error("long connection: client %d gave up: %s: %s", self.number,
-                      type(exc).__name__, exc)
-            self.gave_up = exc
-            self.changed.set()
+        if not isinstance(exc, (ClientException, ServerUnreachableException)) or self._closing:
+            log.debug("long connection: task %s ended: %r", task.get_name(), exc)
+            return
+        log.error("long connection: client %d gave up: %s: %s", self.number,
+                  type(exc).__name__, exc)
+        self.gave_up = exc
+        self.changed.set()
 
     def _on_reconnecting(self) -> None:
         if self.down_since is None:
@@ -274,9 +279,10 @@ class LongConnection:
         self.down_limit = down_limit
         self.backoff = backoff
         self.stable_after = stable_after
-        self.sessions: list[Session] = []
-        self.restarts: list[str] = []   # why each restart happened
-        self.delays: list[float] = []   # and the backoff before it
+        self.sessions: list[Session] = []   # the latest KEEP, the current one last
+        self.restarts: list[str] = []       # why each restart happened (the latest KEEP)
+        self.delays: list[float] = []       # and the backoff before it
+        self._numbers = itertools.count(1)
         self._stop = threading.Event()
         self._changed = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="feishu-ws", daemon=True)
@@ -326,9 +332,10 @@ class LongConnection:
     def _supervise(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            session = Session(self.settings, self._handler_factory, len(self.sessions) + 1,
+            session = Session(self.settings, self._handler_factory, next(self._numbers),
                               self._changed)
             self.sessions.append(session)
+            del self.sessions[:-KEEP]   # the older ones have ended (one client at a time)
             session.start()
             reason = self._watch(session)
             session.stop()
@@ -342,6 +349,7 @@ class LongConnection:
             delay = restart_delay(failures, *self.backoff)
             self.restarts.append(reason)
             self.delays.append(delay)
+            del self.restarts[:-KEEP], self.delays[:-KEEP]
             log.warning("long connection: restarting the client in %.1f s: %s", delay, reason)
             self._stop.wait(delay)
 
