@@ -128,6 +128,13 @@ def test_worker_refuses_ws_mode_without_credentials(db_path):
     assert asyncio.run(run_worker(settings, simulate=True)) == 2
 
 
+def test_worker_drain_does_not_open_the_long_connection(ws, settings):
+    from bot.service import run_worker
+
+    assert asyncio.run(run_worker(settings, simulate=True, drain=True)) == 0
+    assert ws.discoveries == [] and ws.connections == []
+
+
 def test_restart_delay_doubles_up_to_the_maximum():
     assert [restart_delay(n, 1.0, 60.0) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
     assert restart_delay(0, 0.5, 10.0) == 0.5
