@@ -206,11 +206,19 @@ class Session:
     def _close(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
         """Cancel what is left, close the socket (with a close frame), close the loop."""
         self._closing = True
-        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for task in tasks:
-            task.cancel()  # first, so nothing reconnects when the socket closes
-        if tasks:
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # Cancel first, so nothing reconnects when the socket closes. A task may swallow one
+        # cancellation (the SDK's ping loop sleeps a whole PingInterval in a ``finally``), so
+        # cancel again what is left, a few times, never waiting long.
+        pending = {t for t in asyncio.all_tasks(loop) if not t.done()}
+        for _ in range(3):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = loop.run_until_complete(asyncio.wait(pending, timeout=CLOSE_TIMEOUT))
+        if pending:
+            log.warning("long connection: client %d left %d task(s) that ignore cancellation",
+                        self.number, len(pending))
         # The SDK has no public close; its socket is ``Client._conn`` (None when disconnected).
         conn = getattr(client, "_conn", None)
         if conn is not None:
@@ -297,7 +305,7 @@ class LongConnection:
         deadline = time.monotonic() + timeout
         if self._thread.ident is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
-        for session in self.sessions:
+        for session in list(self.sessions):
             session.stop()
             session.thread.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in [self._thread, *(s.thread for s in self.sessions)]

@@ -313,6 +313,32 @@ def test_stop_before_the_first_connection_is_clean(fake, settings):
     assert all(s.event_loop is None or s.event_loop.is_closed() for s in conn.sessions)
 
 
+def test_closing_cancels_again_a_task_that_swallows_one_cancellation(settings):
+    """The SDK's ping loop sleeps a whole PingInterval in a ``finally``: a cancellation that lands
+    in its ``try`` is used up there. Closing must not wait that sleep out."""
+    from bot.longconn import Session
+
+    session = Session(settings, lambda: None, 99, threading.Event())
+    loop = asyncio.new_event_loop()
+
+    async def ping_loop_like():
+        while True:
+            try:
+                await asyncio.sleep(3600)     # cancelled here first ...
+            except Exception:                 # noqa: BLE001 - as the SDK does
+                pass
+            finally:
+                await asyncio.sleep(3600)     # ... then it sleeps on, until cancelled again
+
+    task = loop.create_task(ping_loop_like())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    closing = threading.Thread(target=session._close, args=(loop, None), daemon=True)
+    closing.start()
+    closing.join(20)
+    assert not closing.is_alive()
+    assert loop.is_closed() and task.cancelled()
+
+
 CHILD = textwrap.dedent('''
     import asyncio, json, sys, threading, time
     assert "lark_oapi" not in sys.modules
