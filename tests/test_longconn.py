@@ -294,6 +294,9 @@ def test_stop_ends_the_threads_closes_the_socket_and_the_loop(ws, settings):
     conn = LongConnection(settings)
     conn.start()
     ws.wait_connected()
+    # the SDK pings first thing once start() is past its connect (a stop during the handshake
+    # would close the socket abnormally, as any cancelled connect does)
+    assert ws.wait_for(lambda: ws.pings >= 1, 10)
     session = conn.current
     assert sdk.loop is session.event_loop and sdk.loop is not before   # the session's own loop
     assert conn.stop(10)
