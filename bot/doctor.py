@@ -23,6 +23,8 @@ The exit code is 0 when nothing FAILs, 1 otherwise. Checks:
 - ``webhook.card_callbacks``: whether old-style card callbacks (``/webhook/card``) arrived
   (the web process counts them): they get the toast only and a PATCH, and the fix is to
   subscribe the new ``card.action.trigger``.
+- ``feishu.connection`` (with ``FEISHU_CONNECTION=ws``): the long connection's discovery request
+  answers code 0 (no connection is opened: it would take events from a running worker).
 - ``coze.api`` (when a token is set): one history read for a dummy execute id, which exercises
   auth without starting a run: 4100/401 means the token is invalid, 4200/4314 that it was accepted.
 
@@ -108,6 +110,9 @@ def run_doctor(settings: Settings, *, out: TextIO | None = None,
                                                     check_legacy_callbacks(settings, r)))]
         if settings.feishu.configured:
             sections.append(_Section("feishu", lambda r: check_feishu(settings, r, timeout)))
+        if settings.feishu.configured and settings.feishu.connection == "ws":
+            sections.append(_Section("connection",
+                                     lambda r: check_long_connection(settings, r, timeout)))
         if settings.coze.api_token:
             sections.append(_Section("coze", lambda r: check_coze(settings, r, timeout)))
         for section in sections:
@@ -141,7 +146,11 @@ def check_settings(settings: Settings) -> list[Finding]:
                            "FEISHU_APP_ID and FEISHU_APP_SECRET (or try `opsbot demo`)"))
     security = [_hidden("FEISHU_VERIFICATION_TOKEN", bool(f.verification_token)),
                 _hidden("FEISHU_ENCRYPT_KEY", bool(f.encrypt_key))]
-    if f.verification_token and f.encrypt_key:
+    if f.connection == "ws":
+        out.append(_ws_setting(settings))
+        out.append(Finding(OK, "settings.security", "not needed with FEISHU_CONNECTION=ws: the "
+                           "long connection is authenticated by the app credentials"))
+    elif f.verification_token and f.encrypt_key:
         out.append(Finding(OK, "settings.security", ", ".join(security)))
     else:
         out.append(Finding(WARN, "settings.security",
@@ -218,6 +227,16 @@ def _mentions_finding(settings: Settings) -> Finding:
                    "allows it")
 
 
+def _ws_setting(settings: Settings) -> Finding:
+    f = settings.feishu
+    if f.app_id and f.app_secret:
+        return Finding(OK, "settings.connection", "FEISHU_CONNECTION=ws: `opsbot worker` opens "
+                       "Feishu's long connection (no public URL; the web process is optional)")
+    return Finding(FAIL, "settings.connection", "FEISHU_CONNECTION=ws without FEISHU_APP_ID and "
+                   "FEISHU_APP_SECRET: the worker cannot open the long connection",
+                   _CRED_FIX)
+
+
 def _show(name: str, value: str) -> str:
     return f"{name}={value}" if value else f"{name} missing"
 
@@ -247,7 +266,9 @@ def _summary(settings: Settings, findings: list[Finding]) -> list[str]:
     elif n[WARN]:
         lines.append("Ready, with warnings: the WARN lines above name what is off.")
     else:
-        lines.append("All good: start `opsbot worker` and the web process (see Procfile).")
+        lines.append("All good: start `opsbot worker`" + (
+            " (it holds the long connection; see Procfile.ws)"
+            if settings.feishu.connection == "ws" else " and the web process (see Procfile)."))
     return lines
 
 
@@ -554,6 +575,41 @@ def _video_finding(settings: Settings, types: dict[str, Any]) -> Finding:
                        f"set feishu.bitable_video_mode = "
                        f"{'link' if mode == 'upload' else 'upload'}")
     return Finding(OK, "feishu.bitable_video", f"column {name!r} takes the videos ({mode})")
+
+
+def check_long_connection(settings: Settings, report: "_Reporter", timeout: float) -> None:
+    """FEISHU_CONNECTION=ws: the discovery request the SDK makes first must answer code 0.
+
+    Only discovery: a connection opened here would take events from the worker's."""
+    import requests
+
+    from .longconn import DISCOVERY_PATH, probe_endpoint
+
+    f = settings.feishu
+    url = f.domain.rstrip("/") + DISCOVERY_PATH
+    reach = f"check that this machine reaches {f.domain} (proxy, firewall, FEISHU_DOMAIN)"
+    report.step("feishu.connection", reach)
+    try:
+        code, msg, config = probe_endpoint(f, timeout)
+    except requests.RequestException as exc:
+        report(Finding(FAIL, "feishu.connection", f"{url} did not answer "
+                       f"({type(exc).__name__})", reach))
+        return
+    except ValueError as exc:
+        report(Finding(FAIL, "feishu.connection", f"{url} answered {exc}",
+                       "FEISHU_DOMAIN must be the open platform's base URL "
+                       "(https://open.feishu.cn; Lark: https://open.larksuite.com)"))
+        return
+    if code == 0:
+        ping = f"; ping every {config['PingInterval']} s" if "PingInterval" in config else ""
+        report(Finding(OK, "feishu.connection", f"long-connection discovery at {url} answered "
+                       f"code 0{ping} (no connection opened here, so no event is taken from a "
+                       "running worker)"))
+        return
+    report(Finding(FAIL, "feishu.connection", f"long-connection discovery refused: code {code} "
+                   f"{msg!r}", _cred_fix() + "; and in " + _CONSOLE + " > Events & Callbacks, "
+                   "choose 'Receive events through persistent connection' for events and for "
+                   "callbacks (the console accepts it while `opsbot worker` is connected)"))
 
 
 _ADD_BOT_FIX = ("add the bot to the group: open the group > Settings > Group bots > Add bot, "

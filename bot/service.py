@@ -4,6 +4,10 @@ Everything shares one SQLite file with the web process. The pipeline runs on the
 the Feishu side (inbox commands, outbox delivery, the scheduler) calls lark-oapi, which is
 synchronous, so it runs in one background thread with its own DB connection. Both stop cleanly on
 SIGTERM/SIGINT; whatever they held (leases) is handed back or expires, and the next worker resumes.
+
+With ``FEISHU_CONNECTION=ws`` the worker also holds Feishu's long connection
+(:class:`bot.longconn.LongConnection`, its own threads and event loop): messages it records wake
+the Feishu thread, which answers them as it answers the web process's.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ class FeishuLoop:
         self.interval = interval
         self.feishu_client = feishu_client
         self.stop_event = threading.Event()
+        self._wake = threading.Event()
         self.thread = threading.Thread(target=self._run, name="feishu-loop", daemon=True)
         self.errors = 0
         self.identity: Any = None
@@ -74,8 +79,13 @@ class FeishuLoop:
     def start(self) -> None:
         self.thread.start()
 
+    def wake(self, key: str | None = None) -> None:
+        """Something was recorded (by the long connection): look at the inbox now."""
+        self._wake.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
+        self._wake.set()
         self.thread.join(timeout)
 
     def _run(self) -> None:
@@ -99,7 +109,8 @@ class FeishuLoop:
             except Exception:
                 self.errors += 1
                 log.exception("feishu loop iteration failed")
-            self.stop_event.wait(self.interval)
+            self._wake.wait(self.interval)
+            self._wake.clear()
         # a last delivery so a final summary card is not left behind on shutdown
         with contextlib.suppress(Exception):
             sender.deliver_due()
@@ -129,6 +140,11 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
                      clock: Clock | None = None, stop: asyncio.Event | None = None,
                      tick_interval: float = 3.0) -> int:
     """Run until stopped (or drained). Returns the process exit code."""
+    ws_mode = settings.feishu.connection == "ws"
+    if ws_mode and not settings.feishu.configured:
+        log.error("FEISHU_CONNECTION=ws needs FEISHU_APP_ID and FEISHU_APP_SECRET: the long "
+                  "connection is opened with the app's credentials")
+        return 2
     clock = clock or Clock()
     owner = make_owner()
     db = open_db(settings.db_path)
@@ -153,6 +169,14 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
                     "replies, alerts or Bitable write-back will be delivered; they stay queued")
     else:
         feishu.start()
+    longconn = None
+    if ws_mode and drain:
+        log.info("--drain: the long connection is not opened (no new commands are taken)")
+    elif ws_mode:
+        from .longconn import LongConnection
+
+        longconn = LongConnection(settings, clock, on_recorded=feishu.wake)
+        longconn.start()
     limiter = coze_limiter(settings.pipeline.coze_qps, clock)
     try:
         from .canary import Canary
@@ -175,6 +199,8 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
         if drain and feishu is not None:
             await _drain_outbox(db, clock, seconds=30.0)
     finally:
+        if longconn is not None:  # first: no new command is taken while the rest shuts down
+            await asyncio.to_thread(longconn.stop)
         if feishu is not None:
             feishu.stop()
         if sim is not None:

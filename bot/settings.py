@@ -82,6 +82,9 @@ class FeishuSettings:
     bitable_video_mode: str = "upload"   # upload: attachment; link: text with video_link_base
     video_link_base: str = ""            # URL under which pipeline.output_dir is served
     bitable_log_table_id: str = ""       # every attempt mirrored to this table ("" = off)
+    # How Feishu reaches the bot: "webhook" (it calls POST /webhook/event) or "ws" (the worker
+    # opens Feishu's long connection; no public URL, no encrypt key, no verification token).
+    connection: str = "webhook"
 
     @property
     def configured(self) -> bool:
@@ -145,6 +148,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "FEISHU_ALERT_CHAT_ID": ("feishu", "alert_chat_id"),
     "FEISHU_ADMIN_IDS": ("feishu", "admin_ids"),
     "FEISHU_ONCALL_IDS": ("feishu", "oncall_ids"),
+    "FEISHU_CONNECTION": ("feishu", "connection"),
     "BITABLE_APP_TOKEN": ("feishu", "bitable_app_token"),
     "BITABLE_TABLE_ID": ("feishu", "bitable_table_id"),
     "BITABLE_STATUS_FIELD": ("feishu", "bitable_status_field"),
@@ -159,6 +163,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "OPSBOT_MENTION_ALL": ("alerts", "mention_all"),
 }
 
+CONNECTIONS = ("webhook", "ws")
 SECRET_KEYS = {"app_secret", "verification_token", "encrypt_key", "api_token"}
 _ID_LIST = re.compile(r"^[A-Za-z0-9_\-]+$")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
@@ -214,6 +219,10 @@ def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Setting
     if feishu.bitable_video_mode not in ("upload", "link"):
         raise SettingsError(f"[feishu] bitable_video_mode must be 'upload' or 'link', got "
                             f"{feishu.bitable_video_mode!r}")
+    if feishu.connection not in CONNECTIONS:
+        raise SettingsError(f"FEISHU_CONNECTION: must be 'webhook' (Feishu calls POST "
+                            f"/webhook/event) or 'ws' (the worker opens the long connection), "
+                            f"got {feishu.connection!r}")
     if feishu.encrypt_key and not feishu.verification_token:
         # Feishu issues both; an encrypt key alone would leave legacy card callbacks unsigned.
         raise SettingsError("FEISHU_VERIFICATION_TOKEN: must be set when FEISHU_ENCRYPT_KEY is set "
