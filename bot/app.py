@@ -188,13 +188,17 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
     json_errors(app)
 
     def handle(req):
-        from .metrics import WEBHOOK_LATENCY
+        from .metrics import WEBHOOK_LATENCY, WEBHOOK_REQUESTS
 
         started = time.perf_counter()
+        status = 500
         try:
-            return state.intake().handle(req)
+            outcome = state.intake().handle(req)
+            status = outcome.response.status
+            return outcome
         finally:
             WEBHOOK_LATENCY.observe(time.perf_counter() - started)
+            WEBHOOK_REQUESTS.labels(status=str(status)).inc()
 
     dispatch = dispatch and settings.web_dispatch
     if dispatch and settings.feishu.configured:
