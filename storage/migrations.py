@@ -14,6 +14,7 @@ Tables
 - ``breakers``: circuit breaker state per service (submit failures counted apart).
 - ``alerts`` / ``silences``: grouped alerts and silenced keys.
 - ``kv``: small named values (last report date, etc.).
+- ``workers``: one row per worker process start (id, host, PID namespace, stages, heartbeat).
 - ``run_times``: the last run times of each workflow (see :mod:`storage.runtimes`), so a new
   worker places its polls from what earlier ones learned.
 """
@@ -179,5 +180,20 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX run_times_workflow ON run_times(workflow_id, id)",
         # the breaker counts failed submits apart from failed polls (see pipeline.breaker)
         "ALTER TABLE breakers ADD COLUMN submit_failures INTEGER NOT NULL DEFAULT 0",
+    ],
+    [
+        # worker processes: a unique id per process start (the tasks' lease_owner), where it
+        # runs, which stages it takes, and its heartbeat (see storage.workers)
+        """CREATE TABLE workers (
+            id TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            pid_ns TEXT,
+            proc_start INTEGER,
+            stages TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            stopped_at REAL
+        )""",
     ],
 ]
