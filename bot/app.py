@@ -21,6 +21,7 @@ import queue as queuelib
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from flask import Flask, Response as FlaskResponse, jsonify
@@ -121,7 +122,8 @@ class Dispatcher:
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.pid = os.getpid()
-        self.owner = f"web-{socket.gethostname()}-{self.pid}"
+        # unique per process start: containers can share a hostname and a PID
+        self.owner = f"web-{socket.gethostname()}-{self.pid}-{uuid.uuid4().hex}"
         self.keys: queuelib.Queue[str | None] = queuelib.Queue()
         self.idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name="opsbot-dispatcher", daemon=True)
