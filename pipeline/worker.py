@@ -152,6 +152,7 @@ class Worker:
         await self.store(stored_workers.register, id=me.id, hostname=me.hostname, pid=me.pid,
                          pid_ns=me.pid_ns, proc_start=me.proc_start, stages=self.stages,
                          now=self.clock.now())
+        await self.store(stored_workers.prune, now=self.clock.now())
         await self.recover_dead_owners()
         renewer = asyncio.create_task(self._renew_loop())
         try:
@@ -290,10 +291,10 @@ class Worker:
             await asyncio.sleep(interval)
             ids = list(self._inflight)
             try:
-                await self.store(stored_workers.heartbeat, self.owner, now=self.clock.now())
                 # "now" is read once the write has the lock, which may be seconds later
                 lost = await self.store(queue.renew_leases, ids, owner=self.owner,
                                         now=self.clock.now, lease=self.config.lease_seconds)
+                await self.store(stored_workers.heartbeat, self.owner, now=self.clock.now())
             except sqlite3.OperationalError:
                 log.exception("lease renewal failed; trying again")
                 continue

@@ -64,3 +64,13 @@ def expire_leases(db: sqlite_utils.Database, owners: Iterable[str]) -> int:
     with transaction(db) as conn:
         return conn.execute(f"UPDATE tasks SET lease_until = 0 WHERE status = 'running'"
                             f" AND lease_owner IN ({marks})", dead).rowcount
+
+
+def prune(db: sqlite_utils.Database, *, now: float, keep_days: float = 7.0) -> int:
+    """Forget workers silent for ``keep_days`` that hold no running task (a worker starting
+    calls this: one row per process start would otherwise pile up)."""
+    with transaction(db) as conn:
+        return conn.execute(
+            "DELETE FROM workers WHERE heartbeat_at < ? AND id NOT IN (SELECT lease_owner FROM"
+            " tasks WHERE status = 'running' AND lease_owner IS NOT NULL)",
+            [now - keep_days * 86400]).rowcount

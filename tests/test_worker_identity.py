@@ -247,3 +247,14 @@ def test_a_running_worker_keeps_a_heartbeat(db, tmp_path):
     assert [r["id"] for r in live] == [worker.owner]
     assert stored_workers.get(db, [worker.owner])[worker.owner]["stopped_at"] is not None
     assert stored_workers.live(db, now=time.time(), within=60) == []
+
+
+def test_silent_workers_are_forgotten_unless_they_hold_tasks(db):
+    for wid, beat in (("old", 0.0), ("old-holding", 0.0), ("recent", 7 * 86400.0)):
+        stored_workers.register(db, id=wid, hostname="h", pid=1, pid_ns=None, proc_start=None,
+                                stages=STAGES, now=beat)
+    b = _batch(db, 1)
+    queue.claim_tasks(db, owner="old-holding", now=0, lease=5, limit=1, batch_ids=[b])
+    assert stored_workers.prune(db, now=7 * 86400 + 1) == 1
+    assert sorted(stored_workers.get(db, ["old", "old-holding", "recent"])) == \
+        ["old-holding", "recent"]
