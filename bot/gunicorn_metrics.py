@@ -60,5 +60,5 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's Arbiter and
 
 
 def on_exit(server) -> None:  # noqa: ANN001
-    for path in _created:
-        shutil.rmtree(path, ignore_errors=True)
+    while _created:
+        shutil.rmtree(_created.pop(), ignore_errors=True)

@@ -149,3 +149,22 @@ def test_a_dead_web_worker_does_not_make_counters_fall(web):
         assert str(victim) != pid
         assert s[("opsbot_webhook_seconds_count", frozenset())] == 30, pid
         assert s[("opsbot_webhook_requests_total", frozenset({("status", "400")}))] == 30, pid
+
+
+def test_configure_uses_the_given_folder_or_makes_one_and_clean_removes_only_samples(tmp_path):
+    from bot import gunicorn_metrics
+
+    given = tmp_path / "given" / "deeper"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(given)}
+    assert gunicorn_metrics.configure(env) == str(given) and given.is_dir()
+    (given / "counter_12.db").write_bytes(b"x")
+    (given / "histogram_13.db").write_bytes(b"x")
+    (given / "notes.txt").write_text("mine")
+    assert gunicorn_metrics.clean(str(given)) == 2
+    assert [p.name for p in given.iterdir()] == ["notes.txt"]
+
+    env = {}
+    made = gunicorn_metrics.configure(env)
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == made and Path(made).is_dir()
+    gunicorn_metrics.on_exit(None)
+    assert not Path(made).exists() and given.is_dir()   # only the folder it made is removed
