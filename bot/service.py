@@ -147,7 +147,9 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
                     "replies, alerts or Bitable write-back will be delivered; they stay queued")
     else:
         feishu.start()
-    limiter = coze_limiter(settings.pipeline.coze_qps, clock)
+    # one budget per Coze account, shared through the store with any `opsbot run` beside us
+    limiter = coze_limiter(settings.pipeline.coze_qps, clock, store=settings.db_path,
+                           base_url=base_url, token=token)
     try:
         from .canary import Canary
         from .scheduler import Scheduler
@@ -169,6 +171,7 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
         if drain and feishu is not None:
             await _drain_outbox(db, clock, seconds=30.0)
     finally:
+        limiter.close()
         if feishu is not None:
             feishu.stop()
         if sim is not None:

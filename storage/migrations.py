@@ -13,6 +13,7 @@ Tables
 - ``breakers``: circuit breaker state per service.
 - ``alerts`` / ``silences``: grouped alerts and silenced keys.
 - ``kv``: small named values (last report date, etc.).
+- ``budgets``: the Coze QPS budget shared by every process of one account.
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -155,5 +156,25 @@ MIGRATIONS: list[list[str]] = [
         # set while a submit is on the wire: a worker that finds it set (and no execute_id)
         # knows its predecessor died mid-submit and Coze may hold a run it cannot see
         "ALTER TABLE tasks ADD COLUMN submit_started_at REAL",
+    ],
+    [
+        # One Coze QPS budget per account, shared by every process on this store
+        # (storage.budget): the next free send slot, the pause after a 429, the reduced rate.
+        """CREATE TABLE budgets (
+            key TEXT PRIMARY KEY,                    -- hash of the account (never the token)
+            next_slot REAL NOT NULL DEFAULT 0,       -- Unix seconds of the next free slot
+            paused_until REAL NOT NULL DEFAULT 0,
+            reduced_rate REAL,                       -- rate right after the last 429 (NULL: none)
+            reduced_at REAL,
+            updated_at REAL NOT NULL
+        )""",
+        # the process running a batch of its own (`opsbot run`); other workers leave the
+        # batch alone while runner_until is in the future
+        "ALTER TABLE batches ADD COLUMN runner TEXT",
+        "ALTER TABLE batches ADD COLUMN runner_until REAL",
+        # Feishu dedupes a send by uuid for one hour from its first attempt; a replayed dead
+        # row is sent under a new uuid (send_uuid) while `uuid` stays its name for patches
+        "ALTER TABLE outbox ADD COLUMN first_attempt_at REAL",
+        "ALTER TABLE outbox ADD COLUMN send_uuid TEXT",
     ],
 ]
