@@ -74,7 +74,11 @@ class FakeFeishu:
     """The fake server. Use as a context manager, or call :meth:`start` / :meth:`stop`."""
 
     def __init__(self, *, app_id: str = "cli_fake", app_secret: str = "fake-secret",
-                 token_expire: int = 7200, strict_records: bool = False) -> None:
+                 token_expire: int = 7200, strict_records: bool = False,
+                 clock: Any = None) -> None:
+        """``clock`` (``.now()``, Unix seconds; default real time) ages send uuids: like Feishu,
+        a uuid dedupes a send for one hour after its first use, no longer."""
+        self.clock = clock
         self.app_id = app_id
         self.app_secret = app_secret
         self.token_expire = token_expire
@@ -148,7 +152,7 @@ class FakeFeishu:
             self.tables: dict[tuple[str, str], list[dict[str, Any]]] = {}
             self.tokens: list[str] = getattr(self, "tokens", [])
             self.expired: set[str] = set()
-            self._by_uuid: dict[str, str] = {}
+            self._by_uuid: dict[str, tuple[str, float]] = {}   # uuid -> (message_id, first use)
             self._scripts: dict[str, list[Scripted]] = {r: [] for r in ROUTES}
 
     def fail(self, route: str, *, status: int | None = None, code: int | None = None,
@@ -357,8 +361,10 @@ class FakeFeishu:
     def _add_message(self, body: dict[str, Any], *, chat_id: str | None,
                      reply_to: str | None) -> tuple[int, Any]:
         uuid = body.get("uuid")
-        if uuid and uuid in self._by_uuid:  # Feishu: same uuid within an hour = same message
-            message = next(m for m in self.messages if m["message_id"] == self._by_uuid[uuid])
+        now = self.clock.now() if self.clock is not None else time.time()
+        seen = self._by_uuid.get(uuid) if uuid else None
+        if seen and now - seen[1] < 3600:  # Feishu: same uuid within an hour = same message
+            message = next(m for m in self.messages if m["message_id"] == seen[0])
             return 200, {"code": 0, "msg": "success", "data": self._message_data(message)}
         try:
             content = json.loads(body.get("content") or "null")
@@ -370,7 +376,7 @@ class FakeFeishu:
         self.messages.append(message)
         self.chat_log.append(("message", dict(message)))
         if uuid:
-            self._by_uuid[uuid] = message["message_id"]
+            self._by_uuid[uuid] = (message["message_id"], now)
         return 200, {"code": 0, "msg": "success", "data": self._message_data(message)}
 
     @staticmethod
