@@ -125,9 +125,10 @@ class SharedRateLimiter:
     """The budget of one Coze account, held in the store and shared by every process using it.
 
     Callers in this process queue first come, first served. The first in line reserves send
-    slots in the store (:func:`storage.budget.reserve`): one slot per waiting caller, at most
-    ``horizon`` seconds' worth, so a busy process writes a few times a second whatever the
-    rate, and an idle one writes once per request. Each caller then sleeps until its slot and
+    slots in the store (:func:`storage.budget.reserve`): one per waiting caller, or what this
+    process used in the last ``horizon`` seconds if that is more, and never more than
+    ``horizon`` seconds' worth of the rate. A busy process thus writes about ``1 / horizon``
+    times a second, and a quiet one once per request. Each caller then sleeps until its slot and
     may use it up to :data:`LATE` seconds after it (an event loop is never exactly on time);
     a slot missed by more is dropped. Slots are spaced ``(1 + LATE) / rate`` apart, so however
     late each one is used within that tolerance, no second of time holds more than ``rate``
@@ -167,6 +168,7 @@ class SharedRateLimiter:
         self._spacing = 1.0 / slot_rate
         self._paused_until = 0.0
         self._waiting = 0
+        self._used: collections.deque[float] = collections.deque()   # recent grant times
         self._lock: asyncio.Lock | None = None
         self._db: Any = None         # opened in the store thread
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="coze-budget")
@@ -192,6 +194,7 @@ class SharedRateLimiter:
                     if wait <= 0:
                         self._slots.popleft()
                         self.requests += 1
+                        self._used.append(self.clock.now())
                         return
                     await self.clock.sleep(wait)
         finally:
@@ -199,25 +202,28 @@ class SharedRateLimiter:
 
     async def _next_wait(self) -> float:
         """Seconds until the first reserved slot (reserving when none is left); 0: send now."""
-        now = self.clock.now()
-        if now < self._paused_until:
-            return self._paused_until - now
-        while self._slots and self._slots[0] < now - LATE:
-            self._slots.popleft()        # missed: using it now could crowd a later second
-        if not self._slots:
-            count = min(self.max_slots, max(1, self._waiting))
+        while True:
+            now = self.clock.now()
+            if now < self._paused_until:
+                return self._paused_until - now
+            while self._slots and self._slots[0] < now - LATE:
+                self._slots.popleft()    # missed: using it now could crowd a later second
+            if self._slots:
+                wait = self._slots[0] - now
+                return 0.0 if wait < _EPSILON else wait
+            while self._used and self._used[0] < now - self.horizon:
+                self._used.popleft()
+            count = min(self.max_slots, max(1, self._waiting, len(self._used)))
             try:
                 grant = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._reserve, now, count)
+                    self._pool, self._reserve, count)
             except sqlite3.Error as exc:
                 log.warning("Coze budget: store unavailable, waiting (%s)", exc)
                 return self._retry_wait
             self.reservations += 1
             self._spacing = grant.spacing
             self._slots.extend(grant.slots())
-            now = self.clock.now()
-        wait = self._slots[0] - now
-        return 0.0 if wait < _EPSILON else wait
+            # and look again: slots that went stale while the store was busy are dropped
 
     def slow_down(self, seconds: float = 0.0) -> None:
         """Answer to a 429: pause this process now, and every process through the store."""
@@ -243,8 +249,9 @@ class SharedRateLimiter:
             self._db.conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         return self._db
 
-    def _reserve(self, now: float, count: int) -> budget.Grant:
-        return budget.reserve(self._store(), self.key, self.policy, now=now, count=count)
+    def _reserve(self, count: int) -> budget.Grant:
+        return budget.reserve(self._store(), self.key, self.policy, now=self.clock.now(),
+                              count=count)
 
     def _slow_down(self, now: float, seconds: float) -> None:
         budget.slow_down(self._store(), self.key, self.policy, now=now, seconds=seconds)
