@@ -279,11 +279,11 @@ class OutboxSender:
             rows = [r for r in rows if r not in late]
             if not rows:
                 return
-        for r in rows:
+        for r in rows:   # the last retry is moved inside the window rather than lost
             wait = min(delay, max(wait_at_least, self._window_left(r, now) - 1.0))
             held[r["target"]] = now + wait
             outbox.mark_retry(self.db, r["id"], now=now, next_at=now + wait, error=str(err))
-        log.warning("outbox retry in %.1fs: %s", delay, err,
+        log.warning("outbox retry in %.1fs: %s", held[rows[0]["target"]] - now, err,
                     extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows],
                            "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
 

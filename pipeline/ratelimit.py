@@ -231,7 +231,10 @@ class SharedRateLimiter:
         self.slowdowns += 1
         self._slots.clear()
         self._paused_until = max(self._paused_until, now + max(0.0, seconds))
-        future = self._pool.submit(self._slow_down, now, seconds)
+        try:
+            future = self._pool.submit(self._slow_down, now, seconds)
+        except RuntimeError:   # closed: nobody here sends any more
+            return
         future.add_done_callback(_log_failure)
 
     def close(self) -> None:
