@@ -233,7 +233,7 @@ def seed_state(db):
 @pytest.mark.parametrize("text", [
     "run", "retry k1", "retry 1", "retry batch b1111", "retry b1111", "cancel b1111",
     "cancel", "pause b1111", "resume b2222", "resume b3333", "silence b1111 1h", "silence *",
-    "运行", "取消 b1111", "恢复 b3333", "/cancel b1111",
+    "运行", "取消 b1111", "恢复 b3333", "/cancel b1111", "replay", "重发 1",
 ])
 def test_non_admin_commands_change_nothing(client, db, settings, fake, text):
     seed_state(db)
