@@ -171,6 +171,7 @@ class SharedRateLimiter:
         self._used: collections.deque[float] = collections.deque()   # recent grant times
         self._lock: asyncio.Lock | None = None
         self._db: Any = None         # opened in the store thread
+        self._store_down_since: float | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="coze-budget")
 
     @property
@@ -218,8 +219,14 @@ class SharedRateLimiter:
                 grant = await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._reserve, count)
             except sqlite3.Error as exc:
-                log.warning("Coze budget: store unavailable, waiting (%s)", exc)
+                if self._store_down_since is None:   # one line per outage, not per retry
+                    self._store_down_since = now
+                    log.warning("Coze budget: store unavailable, Coze calls wait (%s)", exc)
                 return self._retry_wait
+            if self._store_down_since is not None:
+                log.warning("Coze budget: store available again after %.1fs",
+                            now - self._store_down_since)
+                self._store_down_since = None
             self.reservations += 1
             self._spacing = grant.spacing
             self._slots.extend(grant.slots())
