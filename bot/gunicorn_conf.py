@@ -1,0 +1,44 @@
+"""gunicorn settings of the web process (the Procfile passes ``-c python:bot.gunicorn_conf``).
+
+Its job is the log: gunicorn's own lines, the access log (one line per request, on stdout) and
+its error log (boot, worker exits, timeouts, on stderr), come out as the same JSON lines as
+opsbot's (:class:`bot.logs.JsonFormatter`, secrets redacted), so one log pipeline reads all of
+them. An access line carries ``method``, ``path`` (no query string), ``status``,
+``duration_ms``, ``response_bytes``, ``remote_addr`` and ``user_agent``.
+"""
+from __future__ import annotations
+
+from gunicorn import glogging
+
+from bot.logs import JsonFormatter
+
+accesslog = "-"
+
+
+class JsonLogger(glogging.Logger):
+    """gunicorn's logger with JSON lines for both of its logs."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(JsonFormatter())
+
+    def access(self, resp, req, environ, request_time) -> None:
+        if not getattr(self, "access_log_enabled", bool(self.cfg.accesslog)):
+            return
+        status = str(resp.status or "").split(None, 1)[0]
+        try:
+            self.access_log.info("%s %s %s", req.method, req.path, status, extra={
+                "method": req.method, "path": req.path,
+                "status": int(status) if status.isdigit() else status,
+                "duration_ms": round(request_time.total_seconds() * 1000, 3),
+                "response_bytes": getattr(resp, "sent", None),
+                "remote_addr": environ.get("REMOTE_ADDR"),
+                "user_agent": environ.get("HTTP_USER_AGENT"),
+            })
+        except Exception:  # noqa: BLE001 - a log line must never break a response
+            self.exception("access log line failed")
+
+
+logger_class = JsonLogger
