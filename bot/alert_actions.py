@@ -17,8 +17,15 @@ Actions (values)::
                                        every breaker and resolve the batch's HIGH card and
                                        breaker cards (a paused one leaves breakers alone)
     cancel       {"batch_id", "key"?}  cancel the batch; its open alerts -> ignored
+    status       {"batch_id"}          read only: the batch's counts (anyone may press it)
 
-Authorisation is the caller's job (only ``FEISHU_ADMIN_IDS`` may press). Double clicks and old
+Retry is one code path with the chat command ``retry`` (:func:`retry_tasks`,
+:func:`retry_batch`): the failed tasks are queued again and every open failed-task alert left
+with no failed task is resolved (its card turns green and notes who retried; one resolved
+notice). A retried task that fails again raises a new card.
+
+Authorisation is the caller's job (only ``FEISHU_ADMIN_IDS`` may press, except the actions in
+:data:`READ_ONLY`). Double clicks and old
 cards are safe by state checks, not by memory: an action whose precondition no longer holds (the
 task is not failed any more, the batch is not blocked, the key is already silenced for as long)
 changes nothing and says why, with toast type ``info``.
@@ -39,7 +46,7 @@ from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card
                      resolve_alert, resolve_batch_unblocked, silenced_until)
 from .bitable_sync import mark_cancelled
 from .commands import neutral
-from .i18n import not_found, status_word
+from .i18n import not_found, status_word, t
 from .mdtext import code, escape, plain
 
 MIN_SILENCE = 60.0
@@ -135,33 +142,31 @@ def _ids_with_status(db, ids: list[int], status: str) -> list[int]:
         " ORDER BY id", [json.dumps(ids), status])]
 
 
-def _moved_on(ctx: _Ctx, ids: list[int]) -> str:
+def _moved_on(db, lang: str, ids: list[int]) -> str:
     if not ids:
-        return tr("a.nothing_failed", ctx.lang)
-    task = queue.get_task(ctx.db, ids[0])
-    return tr("a.moved_on", ctx.lang, task=code(task["task_key"]),
-              status=status_word(task["status"], ctx.lang))
+        return tr("a.nothing_failed", lang)
+    task = queue.get_task(db, ids[0])
+    return tr("a.moved_on", lang, task=code(task["task_key"]),
+              status=status_word(task["status"], lang))
 
 
 # --- the actions ------------------------------------------------------------------------------
 
 def _retry(ctx: _Ctx) -> Result:
-    ids = _alert_task_ids(ctx)
-    failed = _ids_with_status(ctx.db, ids, "failed")
-    n = queue.requeue_tasks(ctx.db, failed, now=ctx.now) if failed else 0
-    if not n:
-        return False, _moved_on(ctx, ids)
-    _note(ctx, ctx.value.get("key"), tr("n.retry", ctx.lang, n=n))
-    return True, tr("a.retried", ctx.lang, n=n)
+    return retry_tasks(ctx.db, ctx.settings, _alert_task_ids(ctx), now=ctx.now, by=ctx.operator)
 
 
 def _retry_batch(ctx: _Ctx) -> Result:
+    return retry_batch(ctx.db, ctx.settings, str(ctx.value["batch_id"]), now=ctx.now,
+                       by=ctx.operator)
+
+
+def _status(ctx: _Ctx) -> Result:
     batch = queue.get_batch(ctx.db, str(ctx.value["batch_id"]))
-    failed = [t["id"] for t in queue.tasks_of(ctx.db, batch["id"], ["failed"])]
-    n = queue.requeue_tasks(ctx.db, failed, now=ctx.now) if failed else 0
-    if not n:
-        return False, tr("a.nothing_failed", ctx.lang)
-    return True, tr("a.retried", ctx.lang, n=n)
+    counts = queue.batch_counts(ctx.db, batch["id"])
+    return True, t("status.batch", ctx.lang, batch_id=batch["id"],
+                   status=status_word(batch["status"], ctx.lang)) + " " + \
+        t("status.counts", ctx.lang, **counts)
 
 
 def _ignore(ctx: _Ctx) -> Result:
@@ -211,6 +216,41 @@ def _cancel(ctx: _Ctx) -> Result:
 
 
 # --- shared with the chat commands (bot.handlers): a command does what its button does --------
+
+def retry_tasks(db, settings, task_ids: list[int], *, now: float, by: str,
+                statuses: tuple[str, ...] = ("failed",)) -> Result:
+    """Queue again those of ``task_ids`` whose status is in ``statuses``, then resolve every
+    open failed-task alert that has no failed task left (the others get a note)."""
+    lang = settings.language
+    wanted = [r[0] for r in db.execute(
+        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND status IN"
+        " (SELECT value FROM json_each(?)) ORDER BY id",
+        [json.dumps(list(task_ids)), json.dumps(list(statuses))])]
+    n = queue.requeue_tasks(db, wanted, now=now) if wanted else 0
+    if not n:   # nothing in a state to retry (a double click, an old card)
+        return False, _moved_on(db, lang, list(task_ids))
+    note = {"by": by, "text": tr("n.retry", lang, n=n)}
+    requeued = set(wanted)
+    for alert in open_alerts(db, kinds=("task_failed",)):
+        ids = [int(i) for i in alert["details"].get("task_ids") or []]
+        if not requeued.intersection(ids):
+            continue
+        if _ids_with_status(db, ids, "failed"):
+            _note_alert(db, alert["key"], note, now)
+        else:
+            resolve_alert(db, settings, alert["key"], now=now, note=note)
+    return True, tr("a.retried", lang, n=n)
+
+
+def retry_batch(db, settings, batch_id: str, *, now: float, by: str) -> Result:
+    """Queue again every failed task of ``batch_id`` (see :func:`retry_tasks`). Raises
+    NotFound for an unknown batch."""
+    batch = queue.get_batch(db, batch_id)
+    failed = [task["id"] for task in queue.tasks_of(db, batch["id"], ["failed"])]
+    if not failed:
+        return False, tr("a.nothing_failed", settings.language)
+    return retry_tasks(db, settings, failed, now=now, by=by)
+
 
 def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
                  patch_card: bool = True) -> Result:
@@ -331,5 +371,6 @@ def _local(ctx: _Ctx, ts: float) -> str:
 
 ACTIONS: dict[str, Callable[[_Ctx], Result]] = {
     "retry": _retry, "retry_batch": _retry_batch, "ignore": _ignore, "silence": _silence,
-    "resume": _resume, "cancel": _cancel,
+    "resume": _resume, "cancel": _cancel, "status": _status,
 }
+READ_ONLY = frozenset({"status"})   # anyone in the chat may press these

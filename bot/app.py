@@ -27,10 +27,10 @@ from typing import Any
 from flask import Flask, Response as FlaskResponse, jsonify
 
 from pipeline.clock import Clock
-from storage import inbox, outbox
 from storage.db import open_db
 
 from . import handlers
+from .metrics import render_metrics
 from .http_flask import json_errors, webhook_view
 from .intake import Intake
 from .settings import Settings, load_settings
@@ -230,17 +230,10 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
 
     @app.get("/metrics")
     def metrics():
-        """Prometheus text: the full set from ``bot.metrics`` (queue depths at the least)."""
+        """Prometheus text: the full set from ``bot.metrics``."""
         db, lock = state.metrics_connection()
         with lock:  # not the request lock: a scrape never holds up a webhook answer
-            try:
-                from .metrics import render_metrics
-                text = render_metrics(db, totals=state.attempt_totals())
-            except ImportError:
-                text = ("# TYPE opsbot_inbox_pending gauge\n"
-                        f"opsbot_inbox_pending {inbox.pending(db)}\n"
-                        "# TYPE opsbot_outbox_depth gauge\n"
-                        f"opsbot_outbox_depth {outbox.depth(db)}\n")
+            text = render_metrics(db, totals=state.attempt_totals())
         return FlaskResponse(text, mimetype="text/plain; version=0.0.4")
 
     return app

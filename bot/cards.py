@@ -167,9 +167,11 @@ def run_queued_card(batch_id: str, count: int, lang: str, *, filters: str = "") 
 
 
 def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lang: str, *,
-                breakers: list[dict[str, Any]] = ()) -> Card:
+                breakers: list[dict[str, Any]] = (), outbox_dead: int = 0) -> Card:
+    """``outbox_dead``: outgoing messages given up on (shown with how to replay them)."""
+    dead = [markdown(t("status.outbox_dead", lang, count=outbox_dead))] if outbox_dead else []
     if batch is None:
-        return card(t("title.status", lang), [markdown(t("status.none", lang))],
+        return card(t("title.status", lang), [markdown(t("status.none", lang)), *dead],
                     template=TEMPLATES["neutral"])
     lines = [t("status.batch", lang, batch_id=batch["id"],
                status=status_word(batch["status"], lang)),
@@ -179,7 +181,7 @@ def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lan
     if breakers:
         states = ", ".join(f"{b['service']}={breaker_word(b['state'], lang)}" for b in breakers)
         lines.append(t("status.breakers", lang, states=states))
-    els = [markdown("\n".join(lines))]
+    els = [markdown("\n".join(lines)), *dead]
     buttons = []
     if batch["status"] in ("paused", "blocked"):
         buttons.append(button(t("button.resume", lang),

@@ -35,11 +35,13 @@ ALIASES: dict[str, str] = {
     "report": "report", "日报": "report",
     "errors": "errors", "错误": "errors",
     "silence": "silence", "静默": "silence",
+    "replay": "replay", "重发": "replay",
     "help": "help", "帮助": "help", "?": "help", "？": "help",
 }
 COMMANDS = ("run", "status", "retry", "cancel", "pause", "resume", "report", "errors", "silence",
-            "help")
-MUTATING = frozenset({"run", "retry", "cancel", "pause", "resume", "silence"})
+            "replay", "help")
+MUTATING = frozenset({"run", "retry", "cancel", "pause", "resume", "silence", "replay"})
+MAX_REPLAY_IDS = 100
 OPTIONS: dict[str, frozenset[str]] = {
     "run": frozenset({"include", "exclude", "limit"}),
     "report": frozenset({"date"}),
@@ -71,6 +73,7 @@ class Command:
     key: str | None = None
     seconds: int | None = None
     topic: str | None = None
+    rows: tuple[int, ...] = ()      # replay: outbox row ids (empty: every dead row)
 
     @property
     def mutating(self) -> bool:
@@ -89,6 +92,7 @@ class Command:
             parts.append(f"{self.seconds}s")
         if self.topic:
             parts.append(self.topic)
+        parts += [str(r) for r in self.rows]
         if self.include:
             parts += ["--include", ",".join(self.include)]
         if self.exclude:
@@ -328,6 +332,16 @@ def _build_silence(pos, opts):
     return Command("silence", key=pos[0][:200], seconds=seconds)
 
 
+def _build_replay(pos, opts):
+    ids = [v for raw in pos for v in re.split(r"[,，、]", raw) if v]
+    for v in ids:
+        if not (v.isascii() and v.isdigit()) or len(v) > 12:
+            raise _Fail("bad_id", value=_short(v))
+    if len(ids) > MAX_REPLAY_IDS:
+        raise _Fail("unexpected", command="replay", value=_short(ids[MAX_REPLAY_IDS]))
+    return Command("replay", rows=tuple(dict.fromkeys(int(v) for v in ids)))
+
+
 def _build_help(pos, opts):
     topic = ALIASES.get(pos[0].lstrip("/").lower()) if pos else None
     return Command("help", topic=topic)
@@ -337,7 +351,7 @@ _BUILDERS = {
     "run": _build_run, "status": _build_batch_cmd("status"), "retry": _build_retry,
     "cancel": _build_batch_cmd("cancel"), "pause": _build_batch_cmd("pause"),
     "resume": _build_batch_cmd("resume"), "report": _build_report, "errors": _build_errors,
-    "silence": _build_silence, "help": _build_help,
+    "silence": _build_silence, "replay": _build_replay, "help": _build_help,
 }
 
 

@@ -126,7 +126,11 @@ class FakeFeishu:
     def __init__(self, *, app_id: str = "cli_fake", app_secret: str = "fake-secret",
                  token_expire: int = 7200, strict_records: bool = False,
                  users: Iterable[str] = (), bot_open_id: str = "ou_bot",
-                 bot_name: str = "opsbot", bot_activate_status: int = 2) -> None:
+                 bot_name: str = "opsbot", bot_activate_status: int = 2,
+                 clock: Any = None) -> None:
+        """``clock`` (``.now()``, Unix seconds; default real time) ages send uuids: like Feishu,
+        a uuid dedupes a send for one hour after its first use, no longer."""
+        self.clock = clock
         self.app_id = app_id
         self.bot_open_id, self.bot_name = bot_open_id, bot_name
         self.bot_activate_status = bot_activate_status
@@ -207,7 +211,7 @@ class FakeFeishu:
             self.tables: dict[tuple[str, str], list[dict[str, Any]]] = {}
             self.tokens: list[str] = getattr(self, "tokens", [])
             self.expired: set[str] = set()
-            self._by_uuid: dict[str, str] = {}
+            self._by_uuid: dict[str, tuple[str, float]] = {}   # uuid -> (message_id, first use)
             self._scripts: dict[str, list[Scripted]] = {r: [] for r in ROUTES}
             self._reset_drive()
 
@@ -455,8 +459,10 @@ class FakeFeishu:
     def _add_message(self, body: dict[str, Any], *, chat_id: str | None,
                      reply_to: str | None) -> tuple[int, Any]:
         uuid = body.get("uuid")
-        if uuid and uuid in self._by_uuid:  # Feishu: same uuid within an hour = same message
-            message = next(m for m in self.messages if m["message_id"] == self._by_uuid[uuid])
+        now = self.clock.now() if self.clock is not None else time.time()
+        seen = self._by_uuid.get(uuid) if uuid else None
+        if seen and now - seen[1] < 3600:  # Feishu: same uuid within an hour = same message
+            message = next(m for m in self.messages if m["message_id"] == seen[0])
             return 200, {"code": 0, "msg": "success", "data": self._message_data(message)}
         try:
             content = json.loads(body.get("content") or "null")
@@ -472,7 +478,7 @@ class FakeFeishu:
         self.messages.append(message)
         self.chat_log.append(("message", dict(message)))
         if uuid:
-            self._by_uuid[uuid] = message["message_id"]
+            self._by_uuid[uuid] = (message["message_id"], now)
         return 200, {"code": 0, "msg": "success", "data": self._message_data(message)}
 
     def _refuse_card(self, msg_type: Any, content: Any, chat_id: str | None, *, route: str,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import datetime
 from typing import Any, Callable
 
 from storage import inbox, outbox, queue
@@ -262,7 +262,8 @@ def cmd_status(ctx: Context, cmd: Command) -> dict[str, Any]:
     counts = queue.batch_counts(ctx.db, batch["id"]) if batch else None
     if batch and batch.get("blocked_reason"):  # Coze's error text, shown as markdown
         batch = {**batch, "blocked_reason": neutral(batch["blocked_reason"])}
-    return cards.status_card(batch, counts, ctx.lang, breakers=breaker_rows(ctx.db))
+    return cards.status_card(batch, counts, ctx.lang, breakers=breaker_rows(ctx.db),
+                             outbox_dead=outbox.dead_count(ctx.db))
 
 
 BATCH_MOVES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -330,30 +331,17 @@ def find_task(db, ref: str) -> dict[str, Any]:
     return rows[0]
 
 
-def retry_task(db, settings, clock, ref: str) -> tuple[bool, str]:
-    lang = settings.language
+def retry_task(db, settings, clock, ref: str, *, by: str = "") -> tuple[bool, str]:
+    """``retry TASK``: the Retry button's code path (:func:`bot.alert_actions.retry_tasks`),
+    for a task named by the user; a task a human ignored or cancelled may be retried too."""
+    from .alert_actions import retry_tasks
+
     try:
         task = find_task(db, str(ref))
     except NotFound:
-        return False, t("retry.task_not_found", lang, task=neutral(ref))
-    if task["status"] not in RETRYABLE_STATUSES:
-        return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
-                        status=status_word(task["status"], lang))
-    n = queue.requeue_tasks(db, [task["id"]], now=clock.now())
-    if not n:  # changed between the read and the write (a double click)
-        return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
-                        status=status_word("queued", lang))
-    return True, t("retry.task_done", lang, task=neutral(task["task_key"]))
-
-
-def retry_batch(db, settings, clock, batch_id: str) -> tuple[bool, str]:
-    lang = settings.language
-    queue.get_batch(db, batch_id)  # NotFound for an unknown batch
-    failed = [x["id"] for x in queue.tasks_of(db, batch_id, ["failed"])]
-    n = queue.requeue_tasks(db, failed, now=clock.now())
-    if not n:
-        return False, t("retry.batch_nothing", lang, batch_id=neutral(batch_id))
-    return True, t("retry.batch_done", lang, batch_id=neutral(batch_id), count=n)
+        return False, t("retry.task_not_found", settings.language, task=neutral(ref))
+    return retry_tasks(db, settings, [task["id"]], now=clock.now(), by=by,
+                       statuses=RETRYABLE_STATUSES)
 
 
 def _names_batch(db, ref: str | None) -> bool:
@@ -364,11 +352,15 @@ def _names_batch(db, ref: str | None) -> bool:
 
 
 def cmd_retry(ctx: Context, cmd: Command) -> dict[str, Any]:
+    """Retry a task or a batch's failed tasks, as the Retry buttons do (alerts resolve too)."""
+    from .alert_actions import retry_batch
+
     if cmd.batch_id or _names_batch(ctx.db, cmd.task_ref):
         batch_id = cmd.batch_id or cmd.task_ref or ""
-        changed, text = retry_batch(ctx.db, ctx.settings, ctx.clock, batch_id)
+        changed, text = retry_batch(ctx.db, ctx.settings, batch_id, now=ctx.now, by=ctx.sender)
     else:
-        changed, text = retry_task(ctx.db, ctx.settings, ctx.clock, cmd.task_ref or "")
+        changed, text = retry_task(ctx.db, ctx.settings, ctx.clock, cmd.task_ref or "",
+                                   by=ctx.sender)
     return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
 
 
@@ -384,40 +376,13 @@ def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
     return cards.errors_card(list(rows), ctx.lang)  # it escapes the Bitable and Coze text
 
 
-def day_bounds(settings, day: date) -> tuple[float, float]:
-    """[start, end) of a calendar day in the settings' time zone, as Unix seconds."""
-    start = datetime.combine(day, time(0), tzinfo=settings.tz)
-    return start.timestamp(), (start + timedelta(days=1)).timestamp()
-
-
-def build_report_card(db, settings, day: date, lang: str) -> dict[str, Any]:
-    """A short summary of the tasks created on ``day``; the full daily report lives elsewhere."""
-    start, end = day_bounds(settings, day)
-    counts = {r["status"]: r["n"] for r in db.query(
-        "SELECT status, COUNT(*) AS n FROM tasks WHERE created_at >= ? AND created_at < ?"
-        " GROUP BY status", [start, end])}
-    total = sum(counts.values())
-    succeeded, failed = counts.get("succeeded", 0), counts.get("failed", 0)
-    active = sum(counts.get(s, 0) for s in queue.ACTIVE)
-    rate = f"{succeeded / (succeeded + failed):.0%}" if succeeded + failed else "-"
-    text = "\n".join([
-        t("report.counts", lang, total=total, succeeded=succeeded, failed=failed, active=active,
-          other=total - succeeded - failed - active),
-        t("report.rate", lang, rate=rate), t("report.note", lang)])
-    return cards.card(t("title.report", lang, date=day.isoformat()), [cards.markdown(text)],
-                      template="blue")
-
-
 def cmd_report(ctx: Context, cmd: Command) -> dict[str, Any]:
     """The daily report of ``--date``, by default yesterday (as the CLI and the 09:00 send)."""
+    from .report import build_report_card
     from .report_cli import parse_day
 
     day = parse_day(cmd.date, ctx.settings, ctx.now)
-    try:  # the full daily report, once a module provides it
-        from .report import build_report_card as full_report  # type: ignore[import-not-found]
-    except ImportError:
-        full_report = build_report_card
-    return full_report(ctx.db, ctx.settings, day, ctx.lang)
+    return build_report_card(ctx.db, ctx.settings, day, ctx.lang)
 
 
 def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> str:
@@ -438,10 +403,21 @@ def cmd_silence(ctx: Context, cmd: Command) -> dict[str, Any]:
     return cards.success_card(text, ctx.lang)
 
 
+def cmd_replay(ctx: Context, cmd: Command) -> dict[str, Any]:
+    """Queue undelivered (dead) outbox rows again, each send under a new uuid."""
+    rows = outbox.replay(ctx.db, list(cmd.rows) if cmd.rows else None, now=ctx.now)
+    if not rows:
+        return cards.info_card(t("replay.nothing", ctx.lang), ctx.lang)
+    log.warning("outbox rows replayed", extra={"by": ctx.sender, "count": len(rows),
+                                                "outbox_ids": [r["id"] for r in rows]})
+    ids = ", ".join(str(r["id"]) for r in rows[:20]) + (" …" if len(rows) > 20 else "")
+    return cards.success_card(t("replay.done", ctx.lang, count=len(rows), ids=ids), ctx.lang)
+
+
 COMMAND_HANDLERS: dict[str, Callable[[Context, Command], dict[str, Any]]] = {
     "help": cmd_help, "run": cmd_run, "status": cmd_status, "retry": cmd_retry,
     "cancel": _cmd_move("cancel"), "pause": _cmd_move("pause"), "resume": _cmd_move("resume"),
-    "errors": cmd_errors, "report": cmd_report, "silence": cmd_silence,
+    "errors": cmd_errors, "report": cmd_report, "silence": cmd_silence, "replay": cmd_replay,
 }
 
 
@@ -483,97 +459,29 @@ def toast(kind: str, content: str) -> dict[str, Any]:
     return {"toast": {"type": kind, "content": plain(content)}}
 
 
-READ_ONLY_ACTIONS = frozenset({"status"})
-
-
 def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str, Any]:
-    """Answer one button click with a toast. Non-admins change nothing; a click is acted on once.
+    """Answer one button click (:mod:`bot.alert_actions`). Non-admins change nothing; a click
+    is acted on once.
 
     Dedup: the click's event_id is recorded in the inbox (``card:<event_id>``); a second delivery
     answers "already handled". Two separate clicks (double click: two event ids) are made safe
     by checking the current state before acting (e.g. a task that is no longer failed).
     """
+    from .alert_actions import ACTIONS, READ_ONLY, handle_alert_action
+
     lang = settings.language
     act = card_action_from(payload)
     name = str(act.value.get("action", ""))
-    alert_actions = _alert_actions()
-    if name not in CARD_ACTIONS and name not in alert_actions:
+    if name not in ACTIONS:
         return toast("warning", t("toast.unknown", lang))
-    if name not in READ_ONLY_ACTIONS and not is_admin(settings, act.operator):
+    if name not in READ_ONLY and not is_admin(settings, act.operator):
         return toast("error", t("refused.toast", lang))
     if act.event_id:
         key = "card:" + act.event_id
         if not inbox.record(db, key, event_type="card.action.trigger", payload=payload,
                             now=clock.now(), event_id=act.event_id):
             return toast("info", t("toast.already", lang))
-    if name in alert_actions:  # alert-aware version: also resolves alerts, returns the new card
-        answer = alert_actions[name](db, settings, act.value, act.operator, clock)
-    else:
-        try:
-            ok, text = CARD_ACTIONS[name](db, settings, clock, act)
-        except NotFound as exc:
-            ok, text = False, not_found(exc, lang)
-        except (KeyError, ValueError, TypeError) as exc:
-            ok, text = False, t("toast.failed", lang, error=str(exc)[:200])
-        answer = toast("success" if ok else "warning", text)
+    answer = handle_alert_action(db, settings, act.value, act.operator, clock)
     if act.event_id:
         inbox.finish(db, "card:" + act.event_id, now=clock.now())
     return answer
-
-
-def _alert_actions() -> dict[str, Callable[..., dict[str, Any]]]:
-    """Actions that :mod:`bot.alert_actions` handles (when present): name -> handler."""
-    try:
-        from .alert_actions import ACTIONS, handle_alert_action
-    except ImportError:
-        return {}
-    return {name: handle_alert_action for name in ACTIONS}
-
-
-def _a_retry(db, settings, clock, act):
-    return retry_task(db, settings, clock, "#" + str(int(act.value["task_id"])))
-
-
-def _a_retry_batch(db, settings, clock, act):
-    return retry_batch(db, settings, clock, str(act.value["batch_id"]))
-
-
-def _a_move(action):
-    def run(db, settings, clock, act):
-        return move_batch(db, settings, clock, action, str(act.value["batch_id"]),
-                          by=act.operator)
-    return run
-
-
-def _a_silence(db, settings, clock, act):
-    seconds = float(act.value.get("seconds") or settings.alerts.default_silence)
-    return True, silence(db, settings, clock, str(act.value["key"]), seconds, act.operator)
-
-
-def _a_ignore(db, settings, clock, act):
-    """Ignore a failed task (it stops counting as open) and/or an alert key."""
-    lang = settings.language
-    changed = False
-    with transaction(db) as conn:
-        if act.value.get("task_id") is not None:
-            changed |= conn.execute("UPDATE tasks SET status = 'ignored' WHERE id = ? AND status"
-                                    " = 'failed'", [int(act.value["task_id"])]).rowcount > 0
-        if act.value.get("key"):
-            changed |= conn.execute("UPDATE alerts SET status = 'ignored' WHERE key = ? AND"
-                                    " status = 'open'", [str(act.value["key"])]).rowcount > 0
-    return changed, t("toast.ignored" if changed else "toast.already", lang)
-
-
-def _a_status(db, settings, clock, act):
-    batch = queue.get_batch(db, str(act.value["batch_id"]))
-    counts = queue.batch_counts(db, batch["id"])
-    return True, t("status.batch", settings.language, batch_id=batch["id"],
-                   status=status_word(batch["status"], settings.language)) + " " + \
-        t("status.counts", settings.language, **counts)
-
-
-CARD_ACTIONS: dict[str, Callable[..., tuple[bool, str]]] = {
-    "retry": _a_retry, "retry_batch": _a_retry_batch, "ignore": _a_ignore,
-    "silence": _a_silence, "resume": _a_move("resume"), "cancel": _a_move("cancel"),
-    "pause": _a_move("pause"), "status": _a_status,
-}

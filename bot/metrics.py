@@ -21,6 +21,7 @@ The web app feeds them with ``WEBHOOK_LATENCY.observe(s)`` and
     opsbot_breaker_state{service}             gauge, 0 closed, 1 half_open, 2 open
     opsbot_alerts{tier,status}                gauge, alert rows
     opsbot_outbox_depth, opsbot_inbox_pending gauges
+    opsbot_outbox_dead                        gauge, outgoing calls given up on (not replayed)
     opsbot_last_report_timestamp              gauge, Unix seconds (0: never)
     opsbot_webhook_seconds_bucket{le}         histogram, webhook handling time (all web workers)
     opsbot_webhook_requests_total{status}     counter, webhook requests by HTTP status
@@ -175,6 +176,9 @@ def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None 
         out.sample("opsbot_alerts", n, tier=tier, status=status)
     out.family("opsbot_outbox_depth", "gauge", "Outbox rows waiting to be sent.")
     out.sample("opsbot_outbox_depth", outbox.depth(db))
+    out.family("opsbot_outbox_dead", "gauge",
+               "Outbox rows given up on (permanent error, or Feishu's uuid window passed).")
+    out.sample("opsbot_outbox_dead", outbox.dead_count(db))
     out.family("opsbot_inbox_pending", "gauge", "Inbox events not yet handled.")
     out.sample("opsbot_inbox_pending", inbox.pending(db))
     out.family("opsbot_last_report_timestamp", "gauge", "When a daily report was last sent.")

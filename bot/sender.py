@@ -25,14 +25,20 @@ Decisions:
   ``LOCK_RETRY_MAX``), however often; the lock lasts a moment. Other 230099 answers (the card
   itself is refused) stay permanent.
 - permanent FeishuError (or a malformed payload) -> ``mark_dead`` and an ERROR log line.
+- the uuid window: a send or reply is retried only while Feishu still dedupes its uuid, that
+  is until ``uuid_window`` (one hour) minus ``window_margin`` after its first attempt (recorded
+  just before it, ``outbox.mark_attempt``). A retry that could not happen before then is not
+  scheduled: the row is dead (counted in ``status`` and ``/metrics``, replayed by an admin with
+  ``replay``). Patches and Bitable writes carry no uuid and are idempotent: they keep retrying.
 - order per target: once a row is postponed, the later rows for the same target claimed in the
   same pass are postponed to the same time (``claim_due`` keeps them back in later passes).
 - 5 messages per second per chat (Feishu's limit, shared by all bots): a sliding window per
   target on the injected clock; a row over the limit is postponed to when the window frees up.
   Postponing uses ``release``, which counts no attempt.
 
-Retries reuse the row's uuid, so a message sent by a sender that died before ``mark_sent`` is
-deduped by Feishu when the next sender (after the lease expires) sends it again.
+Retries reuse the row's uuid (``outbox.send_uuid``: a replayed row's new one), so a message sent
+by a sender that died before ``mark_sent`` is deduped by Feishu when the next sender (after the
+lease expires) sends it again, inside the window.
 
 Give the sender its own database connection when it runs in its own thread.
 """
@@ -116,8 +122,10 @@ class OutboxSender:
                  chat_window: float = CHAT_WINDOW,
                  rng: Callable[[], float] = random.random,
                  kinds: tuple[str, ...] | None = None,
-                 uuids: tuple[str, ...] | None = None) -> None:
+                 uuids: tuple[str, ...] | None = None,
+                 uuid_window: float = outbox.UUID_WINDOW, window_margin: float = 60.0) -> None:
         self.db, self.client, self.clock, self.owner = db, client, clock, owner
+        self.uuid_window, self.window_margin = uuid_window, window_margin
         self.kinds = kinds  # None: every kind; the web process leaves Bitable to the worker
         self.uuids = uuids  # None: every row; `opsbot report --send` delivers only its own
         self.max_backoff, self.base_backoff = max_backoff, base_backoff
@@ -195,16 +203,30 @@ class OutboxSender:
             self._take_slot(message_id)
             self.client.patch_card(message_id, payload["card"])
             return message_id
+        if kind not in outbox.UUID_KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        if self._window_left(row, self.clock.now()) <= 0:
+            raise _Dead(f"not sent within {self.uuid_window / 60:g} minutes of its first attempt"
+                        f" (Feishu's uuid window): a retry now could show it twice")
         self._take_slot(target)
+        if row.get("first_attempt_at") is None:
+            row["first_attempt_at"] = outbox.mark_attempt(self.db, row["id"],
+                                                          now=self.clock.now())
+        uid = outbox.send_uuid(row)
         if kind == "send":
             if "card" in payload:
-                return self.client.send_card(target, payload["card"], row["uuid"])
-            return self.client.send_text(target, payload["text"], row["uuid"])
-        if kind == "reply":
-            if "card" in payload:
-                return self.client.reply_card(target, payload["card"], row["uuid"])
-            return self.client.reply_text(target, payload["text"], row["uuid"])
-        raise ValueError(f"unknown kind {kind!r}")
+                return self.client.send_card(target, payload["card"], uid)
+            return self.client.send_text(target, payload["text"], uid)
+        if "card" in payload:
+            return self.client.reply_card(target, payload["card"], uid)
+        return self.client.reply_text(target, payload["text"], uid)
+
+    def _window_left(self, row: dict[str, Any], now: float) -> float:
+        """Seconds a send or reply may still be retried under its uuid (inf: no limit yet)."""
+        first = row.get("first_attempt_at")
+        if row["kind"] not in outbox.UUID_KINDS or first is None:
+            return float("inf")
+        return first + self.uuid_window - self.window_margin - now
 
     def _take_slot(self, key: str) -> None:
         free_at = self._limiter.acquire(key)
@@ -337,10 +359,19 @@ class OutboxSender:
             return
         delay = self.backoff(max(r["attempts"] for r in rows), err.retry_after)
         now = self.clock.now()
-        for r in rows:
-            held[r["target"]] = now + delay
-            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err))
-        log.warning("outbox retry in %.1fs: %s", delay, err,
+        wait_at_least = err.retry_after or 0.0
+        late = [r for r in rows if self._window_left(r, now) <= wait_at_least]
+        if late:   # no retry fits in the uuid window any more
+            self._dead(late, f"{err}; no retry within {self.uuid_window / 60:g} minutes of the"
+                             f" first attempt (Feishu's uuid window)", err)
+            rows = [r for r in rows if r not in late]
+            if not rows:
+                return
+        for r in rows:   # the last retry is moved inside the window rather than lost
+            wait = min(delay, max(wait_at_least, self._window_left(r, now) - 1.0))
+            held[r["target"]] = now + wait
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + wait, error=str(err))
+        log.warning("outbox retry in %.1fs: %s", held[rows[0]["target"]] - now, err,
                     extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows],
                            "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
 

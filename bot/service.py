@@ -181,7 +181,9 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
 
         longconn = LongConnection(settings, clock, on_recorded=feishu.wake)
         longconn.start()
-    limiter = coze_limiter(settings.pipeline.coze_qps, clock)
+    # one budget per Coze account, shared through the store with any `opsbot run` beside us
+    limiter = coze_limiter(settings.pipeline.coze_qps, clock, store=settings.db_path,
+                           base_url=base_url, token=token)
     try:
         from .canary import Canary
         from .scheduler import Scheduler
@@ -206,6 +208,7 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
     finally:
         if longconn is not None:  # first: no new command is taken while the rest shuts down
             await asyncio.to_thread(longconn.stop)
+        limiter.close()
         if feishu is not None:
             feishu.stop()
         if sim is not None:

@@ -1,13 +1,22 @@
 """``opsbot run FILE``: one batch, the whole pipeline in this process, with progress and results.
 
 The batch goes through the same store and worker as chat batches, so a run that is interrupted
-(Ctrl-C, kill) can be finished later by ``opsbot worker --drain`` without resubmitting anything.
+(Ctrl-C, kill) can be finished later by ``opsbot worker --drain`` (or a running service worker)
+without resubmitting anything.
+
+Sharing a store with a running service worker: the batch is marked as run by this process
+(``batches.runner``, held for ``lease_seconds`` and renewed while it runs), so the service
+worker leaves its tasks alone, as this process touches only its own batch; and both spend one
+Coze QPS budget per account, kept in the store (:class:`~pipeline.ratelimit.SharedRateLimiter`).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import signal
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,6 +24,7 @@ from typing import Any, TextIO
 import sqlite_utils
 
 from storage import queue
+from storage.db import path_of
 
 from .clock import Clock
 from .coze import CozeClient
@@ -22,7 +32,9 @@ from .config import PipelineConfig
 from .notify import Notifier
 from .progress import ProgressLine
 from .ratelimit import coze_limiter
-from .worker import Worker
+from .worker import Worker, make_owner
+
+log = logging.getLogger("opsbot.runner")
 
 
 @dataclass
@@ -39,30 +51,53 @@ async def run_batch(db: sqlite_utils.Database, config: PipelineConfig, *, tasks:
                     notifier: Notifier | None = None, stream: TextIO | None = None,
                     progress_every: float = 0.5) -> RunResult:
     clock = clock or Clock()
+    owner = make_owner()
+    hold = config.lease_seconds
     batch_id = queue.create_batch(db, tasks, now=clock.now(), source="cli",
-                                  workflow_id=workflow_id)
-    limiter = coze_limiter(config.coze_qps, clock)
+                                  workflow_id=workflow_id, runner=owner,
+                                  runner_until=clock.now() + hold)
+    limiter = coze_limiter(config.coze_qps, clock, store=path_of(db), base_url=coze_base_url,
+                           token=coze_token)
     started = clock.monotonic()
     bar = ProgressLine(stream)
     stop = asyncio.Event()
     _install_stop(stop)
-    async with CozeClient(coze_base_url, coze_token, limiter=limiter) as coze:
-        # this batch only: the store may be shared with a service worker's chat batches
-        worker = Worker(db, config, coze, workflow_id, clock=clock, notifier=notifier,
-                        batch_ids=(batch_id,))
-        run = asyncio.create_task(worker.run(drain=True, stop=stop))
-        try:
-            while not run.done():
-                bar.update(queue.batch_counts(db, batch_id), clock.monotonic() - started)
-                await asyncio.wait([run], timeout=progress_every)
-            await run
-        finally:
-            worker.synth.close()
+    held_at = clock.now()
+    try:
+        async with CozeClient(coze_base_url, coze_token, limiter=limiter) as coze:
+            # this batch only: the store may be shared with a service worker's chat batches
+            worker = Worker(db, config, coze, workflow_id, clock=clock, notifier=notifier,
+                            batch_ids=(batch_id,), owner=owner)
+            run = asyncio.create_task(worker.run(drain=True, stop=stop))
+            try:
+                while not run.done():
+                    bar.update(queue.batch_counts(db, batch_id), clock.monotonic() - started)
+                    if clock.now() - held_at >= hold / 3:
+                        held_at = _renew_hold(db, batch_id, owner, clock, hold, held_at)
+                    await asyncio.wait([run], timeout=progress_every)
+                await run
+            finally:
+                worker.synth.close()
+    finally:
+        limiter.close()
+        with contextlib.suppress(sqlite3.Error):   # whatever is left, any worker may finish
+            queue.hold_batch(db, batch_id, owner=owner, until=None)
     counts = queue.batch_counts(db, batch_id)
     bar.update(counts, clock.monotonic() - started, final=True)
     write_results(db, batch_id, results_path)
     ok = counts["succeeded"] == counts["total"] and not stop.is_set()
     return RunResult(batch_id, counts, results_path, 0 if ok else 1)
+
+
+def _renew_hold(db: sqlite_utils.Database, batch_id: str, owner: str, clock: Clock,
+                hold: float, held_at: float) -> float:
+    """Keep the batch this process's own for ``hold`` more seconds; returns when it was done."""
+    try:
+        queue.hold_batch(db, batch_id, owner=owner, until=clock.now() + hold)
+    except sqlite3.OperationalError as exc:   # the store is busy: try again on the next tick
+        log.warning("could not renew the hold on batch %s: %s", batch_id, exc)
+        return held_at
+    return clock.now()
 
 
 def _install_stop(stop: asyncio.Event) -> None:

@@ -55,6 +55,12 @@ def open_db(path: str | Path, *, migrate: bool = True) -> sqlite_utils.Database:
     return db
 
 
+def path_of(db: sqlite_utils.Database) -> str:
+    """The file behind ``db`` (``":memory:"`` for a private in-memory store)."""
+    row = db.execute("PRAGMA database_list").fetchone()
+    return row[2] if row and row[2] else ":memory:"
+
+
 def schema_version(db: sqlite_utils.Database) -> int:
     row = db.execute("PRAGMA user_version").fetchone()
     return int(row[0])

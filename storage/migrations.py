@@ -17,6 +17,7 @@ Tables
 - ``workers``: one row per worker process start (id, host, PID namespace, stages, heartbeat).
 - ``run_times``: the last run times of each workflow (see :mod:`storage.runtimes`), so a new
   worker places its polls from what earlier ones learned.
+- ``budgets``: the Coze QPS budget shared by every process of one account.
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -180,6 +181,26 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX run_times_workflow ON run_times(workflow_id, id)",
         # the breaker counts failed submits apart from failed polls (see pipeline.breaker)
         "ALTER TABLE breakers ADD COLUMN submit_failures INTEGER NOT NULL DEFAULT 0",
+    ],
+    [
+        # One Coze QPS budget per account, shared by every process on this store
+        # (storage.budget): the next free send slot, the pause after a 429, the reduced rate.
+        """CREATE TABLE budgets (
+            key TEXT PRIMARY KEY,                    -- hash of the account (never the token)
+            next_slot REAL NOT NULL DEFAULT 0,       -- Unix seconds of the next free slot
+            paused_until REAL NOT NULL DEFAULT 0,
+            reduced_rate REAL,                       -- rate right after the last 429 (NULL: none)
+            reduced_at REAL,
+            updated_at REAL NOT NULL
+        )""",
+        # the process running a batch of its own (`opsbot run`); other workers leave the
+        # batch alone while runner_until is in the future
+        "ALTER TABLE batches ADD COLUMN runner TEXT",
+        "ALTER TABLE batches ADD COLUMN runner_until REAL",
+        # Feishu dedupes a send by uuid for one hour from its first attempt; a replayed dead
+        # row is sent under a new uuid (send_uuid) while `uuid` stays its name for patches
+        "ALTER TABLE outbox ADD COLUMN first_attempt_at REAL",
+        "ALTER TABLE outbox ADD COLUMN send_uuid TEXT",
     ],
     [
         # worker processes: a unique id per process start (the tasks' lease_owner), where it

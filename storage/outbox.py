@@ -4,6 +4,12 @@ A sender claims due rows with a lease, performs the call with the row's ``uuid``
 idempotency key, and marks the row sent (or schedules a retry). A sender that dies leaves the
 lease to expire and another sends the row again with the same uuid: Feishu dedupes it, so a
 message is never lost and never shown twice.
+
+Feishu keeps a send ``uuid`` for one hour (:data:`UUID_WINDOW`), so that promise holds for one
+hour from a row's first attempt (``first_attempt_at``): after it, a retry could show the
+message twice, and the row is dead instead (the sender decides). A dead row blocks nothing
+behind it. :func:`replay` puts dead rows back under a new send uuid (``send_uuid``); the
+row's ``uuid`` stays its name, so patches that target it still find it.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from .db import transaction
 
 KINDS = ("send", "reply", "patch", "bitable_update",
          "bitable_attach", "bitable_create")  # the last two: see bot.sender._deliver_bitable_extra
+UUID_KINDS = ("send", "reply")   # made idempotent by Feishu's uuid (patches and writes are)
+UUID_WINDOW = 3600.0             # seconds Feishu dedupes a send uuid
 
 
 def enqueue(db: sqlite_utils.Database, kind: str, target: str, payload: dict[str, Any], *,
@@ -134,3 +142,51 @@ def uuid_for_message(db: sqlite_utils.Database, message_id: str) -> str | None:
     row = db.execute("SELECT uuid FROM outbox WHERE result = ? AND kind IN ('send', 'reply')"
                      " ORDER BY id DESC LIMIT 1", [message_id]).fetchone()
     return None if row is None else str(row[0])
+
+
+def send_uuid(row: dict[str, Any]) -> str:
+    """The uuid to send a row under: a replayed row's new one, else the row's own."""
+    return row.get("send_uuid") or row["uuid"]
+
+
+def mark_attempt(db: sqlite_utils.Database, row_id: int, *, now: float) -> float:
+    """Record that the row is about to be sent (the first time only); return that time."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET first_attempt_at = COALESCE(first_attempt_at, ?)"
+                     " WHERE id = ?", [now, row_id])
+        return conn.execute("SELECT first_attempt_at FROM outbox WHERE id = ?",
+                            [row_id]).fetchone()[0]
+
+
+def dead_count(db: sqlite_utils.Database) -> int:
+    """Rows given up on and not replayed (kept for a week, see ``storage.db.prune``)."""
+    return db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'dead'").fetchone()[0]
+
+
+def replay(db: sqlite_utils.Database, ids: list[int] | None = None, *,
+           now: float) -> list[dict[str, Any]]:
+    """Put dead rows (all, or those ``ids``) back in the queue; return them as they were.
+
+    A replayed send or reply gets a new send uuid: its old one may have lapsed at Feishu, and
+    if the first attempts did land after all, the message now shows twice. The row keeps its
+    id (its place in the order per target) and its ``uuid`` (patches find it by that).
+    """
+    where, args = "status = 'dead'", []
+    if ids is not None:
+        if not ids:
+            return []
+        where += f" AND id IN ({','.join('?' * len(ids))})"
+        args = list(ids)
+    with transaction(db) as conn:
+        cols = [d[0] for d in conn.execute("SELECT * FROM outbox LIMIT 0").description]
+        rows = [dict(zip(cols, r)) for r in conn.execute(
+            f"SELECT * FROM outbox WHERE {where} ORDER BY id", args)]
+        for row in rows:
+            fresh = uuidlib.uuid4().hex if row["kind"] in UUID_KINDS else None
+            conn.execute(
+                "UPDATE outbox SET status = 'pending', attempts = 0, next_at = ?,"
+                " first_attempt_at = NULL, send_uuid = ?, sent_at = NULL, lease_owner = NULL,"
+                " lease_until = NULL, last_error = ? WHERE id = ? AND status = 'dead'",
+                [now, fresh, f"replayed (was: {row['last_error'] or 'dead'})"[:500],
+                 row["id"]])
+    return rows

@@ -27,11 +27,14 @@ def new_batch_id() -> str:
 def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, now: float,
                  source: str, batch_id: str | None = None, chat_id: str | None = None,
                  command_message_id: str | None = None, created_by: str | None = None,
-                 workflow_id: str | None = None, options: dict | None = None) -> str:
+                 workflow_id: str | None = None, options: dict | None = None,
+                 runner: str | None = None, runner_until: float | None = None) -> str:
     """Record a batch and its tasks in one transaction; return the batch id.
 
     Each task is ``{"task_key": str, "params": dict, "record_id": str | None}``. Duplicate
-    task keys within the batch raise ``ValueError`` before anything is written.
+    task keys within the batch raise ``ValueError`` before anything is written. ``runner``:
+    the owner that runs this batch itself (``opsbot run``); no other worker claims its tasks
+    until ``runner_until`` (see :func:`hold_batch`).
     """
     rows = list(tasks)
     keys = [t["task_key"] for t in rows]
@@ -42,9 +45,10 @@ def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, 
     with transaction(db) as conn:
         conn.execute(
             "INSERT INTO batches (id, source, status, chat_id, command_message_id, created_by,"
-            " created_at, workflow_id, options) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+            " created_at, workflow_id, options, runner, runner_until)"
+            " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
             (batch_id, source, chat_id, command_message_id, created_by, now, workflow_id,
-             json.dumps(options or {}, ensure_ascii=False)))
+             json.dumps(options or {}, ensure_ascii=False), runner, runner_until))
         conn.executemany(
             "INSERT INTO tasks (batch_id, task_key, record_id, params, created_at)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -126,7 +130,9 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     A task is due when it is queued/retrying with ``next_at <= now``, or running with an expired
     lease held by another owner (its worker died; an owner never takes over its own tasks, whose
     coroutines may still be alive). Claimed tasks become ``running`` with a fresh lease. Batches
-    that are queued become running on their first claim. ``batch_ids`` limits the claim.
+    that are queued become running on their first claim. ``batch_ids`` limits the claim. A
+    batch that another live process runs itself (``runner``, held until ``runner_until``) is
+    left to it.
     """
     if limit <= 0:
         return []
@@ -134,7 +140,8 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     stage_args: list[Any] = [stage] if stage else []
     # One index-ordered, limited scan per status (tasks_claim is (status, next_at) and rowid
     # breaks ties), merged: cost grows with ``limit``, not with the number of queued tasks.
-    runnable = " AND t.batch_id IN (SELECT id FROM batches WHERE status IN ('queued', 'running'))"
+    runnable = (" AND t.batch_id IN (SELECT id FROM batches WHERE status IN ('queued', 'running')"
+                " AND (runner IS NULL OR runner = ? OR runner_until IS NULL OR runner_until < ?))")
     wanted = tuple(batch_ids) if batch_ids else ()
     if wanted:
         runnable += f" AND t.batch_id IN ({','.join('?' * len(wanted))})"
@@ -144,7 +151,7 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
         parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t WHERE t.status = ?"
                      f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?)")
         own = [owner] if status == "running" else []
-        args += [status, now, *own, *stage_args, *wanted, limit]
+        args += [status, now, *own, *stage_args, owner, now, *wanted, limit]
     sql = (f"SELECT id FROM ({' UNION ALL '.join(parts)}) ORDER BY next_at, id LIMIT ?")
     with transaction(db) as conn:
         ids = [r[0] for r in conn.execute(sql, [*args, limit]).fetchall()]
@@ -163,6 +170,18 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
         rows = conn.execute(f"SELECT * FROM tasks WHERE id IN ({marks}) ORDER BY id",
                             ids).fetchall()
     return [dict(zip(cols, r)) for r in rows]
+
+
+def hold_batch(db: sqlite_utils.Database, batch_id: str, *, owner: str,
+               until: float | None) -> bool:
+    """Keep running ``batch_id`` alone until ``until`` (None: let any worker take it over).
+
+    Returns False when ``owner`` is not the batch's runner (nothing is changed then).
+    """
+    with transaction(db) as conn:
+        cur = conn.execute("UPDATE batches SET runner_until = ? WHERE id = ? AND runner = ?",
+                           [until, batch_id, owner])
+        return cur.rowcount == 1
 
 
 def renew_leases(db: sqlite_utils.Database, task_ids: Iterable[int], *, owner: str,

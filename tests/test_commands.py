@@ -143,6 +143,8 @@ def _valid_commands():
                   refs.filter(lambda s: s.lower() not in ("batch", "批次"))),
         st.builds(lambda k, s: Command("silence", key=k, seconds=s), keys,
                   st.none() | st.integers(1, 30 * 86400)),
+        st.builds(lambda rows: Command("replay", rows=tuple(dict.fromkeys(rows))),
+                  st.lists(st.integers(0, 10**12 - 1), max_size=6)),
         st.just(Command("help")),
     )
 

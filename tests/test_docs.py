@@ -72,3 +72,15 @@ def test_the_quick_start_has_the_two_commands_ci_runs():
     assert "pip install -e '.[test]' && python -m pytest" in README
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "python -m pytest" in ci and "'.[test]'" in ci
+
+
+def test_every_variable_read_from_the_environment_is_documented():
+    """Entry points read a few variables outside Settings (e.g. the web log level)."""
+    root = Path(__file__).resolve().parent.parent
+    names = set()
+    for package in ("bot", "pipeline", "storage"):
+        for path in (root / package).glob("*.py"):
+            names |= set(re.findall(r"os\.environ(?:\.get\(|\[)\"([A-Z0-9_]+)\"",
+                                    path.read_text(encoding="utf-8")))
+    assert "OPSBOT_LOG_LEVEL" in names
+    assert {n for n in names if f"`{n}`" not in README} == set()

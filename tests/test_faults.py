@@ -30,7 +30,7 @@ from pipeline.ratelimit import RateLimiter, coze_limiter
 from pipeline.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import outbox, queue
-from storage.db import open_db
+from storage.db import open_db, path_of
 from tests.fake_feishu import FakeFeishu
 
 ALERT_CHAT = "oc_alerts"
@@ -160,17 +160,23 @@ async def _run_batch(db, settings, sim, n, tmp_path, *, config=FAST, limiter=Non
     outbox.enqueue(db, "reply", cmd, {"card": numbered_card(0, batch)}, now=time.time(),
                    uuid=reply_uuid(cmd), ref="oc_run")
     notifier, router = build_notifier(db, settings, _RealClock())
-    limiter = limiter or coze_limiter(config.coze_qps)  # as run_worker and opsbot run build it
+    own = limiter is None   # as run_worker and opsbot run build it: the budget in the store
+    limiter = limiter or coze_limiter(config.coze_qps, store=path_of(db), base_url=sim.base_url,
+                                      token=sim.token)
     cfg = dataclasses.replace(config, output_dir=str(tmp_path / "out"))
-    async with CozeClient(sim.base_url, sim.token, limiter=limiter) as coze:
-        worker = Worker(db, cfg, coze, "wf1", notifier=notifier)
-        t0 = time.monotonic()
-        job = asyncio.create_task(worker.run(drain=True))
-        if during is not None:
-            await during(worker, router, batch)
-        await asyncio.wait_for(job, timeout)
-        took = time.monotonic() - t0
-        worker.synth.close()
+    try:
+        async with CozeClient(sim.base_url, sim.token, limiter=limiter) as coze:
+            worker = Worker(db, cfg, coze, "wf1", notifier=notifier)
+            t0 = time.monotonic()
+            job = asyncio.create_task(worker.run(drain=True))
+            if during is not None:
+                await during(worker, router, batch)
+            await asyncio.wait_for(job, timeout)
+            took = time.monotonic() - t0
+            worker.synth.close()
+    finally:
+        if own:
+            limiter.close()
     router.flush()
     return batch, took, router
 

@@ -265,15 +265,6 @@ def test_errors_lists_failed_tasks(db, settings, clock):
     assert "bad-one" in text and "4200" in text and "workflow not published" in text
 
 
-def test_report_summary_counts_today(db, settings, clock):
-    from datetime import datetime
-    failed_task(db)
-    queue.create_batch(db, [{"task_key": "x"}], now=NOW - 3 * 86400, source="chat")
-    day = datetime.fromtimestamp(NOW, settings.tz).date()
-    text = json.dumps(handlers.build_report_card(db, settings, day, "zh"), ensure_ascii=False)
-    assert "今日创建 1 个任务" in text and "失败 1" in text
-
-
 def test_report_command_uses_report_module(db, settings, clock):
     card = run_text(db, settings, clock, "report --date 2025-01-02")
     assert card["schema"] == "2.0" and "2025-01-02" in json.dumps(card)

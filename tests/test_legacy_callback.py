@@ -111,11 +111,14 @@ def test_legacy_press_of_a_card_we_did_not_send_patches_the_message_id(web, db, 
     assert target == "om_elsewhere"
 
 
-def test_legacy_toast_only_actions_queue_no_patch(web, db):
+def test_legacy_status_press_refreshes_the_card_by_patch(web, db):
+    # status is read-only but answers with the batch card as it is now: the legacy answer cannot
+    # carry it, so it goes out as one PATCH of the pressed message
     b = batch(db, 1)
     resp = press_legacy(web, {"action": "status", "batch_id": b}, "om_card")
     assert set(resp.json) == {"toast"} and resp.json["toast"]["type"] == "success"
-    assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    rows = db.execute("SELECT kind, target FROM outbox").fetchall()
+    assert [tuple(r) for r in rows] == [("patch", "om_card")]
     assert kv.get_json(db, LEGACY_KV_KEY)["count"] == 1
 
 
