@@ -12,6 +12,7 @@ Markdown given to these builders is already safe: outside text is escaped by the
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable
 
 from . import mdtext
@@ -103,6 +104,32 @@ def hr() -> dict[str, Any]:
 
 def mention(open_id: str) -> str:
     return f"<at id={open_id}></at>"
+
+
+_AT = re.compile(r"<at\s+(?:id|email)=([^>]*)>(.*?)</at>", re.DOTALL)
+
+
+def without_mentions(data: Card, note: str) -> Card:
+    """``data`` with every ``<at ...></at>`` in its markdown replaced by the plain (escaped) id
+    or name it named, and ``note`` (safe markdown) added last: what is sent again when Feishu
+    refused the card for a mention (230099, ErrCode 100290). ``data`` is not changed."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            if out.get("tag") == "markdown" and isinstance(out.get("content"), str):
+                out["content"] = _AT.sub(
+                    lambda m: mdtext.escape(m.group(2).strip() or m.group(1).strip()),
+                    out["content"])
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    fixed = walk(data)
+    body = fixed.get("body")
+    if isinstance(body, dict) and isinstance(body.get("elements"), list):
+        body["elements"].append(markdown(note))
+    return fixed
 
 
 def _cut(text: str, n: int) -> str:

@@ -23,6 +23,9 @@ MESSAGES: dict[str, dict[str, str]] = {
     "title.info": {"zh": "提示", "en": "Info"},
     "title.error": {"zh": "出错了", "en": "Something went wrong"},
     "title.done": {"zh": "已完成", "en": "Done"},
+    # the sender, when Feishu refused a card for a mention (ErrCode 100290)
+    "card.mention_refused": {"zh": "⚠️ 飞书拒绝了卡片中的 @ 提醒（某个 ID 不是本租户的用户），已改为纯文本；请检查 FEISHU_ONCALL_IDS / FEISHU_ADMIN_IDS。",
+                             "en": "⚠️ Feishu refused the @-mention on this card (an id is not a user of this tenant), so names are shown as plain text; check FEISHU_ONCALL_IDS / FEISHU_ADMIN_IDS."},
     # help
     "help.intro": {"zh": "在群里 @我 并发送命令（可带 `/`，中英文均可）：",
                    "en": "@mention me with a command (a leading `/` is optional):"},

@@ -20,6 +20,9 @@ Decisions:
 - success -> ``mark_sent`` (result = message_id for messages).
 - retryable FeishuError -> ``mark_retry`` after ``base * 2**attempts`` seconds, jittered to
   50-100 %, capped at ``max_backoff``, and never sooner than Feishu's ``retry_after``.
+- a card refused for a mention of no user (230099, "ErrCode: 100290"; one bad on-call id):
+  sent, replied or patched again at once with the mentions as plain text and a line saying so
+  (same uuid: the refused call made no message), and a WARNING log line.
 - a PATCH refused because someone is pressing a button on that card right now (230099 with
   "card action is lock", ErrCode 11310): retried after ``LOCK_RETRY`` seconds (growing to
   ``LOCK_RETRY_MAX``), however often; the lock lasts a moment. Other 230099 answers (the card
@@ -47,6 +50,8 @@ from typing import Any, Callable
 
 import sqlite_utils
 
+from bot import i18n
+from bot.cards import without_mentions
 from bot.errors import FeishuError
 from bot.feishu import FeishuClient
 from storage import outbox
@@ -60,6 +65,12 @@ CHAT_RATE = 5        # messages per CHAT_WINDOW seconds per chat (Feishu: 5 QPS 
 CHAT_WINDOW = 1.0
 LOCK_RETRY = 0.5     # seconds before the first retry of a PATCH of a locked card
 LOCK_RETRY_MAX = 4.0
+
+
+def mention_refused(err: FeishuError) -> bool:
+    """Feishu refused a card because a mention names no user of the tenant (230099 with
+    ErrCode 100290): one bad on-call id; the card goes again without mentions."""
+    return err.code == 230099 and "ErrCode: 100290" in (err.msg or "")
 
 
 def card_locked(err: FeishuError) -> bool:
@@ -116,8 +127,9 @@ class OutboxSender:
                  chat_window: float = CHAT_WINDOW,
                  rng: Callable[[], float] = random.random,
                  kinds: tuple[str, ...] | None = None,
-                 uuids: tuple[str, ...] | None = None) -> None:
+                 uuids: tuple[str, ...] | None = None, lang: str = i18n.DEFAULT) -> None:
         self.db, self.client, self.clock, self.owner = db, client, clock, owner
+        self.lang = lang  # for the line a card gets when its mentions were refused
         self.kinds = kinds  # None: every kind; the web process leaves Bitable to the worker
         self.uuids = uuids  # None: every row; `opsbot report --send` delivers only its own
         self.max_backoff, self.base_backoff = max_backoff, base_backoff
@@ -171,7 +183,12 @@ class OutboxSender:
         try:
             if target in held:
                 raise _Postponed(held[target], "waiting for an earlier row to the same target")
-            result = self._perform(row)
+            try:
+                result = self._perform(row)
+            except FeishuError as err:
+                if not (mention_refused(err) and "card" in row["payload"]):
+                    raise
+                result = self._without_mentions(row, err)
         except _Postponed as wait:
             held[target] = wait.at
             outbox.release(self.db, row["id"], next_at=wait.at, reason=f"postponed: {wait}")
@@ -188,14 +205,16 @@ class OutboxSender:
         outbox.mark_sent(self.db, row["id"], now=self.clock.now(), result=result)
         return 1
 
-    def _perform(self, row: dict[str, Any]) -> str | None:
+    def _perform(self, row: dict[str, Any], *, take_slot: bool = True) -> str | None:
         kind, target, payload = row["kind"], row["target"], row["payload"]
         if kind == "patch":
             message_id = self._patch_target(target)
-            self._take_slot(message_id)
+            if take_slot:
+                self._take_slot(message_id)
             self.client.patch_card(message_id, payload["card"])
             return message_id
-        self._take_slot(target)
+        if take_slot:
+            self._take_slot(target)
         if kind == "send":
             if "card" in payload:
                 return self.client.send_card(target, payload["card"], row["uuid"])
@@ -205,6 +224,21 @@ class OutboxSender:
                 return self.client.reply_card(target, payload["card"], row["uuid"])
             return self.client.reply_text(target, payload["text"], row["uuid"])
         raise ValueError(f"unknown kind {kind!r}")
+
+    def _without_mentions(self, row: dict[str, Any], err: FeishuError) -> str | None:
+        """Perform ``row`` again with its card's mentions as plain text (a refused send made no
+        message, so the same uuid is used); the stored payload keeps the rebuilt card."""
+        log.warning("feishu refused a mention on a card (an id that is no user of the tenant; "
+                    "check FEISHU_ONCALL_IDS / FEISHU_ADMIN_IDS); sending it without mentions",
+                    extra={**err.as_log(), "outbox_uuid": row["uuid"],
+                           "outbox_kind": row["kind"], "outbox_target": row["target"]})
+        payload = dict(row["payload"])
+        payload["card"] = without_mentions(payload["card"],
+                                           i18n.t("card.mention_refused", self.lang))
+        with transaction(self.db) as conn:
+            conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
+                         [json.dumps(payload, ensure_ascii=False), row["id"]])
+        return self._perform({**row, "payload": payload}, take_slot=False)
 
     def _take_slot(self, key: str) -> None:
         free_at = self._limiter.acquire(key)

@@ -301,3 +301,51 @@ def test_run_forever_delivers_and_stops(db_path, fake, clock):
         thread_db.conn.close()
     assert not thread.is_alive()
     assert len(fake.messages) == 1
+
+
+def mention_card(title: str, who: str) -> dict:
+    c = card(title)
+    c["body"]["elements"].append({"tag": "markdown", "content": f"on call: <at id={who}></at>"})
+    return c
+
+
+def test_a_card_refused_for_a_mention_goes_again_without_mentions(db, fake, clock, sender,
+                                                                 caplog):
+    fake.add_users("ou_alice")
+    u = enqueue(db, clock, "send", CHAT, {"card": mention_card("HIGH", "ou_nobody")})
+    with caplog.at_level(logging.WARNING, logger="opsbot.sender"):
+        assert sender.deliver_due() == 1
+    refused = fake.take_refusals()
+    assert len(refused) == 1 and "100290" in refused[0]["msg"]
+    (message,) = fake.messages
+    assert message["uuid"] == u
+    text = json_text(message["content"])
+    assert "<at" not in text and "ou&#95;nobody" in text
+    assert "mention" in text or "提醒" in text
+    assert row(db, u)["status"] == "sent" and row(db, u)["result"] == message["message_id"]
+    assert any("refused a mention" in r.getMessage() for r in caplog.records)
+    # a later PATCH with the same bad mention is rescued the same way, not dead
+    p = enqueue(db, clock, "patch", u, {"card": mention_card("resolved", "ou_nobody")})
+    assert sender.deliver_due() == 1
+    assert len(fake.take_refusals()) == 1
+    assert row(db, p)["status"] == "sent"
+    assert "<at" not in json_text(fake.messages[0]["content"])
+    # a good mention is left alone
+    g = enqueue(db, clock, "send", CHAT, {"card": mention_card("ok", "ou_alice")})
+    assert sender.deliver_due() == 1
+    assert "<at id=ou_alice></at>" in json_text(fake.messages[-1]["content"])
+    assert row(db, g)["status"] == "sent"
+
+
+def test_a_card_refused_for_its_structure_is_still_dead(db, fake, clock, sender):
+    bad = card("x")
+    bad["body"]["elements"].append({"tag": "note", "elements": []})
+    u = enqueue(db, clock, "send", CHAT, {"card": bad})
+    assert sender.deliver_due() == 0
+    assert len(fake.take_refusals()) == 1
+    assert row(db, u)["status"] == "dead" and fake.messages == []
+
+
+def json_text(content) -> str:
+    import json
+    return json.dumps(content, ensure_ascii=False)
