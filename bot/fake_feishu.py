@@ -33,7 +33,9 @@ Endpoints (route names in brackets, used by :meth:`FakeFeishu.fail`):
   ``bot_activate_status`` (attributes, change them freely); Bearer token checked like the rest.
 - [batch_create] ``POST .../records/batch_create``: adds rows (at most 500 a call, else 1254104;
   a field the table does not have, when its fields were set with :meth:`set_fields`, 1254045);
-  every call is kept in :attr:`batch_creates`.
+  every call that added rows is kept in :attr:`batch_creates`. A ``client_token`` query
+  parameter (a UUID, else 1254001) makes it idempotent like Feishu: the same token again gets
+  the first answer and adds no rows.
 - [list_fields] ``GET /open-apis/bitable/v1/apps/{app}/tables/{table}/fields``: the fields set
   with :meth:`set_fields`, else the names seen in the table's rows (as text fields); paged.
 - [upload_all] ``POST /open-apis/drive/v1/medias/upload_all`` (multipart): strict like Feishu:
@@ -73,6 +75,7 @@ import itertools
 import json
 import threading
 import time
+import uuid as uuidlib
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -561,6 +564,7 @@ class FakeFeishu:
     def _reset_drive(self) -> None:
         self.uploads: list[dict[str, Any]] = []
         self.batch_creates: list[dict[str, Any]] = []
+        self._creates_by_token: dict[tuple[str, str, str], tuple[int, Any]] = {}
         self.fields: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._sessions: dict[str, dict[str, Any]] = {}
 
@@ -607,6 +611,21 @@ class FakeFeishu:
             "page_token": str(start + size) if more else "", "total": len(items)}}
 
     def _on_batch_create(self, rec: dict[str, Any], app: str, table: str) -> tuple[int, Any]:
+        token = rec["query"].get("client_token")
+        if token:
+            try:
+                uuidlib.UUID(token)
+            except ValueError:
+                return 400, {"code": 1254001, "msg": "WrongRequestBody: client_token must be "
+                                                     "a UUID"}
+            if (app, table, token) in self._creates_by_token:  # Feishu: same token, same answer
+                return self._creates_by_token[(app, table, token)]
+        answer = self._batch_create(rec, app, table)
+        if token and answer[0] == 200:
+            self._creates_by_token[(app, table, token)] = answer
+        return answer
+
+    def _batch_create(self, rec: dict[str, Any], app: str, table: str) -> tuple[int, Any]:
         records = (rec["json"] or {}).get("records") or []
         if len(records) > 500:
             return 400, {"code": 1254104, "msg": "records exceed 500"}

@@ -46,6 +46,7 @@ import json
 import logging
 import random
 import threading
+import uuid as uuidlib
 from typing import Any, Callable
 
 import sqlite_utils
@@ -323,7 +324,8 @@ class OutboxSender:
                     if not isinstance(records, list) or not 0 < len(records) <= BITABLE_BATCH:
                         raise ValueError(f"{len(records)} records, want 1..{BITABLE_BATCH}")
                     with _table_lock(row["target"]):
-                        self.client.batch_create_records(app_token, table_id, records)
+                        self.client.batch_create_records(
+                            app_token, table_id, records, client_token=create_token(row["uuid"]))
             except FeishuError as err:
                 self._failed([row], err, {})
                 continue
@@ -408,6 +410,13 @@ class OutboxSender:
         exp = min(self.max_backoff, self.base_backoff * (2 ** min(attempts, 32)))
         delay = exp * (0.5 + 0.5 * self.rng())
         return max(delay, retry_after or 0.0)
+
+
+def create_token(row_uuid: str) -> str:
+    """The ``client_token`` of a ``bitable_create`` row: a UUID derived from the row's uuid, so
+    every retry of the row (after a lost answer, or by another sender) is the same call to
+    Feishu, which adds the records once."""
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"opsbot:outbox:{row_uuid}"))
 
 
 def _coalesce(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]],

@@ -263,6 +263,51 @@ def test_every_attempt_is_mirrored_in_batches_of_at_most_500(db, tmp_path):
         assert mirror_attempts(db, settings, now=0) == 1
 
 
+def test_a_log_row_performed_again_after_a_lost_answer_adds_its_records_once(db):
+    with FakeFeishu() as fake:
+        fake.set_fields(APP, LOG, list(LOG_FIELDS))
+        settings = Settings(feishu=fake.settings(bitable_app_token=APP, bitable_log_table_id=LOG))
+        batch = queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+        (task,) = queue.tasks_of(db, batch)
+        for i in range(3):
+            queue.record_attempt(db, task, stage="coze", started_at=10.0 + i, ended_at=11.0 + i,
+                                 outcome="success")
+        assert mirror_attempts(db, settings, now=0) == 3
+        client = FeishuClient(settings.feishu)
+        assert OutboxSender(db, client, clock=Clock(), owner="s1").deliver_due() == 1
+        # Feishu added the rows, but the sender died before mark_sent: the lease runs out and
+        # another sender performs the same row again
+        db.execute("UPDATE outbox SET status = 'pending', sent_at = NULL, result = NULL")
+        db.conn.commit()
+        assert OutboxSender(db, client, clock=Clock(), owner="s2").deliver_due() == 1
+        assert len(fake.records(APP, LOG)) == 3
+        calls = fake.requests_to("/records/batch_create", "POST")
+        assert len(calls) == 2
+        tokens = {c["query"].get("client_token") for c in calls}
+        assert len(tokens) == 1 and None not in tokens
+
+
+def test_the_fake_honours_client_token_like_feishu(db):
+    import uuid
+    from bot.errors import FeishuError
+    with FakeFeishu() as fake:
+        fake.set_fields(APP, LOG, ["task_id"])
+        client = FeishuClient(fake.settings())
+        token = str(uuid.uuid4())
+        first = client.batch_create_records(APP, LOG, [{"task_id": "a"}], client_token=token)
+        again = client.batch_create_records(APP, LOG, [{"task_id": "a"}], client_token=token)
+        assert first == again and len(fake.records(APP, LOG)) == 1
+        other = client.batch_create_records(APP, LOG, [{"task_id": "a"}],
+                                            client_token=str(uuid.uuid4()))
+        assert other != first and len(fake.records(APP, LOG)) == 2
+        client.batch_create_records(APP, LOG, [{"task_id": "b"}])      # no token: always adds
+        client.batch_create_records(APP, LOG, [{"task_id": "b"}])
+        assert len(fake.records(APP, LOG)) == 4
+        with pytest.raises(FeishuError) as err:
+            client.batch_create_records(APP, LOG, [{"task_id": "c"}], client_token="row-1")
+        assert err.value.code == 1254001 and len(fake.records(APP, LOG)) == 4
+
+
 def test_the_log_table_refuses_an_unknown_column_and_the_row_is_dead_not_lost_silently(db):
     with FakeFeishu() as fake:
         fake.set_fields(APP, LOG, ["task_id", "stage"])         # a table missing columns
