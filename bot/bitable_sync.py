@@ -9,7 +9,9 @@ too, when ``feishu.bitable_video_field`` names a column:
 
 - ``bitable_video_mode = "upload"``: an outbox row of kind ``bitable_attach`` (payload
   ``{"record_id", "field", "path", "file_name"}``); the sender uploads the file into the Bitable
-  and writes ``[{"file_token": ...}]`` into the attachment column. Durable like every write: a
+  and writes ``[{"file_token": ...}]`` into the attachment column. Its outbox target is
+  ``app_token/table_id#files``, apart from the status writes, so an upload in backoff does not
+  hold them back (the outbox keeps order per target). Durable like every write: a
   crash before the upload or the write repeats it from the outbox.
 - ``"link"``: the column gets text: ``feishu.video_link_base`` + the video's path under
   ``pipeline.output_dir`` (where the team serves that folder), or the absolute path when no base
@@ -110,6 +112,9 @@ def video_link(settings: Settings, path: str) -> str:
     return base.rstrip("/") + "/" + quote(relative)
 
 
+FILES_SUFFIX = "#files"  # outbox target of attachment rows: "app_token/table_id#files"
+
+
 def enqueue_attachment(db, settings: Settings, row: dict[str, Any], path: str, *,
                        now: float) -> str:
     """Queue the upload of ``path`` into the row's attachment column (one per finished run)."""
@@ -117,7 +122,10 @@ def enqueue_attachment(db, settings: Settings, row: dict[str, Any], path: str, *
     payload = {"record_id": row["record_id"], "field": f.bitable_video_field,
                "path": os.path.abspath(path), "file_name": os.path.basename(path)}
     key = _key("att", row["batch_id"], f"{row['id']}:{int((row.get('finished_at') or 0) * 1000)}")
-    return outbox.enqueue(db, "bitable_attach", f"{f.bitable_app_token}/{f.bitable_table_id}",
+    # its own target: per-target order must not hold the row's status writes behind an
+    # upload that is in backoff (the sender strips FILES_SUFFIX and locks app/table for the write)
+    return outbox.enqueue(db, "bitable_attach",
+                          f"{f.bitable_app_token}/{f.bitable_table_id}{FILES_SUFFIX}",
                           payload, now=now, uuid=key, ref=f"task:{row['id']}")
 
 

@@ -52,6 +52,7 @@ from typing import Any, Callable
 import sqlite_utils
 
 from bot import i18n
+from bot.bitable_sync import FILES_SUFFIX
 from bot.cards import without_mentions
 from bot.errors import FeishuError
 from bot.feishu import FeishuClient
@@ -306,7 +307,10 @@ class OutboxSender:
         ``payload.records`` (at most 500) to the target table in one call."""
         delivered = uploads = 0
         for row in rows:
-            app_token, _, table_id = row["target"].partition("/")
+            table = row["target"]
+            if row["kind"] == "bitable_attach":  # "app/table#files": a target of its own
+                table = table.removesuffix(FILES_SUFFIX)
+            app_token, _, table_id = table.partition("/")
             if row["kind"] == "bitable_attach" and not row["payload"].get("file_token"):
                 uploads += 1
                 if uploads > UPLOADS_PER_PASS:  # let messages through between large uploads
@@ -318,7 +322,7 @@ class OutboxSender:
                     raise _Dead(f"{row['kind']} target {row['target']!r} is not "
                                 "app_token/table_id")
                 if row["kind"] == "bitable_attach":
-                    self._attach(row, app_token, table_id)
+                    self._attach(row, app_token, table_id, table)
                 else:
                     records = row["payload"]["records"]
                     if not isinstance(records, list) or not 0 < len(records) <= BITABLE_BATCH:
@@ -340,7 +344,7 @@ class OutboxSender:
             delivered += 1
         return delivered
 
-    def _attach(self, row: dict[str, Any], app_token: str, table_id: str) -> None:
+    def _attach(self, row: dict[str, Any], app_token: str, table_id: str, table: str) -> None:
         payload = row["payload"]
         path, field, record_id = payload["path"], payload["field"], payload["record_id"]
         if not (isinstance(field, str) and field and isinstance(record_id, str) and record_id):
@@ -357,7 +361,7 @@ class OutboxSender:
             with transaction(self.db) as conn:
                 conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
                              [json.dumps(payload, ensure_ascii=False), row["id"]])
-        with _table_lock(row["target"]):  # the upload itself needs no table lock
+        with _table_lock(table):  # the upload itself needs no table lock
             self.client.batch_update_records(app_token, table_id, [
                 {"record_id": record_id, "fields": {field: [{"file_token": token}]}}])
 

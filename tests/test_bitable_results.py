@@ -132,6 +132,28 @@ def test_an_upload_that_fails_is_retried_and_a_failed_field_write_does_not_uploa
         assert fields["视频"] == [{"file_token": fake.uploads[0]["file_token"]}]
 
 
+def test_an_upload_in_backoff_does_not_hold_back_the_rows_status_writes(db, tmp_path):
+    with FakeFeishu() as fake:
+        settings = make_settings(fake, tmp_path)
+        run_batch(db, tmp_path, settings, fake=fake)
+        clock = Fixed(time.time())
+        sender = OutboxSender(db, FeishuClient(settings.feishu), clock=clock, owner="t",
+                              rng=lambda: 1.0, base_backoff=60.0)
+        fake.fail("upload_all", status=502, times=10)
+        sender.deliver_due()
+        [attach] = outbox_rows(db, "bitable_attach")
+        assert attach["status"] == "pending" and attach["next_at"] >= clock.t + 60
+        assert attach["target"] == f"{APP}/{TABLE}#files"
+        [rid] = fake.records(APP, TABLE)
+        clock.t += 1
+        u = outbox.enqueue(db, "bitable_update", f"{APP}/{TABLE}",
+                           {"record_id": rid, "fields": {"状态": "已归档"}}, now=clock.t)
+        assert sender.deliver_due() == 1
+        assert outbox.status_of(db, u) == "sent"
+        assert fake.records(APP, TABLE)[rid]["状态"] == "已归档"
+        assert fake.uploads == [] and outbox_rows(db, "bitable_attach")[0]["status"] == "pending"
+
+
 def test_a_video_gone_from_disk_or_a_wrong_app_token_is_given_up_with_the_reason(db, tmp_path):
     with FakeFeishu() as fake:
         settings = make_settings(fake, tmp_path)
