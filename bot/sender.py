@@ -34,6 +34,11 @@ Decisions:
   target on the injected clock; a row over the limit is postponed to when the window frees up.
   Postponing uses ``release``, which counts no attempt.
 
+An upload first extends its row's lease (:data:`UPLOAD_LEASE`), and only while this sender
+still holds the row; ``mark_sent`` / ``mark_retry`` too change a row only while this sender holds
+it, so a sender whose lease was taken over neither uploads a file twice nor overwrites the new
+holder's outcome.
+
 Retries reuse the row's uuid, so a message sent by a sender that died before ``mark_sent`` is
 deduped by Feishu when the next sender (after the lease expires) sends it again.
 
@@ -62,6 +67,7 @@ from storage.db import transaction
 log = logging.getLogger("opsbot.sender")
 
 BITABLE_BATCH = 500  # records per batch_update call
+UPLOAD_LEASE = 900.0  # seconds a row is held for its upload (parts of a large file at 120 s each)
 UPLOADS_PER_PASS = 1  # file uploads per delivery pass (an upload may take a minute)
 CHAT_RATE = 5        # messages per CHAT_WINDOW seconds per chat (Feishu: 5 QPS per chat)
 CHAT_WINDOW = 1.0
@@ -94,6 +100,10 @@ class _Postponed(Exception):
     def __init__(self, at: float, reason: str) -> None:
         super().__init__(reason)
         self.at = at
+
+
+class _Lost(Exception):
+    """Another sender holds the row now (our lease ran out); leave it alone."""
 
 
 class _Dead(Exception):
@@ -204,7 +214,8 @@ class OutboxSender:
         except (KeyError, TypeError, ValueError) as exc:
             self._dead([row], f"malformed {row['kind']} payload: {type(exc).__name__}: {exc}")
             return 0
-        outbox.mark_sent(self.db, row["id"], now=self.clock.now(), result=result)
+        outbox.mark_sent(self.db, row["id"], now=self.clock.now(), result=result,
+                         owner=self.owner)
         return 1
 
     def _perform(self, row: dict[str, Any], *, take_slot: bool = True) -> str | None:
@@ -293,7 +304,7 @@ class OutboxSender:
                     continue
                 now = self.clock.now()
                 for r in chunk_rows:
-                    outbox.mark_sent(self.db, r["id"], now=now)
+                    outbox.mark_sent(self.db, r["id"], now=now, owner=self.owner)
                 delivered += len(chunk_rows)
         return delivered
 
@@ -333,6 +344,9 @@ class OutboxSender:
             except FeishuError as err:
                 self._failed([row], err, {})
                 continue
+            except _Lost as exc:
+                log.warning("outbox row skipped: %s", exc, extra={"outbox_uuid": row["uuid"]})
+                continue
             except _Dead as exc:
                 self._dead([row], str(exc))
                 continue
@@ -340,7 +354,7 @@ class OutboxSender:
                 self._dead([row], f"malformed {row['kind']} payload: {type(exc).__name__}: {exc}")
                 continue
             outbox.mark_sent(self.db, row["id"], now=self.clock.now(),
-                             result=row["payload"].get("file_token"))
+                             result=row["payload"].get("file_token"), owner=self.owner)
             delivered += 1
         return delivered
 
@@ -351,6 +365,11 @@ class OutboxSender:
             raise ValueError("needs record_id and field")
         token = payload.get("file_token")
         if not token:
+            # an upload may outlast the claim's lease: hold the row for longer first, or leave
+            # it to the sender that took it over (it would upload the file a second time)
+            if not outbox.extend_lease(self.db, row["id"], owner=self.owner,
+                                       until=self.clock.now() + max(self.lease, UPLOAD_LEASE)):
+                raise _Lost(f"{row['uuid']} was taken over by another sender")
             try:
                 token = self.client.upload_media(path, parent_node=app_token,
                                                  file_name=payload.get("file_name"))
@@ -379,7 +398,8 @@ class OutboxSender:
         now = self.clock.now()
         for r in rows:
             held[r["target"]] = now + delay
-            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err))
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err),
+                              owner=self.owner)
         log.warning("outbox retry in %.1fs: %s", delay, err,
                     extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows],
                            "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
@@ -391,7 +411,8 @@ class OutboxSender:
         now = self.clock.now()
         for r in rows:
             held[r["target"]] = now + delay
-            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err))
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err),
+                              owner=self.owner)
         log.info("card locked by an interaction; patch retried in %.1fs", delay,
                  extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows]})
 

@@ -26,6 +26,7 @@ from pipeline.coze import CozeClient
 from pipeline.simulator import CozeSimulator
 from pipeline.worker import Worker
 from storage import outbox, queue
+from storage.db import open_db
 from tests.fake_feishu import FakeFeishu
 from tests.test_worker import FAST
 
@@ -152,6 +153,27 @@ def test_an_upload_in_backoff_does_not_hold_back_the_rows_status_writes(db, tmp_
         assert outbox.status_of(db, u) == "sent"
         assert fake.records(APP, TABLE)[rid]["状态"] == "已归档"
         assert fake.uploads == [] and outbox_rows(db, "bitable_attach")[0]["status"] == "pending"
+
+
+def test_an_upload_that_outlasts_the_claims_lease_is_not_uploaded_twice(db, tmp_path):
+    import threading
+    with FakeFeishu() as fake:
+        settings = make_settings(fake, tmp_path)
+        run_batch(db, tmp_path, settings, fake=fake)
+        clock = Fixed(time.time())
+        client = FeishuClient(settings.feishu)
+        first = OutboxSender(db, client, clock=clock, owner="s1", lease=60, rng=lambda: 1.0)
+        second = OutboxSender(open_db(db_path(db)), client, clock=clock, owner="s2", lease=60)
+        fake.fail("upload_all", status=502, delay=1.0)        # a slow upload (then a 502)
+        worker = threading.Thread(target=first.deliver_due)
+        worker.start()
+        assert fake.wait_for(lambda: any("upload_all" in r["path"] for r in fake.requests))
+        clock.t += 61                                          # past the claim's lease
+        second.deliver_due()
+        worker.join(10)
+        assert len(fake.requests_to("upload_all")) == 1       # nobody uploaded it meanwhile
+        [row] = outbox_rows(db, "bitable_attach")
+        assert row["status"] == "pending" and "http=502" in row["last_error"]
 
 
 def test_a_video_gone_from_disk_or_a_wrong_app_token_is_given_up_with_the_reason(db, tmp_path):
@@ -414,3 +436,7 @@ def test_an_expired_token_during_an_upload_is_refreshed_and_the_file_sent_again_
         [up] = fake.uploads
         assert up["file_token"] == token and up["data"] == VIDEO   # the retry re-read the file
         assert len(fake.requests_to("upload_all")) == 2
+
+
+def db_path(db) -> str:
+    return db.execute("PRAGMA database_list").fetchone()[2]
