@@ -456,10 +456,11 @@ def _failure_rows(failures: list[tuple[str, int]], lang: str) -> str:
 
 
 def _outputs_text(outputs: dict[str, Any], lang: str) -> str:
-    """Where the videos are; each one a link when they are served (``video_link_base``)."""
+    """Where the videos are; each one a link when they are served (``video_link_base``). Task
+    keys arrive raw: they are cut first and escaped after, so no cut falls inside an escape."""
     text = tr("sum.outputs", lang, n=outputs["count"], folder=cut(outputs["folder"], 200))
     if outputs.get("link_base"):
-        links = [f"[{cut(key, 40)}]({url})" for key, url in outputs["videos"][:LIST_LIMIT]]
+        links = [f"[{shown(key, 40)}]({url})" for key, url in outputs["videos"][:LIST_LIMIT]]
         text += "\n" + " · ".join(links)
         if outputs["count"] > len(links):
             text += " " + tr("f.more", lang, n=outputs["count"] - len(links))

@@ -132,12 +132,12 @@ def enqueue_attachment(db, settings: Settings, row: dict[str, Any], path: str, *
 def batch_outputs(db, settings: Settings, batch_id: str) -> dict[str, Any]:
     """What the batch produced, for its summary card: ``{"videos": [(task_key, link)],
     "count", "folder", "link_base"}`` (links as :func:`video_link` makes them; at most 20
-    listed; task keys neutralised for card markdown)."""
+    listed; task keys raw: the card cuts and escapes them)."""
     videos = []
     for row in queue.tasks_of(db, batch_id, ["succeeded"]):
         path = video_path(row)
         if path:
-            videos.append((neutral(row["task_key"]), video_link(settings, path)))
+            videos.append((row["task_key"], video_link(settings, path)))
     folder = os.path.join(os.path.abspath(settings.pipeline.output_dir), batch_id)
     return {"count": len(videos), "videos": videos[:20], "folder": folder,
             "link_base": bool(settings.feishu.video_link_base)}

@@ -406,7 +406,7 @@ def test_batch_outputs_counts_only_videos_on_disk(db, tmp_path):
         queue.update_task(db, task["id"], status="succeeded",
                           output={"synthesis": {"video": str(path)}})
     out = batch_outputs(db, settings, batch)
-    assert out["count"] == 1 and out["videos"] == [("&#60;a&#62;", str(video))]
+    assert out["count"] == 1 and out["videos"] == [("<a>", str(video))]
 
 
 def test_one_upload_per_delivery_pass_so_messages_are_not_held_up(db, tmp_path):
