@@ -430,9 +430,16 @@ def test_the_medium_alert_names_check_and_value_escaped(db, tmp_path):
                                                      max=5),))
     batch, _ = _run(db, tmp_path, {"t1": hostile}, gate, router)
     [alert] = list(db.query("SELECT * FROM alerts"))
-    assert alert["tier"] == "MEDIUM" and alert["key"] == f"{batch}:coze:quality"
+    assert alert["tier"] == "MEDIUM" and alert["key"] == f"{batch}:gate:quality"
+    assert json.loads(alert["details"])["stage"] == "gate"
     [row] = list(db.query("SELECT payload FROM outbox WHERE kind = 'send'"))
     text = json.dumps(json.loads(row["payload"])["card"], ensure_ascii=False)
+    # the batch's summary card advises on the quality gate, not "unknown error"
+    from bot.alert_cards import advice
+    from bot.alerts import batch_card
+    summary = json.dumps(batch_card(db, settings, batch, now=0), ensure_ascii=False)
+    assert advice("quality", "zh") in summary and advice(None, "zh") not in summary
+    assert advice("quality", "en") not in (advice(None, "en"), "advice.quality")
     from bot.mdtext import escape
     assert escape("quality check 'script' (text_length) failed: content") in text
     assert "<at id=all>" not in text and escape("<at id=all></at>") in text
