@@ -40,7 +40,8 @@ from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card
 from .bitable_sync import mark_cancelled
 from .commands import neutral
 from .i18n import not_found, status_word
-from .mdtext import code, escape, plain
+from .cards import toast
+from .mdtext import code, escape
 
 MIN_SILENCE = 60.0
 MAX_SILENCE = 30 * 86400.0
@@ -68,15 +69,15 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
     name = str(ctx.value.get("action", ""))
     action = ACTIONS.get(name)
     if action is None:
-        return _toast("error", tr("a.unknown", ctx.lang, action=name or "-"))
+        return toast("error", tr("a.unknown", ctx.lang, action=name or "-"))
     try:
         ok, text = action(ctx)
     except NotFound as exc:
-        return _toast("error", not_found(exc, ctx.lang))
+        return toast("error", not_found(exc, ctx.lang))
     except (KeyError, ValueError, TypeError) as exc:
-        return _toast("error", tr("a.failed", ctx.lang,
+        return toast("error", tr("a.failed", ctx.lang,
                                   error=escape(f"{type(exc).__name__}: {exc}"[:200])))
-    answer = _toast("success" if ok else "info", text)
+    answer = toast("success" if ok else "info", text)
     card, target = _current_card(ctx)
     if card is not None:
         answer["card"] = {"type": "raw", "data": card}
@@ -86,11 +87,6 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
             refresh_pending_patch(ctx.db, target, card, now=ctx.now,
                                   ref=str(ctx.value.get("key") or ctx.value.get("batch_id")))
     return answer
-
-
-def _toast(kind: str, content: str) -> dict[str, Any]:
-    """Toast content is plain text to Feishu: the markdown of our texts is turned into it."""
-    return {"toast": {"type": kind, "content": plain(content)}}
 
 
 def _current_card(ctx: _Ctx) -> tuple[dict[str, Any] | None, str | None]:

@@ -98,6 +98,14 @@ def button_values(data: Any) -> list[dict[str, Any]]:
     return [b["behaviors"][0]["value"] for b in elements(data, "button") if b.get("behaviors")]
 
 
+def toast(kind: str, content: str) -> dict[str, Any]:
+    """A card-action answer's toast. Feishu shows its content as plain text, so the markdown
+    our texts carry (bold, code spans, escaped outside text) becomes what a reader would see:
+    outside text (an exception's message) must be :func:`mdtext.escape` d in it like anywhere
+    else, and then reads exactly as it was."""
+    return {"toast": {"type": kind, "content": mdtext.plain(content)}}
+
+
 def hr() -> dict[str, Any]:
     return {"tag": "hr"}
 

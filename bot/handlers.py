@@ -32,7 +32,8 @@ from storage.db import Conflict, NotFound, transaction
 from . import cards
 from .commands import BATCH_ID, Command, ParseError, neutral, parse
 from .i18n import not_found, status_word, t
-from .mdtext import plain
+from .cards import toast
+from .mdtext import clip, escape
 
 log = logging.getLogger("opsbot.handlers")
 
@@ -477,12 +478,6 @@ def card_action_from(payload: dict[str, Any]) -> CardAction:
                       message_id if isinstance(message_id, str) else None)
 
 
-def toast(kind: str, content: str) -> dict[str, Any]:
-    """A card-action answer's toast: Feishu shows its content as plain text, so the markdown
-    our texts carry (bold, code spans, escaped outside text) becomes what a reader would see."""
-    return {"toast": {"type": kind, "content": plain(content)}}
-
-
 READ_ONLY_ACTIONS = frozenset({"status"})
 
 
@@ -514,7 +509,7 @@ def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str
         except NotFound as exc:
             ok, text = False, not_found(exc, lang)
         except (KeyError, ValueError, TypeError) as exc:
-            ok, text = False, t("toast.failed", lang, error=str(exc)[:200])
+            ok, text = False, t("toast.failed", lang, error=escape(clip(str(exc), 200)))
         answer = toast("success" if ok else "warning", text)
     if act.event_id:
         inbox.finish(db, "card:" + act.event_id, now=clock.now())
