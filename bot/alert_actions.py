@@ -38,7 +38,6 @@ from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card
                      enqueue_patch, load_alert, open_alerts, refresh_pending_patch,
                      resolve_alert, resolve_batch_unblocked, silenced_until)
 from .bitable_sync import mark_cancelled
-from .commands import neutral
 from .i18n import not_found, status_word
 from .cards import toast
 from .mdtext import code, escape
@@ -234,7 +233,7 @@ def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
             reset = _reset_breakers(db, settings, now=now, by=by)
             if reset is not None:
                 return reset
-        return False, tr("a.not_blocked", lang, batch_id=neutral(batch_id),
+        return False, tr("a.not_blocked", lang, batch_id=escape(batch_id),
                          status=status_word(status, lang))
     reset = previous == "blocked" or (not explicit and _open_breakers(db))
     if reset:
@@ -244,7 +243,7 @@ def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
     if patch_card:
         _patch_batch_card(db, settings, batch_id, now)
     key = "a.resumed" if reset else "a.resumed_paused"
-    return True, tr(key, lang, batch_id=neutral(batch_id), previous=status_word(previous, lang),
+    return True, tr(key, lang, batch_id=escape(batch_id), previous=status_word(previous, lang),
                     status=status_word("running", lang))
 
 
@@ -259,7 +258,7 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
                                allowed_from=queue.BATCH_OPEN)
     except Conflict:
         status = queue.get_batch(db, batch_id)["status"]
-        return False, tr("a.cannot_cancel", lang, batch_id=neutral(batch_id),
+        return False, tr("a.cannot_cancel", lang, batch_id=escape(batch_id),
                          status=status_word(status, lang))
     mark_cancelled(db, settings, batch_id, now)  # their Bitable rows become pending again
     note = {"by": by, "text": tr("n.cancel", lang)}
@@ -271,7 +270,7 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
                           alert_card_for(db, settings, fresh, now), now=now, ref=alert["key"])
     if patch_card:
         _patch_batch_card(db, settings, batch_id, now)
-    return True, tr("a.cancelled", lang, batch_id=neutral(batch_id))
+    return True, tr("a.cancelled", lang, batch_id=escape(batch_id))
 
 
 def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused")) -> str | None:

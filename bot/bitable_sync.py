@@ -30,10 +30,9 @@ import os
 from typing import Any
 
 from pipeline.notify import NullNotifier
-from storage import outbox, queue
+from storage import kv, outbox, queue
 from storage.db import transaction
 
-from .commands import neutral
 from .settings import Settings
 
 MAX_TEXT = 2000  # keep a cell readable; the full output is in the store and the results JSON
@@ -181,8 +180,7 @@ def mirror_attempts(db, settings: Settings, *, now: float, limit: int = 20 * LOG
         return 0
     target = f"{f.bitable_app_token}/{f.bitable_log_table_id}"
     with transaction(db) as conn:
-        row = conn.execute("SELECT value FROM kv WHERE key = ?", [LOG_CURSOR]).fetchone()
-        last = int(row[0]) if row else 0
+        last = int(kv.get(conn, LOG_CURSOR) or 0)
         cur = conn.execute(
             "SELECT a.*, t.task_key FROM attempts a LEFT JOIN tasks t ON t.id = a.task_id"
             " WHERE a.id > ? ORDER BY a.id LIMIT ?", [last, limit])
@@ -197,10 +195,7 @@ def mirror_attempts(db, settings: Settings, *, now: float, limit: int = 20 * LOG
                  json.dumps({"records": [log_record(r) for r in chunk]}, ensure_ascii=False),
                  "attempt-log", now, now])
         if rows:
-            conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
-                         " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
-                         " updated_at = excluded.updated_at", [LOG_CURSOR, str(rows[-1]["id"]),
-                                                               now])
+            kv.put_in(conn, LOG_CURSOR, str(rows[-1]["id"]), now=now)
     return len(rows)
 
 

@@ -38,7 +38,7 @@ def card(title: str, elements: Iterable[dict[str, Any]], *, template: str = "blu
     data = {
         "schema": "2.0",
         "config": {"update_multi": True},
-        "header": {"title": {"tag": "plain_text", "content": _cut(title, 200)},
+        "header": {"title": {"tag": "plain_text", "content": mdtext.clip(title, 200)},
                    "template": template},
         "body": {"elements": els},
     }
@@ -74,7 +74,7 @@ def markdown(text: str) -> dict[str, Any]:
 
 def button(label: str, value: dict[str, Any], *, kind: str = "default") -> dict[str, Any]:
     """A button whose click arrives as ``card.action.trigger`` with ``action.value == value``."""
-    return {"tag": "button", "text": {"tag": "plain_text", "content": _cut(label, 60)},
+    return {"tag": "button", "text": {"tag": "plain_text", "content": mdtext.clip(label, 60)},
             "type": kind, "behaviors": [{"type": "callback", "value": dict(value)}]}
 
 
@@ -140,11 +140,6 @@ def without_mentions(data: Card, note: str) -> Card:
     return fixed
 
 
-def _cut(text: str, n: int) -> str:
-    text = str(text)
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
 def _lines(rows: list[str], limit: int = 50) -> str:
     shown = rows[:limit]
     if len(rows) > limit:
@@ -182,7 +177,7 @@ def refusal_card(command: str, admin_ids: Iterable[str], lang: str) -> Card:
     """Names the admins by id without @-mentioning them: anyone can send refused commands,
     and each mention would notify every admin (a spam vector)."""
     admins = ", ".join(f"`{a}`" for a in admin_ids)
-    shown = mdtext.code(_cut(command, 40))
+    shown = mdtext.code(mdtext.clip(command, 40))
     text = (t("refused.body", lang, command=shown, admins=admins) if admins
             else t("refused.no_admins", lang, command=shown))
     return card(t("title.refused", lang), [markdown(text)], template=TEMPLATES["warning"])
@@ -236,10 +231,10 @@ def errors_card(tasks: list[dict[str, Any]], lang: str) -> Card:
         return card(t("title.errors", lang), [markdown(t("errors.none", lang))],
                     template=TEMPLATES["success"])
     shown = mdtext.escape
-    rows = [t("errors.row", lang, task=mdtext.code(_cut(r["task_key"], 80)), id=r["id"],
-              batch_id=mdtext.code(_cut(r["batch_id"], 80)),
+    rows = [t("errors.row", lang, task=mdtext.code(mdtext.clip(r["task_key"], 80)), id=r["id"],
+              batch_id=mdtext.code(mdtext.clip(r["batch_id"], 80)),
               error_class=shown(r.get("error_class") or "-"),
               error_code=shown(r.get("error_code") or ""),
-              message=shown(_cut(r.get("error_message") or "", 200))) for r in tasks]
+              message=shown(mdtext.clip(r.get("error_message") or "", 200))) for r in tasks]
     return card(t("title.errors", lang), [markdown("- " + _lines(rows).replace("\n", "\n- "))],
                 template=TEMPLATES["error"])

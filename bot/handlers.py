@@ -30,7 +30,7 @@ from storage import inbox, outbox, queue
 from storage.db import Conflict, NotFound, transaction
 
 from . import cards
-from .commands import BATCH_ID, Command, ParseError, neutral, parse
+from .commands import BATCH_ID, Command, ParseError, parse
 from .i18n import not_found, status_word, t
 from .cards import toast
 from .mdtext import clip, escape
@@ -195,7 +195,7 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
     except FeishuError as exc:
         log.warning("run: Bitable search failed: %s", exc)
         return cards.error_card(t("run.feishu_failed", ctx.lang,
-                                  error=neutral(f"{exc.code} {exc.msg}".strip())), ctx.lang)
+                                  error=escape(f"{exc.code} {exc.msg}".strip())), ctx.lang)
     # rows already queued by an earlier `run` still read as pending until the write-back lands
     active = {r[0] for r in ctx.db.execute(
         "SELECT record_id FROM tasks WHERE record_id IS NOT NULL"
@@ -215,13 +215,13 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
                            created_by=ctx.sender, workflow_id=ctx.settings.coze.workflow_id or None,
                            options=options)
     except ValueError as exc:
-        return cards.error_card(t("run.duplicate", ctx.lang, error=neutral(str(exc))), ctx.lang)
+        return cards.error_card(t("run.duplicate", ctx.lang, error=escape(str(exc))), ctx.lang)
     from .bitable_sync import mark_running
 
     mark_running(ctx.db, ctx.settings, batch_id, ctx.now)
     filters = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
                        for k, v in options.items())
-    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=neutral(filters))
+    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=escape(filters))
 
 
 def record_to_task(record: dict[str, Any], f) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def cmd_status(ctx: Context, cmd: Command) -> dict[str, Any]:
     batch = _target_batch(ctx, cmd.batch_id) or queue.latest_batch(ctx.db)
     counts = queue.batch_counts(ctx.db, batch["id"]) if batch else None
     if batch and batch.get("blocked_reason"):  # Coze's error text, shown as markdown
-        batch = {**batch, "blocked_reason": neutral(batch["blocked_reason"])}
+        batch = {**batch, "blocked_reason": escape(batch["blocked_reason"])}
     return cards.status_card(batch, counts, ctx.lang, breakers=breaker_rows(ctx.db))
 
 
@@ -294,10 +294,10 @@ def move_batch(db, settings, clock, action: str, batch_id: str | None, *,
         previous = queue.set_batch_status(db, str(batch_id), status, now=now,
                                           allowed_from=allowed)
     except NotFound:
-        return False, t("batch.not_found", lang, batch_id=neutral(str(batch_id)))
+        return False, t("batch.not_found", lang, batch_id=escape(str(batch_id)))
     except Conflict:
         current = queue.get_batch(db, str(batch_id))["status"]
-        return False, t("batch.conflict", lang, batch_id=neutral(str(batch_id)),
+        return False, t("batch.conflict", lang, batch_id=escape(str(batch_id)),
                         status=status_word(current, lang), action=t("action." + action, lang))
     return True, t("batch.changed", lang, batch_id=batch_id, previous=status_word(previous, lang),
                    status=status_word(status, lang))
@@ -336,15 +336,15 @@ def retry_task(db, settings, clock, ref: str) -> tuple[bool, str]:
     try:
         task = find_task(db, str(ref))
     except NotFound:
-        return False, t("retry.task_not_found", lang, task=neutral(ref))
+        return False, t("retry.task_not_found", lang, task=escape(ref))
     if task["status"] not in RETRYABLE_STATUSES:
-        return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
+        return False, t("retry.task_not_failed", lang, task=escape(task["task_key"]),
                         status=status_word(task["status"], lang))
     n = queue.requeue_tasks(db, [task["id"]], now=clock.now())
     if not n:  # changed between the read and the write (a double click)
-        return False, t("retry.task_not_failed", lang, task=neutral(task["task_key"]),
+        return False, t("retry.task_not_failed", lang, task=escape(task["task_key"]),
                         status=status_word("queued", lang))
-    return True, t("retry.task_done", lang, task=neutral(task["task_key"]))
+    return True, t("retry.task_done", lang, task=escape(task["task_key"]))
 
 
 def retry_batch(db, settings, clock, batch_id: str) -> tuple[bool, str]:
@@ -353,8 +353,8 @@ def retry_batch(db, settings, clock, batch_id: str) -> tuple[bool, str]:
     failed = [x["id"] for x in queue.tasks_of(db, batch_id, ["failed"])]
     n = queue.requeue_tasks(db, failed, now=clock.now())
     if not n:
-        return False, t("retry.batch_nothing", lang, batch_id=neutral(batch_id))
-    return True, t("retry.batch_done", lang, batch_id=neutral(batch_id), count=n)
+        return False, t("retry.batch_nothing", lang, batch_id=escape(batch_id))
+    return True, t("retry.batch_done", lang, batch_id=escape(batch_id), count=n)
 
 
 def _names_batch(db, ref: str | None) -> bool:
@@ -431,7 +431,7 @@ def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> st
                      " created_by = excluded.created_by, created_at = excluded.created_at",
                      [key, until, by, now])
     shown = datetime.fromtimestamp(until, settings.tz).strftime("%Y-%m-%d %H:%M")
-    return t("silence.done", settings.language, key=neutral(key), until=shown)
+    return t("silence.done", settings.language, key=escape(key), until=shown)
 
 
 def cmd_silence(ctx: Context, cmd: Command) -> dict[str, Any]:

@@ -192,9 +192,9 @@ def not_found(exc: BaseException, lang: str = DEFAULT) -> str:
 
     The id inside is echoed back: callers show it as markdown, so it is neutralised here.
     """
-    from .commands import neutral
+    from .mdtext import escape
     m = _NOT_FOUND.match(str(exc))
     if m is None:
-        return t("generic.not_found", lang, what=neutral(str(exc)))
+        return t("generic.not_found", lang, what=escape(str(exc)))
     key = "batch.not_found" if m.group(1) == "batch" else "retry.task_not_found"
-    return t(key, lang, batch_id=neutral(m.group(2)), task=neutral(m.group(2)))
+    return t(key, lang, batch_id=escape(m.group(2)), task=escape(m.group(2)))

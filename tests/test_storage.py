@@ -217,3 +217,18 @@ def test_outbox_marks_and_lease_extensions_belong_to_the_row_holder(db):
     assert outbox.mark_sent(db, row["id"], now=101, result="om_1", owner="s2")
     assert outbox.result_of(db, u) == "om_1"
     assert not outbox.extend_lease(db, row["id"], owner="s2", until=900)  # sent: nothing held
+
+
+def test_kv_put_in_commits_and_rolls_back_with_the_callers_transaction(db):
+    from storage import kv
+    from storage.db import transaction
+    with pytest.raises(RuntimeError):
+        with transaction(db) as conn:
+            kv.put_in(conn, "cursor", "7", now=1)
+            assert kv.get(conn, "cursor") == "7"               # visible inside
+            raise RuntimeError("the rest of the transaction failed")
+    assert kv.get(db, "cursor") is None
+    with transaction(db) as conn:
+        kv.put_in(conn, "cursor", "8", now=2)
+    kv.put(db, "other", "x", now=3)
+    assert (kv.get(db, "cursor"), kv.get(db, "other")) == ("8", "x")
