@@ -59,6 +59,11 @@ card it was not told to expect: a test that provokes a refusal on purpose takes 
 :meth:`take_refusals`. :meth:`check_answer` applies the same rules to a card-callback answer;
 :meth:`lock_card` scripts Feishu's "card action is lock" refusal of the next PATCHes.
 
+A PATCH is refused like Feishu refuses it (HTTP 400, code 230001, recorded in :attr:`refusals`)
+when the message is not ``interactive``, when its card (or the new one) is not shared
+(``config.update_multi: true``), or when it was sent more than 14 days ago by the fake's
+``clock`` (a callable giving Unix seconds; ``time.time`` unless given).
+
 Like real Feishu, a send or reply that repeats a ``uuid`` answers the first message's id and adds
 no second message. Every request is recorded in :attr:`requests` (method, path, query, headers,
 json, time); every message in :attr:`messages` (message_id, chat_id / receive_id, msg_type,
@@ -89,6 +94,9 @@ TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 ROUTES = ("token", "send", "reply", "patch", "search", "batch_update", "bot_info",
           "batch_create", "list_fields", "upload_all", "upload_prepare", "upload_part",
           "upload_finish")
+
+PATCH_REFUSED = 230001           # Feishu: invalid request parameter (PATCH not allowed here)
+PATCH_MAX_AGE = 14 * 86400       # seconds: Feishu updates messages up to 14 days old
 
 _LIVE: "weakref.WeakSet[FakeFeishu]" = weakref.WeakSet()
 LOCKED_MSG = ("Failed to update card content, ext=ErrCode: 11310; ErrMsg: card action is lock; "
@@ -129,8 +137,10 @@ class FakeFeishu:
     def __init__(self, *, app_id: str = "cli_fake", app_secret: str = "fake-secret",
                  token_expire: int = 7200, strict_records: bool = False,
                  users: Iterable[str] = (), bot_open_id: str = "ou_bot",
-                 bot_name: str = "opsbot", bot_activate_status: int = 2) -> None:
+                 bot_name: str = "opsbot", bot_activate_status: int = 2,
+                 clock: Callable[[], float] = time.time) -> None:
         self.app_id = app_id
+        self.clock = clock  # when a message was sent, and how old it is when patched
         self.bot_open_id, self.bot_name = bot_open_id, bot_name
         self.bot_activate_status = bot_activate_status
         self.app_secret = app_secret
@@ -471,7 +481,7 @@ class FakeFeishu:
             return refused
         message = {"message_id": f"om_{next(self._ids):06x}", "chat_id": chat_id,
                    "receive_id": body.get("receive_id"), "msg_type": body.get("msg_type"),
-                   "content": content, "uuid": uuid, "reply_to": reply_to, "time": time.time()}
+                   "content": content, "uuid": uuid, "reply_to": reply_to, "time": self.clock()}
         self.messages.append(message)
         self.chat_log.append(("message", dict(message)))
         if uuid:
@@ -497,6 +507,32 @@ class FakeFeishu:
                               "violations": [str(v) for v in violations], "time": time.time()})
         return 400, {"code": code, "msg": msg, "data": {}}
 
+    def _refuse_patch(self, message: dict[str, Any], content: Any) -> tuple[int, Any] | None:
+        """Feishu's refusal of a PATCH the message itself does not allow (recorded), or None:
+        only ``interactive`` messages, only shared cards (``config.update_multi: true`` before
+        and after), only messages up to :data:`PATCH_MAX_AGE` old (on :attr:`clock`)."""
+        def shared(card: Any) -> bool:
+            return (isinstance(card, dict) and (card.get("type") == "template" or (
+                isinstance(card.get("config"), dict)
+                and card["config"].get("update_multi") is True)))
+
+        if message["msg_type"] != "interactive":
+            why = f"only interactive messages can be updated, this one is {message['msg_type']}"
+        elif not shared(message["content"]):
+            why = "the card was not sent as a shared card (config.update_multi: true)"
+        elif not shared(content):
+            why = "the new card must declare config.update_multi: true too"
+        elif self.clock() - message["time"] > PATCH_MAX_AGE:
+            why = "the message was sent more than 14 days ago and can no longer be updated"
+        else:
+            return None
+        msg = f"Your request contains an invalid request parameter, ext={why}"
+        self.refusals.append({"route": "patch", "chat_id": message["chat_id"],
+                              "message_id": message["message_id"], "code": PATCH_REFUSED,
+                              "msg": msg, "card": content, "violations": [why],
+                              "time": time.time()})
+        return 400, {"code": PATCH_REFUSED, "msg": msg, "data": {}}
+
     @staticmethod
     def _message_data(m: dict[str, Any]) -> dict[str, Any]:
         return {"message_id": m["message_id"], "chat_id": m["chat_id"], "msg_type": m["msg_type"],
@@ -511,8 +547,10 @@ class FakeFeishu:
             content = json.loads((rec["json"] or {}).get("content") or "null")
         except ValueError:
             return 400, {"code": 230001, "msg": "content is not valid JSON"}
-        refused = self._refuse_card(message["msg_type"], content, message["chat_id"],
-                                    route="patch", message_id=message_id)
+        refused = self._refuse_patch(message, content)
+        if refused is None:
+            refused = self._refuse_card(message["msg_type"], content, message["chat_id"],
+                                        route="patch", message_id=message_id)
         if refused is not None:
             return refused
         message["content"] = content

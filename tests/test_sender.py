@@ -349,3 +349,31 @@ def test_a_card_refused_for_its_structure_is_still_dead(db, fake, clock, sender)
 def json_text(content) -> str:
     import json
     return json.dumps(content, ensure_ascii=False)
+
+
+def test_the_fake_refuses_patches_feishu_refuses(db, clock):
+    from bot.errors import FeishuError
+    now = [1_750_000_000.0]
+    with FakeFeishu(clock=lambda: now[0]) as fake:
+        client = FeishuClient(fake.settings(), timeout=2.0)
+        text_id = client.send_text(CHAT, "plain", "u-text")
+        private = card("not shared")
+        del private["config"]["update_multi"]
+        private_id = client.send_card(CHAT, private, "u-private")
+        shared_id = client.send_card(CHAT, card("shared"), "u-shared")
+        unshared = card("new")
+        del unshared["config"]["update_multi"]
+        for message_id, new in ((text_id, card("x")), (private_id, card("x")),
+                                (shared_id, unshared)):
+            with pytest.raises(FeishuError) as err:
+                client.patch_card(message_id, new)
+            assert err.value.code == 230001 and not err.value.retryable
+        client.patch_card(shared_id, card("13 days later"))      # a shared card: fine
+        now[0] += 14 * 86400 + 1
+        with pytest.raises(FeishuError) as err:
+            client.patch_card(shared_id, card("too late"))
+        assert err.value.code == 230001 and "14 days" in err.value.msg
+        refused = fake.take_refusals()
+        assert [r["message_id"] for r in refused] == [text_id, private_id, shared_id, shared_id]
+        assert [p["content"]["header"]["title"]["content"] for p in fake.patches] == \
+            ["13 days later"]
