@@ -45,9 +45,9 @@ from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card
                      enqueue_patch, load_alert, open_alerts, refresh_pending_patch,
                      resolve_alert, resolve_batch_unblocked, silenced_until)
 from .bitable_sync import mark_cancelled
-from .commands import neutral
+from .cards import toast
 from .i18n import not_found, status_word, t
-from .mdtext import code, escape, plain
+from .mdtext import code, escape
 
 MIN_SILENCE = 60.0
 MAX_SILENCE = 30 * 86400.0
@@ -75,15 +75,15 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
     name = str(ctx.value.get("action", ""))
     action = ACTIONS.get(name)
     if action is None:
-        return _toast("error", tr("a.unknown", ctx.lang, action=name or "-"))
+        return toast("error", tr("a.unknown", ctx.lang, action=name or "-"))
     try:
         ok, text = action(ctx)
     except NotFound as exc:
-        return _toast("error", not_found(exc, ctx.lang))
+        return toast("error", not_found(exc, ctx.lang))
     except (KeyError, ValueError, TypeError) as exc:
-        return _toast("error", tr("a.failed", ctx.lang,
+        return toast("error", tr("a.failed", ctx.lang,
                                   error=escape(f"{type(exc).__name__}: {exc}"[:200])))
-    answer = _toast("success" if ok else "info", text)
+    answer = toast("success" if ok else "info", text)
     card, target = _current_card(ctx)
     if card is not None:
         answer["card"] = {"type": "raw", "data": card}
@@ -93,11 +93,6 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
             refresh_pending_patch(ctx.db, target, card, now=ctx.now,
                                   ref=str(ctx.value.get("key") or ctx.value.get("batch_id")))
     return answer
-
-
-def _toast(kind: str, content: str) -> dict[str, Any]:
-    """Toast content is plain text to Feishu: the markdown of our texts is turned into it."""
-    return {"toast": {"type": kind, "content": plain(content)}}
 
 
 def _current_card(ctx: _Ctx) -> tuple[dict[str, Any] | None, str | None]:
@@ -278,7 +273,7 @@ def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
             reset = _reset_breakers(db, settings, now=now, by=by)
             if reset is not None:
                 return reset
-        return False, tr("a.not_blocked", lang, batch_id=neutral(batch_id),
+        return False, tr("a.not_blocked", lang, batch_id=escape(batch_id),
                          status=status_word(status, lang))
     reset = previous == "blocked" or (not explicit and _open_breakers(db))
     if reset:
@@ -288,7 +283,7 @@ def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
     if patch_card:
         _patch_batch_card(db, settings, batch_id, now)
     key = "a.resumed" if reset else "a.resumed_paused"
-    return True, tr(key, lang, batch_id=neutral(batch_id), previous=status_word(previous, lang),
+    return True, tr(key, lang, batch_id=escape(batch_id), previous=status_word(previous, lang),
                     status=status_word("running", lang))
 
 
@@ -303,7 +298,7 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
                                allowed_from=queue.BATCH_OPEN)
     except Conflict:
         status = queue.get_batch(db, batch_id)["status"]
-        return False, tr("a.cannot_cancel", lang, batch_id=neutral(batch_id),
+        return False, tr("a.cannot_cancel", lang, batch_id=escape(batch_id),
                          status=status_word(status, lang))
     mark_cancelled(db, settings, batch_id, now)  # their Bitable rows become pending again
     note = {"by": by, "text": tr("n.cancel", lang)}
@@ -315,7 +310,7 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
                           alert_card_for(db, settings, fresh, now), now=now, ref=alert["key"])
     if patch_card:
         _patch_batch_card(db, settings, batch_id, now)
-    return True, tr("a.cancelled", lang, batch_id=neutral(batch_id))
+    return True, tr("a.cancelled", lang, batch_id=escape(batch_id))
 
 
 def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused")) -> str | None:

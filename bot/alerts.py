@@ -602,7 +602,8 @@ class AlertRouter:
         if tier == "LOW":  # a rule said failures of this kind are not worth a message
             self.stats["LOW"] += 1
             return
-        stage = task.get("stage") or "coze"
+        # the quality gate runs between coze and synthesis; its failures are its own stage
+        stage = "gate" if error_class == "quality" else (task.get("stage") or "coze")
         attempts = self.db.execute("SELECT COUNT(*) FROM attempts WHERE task_id = ?",
                                    [task["id"]]).fetchone()[0]
         details = {"kind": "task_failed", "stage": stage, "error_class": error_class,

@@ -166,7 +166,8 @@ class Dispatcher:
                 from .sender import OutboxSender
                 # messages only: Bitable writes stay with the worker (one writer per table)
                 self._sender = OutboxSender(db, s.feishu, clock=s.clock, owner=self.owner,
-                                            kinds=("send", "reply", "patch"))
+                                            kinds=("send", "reply", "patch"),
+                                            lang=s.settings.language)
             self._sender.deliver_due()
 
 

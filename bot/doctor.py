@@ -510,6 +510,7 @@ def check_legacy_callbacks(settings: Settings, report: "_Reporter") -> None:
                    "card.action.trigger (the new card callback) with request URL "
                    "https://YOUR_HOST/webhook/event, then remove the old card request URL"))
 ATTACHMENT, TEXT, URL = 17, 1, 15   # Feishu's field types
+LOG_TYPES = {"text": TEXT, "number": 2, "date": 5}  # LOG_FIELDS' kinds as Feishu field types
 
 
 def _check_results_columns(client, settings: Settings, report: "_Reporter") -> None:
@@ -531,7 +532,8 @@ def _check_results_columns(client, settings: Settings, report: "_Reporter") -> N
     if f.bitable_app_token and f.bitable_log_table_id:
         report.step("feishu.log_table", f"check that this machine reaches {f.domain}")
         try:
-            names = set(client.list_field_names(f.bitable_app_token, f.bitable_log_table_id))
+            types = {c["field_name"]: c["type"]
+                     for c in client.list_fields(f.bitable_app_token, f.bitable_log_table_id)}
         except FeishuError as exc:
             finding = _feishu_finding("feishu.log_table", exc, settings, context="bitable",
                                       scopes="bitable:app")
@@ -543,13 +545,22 @@ def _check_results_columns(client, settings: Settings, report: "_Reporter") -> N
                                   "bitable_log_table_id to its tbl... id (or set it to \"\")")
             report(finding)
             return
-        missing = [n for n in LOG_FIELDS if n not in names]
+        missing = [n for n in LOG_FIELDS if n not in types]
+        wrong = [n for n in LOG_FIELDS if n in types and types[n] != LOG_TYPES[LOG_FIELDS[n]]]
         if missing:
             kinds = ", ".join(f"{n} ({LOG_FIELDS[n]})" for n in missing)
             report(Finding(FAIL, "feishu.log_table",
                            f"the log table {f.bitable_log_table_id} lacks column(s) "
                            f"{', '.join(missing)}: its rows would be refused",
                            f"add the column(s) {kinds} to the log table"))
+        elif wrong:
+            found = ", ".join(f"{n} is type {types[n]}" for n in wrong)
+            kinds = ", ".join(f"{n} {LOG_FIELDS[n]} (type {LOG_TYPES[LOG_FIELDS[n]]})"
+                              for n in wrong)
+            report(Finding(FAIL, "feishu.log_table",
+                           f"the log table {f.bitable_log_table_id} has column(s) of the wrong "
+                           f"type ({found}): its rows would be refused",
+                           f"make {kinds} in the log table"))
         else:
             report(Finding(OK, "feishu.log_table", f"the log table {f.bitable_log_table_id} has "
                                                    f"the {len(LOG_FIELDS)} columns the attempt "

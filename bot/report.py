@@ -34,7 +34,7 @@ import sqlite_utils
 
 from . import alert_cards, i18n
 from .cards import Card, card, hr, markdown
-from .commands import neutral
+from .mdtext import escape
 
 STAGES = ("coze", "synthesis")
 FAILED_LIKE = ("failed", "ignored")
@@ -194,7 +194,7 @@ def _signed(v: float | None, fmt: str = "{:+d}") -> str:
 
 
 def report_lines(report: dict[str, Any], lang: str,
-                 shown: Callable[[str], str] = neutral) -> list[str]:
+                 shown: Callable[[str], str] = escape) -> list[str]:
     """The report as markdown lines (the card's text and, stripped, the CLI's). Node names and
     error classes come from Coze and the store: ``shown`` neutralises them for card markdown
     (the terminal passes them through).

@@ -333,7 +333,8 @@ class Worker:
                 return output
             started = self.clock.now()
             urls = urls_to_probe(output, gate.checks)
-            status = await probe_urls(urls, timeout=gate.url_timeout) if urls else {}
+            status = (await probe_urls(urls, timeout=gate.url_timeout, clock=self.clock)
+                      if urls else {})
             failure = evaluate(output, gate.checks, status)
             size = _bytes_of(output)
             if failure is None:

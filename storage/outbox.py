@@ -83,20 +83,43 @@ def claim_due(db: sqlite_utils.Database, *, owner: str, now: float, lease: float
     return out
 
 
+def _owned(owner: str | None) -> tuple[str, list[Any]]:
+    """SQL (and its argument) limiting an update to a row still leased by ``owner``."""
+    return ("", []) if owner is None else (" AND lease_owner = ?", [owner])
+
+
 def mark_sent(db: sqlite_utils.Database, row_id: int, *, now: float,
-              result: str | None = None) -> None:
+              result: str | None = None, owner: str | None = None) -> bool:
+    """Mark a row sent; with ``owner``, only while that sender still holds it (a sender whose
+    lease was taken over leaves the row to the new holder). True when the row was marked."""
+    where, args = _owned(owner)
     with transaction(db) as conn:
-        conn.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?,"
-                     " attempts = attempts + 1, lease_owner = NULL, lease_until = NULL,"
-                     " last_error = NULL WHERE id = ?", [now, result, row_id])
+        cur = conn.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?,"
+                           " attempts = attempts + 1, lease_owner = NULL, lease_until = NULL,"
+                           f" last_error = NULL WHERE id = ?{where}",
+                           [now, result, row_id, *args])
+        return cur.rowcount > 0
 
 
 def mark_retry(db: sqlite_utils.Database, row_id: int, *, now: float, next_at: float,
-               error: str) -> None:
+               error: str, owner: str | None = None) -> bool:
+    """Schedule a row again; with ``owner``, only while that sender still holds it."""
+    where, args = _owned(owner)
     with transaction(db) as conn:
-        conn.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?,"
-                     " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                     [next_at, error[:500], row_id])
+        cur = conn.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?,"
+                           " last_error = ?, lease_owner = NULL, lease_until = NULL"
+                           f" WHERE id = ?{where}", [next_at, error[:500], row_id, *args])
+        return cur.rowcount > 0
+
+
+def extend_lease(db: sqlite_utils.Database, row_id: int, *, owner: str, until: float) -> bool:
+    """Keep a pending row leased to ``owner`` until ``until`` (before a long call, such as an
+    upload, that may outlast the lease); False when another sender holds it now."""
+    with transaction(db) as conn:
+        cur = conn.execute("UPDATE outbox SET lease_until = MAX(COALESCE(lease_until, 0), ?)"
+                           " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+                           [until, row_id, owner])
+        return cur.rowcount > 0
 
 
 def release(db: sqlite_utils.Database, row_id: int, *, next_at: float, reason: str) -> None:
