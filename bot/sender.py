@@ -45,7 +45,6 @@ Give the sender its own database connection when it runs in its own thread.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import random
 import threading
@@ -56,7 +55,6 @@ import sqlite_utils
 from bot.errors import FeishuError
 from bot.feishu import FeishuClient
 from storage import outbox
-from storage.db import transaction
 
 log = logging.getLogger("opsbot.sender")
 
@@ -340,9 +338,7 @@ class OutboxSender:
                 raise _Dead(f"cannot read {path}: {type(exc).__name__}: {exc.strerror or exc}") \
                     from None
             payload["file_token"] = token
-            with transaction(self.db) as conn:
-                conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
-                             [json.dumps(payload, ensure_ascii=False), row["id"]])
+            outbox.set_payload(self.db, row["id"], payload)
         with _table_lock(row["target"]):  # the upload itself needs no table lock
             self.client.batch_update_records(app_token, table_id, [
                 {"record_id": record_id, "fields": {field: [{"file_token": token}]}}])
@@ -425,4 +421,4 @@ def _valid_update(payload: Any) -> bool:
 
 
 def outbox_next_at(db: sqlite_utils.Database, row_id: int) -> float:
-    return db.execute("SELECT next_at FROM outbox WHERE id = ?", [row_id]).fetchone()[0]
+    return outbox.next_at_of(db, row_id)

@@ -21,9 +21,20 @@ def get(db: sqlite_utils.Database, key: str) -> str | None:
 def put(db: sqlite_utils.Database, key: str, value: str, *, now: float) -> None:
     """Store ``value`` under ``key`` (insert or overwrite) in one transaction."""
     with transaction(db) as conn:
-        conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
-                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
-                     " updated_at = excluded.updated_at", [key, value, now])
+        put_in(conn, key, value, now=now)
+
+
+def get_in(conn, key: str) -> str | None:
+    """As :func:`get`, on the caller's connection (inside its transaction)."""
+    row = conn.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+    return None if row is None else str(row[0])
+
+
+def put_in(conn, key: str, value: str, *, now: float) -> None:
+    """As :func:`put`, on the caller's connection: it runs inside the caller's transaction."""
+    conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
+                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
+                 " updated_at = excluded.updated_at", [key, value, now])
 
 
 def get_json(db: sqlite_utils.Database, key: str) -> Any:

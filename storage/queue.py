@@ -359,3 +359,16 @@ def _size(value: Any) -> int | None:
     if not isinstance(value, str):
         value = json.dumps(value, ensure_ascii=False)
     return len(value.encode("utf-8"))
+
+
+# -- reads and writes used by the bot (the storage seam) ----------------------------------------
+
+
+def attempts_after_in(conn, last_id: int, *, limit: int) -> list[dict[str, Any]]:
+    """Attempts with ``id > last_id`` (each with its task's ``task_key``), oldest first, at most
+    ``limit``; on the caller's connection (inside its transaction)."""
+    cur = conn.execute(
+        "SELECT a.*, t.task_key FROM attempts a LEFT JOIN tasks t ON t.id = a.task_id"
+        " WHERE a.id > ? ORDER BY a.id LIMIT ?", [last_id, limit])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
