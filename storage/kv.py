@@ -24,6 +24,13 @@ def put(db: sqlite_utils.Database, key: str, value: str, *, now: float) -> None:
         put_in(conn, key, value, now=now)
 
 
+def put_many(db: sqlite_utils.Database, items: dict[str, str], *, now: float) -> None:
+    """Store every ``key: value`` of ``items`` (insert or overwrite) in one transaction."""
+    with transaction(db) as conn:
+        for key, value in items.items():
+            put_in(conn, key, value, now=now)
+
+
 def get_in(conn, key: str) -> str | None:
     """As :func:`get`, on the caller's connection (inside its transaction)."""
     row = conn.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
