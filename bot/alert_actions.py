@@ -32,12 +32,11 @@ changes nothing and says why, with toast type ``info``.
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Callable
 
 from pipeline.breaker import reset_all
-from storage import queue
+from storage import alerts as store_alerts, breakers, queue
 from storage.db import Conflict, NotFound, transaction
 
 from .alert_cards import tr
@@ -132,9 +131,7 @@ def _alert_task_ids(ctx: _Ctx) -> list[int]:
 
 
 def _ids_with_status(db, ids: list[int], status: str) -> list[int]:
-    return [r[0] for r in db.execute(
-        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
-        " ORDER BY id", [json.dumps(ids), status])]
+    return queue.ids_with_status(db, ids, (status,))
 
 
 def _moved_on(db, lang: str, ids: list[int]) -> str:
@@ -167,10 +164,7 @@ def _status(ctx: _Ctx) -> Result:
 def _ignore(ctx: _Ctx) -> Result:
     ids = _alert_task_ids(ctx)
     key = ctx.value.get("key")
-    with transaction(ctx.db) as conn:
-        n = conn.execute(
-            "UPDATE tasks SET status = 'ignored' WHERE id IN (SELECT value FROM json_each(?))"
-            " AND status = 'failed'", [json.dumps(ids)]).rowcount
+    n = queue.ignore_failed(ctx.db, ids)
     alert = load_alert(ctx.db, str(key)) if key else None
     alert_changed = alert is not None and alert["status"] == "open"
     if alert_changed:
@@ -191,11 +185,7 @@ def _silence(ctx: _Ctx) -> Result:
     if current is not None and current >= until - MIN_SILENCE:  # a second click, or longer
         return False, tr("a.already_silenced", ctx.lang, key=code(key),
                          until=_local(ctx, current))
-    with transaction(ctx.db) as conn:
-        conn.execute("INSERT INTO silences (key, until, created_by, created_at) VALUES (?, ?, ?, ?)"
-                     " ON CONFLICT(key) DO UPDATE SET until = excluded.until,"
-                     " created_by = excluded.created_by, created_at = excluded.created_at",
-                     [key, until, ctx.operator, ctx.now])
+    store_alerts.put_silence(ctx.db, key, until, by=ctx.operator, now=ctx.now)
     _note(ctx, key, tr("n.silence", ctx.lang, until=_local(ctx, until)))
     return True, tr("a.silenced", ctx.lang, key=code(key), until=_local(ctx, until))
 
@@ -217,10 +207,7 @@ def retry_tasks(db, settings, task_ids: list[int], *, now: float, by: str,
     """Queue again those of ``task_ids`` whose status is in ``statuses``, then resolve every
     open failed-task alert that has no failed task left (the others get a note)."""
     lang = settings.language
-    wanted = [r[0] for r in db.execute(
-        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND status IN"
-        " (SELECT value FROM json_each(?)) ORDER BY id",
-        [json.dumps(list(task_ids)), json.dumps(list(statuses))])]
+    wanted = queue.ids_with_status(db, task_ids, statuses)
     n = queue.requeue_tasks(db, wanted, now=now) if wanted else 0
     if not n:   # nothing in a state to retry (a double click, an old card)
         return False, _moved_on(db, lang, list(task_ids))
@@ -316,16 +303,14 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
 def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused")) -> str | None:
     """The latest batch in the first of ``statuses`` that has one (blocked before paused)."""
     for status in statuses:
-        row = db.execute("SELECT id FROM batches WHERE status = ? ORDER BY created_at DESC,"
-                         " rowid DESC LIMIT 1", [status]).fetchone()
-        if row:
-            return row[0]
+        batch_id = queue.latest_batch_id_with_status(db, status)
+        if batch_id:
+            return batch_id
     return None
 
 
 def _open_breakers(db) -> list[str]:
-    return [r[0] for r in db.execute(
-        "SELECT service FROM breakers WHERE state != 'closed' ORDER BY service")]
+    return breakers.not_closed(db)
 
 
 def _reset_breakers(db, settings, *, now: float, by: str) -> Result | None:

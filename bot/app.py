@@ -26,7 +26,7 @@ from typing import Any
 from flask import Flask, Response as FlaskResponse, jsonify
 
 from pipeline.clock import Clock
-from storage.db import open_db
+from storage.db import database_file, open_db, ping
 
 from . import handlers
 from .metrics import render_metrics
@@ -67,8 +67,7 @@ class AppState:
     def db_file(self) -> str:
         """The SQLite file path ('' for an in-memory store)."""
         if self._explicit_db:
-            row = [r for r in self._db.execute("PRAGMA database_list").fetchall() if r[1] == "main"]
-            return row[0][2] if row else ""
+            return database_file(self._db) or ""
         return str(self.settings.db_path)
 
     @property
@@ -216,7 +215,7 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
         """Liveness with a DB round trip."""
         try:
             with state.lock:
-                state.db.execute("SELECT 1").fetchone()
+                ping(state.db)
         except Exception as exc:  # noqa: BLE001
             resp = jsonify({"ok": False, "error": type(exc).__name__})
             resp.status_code = 503

@@ -180,20 +180,15 @@ def mirror_attempts(db, settings: Settings, *, now: float, limit: int = 20 * LOG
         return 0
     target = f"{f.bitable_app_token}/{f.bitable_log_table_id}"
     with transaction(db) as conn:
-        last = int(kv.get(conn, LOG_CURSOR) or 0)
-        cur = conn.execute(
-            "SELECT a.*, t.task_key FROM attempts a LEFT JOIN tasks t ON t.id = a.task_id"
-            " WHERE a.id > ? ORDER BY a.id LIMIT ?", [last, limit])
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        value = kv.get_in(conn, LOG_CURSOR)
+        last = int(value) if value is not None else 0
+        rows = queue.attempts_after_in(conn, last, limit=limit)
         for i in range(0, len(rows), LOG_BATCH):
             chunk = rows[i:i + LOG_BATCH]
-            conn.execute(
-                "INSERT OR IGNORE INTO outbox (uuid, kind, target, payload, ref, created_at,"
-                " next_at) VALUES (?, 'bitable_create', ?, ?, ?, ?, ?)",
-                [f"log:{chunk[0]['id']}:{chunk[-1]['id']}", target,
-                 json.dumps({"records": [log_record(r) for r in chunk]}, ensure_ascii=False),
-                 "attempt-log", now, now])
+            outbox.enqueue_in(conn, uuid=f"log:{chunk[0]['id']}:{chunk[-1]['id']}",
+                              kind="bitable_create", target=target,
+                              payload={"records": [log_record(r) for r in chunk]},
+                              ref="attempt-log", now=now)
         if rows:
             kv.put_in(conn, LOG_CURSOR, str(rows[-1]["id"]), now=now)
     return len(rows)

@@ -275,7 +275,7 @@ def _summary(settings: Settings, findings: list[Finding]) -> list[str]:
 # -- database --------------------------------------------------------------------------------------
 
 def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2.0) -> None:
-    from storage.db import open_db, schema_version
+    from storage.db import journal_mode, open_db, schema_version, set_lock_wait, write_probe
     from storage.migrations import MIGRATIONS
 
     path = Path(settings.db_path)
@@ -293,18 +293,10 @@ def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2
     try:
         latest = len(MIGRATIONS)
         version = schema_version(db)
-        mode = str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        mode = journal_mode(db)
         # A running worker may hold the write lock for a moment; wait a little, not 30 s.
-        db.conn.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000)}")
-        try:
-            db.conn.execute("BEGIN IMMEDIATE")
-            db.conn.execute(f"PRAGMA user_version = {version}")
-            db.conn.execute("ROLLBACK")
-            writable = ""
-        except sqlite3.Error as exc:
-            writable = f"{type(exc).__name__}: {exc}"
-            if db.conn.in_transaction:
-                db.conn.execute("ROLLBACK")
+        set_lock_wait(db, lock_wait)
+        writable = write_probe(db)
     except sqlite3.Error as exc:
         report(Finding(FAIL, "database", f"{where} opened but cannot be read "
                        f"({type(exc).__name__}: {exc})",
@@ -434,7 +426,7 @@ def check_bot_identity(settings: Settings, client, lock_wait: float = 2.0) -> Fi
     With it, group messages are commands only when they @ the bot; without it the older rule
     holds (see :mod:`bot.addressing`). Storing it here makes a fix take effect at once.
     """
-    from storage.db import open_db
+    from storage.db import open_db, set_lock_wait
 
     from . import identity
     from .errors import FeishuError, FeishuNetworkError
@@ -460,7 +452,7 @@ def check_bot_identity(settings: Settings, client, lock_wait: float = 2.0) -> Fi
         where = "stored for the web process and the worker"
         if db is not None:
             try:  # a running worker may hold the write lock: wait a little, not 30 s
-                db.conn.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000)}")
+                set_lock_wait(db, lock_wait)
                 identity.store(db, ident, now=ident.checked_at)
             except sqlite3.Error as exc:
                 where = f"not stored ({type(exc).__name__}: {exc})"

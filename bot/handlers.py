@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from storage import inbox, outbox, queue
-from storage.db import Conflict, NotFound, transaction
+from storage import alerts as store_alerts, breakers, inbox, outbox, queue
+from storage.db import Conflict, NotFound
 
 from . import cards
 from .commands import BATCH_ID, Command, ParseError, parse
@@ -197,9 +197,7 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
         return cards.error_card(t("run.feishu_failed", ctx.lang,
                                   error=escape(f"{exc.code} {exc.msg}".strip())), ctx.lang)
     # rows already queued by an earlier `run` still read as pending until the write-back lands
-    active = {r[0] for r in ctx.db.execute(
-        "SELECT record_id FROM tasks WHERE record_id IS NOT NULL"
-        " AND status IN ('queued', 'running', 'retrying')")}
+    active = queue.active_record_ids(ctx.db)
     records = [r for r in records if r.get("record_id") not in active]
     tasks = select_tasks([record_to_task(r, f) for r in records], cmd)
     if not records:
@@ -255,7 +253,7 @@ def _target_batch(ctx: Context, batch_id: str | None) -> dict[str, Any] | None:
 
 
 def breaker_rows(db) -> list[dict[str, Any]]:
-    return list(db.query("SELECT service, state, reason FROM breakers ORDER BY service"))
+    return breakers.summaries(db)
 
 
 def cmd_status(ctx: Context, cmd: Command) -> dict[str, Any]:
@@ -325,11 +323,10 @@ def find_task(db, ref: str) -> dict[str, Any]:
     Raises NotFound."""
     if ref.startswith("#") and ref[1:].isascii() and ref[1:].isdigit():
         return queue.get_task(db, int(ref[1:]))
-    rows = list(db.query("SELECT * FROM tasks WHERE task_key = ? ORDER BY id DESC LIMIT 1",
-                         [ref]))
-    if not rows:
+    task = queue.latest_task_by_key(db, ref)
+    if task is None:
         raise NotFound(f"task {ref} not found")
-    return rows[0]
+    return task
 
 
 def retry_task(db, settings, clock, ref: str, *, by: str = "") -> tuple[bool, str]:
@@ -349,7 +346,7 @@ def _names_batch(db, ref: str | None) -> bool:
     """``retry bXXXX`` means the batch only when a batch by that id exists."""
     if not ref or not BATCH_ID.match(ref):
         return False
-    return db.execute("SELECT 1 FROM batches WHERE id = ?", [ref]).fetchone() is not None
+    return queue.batch_exists(db, ref)
 
 
 def cmd_retry(ctx: Context, cmd: Command) -> dict[str, Any]:
@@ -369,11 +366,9 @@ def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
     limit = cmd.limit or ERRORS_DEFAULT_LIMIT
     if cmd.batch_id:
         queue.get_batch(ctx.db, cmd.batch_id)
-        rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed' AND batch_id = ?"
-                            " ORDER BY finished_at DESC, id DESC LIMIT ?", [cmd.batch_id, limit])
+        rows = queue.failed_tasks(ctx.db, batch_id=cmd.batch_id, limit=limit)
     else:
-        rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed'"
-                            " ORDER BY finished_at DESC, id DESC LIMIT ?", [limit])
+        rows = queue.failed_tasks(ctx.db, limit=limit)
     return cards.errors_card(list(rows), ctx.lang)  # it escapes the Bitable and Coze text
 
 
@@ -390,11 +385,7 @@ def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> st
     """Silence alerts with ``key`` for ``seconds`` (default from settings); returns the text."""
     now = clock.now()
     until = now + (seconds or settings.alerts.default_silence)
-    with transaction(db) as conn:
-        conn.execute("INSERT INTO silences (key, until, created_by, created_at) VALUES (?, ?, ?, ?)"
-                     " ON CONFLICT(key) DO UPDATE SET until = excluded.until,"
-                     " created_by = excluded.created_by, created_at = excluded.created_at",
-                     [key, until, by, now])
+    store_alerts.put_silence(db, key, until, by=by, now=now)
     shown = datetime.fromtimestamp(until, settings.tz).strftime("%Y-%m-%d %H:%M")
     return t("silence.done", settings.language, key=escape(key), until=shown)
 

@@ -53,7 +53,6 @@ Give the sender its own database connection when it runs in its own thread.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import random
 import threading
@@ -68,7 +67,6 @@ from bot.cards import without_mentions
 from bot.errors import FeishuError
 from bot.feishu import FeishuClient
 from storage import outbox
-from storage.db import transaction
 
 log = logging.getLogger("opsbot.sender")
 
@@ -271,9 +269,7 @@ class OutboxSender:
         payload = dict(row["payload"])
         payload["card"] = without_mentions(payload["card"],
                                            i18n.t("card.mention_refused", self.lang))
-        with transaction(self.db) as conn:
-            conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
-                         [json.dumps(payload, ensure_ascii=False), row["id"]])
+        outbox.set_payload(self.db, row["id"], payload)
         return self._perform({**row, "payload": payload}, take_slot=False)
 
     def _take_slot(self, key: str) -> None:
@@ -400,9 +396,7 @@ class OutboxSender:
                 raise _Dead(f"cannot read {path}: {type(exc).__name__}: {exc.strerror or exc}") \
                     from None
             payload["file_token"] = token
-            with transaction(self.db) as conn:
-                conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
-                             [json.dumps(payload, ensure_ascii=False), row["id"]])
+            outbox.set_payload(self.db, row["id"], payload)
         with _table_lock(table):  # the upload itself needs no table lock
             self.client.batch_update_records(app_token, table_id, [
                 {"record_id": record_id, "fields": {field: [{"file_token": token}]}}])
@@ -494,4 +488,4 @@ def _valid_update(payload: Any) -> bool:
 
 
 def outbox_next_at(db: sqlite_utils.Database, row_id: int) -> float:
-    return db.execute("SELECT next_at FROM outbox WHERE id = ?", [row_id]).fetchone()[0]
+    return outbox.next_at_of(db, row_id)

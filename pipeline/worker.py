@@ -43,7 +43,7 @@ import sqlite_utils
 
 from storage import queue
 from storage import runtimes as stored_runtimes
-from storage.db import StoreThread, transaction
+from storage.db import StoreThread
 
 from .breaker import Breaker
 from .classifier import Decision, classify
@@ -172,21 +172,16 @@ class Worker:
     def _recover_dead_owners(self, db: sqlite_utils.Database) -> int:
         host = socket.gethostname()
         dead = []
-        for (owner,) in db.execute(
-                "SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'"
-                " AND lease_owner IS NOT NULL").fetchall():
+        for owner in queue.running_owners(db):
             parts = owner.split(":")
             if len(parts) == 3 and parts[0] == host and parts[1].isdigit() \
                     and owner != self.owner and not _pid_alive(int(parts[1])):
                 dead.append(owner)
         if not dead:
             return 0
-        marks = ",".join("?" * len(dead))
-        with transaction(db) as conn:
-            cur = conn.execute(f"UPDATE tasks SET lease_until = 0 WHERE status = 'running'"
-                               f" AND lease_owner IN ({marks})", dead)
-        log.info("recovered tasks of dead workers", extra={"count": cur.rowcount})
-        return cur.rowcount
+        count = queue.expire_leases_of(db, dead)
+        log.info("recovered tasks of dead workers", extra={"count": count})
+        return count
 
     async def _claim_and_start(self) -> None:
         now = self.clock.now()
@@ -229,9 +224,7 @@ class Worker:
         if not self._inflight:
             return
         ids = sorted(set(self._batch_of.values()))
-        marks = ",".join("?" * len(ids))
-        states = dict(self.db.execute(f"SELECT id, status FROM batches WHERE id IN ({marks})",
-                                      ids).fetchall())
+        states = queue.batch_statuses(self.db, ids)
         for task_id, batch_id in list(self._batch_of.items()):
             state = states.get(batch_id)
             # a block stops Coze work; synthesis needs no Coze and finishes what it started
@@ -266,12 +259,7 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _release(self, task_id: int) -> None:
-        def release(db: sqlite_utils.Database) -> None:
-            with transaction(db) as conn:
-                conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL,"
-                             " lease_until = NULL WHERE id = ? AND lease_owner = ?"
-                             " AND status = 'running'", [task_id, self.owner])
-        await self.store(release)
+        await self.store(queue.release_task, task_id, owner=self.owner)
 
     async def _finish_batches(self) -> None:
         for batch_id in await self.store(queue.finish_batches, now=self.clock.now()):
@@ -366,11 +354,7 @@ class Worker:
 
     def _gate_resubmits(self, task_id: int) -> int:
         """Gate resubmits of the task since its last failure (a human retry starts afresh)."""
-        return self.db.execute(
-            "SELECT COUNT(*) FROM attempts WHERE task_id = ? AND stage = 'gate'"
-            " AND outcome = 'resubmit' AND id > COALESCE((SELECT MAX(id) FROM attempts"
-            " WHERE task_id = ? AND outcome IN ('fail', 'fatal')), 0)",
-            [task_id, task_id]).fetchone()[0]
+        return queue.gate_resubmits(self.db, task_id)
 
     async def _settle_submit(self, task_id: int) -> None:
         """A cancelled task whose submit is on the wire waits for it, so its id gets stored."""
@@ -482,9 +466,7 @@ class Worker:
         """The batch's own workflow when it names another one; else primary or fallback."""
         batch_id = task["batch_id"]
         if batch_id not in self._batch_workflows:
-            row = self.db.execute("SELECT workflow_id FROM batches WHERE id = ?",
-                                  [batch_id]).fetchone()
-            self._batch_workflows[batch_id] = row[0] if row else None
+            self._batch_workflows[batch_id] = queue.batch_field(self.db, batch_id, "workflow_id")
         own = self._batch_workflows[batch_id]
         if own and own not in (self.workflow_id, self.selector.fallback):
             return own
@@ -494,8 +476,7 @@ class Worker:
         return workflow
 
     def _batch_status(self, batch_id: str) -> str | None:
-        row = self.db.execute("SELECT status FROM batches WHERE id = ?", [batch_id]).fetchone()
-        return row[0] if row else None
+        return queue.batch_field(self.db, batch_id, "status")
 
     def _run_ended(self, task: dict[str, Any], ok: bool) -> None:
         workflow = task.get("run_workflow_id") or self.workflow_id

@@ -25,9 +25,21 @@ def put(db: sqlite_utils.Database, key: str, value: str, *, now: float) -> None:
         put_in(conn, key, value, now=now)
 
 
-def put_in(conn: Any, key: str, value: str, *, now: float) -> None:
-    """:func:`put` inside the caller's open transaction (``conn`` from
-    :func:`~storage.db.transaction`): the value commits or rolls back with the rest."""
+def put_many(db: sqlite_utils.Database, items: dict[str, str], *, now: float) -> None:
+    """Store every ``key: value`` of ``items`` (insert or overwrite) in one transaction."""
+    with transaction(db) as conn:
+        for key, value in items.items():
+            put_in(conn, key, value, now=now)
+
+
+def get_in(conn, key: str) -> str | None:
+    """As :func:`get`, on the caller's connection (inside its transaction)."""
+    row = conn.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+    return None if row is None else str(row[0])
+
+
+def put_in(conn, key: str, value: str, *, now: float) -> None:
+    """As :func:`put`, on the caller's connection: it runs inside the caller's transaction."""
     conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
                  " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
                  " updated_at = excluded.updated_at", [key, value, now])

@@ -213,3 +213,75 @@ def replay(db: sqlite_utils.Database, ids: list[int] | None = None, *,
                 [now, fresh, f"replayed (was: {row['last_error'] or 'dead'})"[:500],
                  row["id"]])
     return rows
+
+
+# -- single-row reads and writes used by the bot (the storage seam) -----------------------------
+
+
+def row_state(db: sqlite_utils.Database, uuid: str) -> tuple[str, str | None, float] | None:
+    """``(status, last_error, next_at)`` of the row named ``uuid``, or None when absent."""
+    return db.execute(
+        "SELECT status, last_error, next_at FROM outbox WHERE uuid = ?", [uuid]).fetchone()
+
+
+def id_of(db: sqlite_utils.Database, uuid: str) -> int | None:
+    """The row id of the row named ``uuid``, or None when absent."""
+    row = db.execute("SELECT id FROM outbox WHERE uuid = ?", [uuid]).fetchone()
+    return None if row is None else row[0]
+
+
+def set_payload(db: sqlite_utils.Database, row_id: int, payload: dict[str, Any]) -> None:
+    """Overwrite the payload of row ``row_id`` (as JSON) in one transaction."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
+                     [json.dumps(payload, ensure_ascii=False), row_id])
+
+
+def next_at_of(db: sqlite_utils.Database, row_id: int) -> float:
+    """When row ``row_id`` is next due; raises TypeError when the row does not exist."""
+    return db.execute("SELECT next_at FROM outbox WHERE id = ?", [row_id]).fetchone()[0]
+
+
+def enqueue_patch(db: sqlite_utils.Database, target: str, payload: dict[str, Any], *, now: float,
+                  ref: str | None = None, interval: float = 1.0) -> str:
+    """Record a patch of the message ``target`` carrying ``payload``, coalesced; return the uuid
+    of the row that carries it.
+
+    A pending patch row of ``target`` that no sender holds gets ``payload`` instead of a second
+    row. Otherwise a new row is added, due no sooner than ``interval`` seconds after the
+    previous patch of that target. One transaction.
+    """
+    body = json.dumps(payload, ensure_ascii=False)
+    with transaction(db) as conn:
+        row = conn.execute(
+            "SELECT id, uuid FROM outbox WHERE kind = 'patch' AND target = ? AND status = 'pending'"
+            " AND (lease_until IS NULL OR lease_until < ?) ORDER BY id DESC LIMIT 1",
+            [target, now]).fetchone()
+        if row is not None:
+            conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", [body, row[0]])
+            return row[1]
+        last = conn.execute("SELECT MAX(next_at) FROM outbox WHERE kind = 'patch' AND target = ?",
+                            [target]).fetchone()[0]
+        due = now if last is None else max(now, last + interval)
+        key = "p-" + uuidlib.uuid4().hex
+        conn.execute("INSERT INTO outbox (uuid, kind, target, payload, ref, created_at, next_at)"
+                     " VALUES (?, 'patch', ?, ?, ?, ?, ?)", [key, target, body, ref, now, due])
+    return key
+
+
+def has_pending_patch(db: sqlite_utils.Database, target: str) -> bool:
+    """Is a patch of ``target`` still pending (held by a sender or not)?"""
+    return db.execute("SELECT 1 FROM outbox WHERE kind = 'patch' AND target = ?"
+                      " AND status = 'pending' LIMIT 1", [target]).fetchone() is not None
+
+
+def enqueue_in(conn, *, uuid: str, kind: str, target: str, payload: dict[str, Any],
+               ref: str | None, now: float) -> None:
+    """As :func:`enqueue` on the caller's connection, inside its transaction (a uuid already
+    present is a no-op)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown outbox kind {kind!r}")
+    conn.execute(
+        "INSERT OR IGNORE INTO outbox (uuid, kind, target, payload, ref, created_at, next_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [uuid, kind, target, json.dumps(payload, ensure_ascii=False), ref, now, now])
