@@ -32,12 +32,11 @@ changes nothing and says why, with toast type ``info``.
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Callable
 
 from pipeline.breaker import reset_all
-from storage import queue
+from storage import alerts as store_alerts, breakers, queue
 from storage.db import Conflict, NotFound, transaction
 
 from .alert_cards import tr
@@ -45,9 +44,9 @@ from .alerts import (_add_action, _load_in, _save_in, alert_card_for, batch_card
                      enqueue_patch, load_alert, open_alerts, refresh_pending_patch,
                      resolve_alert, resolve_batch_unblocked, silenced_until)
 from .bitable_sync import mark_cancelled
-from .commands import neutral
+from .cards import toast
 from .i18n import not_found, status_word, t
-from .mdtext import code, escape, plain
+from .mdtext import code, escape
 
 MIN_SILENCE = 60.0
 MAX_SILENCE = 30 * 86400.0
@@ -75,15 +74,15 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
     name = str(ctx.value.get("action", ""))
     action = ACTIONS.get(name)
     if action is None:
-        return _toast("error", tr("a.unknown", ctx.lang, action=name or "-"))
+        return toast("error", tr("a.unknown", ctx.lang, action=name or "-"))
     try:
         ok, text = action(ctx)
     except NotFound as exc:
-        return _toast("error", not_found(exc, ctx.lang))
+        return toast("error", not_found(exc, ctx.lang))
     except (KeyError, ValueError, TypeError) as exc:
-        return _toast("error", tr("a.failed", ctx.lang,
+        return toast("error", tr("a.failed", ctx.lang,
                                   error=escape(f"{type(exc).__name__}: {exc}"[:200])))
-    answer = _toast("success" if ok else "info", text)
+    answer = toast("success" if ok else "info", text)
     card, target = _current_card(ctx)
     if card is not None:
         answer["card"] = {"type": "raw", "data": card}
@@ -93,11 +92,6 @@ def handle_alert_action(db, settings, value: dict[str, Any], operator_open_id: s
             refresh_pending_patch(ctx.db, target, card, now=ctx.now,
                                   ref=str(ctx.value.get("key") or ctx.value.get("batch_id")))
     return answer
-
-
-def _toast(kind: str, content: str) -> dict[str, Any]:
-    """Toast content is plain text to Feishu: the markdown of our texts is turned into it."""
-    return {"toast": {"type": kind, "content": plain(content)}}
 
 
 def _current_card(ctx: _Ctx) -> tuple[dict[str, Any] | None, str | None]:
@@ -137,9 +131,7 @@ def _alert_task_ids(ctx: _Ctx) -> list[int]:
 
 
 def _ids_with_status(db, ids: list[int], status: str) -> list[int]:
-    return [r[0] for r in db.execute(
-        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND status = ?"
-        " ORDER BY id", [json.dumps(ids), status])]
+    return queue.ids_with_status(db, ids, (status,))
 
 
 def _moved_on(db, lang: str, ids: list[int]) -> str:
@@ -172,10 +164,7 @@ def _status(ctx: _Ctx) -> Result:
 def _ignore(ctx: _Ctx) -> Result:
     ids = _alert_task_ids(ctx)
     key = ctx.value.get("key")
-    with transaction(ctx.db) as conn:
-        n = conn.execute(
-            "UPDATE tasks SET status = 'ignored' WHERE id IN (SELECT value FROM json_each(?))"
-            " AND status = 'failed'", [json.dumps(ids)]).rowcount
+    n = queue.ignore_failed(ctx.db, ids)
     alert = load_alert(ctx.db, str(key)) if key else None
     alert_changed = alert is not None and alert["status"] == "open"
     if alert_changed:
@@ -196,11 +185,7 @@ def _silence(ctx: _Ctx) -> Result:
     if current is not None and current >= until - MIN_SILENCE:  # a second click, or longer
         return False, tr("a.already_silenced", ctx.lang, key=code(key),
                          until=_local(ctx, current))
-    with transaction(ctx.db) as conn:
-        conn.execute("INSERT INTO silences (key, until, created_by, created_at) VALUES (?, ?, ?, ?)"
-                     " ON CONFLICT(key) DO UPDATE SET until = excluded.until,"
-                     " created_by = excluded.created_by, created_at = excluded.created_at",
-                     [key, until, ctx.operator, ctx.now])
+    store_alerts.put_silence(ctx.db, key, until, by=ctx.operator, now=ctx.now)
     _note(ctx, key, tr("n.silence", ctx.lang, until=_local(ctx, until)))
     return True, tr("a.silenced", ctx.lang, key=code(key), until=_local(ctx, until))
 
@@ -222,10 +207,7 @@ def retry_tasks(db, settings, task_ids: list[int], *, now: float, by: str,
     """Queue again those of ``task_ids`` whose status is in ``statuses``, then resolve every
     open failed-task alert that has no failed task left (the others get a note)."""
     lang = settings.language
-    wanted = [r[0] for r in db.execute(
-        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND status IN"
-        " (SELECT value FROM json_each(?)) ORDER BY id",
-        [json.dumps(list(task_ids)), json.dumps(list(statuses))])]
+    wanted = queue.ids_with_status(db, task_ids, statuses)
     n = queue.requeue_tasks(db, wanted, now=now) if wanted else 0
     if not n:   # nothing in a state to retry (a double click, an old card)
         return False, _moved_on(db, lang, list(task_ids))
@@ -278,7 +260,7 @@ def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
             reset = _reset_breakers(db, settings, now=now, by=by)
             if reset is not None:
                 return reset
-        return False, tr("a.not_blocked", lang, batch_id=neutral(batch_id),
+        return False, tr("a.not_blocked", lang, batch_id=escape(batch_id),
                          status=status_word(status, lang))
     reset = previous == "blocked" or (not explicit and _open_breakers(db))
     if reset:
@@ -288,7 +270,7 @@ def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
     if patch_card:
         _patch_batch_card(db, settings, batch_id, now)
     key = "a.resumed" if reset else "a.resumed_paused"
-    return True, tr(key, lang, batch_id=neutral(batch_id), previous=status_word(previous, lang),
+    return True, tr(key, lang, batch_id=escape(batch_id), previous=status_word(previous, lang),
                     status=status_word("running", lang))
 
 
@@ -303,7 +285,7 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
                                allowed_from=queue.BATCH_OPEN)
     except Conflict:
         status = queue.get_batch(db, batch_id)["status"]
-        return False, tr("a.cannot_cancel", lang, batch_id=neutral(batch_id),
+        return False, tr("a.cannot_cancel", lang, batch_id=escape(batch_id),
                          status=status_word(status, lang))
     mark_cancelled(db, settings, batch_id, now)  # their Bitable rows become pending again
     note = {"by": by, "text": tr("n.cancel", lang)}
@@ -315,22 +297,20 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
                           alert_card_for(db, settings, fresh, now), now=now, ref=alert["key"])
     if patch_card:
         _patch_batch_card(db, settings, batch_id, now)
-    return True, tr("a.cancelled", lang, batch_id=neutral(batch_id))
+    return True, tr("a.cancelled", lang, batch_id=escape(batch_id))
 
 
 def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused")) -> str | None:
     """The latest batch in the first of ``statuses`` that has one (blocked before paused)."""
     for status in statuses:
-        row = db.execute("SELECT id FROM batches WHERE status = ? ORDER BY created_at DESC,"
-                         " rowid DESC LIMIT 1", [status]).fetchone()
-        if row:
-            return row[0]
+        batch_id = queue.latest_batch_id_with_status(db, status)
+        if batch_id:
+            return batch_id
     return None
 
 
 def _open_breakers(db) -> list[str]:
-    return [r[0] for r in db.execute(
-        "SELECT service FROM breakers WHERE state != 'closed' ORDER BY service")]
+    return breakers.not_closed(db)
 
 
 def _reset_breakers(db, settings, *, now: float, by: str) -> Result | None:

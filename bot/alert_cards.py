@@ -174,6 +174,8 @@ _T: dict[str, dict[str, str]] = {
                          "en": "Local synthesis failed; read the worker log, then retry."},
     "advice.run_timeout": {"zh": "运行超时，重试；若反复出现请检查工作流。",
                            "en": "The run timed out; retry, and check the workflow if it repeats."},
+    "advice.quality": {"zh": "产出没有通过质量检查（已按配置自动重提）：查看上面的检查项和取值，修正工作流或 [pipeline.gate] 规则后重试。",
+                       "en": "The output failed a quality check (new runs were already submitted as configured): look at the check and value above, fix the workflow or the [pipeline.gate] rules, then retry."},
     "advice.unknown": {"zh": "未知错误，查看运行详情和日志后重试。",
                        "en": "Unknown error; read the run details and logs, then retry."},
 }
@@ -456,10 +458,11 @@ def _failure_rows(failures: list[tuple[str, int]], lang: str) -> str:
 
 
 def _outputs_text(outputs: dict[str, Any], lang: str) -> str:
-    """Where the videos are; each one a link when they are served (``video_link_base``)."""
+    """Where the videos are; each one a link when they are served (``video_link_base``). Task
+    keys arrive raw: they are cut first and escaped after, so no cut falls inside an escape."""
     text = tr("sum.outputs", lang, n=outputs["count"], folder=cut(outputs["folder"], 200))
     if outputs.get("link_base"):
-        links = [f"[{cut(key, 40)}]({url})" for key, url in outputs["videos"][:LIST_LIMIT]]
+        links = [f"[{shown(key, 40)}]({url})" for key, url in outputs["videos"][:LIST_LIMIT]]
         text += "\n" + " · ".join(links)
         if outputs["count"] > len(links):
             text += " " + tr("f.more", lang, n=outputs["count"] - len(links))

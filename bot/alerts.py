@@ -64,16 +64,14 @@ When ``feishu.alert_chat_id`` is empty, alerts are stored (and logged) but not s
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import uuid as uuidlib
 from collections import Counter
 from typing import Any, Iterable
 
 import sqlite_utils
 
 from pipeline.breaker import MANUAL
-from storage import outbox, queue
+from storage import alerts as store_alerts, outbox, queue
 from storage.db import NotFound, transaction
 
 from . import alert_cards
@@ -89,42 +87,17 @@ CANARY_KEY = "canary"    # bot.canary.KEY: the alert of a failing canary
 
 # --- store helpers (shared with bot.alert_actions) --------------------------------------------
 
-def _row_to_alert(cols: list[str], row: tuple) -> dict[str, Any]:
-    alert = dict(zip(cols, row))
-    alert["details"] = json.loads(alert.get("details") or "{}")
-    return alert
-
-
 def load_alert(db: sqlite_utils.Database, key: str) -> dict[str, Any] | None:
     """The alert row for ``key`` with ``details`` parsed, or None."""
-    cur = db.execute("SELECT * FROM alerts WHERE key = ?", [key])
-    row = cur.fetchone()
-    return _row_to_alert([d[0] for d in cur.description], row) if row else None
+    return store_alerts.get(db, key)
 
 
-def _load_in(conn, key: str) -> dict[str, Any] | None:
-    cur = conn.execute("SELECT * FROM alerts WHERE key = ?", [key])
-    row = cur.fetchone()
-    return _row_to_alert([d[0] for d in cur.description], row) if row else None
-
-
-def _save_in(conn, alert: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO alerts (key, tier, status, count, first_at, last_at, resolved_at,"
-        " message_uuid, batch_id, task_id, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT(key) DO UPDATE SET tier = excluded.tier, status = excluded.status,"
-        " count = excluded.count, first_at = excluded.first_at, last_at = excluded.last_at,"
-        " resolved_at = excluded.resolved_at, message_uuid = excluded.message_uuid,"
-        " batch_id = excluded.batch_id, task_id = excluded.task_id, details = excluded.details",
-        [alert["key"], alert["tier"], alert["status"], alert["count"], alert["first_at"],
-         alert["last_at"], alert.get("resolved_at"), alert.get("message_uuid"),
-         alert.get("batch_id"), alert.get("task_id"),
-         json.dumps(alert["details"], ensure_ascii=False)])
+_load_in = store_alerts.get_in     # inside the caller's transaction
+_save_in = store_alerts.save_in    # inside the caller's transaction
 
 
 def save_alert(db: sqlite_utils.Database, alert: dict[str, Any]) -> None:
-    with transaction(db) as conn:
-        _save_in(conn, alert)
+    store_alerts.save(db, alert)
 
 
 def silenced_until(db: sqlite_utils.Database, key: str, now: float) -> float | None:
@@ -133,7 +106,7 @@ def silenced_until(db: sqlite_utils.Database, key: str, now: float) -> float | N
     A silence covers a key when its key is equal, is ``*``, or is a prefix ending at ``:``.
     """
     best = None
-    for skey, until in db.execute("SELECT key, until FROM silences WHERE until > ?", [now]):
+    for skey, until in store_alerts.active_silences(db, now):
         if skey == key or skey == "*" or key.startswith(skey + ":"):
             best = until if best is None else max(best, until)
     return best
@@ -155,22 +128,7 @@ def enqueue_patch(db: sqlite_utils.Database, target: str, card: dict[str, Any], 
     previous patch of that target (Feishu allows 5 patches per second per message; one is
     plenty). Returns the uuid of the row carrying the card.
     """
-    payload = json.dumps({"card": card}, ensure_ascii=False)
-    with transaction(db) as conn:
-        row = conn.execute(
-            "SELECT id, uuid FROM outbox WHERE kind = 'patch' AND target = ? AND status = 'pending'"
-            " AND (lease_until IS NULL OR lease_until < ?) ORDER BY id DESC LIMIT 1",
-            [target, now]).fetchone()
-        if row is not None:
-            conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", [payload, row[0]])
-            return row[1]
-        last = conn.execute("SELECT MAX(next_at) FROM outbox WHERE kind = 'patch' AND target = ?",
-                            [target]).fetchone()[0]
-        due = now if last is None else max(now, last + interval)
-        key = "p-" + uuidlib.uuid4().hex
-        conn.execute("INSERT INTO outbox (uuid, kind, target, payload, ref, created_at, next_at)"
-                     " VALUES (?, 'patch', ?, ?, ?, ?, ?)", [key, target, payload, ref, now, due])
-    return key
+    return outbox.enqueue_patch(db, target, {"card": card}, now=now, ref=ref, interval=interval)
 
 
 def refresh_pending_patch(db: sqlite_utils.Database, target: str, card: dict[str, Any], *,
@@ -182,9 +140,7 @@ def refresh_pending_patch(db: sqlite_utils.Database, target: str, card: dict[str
     when the only pending row is in flight, a new row follows it. Returns the row's uuid, or
     None when nothing was pending (nothing to do: the answer updated the card).
     """
-    pending = db.execute("SELECT 1 FROM outbox WHERE kind = 'patch' AND target = ?"
-                         " AND status = 'pending' LIMIT 1", [target]).fetchone()
-    if pending is None:
+    if not outbox.has_pending_patch(db, target):
         return None
     return enqueue_patch(db, target, card, now=now, ref=ref, interval=0.0)
 
@@ -249,10 +205,7 @@ def resolve_alert(db: sqlite_utils.Database, settings, key: str, *, now: float,
 
 def held_by(conn, key: str) -> dict[str, dict[str, Any]]:
     """Open alerts held by ``key``: ``{alert_key: {"count", "tier"}}`` in first-seen order."""
-    rows = conn.execute(
-        "SELECT key, count, tier FROM alerts WHERE status = 'open' AND message_uuid IS NULL"
-        " AND json_extract(details, '$.held_by') = ? ORDER BY first_at, key", [key]).fetchall()
-    return {r[0]: {"count": r[1], "tier": r[2]} for r in rows}
+    return store_alerts.held_by_in(conn, key)
 
 
 def _release_held(conn, settings, key: str, now: float) -> list[dict[str, Any]]:
@@ -298,13 +251,7 @@ def _add_action(alert: dict[str, Any], note: dict[str, Any], now: float) -> None
 
 def open_alerts(db: sqlite_utils.Database, *, batch_id: str | None = None,
                 kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    sql, args = "SELECT * FROM alerts WHERE status = 'open'", []
-    if batch_id is not None:
-        sql += " AND batch_id = ?"
-        args.append(batch_id)
-    cur = db.execute(sql, args)
-    cols = [d[0] for d in cur.description]
-    rows = [_row_to_alert(cols, r) for r in cur.fetchall()]
+    rows = store_alerts.open_rows(db, batch_id=batch_id)
     wanted = set(kinds) if kinds is not None else None
     return [a for a in rows if wanted is None or a["details"].get("kind") in wanted]
 
@@ -320,9 +267,7 @@ def resolve_batch_unblocked(db: sqlite_utils.Database, settings, batch_id: str, 
 
 def failures_by_class(db: sqlite_utils.Database, batch_id: str) -> list[tuple[str, int]]:
     """``[(error_class, count)]`` of the batch's failed tasks, largest first."""
-    return [(r[0] or "unknown", r[1]) for r in db.execute(
-        "SELECT error_class, COUNT(*) AS n FROM tasks WHERE batch_id = ? AND status = 'failed'"
-        " GROUP BY error_class ORDER BY n DESC, error_class", [batch_id])]
+    return [(cls or "unknown", n) for cls, n in queue.failures_by_class(db, batch_id)]
 
 
 def failure_groups(db: sqlite_utils.Database, batch_id: str) -> list[dict[str, Any]]:
@@ -330,10 +275,7 @@ def failure_groups(db: sqlite_utils.Database, batch_id: str) -> list[dict[str, A
     groups = []
     for error_class, n in failures_by_class(db, batch_id):
         cls = None if error_class == "unknown" else error_class
-        rows = db.execute(
-            "SELECT task_key, error_message FROM tasks WHERE batch_id = ? AND status = 'failed'"
-            " AND error_class IS ? ORDER BY id LIMIT ?",
-            [batch_id, cls, alert_cards.LIST_LIMIT]).fetchall()
+        rows = queue.failed_examples(db, batch_id, cls, limit=alert_cards.LIST_LIMIT)
         groups.append({"error_class": error_class, "count": n,
                        "message": next((r[1] for r in rows if r[1]), ""),
                        "task_keys": [r[0] for r in rows]})
@@ -493,10 +435,7 @@ class AlertRouter:
         """
         now = self.clock.now() if now is None else now
         threshold = self.settings.alerts.latency_threshold
-        rows = self.db.execute(
-            "SELECT id, batch_id, task_key, stage, started_at FROM tasks WHERE status = 'running'"
-            " AND started_at IS NOT NULL AND started_at < ? ORDER BY id",
-            [now - threshold]).fetchall()
+        rows = queue.running_since(self.db, now - threshold)
         by_batch: dict[str, list[tuple]] = {}
         for row in rows:
             by_batch.setdefault(row[1], []).append(row)
@@ -591,8 +530,8 @@ class AlertRouter:
             return None
         for alert in open_alerts(self.db, batch_id=batch_id, kinds=("blocked",)):
             return alert["key"]
-        row = self.db.execute("SELECT source FROM batches WHERE id = ?", [batch_id]).fetchone()
-        return CANARY_KEY if row is not None and row[0] == "canary" else None
+        source = queue.batch_field(self.db, batch_id, "source")
+        return CANARY_KEY if source == "canary" else None
 
     def _task_failed(self, task: dict[str, Any], decision: Any | None,
                      error: BaseException | None) -> None:
@@ -602,9 +541,9 @@ class AlertRouter:
         if tier == "LOW":  # a rule said failures of this kind are not worth a message
             self.stats["LOW"] += 1
             return
-        stage = task.get("stage") or "coze"
-        attempts = self.db.execute("SELECT COUNT(*) FROM attempts WHERE task_id = ?",
-                                   [task["id"]]).fetchone()[0]
+        # the quality gate runs between coze and synthesis; its failures are its own stage
+        stage = "gate" if error_class == "quality" else (task.get("stage") or "coze")
+        attempts = queue.attempt_count(self.db, task["id"])
         details = {"kind": "task_failed", "stage": stage, "error_class": error_class,
                    "reason": getattr(decision, "reason", None) or "",
                    "error_code": task.get("error_code") or _code(error),
@@ -623,14 +562,9 @@ class AlertRouter:
             ids = alert["details"].get("task_ids") or []
             if task["id"] not in ids:
                 continue
-            marks = ",".join("?" * len(TASK_DONE_OK))
-            left = self.db.execute(
-                f"SELECT COUNT(*) FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
-                f" AND status NOT IN ({marks})", [json.dumps(ids), *TASK_DONE_OK]).fetchone()[0]
+            left = queue.count_with_status(self.db, ids, TASK_DONE_OK, negate=True)
             if alert["details"].get("kind") == "latency":
-                left = self.db.execute(
-                    "SELECT COUNT(*) FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
-                    " AND status = 'running'", [json.dumps(ids)]).fetchone()[0]
+                left = queue.count_with_status(self.db, ids, ("running",))
             if left == 0:
                 resolve_alert(self.db, self.settings, alert["key"], now=self.clock.now(),
                               patch_interval=self.patch_interval)
@@ -641,9 +575,7 @@ class AlertRouter:
             return
         self._rate_checked_at = now
         a = self.settings.alerts
-        n, failed = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(status = 'failed'), 0) FROM tasks WHERE finished_at >= ?"
-            " AND status IN ('succeeded', 'failed')", [now - a.failure_rate_window]).fetchone()
+        n, failed = queue.finished_since(self.db, now - a.failure_rate_window)
         rate = failed / n if n else 0.0
         over = n >= a.failure_rate_min_tasks and rate > a.failure_rate_threshold
         if over and not resolve_only:
@@ -672,9 +604,7 @@ class AlertRouter:
                                     uuid=_uuid("pg", batch["id"]), ref=batch["id"])
         else:
             return None
-        with transaction(self.db) as conn:
-            conn.execute("UPDATE batches SET progress_message_id = ? WHERE id = ?"
-                         " AND progress_message_id IS NULL", [target, batch["id"]])
+        queue.set_progress_message(self.db, batch["id"], target)
         return target
 
     def _failures_by_class(self, batch_id: str) -> list[tuple[str, int]]:
@@ -684,16 +614,12 @@ class AlertRouter:
         return failure_groups(self.db, batch_id)
 
     def _open_batches(self) -> list[str]:
-        marks = ",".join("?" * len(OPEN_BATCH))
-        return [r[0] for r in self.db.execute(
-            f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY created_at, id",
-            list(OPEN_BATCH))]
+        return queue.batch_ids_with_status(self.db, OPEN_BATCH)
 
     def _batch_status(self, batch_id: str | None) -> str | None:
         if not batch_id:
             return None
-        row = self.db.execute("SELECT status FROM batches WHERE id = ?", [batch_id]).fetchone()
-        return row[0] if row else None
+        return queue.batch_field(self.db, batch_id, "status")
 
 
 def _supersede(alert: dict[str, Any] | None, now: float, lang: str) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ from typing import Any
 from flask import Flask, Response as FlaskResponse, jsonify
 
 from pipeline.clock import Clock
-from storage.db import open_db
+from storage.db import database_file, open_db, ping
 
 from . import handlers
 from .metrics import render_metrics
@@ -68,8 +68,7 @@ class AppState:
     def db_file(self) -> str:
         """The SQLite file path ('' for an in-memory store)."""
         if self._explicit_db:
-            row = [r for r in self._db.execute("PRAGMA database_list").fetchall() if r[1] == "main"]
-            return row[0][2] if row else ""
+            return database_file(self._db) or ""
         return str(self.settings.db_path)
 
     @property
@@ -168,7 +167,8 @@ class Dispatcher:
                 from .sender import OutboxSender
                 # messages only: Bitable writes stay with the worker (one writer per table)
                 self._sender = OutboxSender(db, s.feishu, clock=s.clock, owner=self.owner,
-                                            kinds=("send", "reply", "patch"))
+                                            kinds=("send", "reply", "patch"),
+                                            lang=s.settings.language)
             self._sender.deliver_due()
 
 
@@ -221,7 +221,7 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
         """Liveness with a DB round trip."""
         try:
             with state.lock:
-                state.db.execute("SELECT 1").fetchone()
+                ping(state.db)
         except Exception as exc:  # noqa: BLE001
             resp = jsonify({"ok": False, "error": type(exc).__name__})
             resp.status_code = 503

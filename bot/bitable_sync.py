@@ -9,7 +9,9 @@ too, when ``feishu.bitable_video_field`` names a column:
 
 - ``bitable_video_mode = "upload"``: an outbox row of kind ``bitable_attach`` (payload
   ``{"record_id", "field", "path", "file_name"}``); the sender uploads the file into the Bitable
-  and writes ``[{"file_token": ...}]`` into the attachment column. Durable like every write: a
+  and writes ``[{"file_token": ...}]`` into the attachment column. Its outbox target is
+  ``app_token/table_id#files``, apart from the status writes, so an upload in backoff does not
+  hold them back (the outbox keeps order per target). Durable like every write: a
   crash before the upload or the write repeats it from the outbox.
 - ``"link"``: the column gets text: ``feishu.video_link_base`` + the video's path under
   ``pipeline.output_dir`` (where the team serves that folder), or the absolute path when no base
@@ -28,10 +30,9 @@ import os
 from typing import Any
 
 from pipeline.notify import NullNotifier
-from storage import outbox, queue
+from storage import kv, outbox, queue
 from storage.db import transaction
 
-from .commands import neutral
 from .settings import Settings
 
 MAX_TEXT = 2000  # keep a cell readable; the full output is in the store and the results JSON
@@ -110,6 +111,9 @@ def video_link(settings: Settings, path: str) -> str:
     return base.rstrip("/") + "/" + quote(relative)
 
 
+FILES_SUFFIX = "#files"  # outbox target of attachment rows: "app_token/table_id#files"
+
+
 def enqueue_attachment(db, settings: Settings, row: dict[str, Any], path: str, *,
                        now: float) -> str:
     """Queue the upload of ``path`` into the row's attachment column (one per finished run)."""
@@ -117,19 +121,22 @@ def enqueue_attachment(db, settings: Settings, row: dict[str, Any], path: str, *
     payload = {"record_id": row["record_id"], "field": f.bitable_video_field,
                "path": os.path.abspath(path), "file_name": os.path.basename(path)}
     key = _key("att", row["batch_id"], f"{row['id']}:{int((row.get('finished_at') or 0) * 1000)}")
-    return outbox.enqueue(db, "bitable_attach", f"{f.bitable_app_token}/{f.bitable_table_id}",
+    # its own target: per-target order must not hold the row's status writes behind an
+    # upload that is in backoff (the sender strips FILES_SUFFIX and locks app/table for the write)
+    return outbox.enqueue(db, "bitable_attach",
+                          f"{f.bitable_app_token}/{f.bitable_table_id}{FILES_SUFFIX}",
                           payload, now=now, uuid=key, ref=f"task:{row['id']}")
 
 
 def batch_outputs(db, settings: Settings, batch_id: str) -> dict[str, Any]:
     """What the batch produced, for its summary card: ``{"videos": [(task_key, link)],
     "count", "folder", "link_base"}`` (links as :func:`video_link` makes them; at most 20
-    listed; task keys neutralised for card markdown)."""
+    listed; task keys raw: the card cuts and escapes them)."""
     videos = []
     for row in queue.tasks_of(db, batch_id, ["succeeded"]):
         path = video_path(row)
         if path:
-            videos.append((neutral(row["task_key"]), video_link(settings, path)))
+            videos.append((row["task_key"], video_link(settings, path)))
     folder = os.path.join(os.path.abspath(settings.pipeline.output_dir), batch_id)
     return {"count": len(videos), "videos": videos[:20], "folder": folder,
             "link_base": bool(settings.feishu.video_link_base)}
@@ -173,26 +180,17 @@ def mirror_attempts(db, settings: Settings, *, now: float, limit: int = 20 * LOG
         return 0
     target = f"{f.bitable_app_token}/{f.bitable_log_table_id}"
     with transaction(db) as conn:
-        row = conn.execute("SELECT value FROM kv WHERE key = ?", [LOG_CURSOR]).fetchone()
-        last = int(row[0]) if row else 0
-        cur = conn.execute(
-            "SELECT a.*, t.task_key FROM attempts a LEFT JOIN tasks t ON t.id = a.task_id"
-            " WHERE a.id > ? ORDER BY a.id LIMIT ?", [last, limit])
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        value = kv.get_in(conn, LOG_CURSOR)
+        last = int(value) if value is not None else 0
+        rows = queue.attempts_after_in(conn, last, limit=limit)
         for i in range(0, len(rows), LOG_BATCH):
             chunk = rows[i:i + LOG_BATCH]
-            conn.execute(
-                "INSERT OR IGNORE INTO outbox (uuid, kind, target, payload, ref, created_at,"
-                " next_at) VALUES (?, 'bitable_create', ?, ?, ?, ?, ?)",
-                [f"log:{chunk[0]['id']}:{chunk[-1]['id']}", target,
-                 json.dumps({"records": [log_record(r) for r in chunk]}, ensure_ascii=False),
-                 "attempt-log", now, now])
+            outbox.enqueue_in(conn, uuid=f"log:{chunk[0]['id']}:{chunk[-1]['id']}",
+                              kind="bitable_create", target=target,
+                              payload={"records": [log_record(r) for r in chunk]},
+                              ref="attempt-log", now=now)
         if rows:
-            conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
-                         " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
-                         " updated_at = excluded.updated_at", [LOG_CURSOR, str(rows[-1]["id"]),
-                                                               now])
+            kv.put_in(conn, LOG_CURSOR, str(rows[-1]["id"]), now=now)
     return len(rows)
 
 

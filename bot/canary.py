@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from storage import queue
+from storage import alerts as store_alerts, queue
 
 from .alerts import AlertRouter, oncall, resolve_alert
 from .i18n import t
@@ -55,9 +55,7 @@ class Canary:
         return batch_id
 
     def _latest(self) -> dict[str, Any] | None:
-        rows = list(self.db.query("SELECT * FROM batches WHERE source = 'canary'"
-                                  " ORDER BY created_at DESC, rowid DESC LIMIT 1"))
-        return rows[0] if rows else None
+        return queue.latest_batch_from(self.db, "canary")
 
     def _judge(self, batch: dict[str, Any], now: float) -> None:
         [task] = queue.tasks_of(self.db, batch["id"]) or [None]
@@ -85,6 +83,5 @@ class Canary:
                                     mentions=oncall(self.settings))
 
     def _already_reported(self, batch_id: str) -> bool:
-        row = self.db.execute("SELECT status, batch_id FROM alerts WHERE key = ?",
-                              [KEY]).fetchone()
+        row = store_alerts.status_and_batch(self.db, KEY)
         return row is not None and row[1] == batch_id and row[0] == "open"

@@ -12,6 +12,7 @@ Markdown given to these builders is already safe: outside text is escaped by the
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable
 
 from . import mdtext
@@ -37,7 +38,7 @@ def card(title: str, elements: Iterable[dict[str, Any]], *, template: str = "blu
     data = {
         "schema": "2.0",
         "config": {"update_multi": True},
-        "header": {"title": {"tag": "plain_text", "content": _cut(title, 200)},
+        "header": {"title": {"tag": "plain_text", "content": mdtext.clip(title, 200)},
                    "template": template},
         "body": {"elements": els},
     }
@@ -73,7 +74,7 @@ def markdown(text: str) -> dict[str, Any]:
 
 def button(label: str, value: dict[str, Any], *, kind: str = "default") -> dict[str, Any]:
     """A button whose click arrives as ``card.action.trigger`` with ``action.value == value``."""
-    return {"tag": "button", "text": {"tag": "plain_text", "content": _cut(label, 60)},
+    return {"tag": "button", "text": {"tag": "plain_text", "content": mdtext.clip(label, 60)},
             "type": kind, "behaviors": [{"type": "callback", "value": dict(value)}]}
 
 
@@ -97,6 +98,14 @@ def button_values(data: Any) -> list[dict[str, Any]]:
     return [b["behaviors"][0]["value"] for b in elements(data, "button") if b.get("behaviors")]
 
 
+def toast(kind: str, content: str) -> dict[str, Any]:
+    """A card-action answer's toast. Feishu shows its content as plain text, so the markdown
+    our texts carry (bold, code spans, escaped outside text) becomes what a reader would see:
+    outside text (an exception's message) must be :func:`mdtext.escape` d in it like anywhere
+    else, and then reads exactly as it was."""
+    return {"toast": {"type": kind, "content": mdtext.plain(content)}}
+
+
 def hr() -> dict[str, Any]:
     return {"tag": "hr"}
 
@@ -105,9 +114,30 @@ def mention(open_id: str) -> str:
     return f"<at id={open_id}></at>"
 
 
-def _cut(text: str, n: int) -> str:
-    text = str(text)
-    return text if len(text) <= n else text[: n - 1] + "…"
+_AT = re.compile(r"<at\s+(?:id|email)=([^>]*)>(.*?)</at>", re.DOTALL)
+
+
+def without_mentions(data: Card, note: str) -> Card:
+    """``data`` with every ``<at ...></at>`` in its markdown replaced by the plain (escaped) id
+    or name it named, and ``note`` (safe markdown) added last: what is sent again when Feishu
+    refused the card for a mention (230099, ErrCode 100290). ``data`` is not changed."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            if out.get("tag") == "markdown" and isinstance(out.get("content"), str):
+                out["content"] = _AT.sub(
+                    lambda m: mdtext.escape(m.group(2).strip() or m.group(1).strip()),
+                    out["content"])
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    fixed = walk(data)
+    body = fixed.get("body")
+    if isinstance(body, dict) and isinstance(body.get("elements"), list):
+        body["elements"].append(markdown(note))
+    return fixed
 
 
 def _lines(rows: list[str], limit: int = 50) -> str:
@@ -147,7 +177,7 @@ def refusal_card(command: str, admin_ids: Iterable[str], lang: str) -> Card:
     """Names the admins by id without @-mentioning them: anyone can send refused commands,
     and each mention would notify every admin (a spam vector)."""
     admins = ", ".join(f"`{a}`" for a in admin_ids)
-    shown = mdtext.code(_cut(command, 40))
+    shown = mdtext.code(mdtext.clip(command, 40))
     text = (t("refused.body", lang, command=shown, admins=admins) if admins
             else t("refused.no_admins", lang, command=shown))
     return card(t("title.refused", lang), [markdown(text)], template=TEMPLATES["warning"])
@@ -203,10 +233,10 @@ def errors_card(tasks: list[dict[str, Any]], lang: str) -> Card:
         return card(t("title.errors", lang), [markdown(t("errors.none", lang))],
                     template=TEMPLATES["success"])
     shown = mdtext.escape
-    rows = [t("errors.row", lang, task=mdtext.code(_cut(r["task_key"], 80)), id=r["id"],
-              batch_id=mdtext.code(_cut(r["batch_id"], 80)),
+    rows = [t("errors.row", lang, task=mdtext.code(mdtext.clip(r["task_key"], 80)), id=r["id"],
+              batch_id=mdtext.code(mdtext.clip(r["batch_id"], 80)),
               error_class=shown(r.get("error_class") or "-"),
               error_code=shown(r.get("error_code") or ""),
-              message=shown(_cut(r.get("error_message") or "", 200))) for r in tasks]
+              message=shown(mdtext.clip(r.get("error_message") or "", 200))) for r in tasks]
     return card(t("title.errors", lang), [markdown("- " + _lines(rows).replace("\n", "\n- "))],
                 template=TEMPLATES["error"])

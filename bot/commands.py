@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Union
 
+from .mdtext import escape
+
 MAX_TEXT = 2000
 MAX_LIMIT = 100_000
 MAX_SILENCE = 30 * 86400
@@ -116,7 +118,7 @@ class ParseError:
         """The text for the user; echoed input is neutralised (it is shown as card markdown)."""
         from .i18n import t
         return t("parse." + self.code, lang,
-                 **{k: neutral(v) if isinstance(v, str) else v for k, v in self.params.items()})
+                 **{k: escape(v) if isinstance(v, str) else v for k, v in self.params.items()})
 
 
 Result = Union[Command, ParseError]
@@ -353,13 +355,6 @@ _BUILDERS = {
     "resume": _build_batch_cmd("resume"), "report": _build_report, "errors": _build_errors,
     "silence": _build_silence, "replay": _build_replay, "help": _build_help,
 }
-
-
-def neutral(text: str) -> str:
-    """``text`` safe to show inside card markdown (:func:`bot.mdtext.escape`): no markup, tag
-    (``<at id=all>``, ``<font>``), link or line break survives; Feishu shows what was typed."""
-    from .mdtext import escape
-    return escape(text)
 
 
 def _short(value: str, n: int = 40) -> str:

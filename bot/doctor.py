@@ -275,7 +275,7 @@ def _summary(settings: Settings, findings: list[Finding]) -> list[str]:
 # -- database --------------------------------------------------------------------------------------
 
 def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2.0) -> None:
-    from storage.db import open_db, schema_version
+    from storage.db import journal_mode, open_db, schema_version, set_lock_wait, write_probe
     from storage.migrations import MIGRATIONS
 
     path = Path(settings.db_path)
@@ -293,18 +293,10 @@ def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2
     try:
         latest = len(MIGRATIONS)
         version = schema_version(db)
-        mode = str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        mode = journal_mode(db)
         # A running worker may hold the write lock for a moment; wait a little, not 30 s.
-        db.conn.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000)}")
-        try:
-            db.conn.execute("BEGIN IMMEDIATE")
-            db.conn.execute(f"PRAGMA user_version = {version}")
-            db.conn.execute("ROLLBACK")
-            writable = ""
-        except sqlite3.Error as exc:
-            writable = f"{type(exc).__name__}: {exc}"
-            if db.conn.in_transaction:
-                db.conn.execute("ROLLBACK")
+        set_lock_wait(db, lock_wait)
+        writable = write_probe(db)
     except sqlite3.Error as exc:
         report(Finding(FAIL, "database", f"{where} opened but cannot be read "
                        f"({type(exc).__name__}: {exc})",
@@ -434,7 +426,7 @@ def check_bot_identity(settings: Settings, client, lock_wait: float = 2.0) -> Fi
     With it, group messages are commands only when they @ the bot; without it the older rule
     holds (see :mod:`bot.addressing`). Storing it here makes a fix take effect at once.
     """
-    from storage.db import open_db
+    from storage.db import open_db, set_lock_wait
 
     from . import identity
     from .errors import FeishuError, FeishuNetworkError
@@ -460,7 +452,7 @@ def check_bot_identity(settings: Settings, client, lock_wait: float = 2.0) -> Fi
         where = "stored for the web process and the worker"
         if db is not None:
             try:  # a running worker may hold the write lock: wait a little, not 30 s
-                db.conn.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000)}")
+                set_lock_wait(db, lock_wait)
                 identity.store(db, ident, now=ident.checked_at)
             except sqlite3.Error as exc:
                 where = f"not stored ({type(exc).__name__}: {exc})"
@@ -510,6 +502,7 @@ def check_legacy_callbacks(settings: Settings, report: "_Reporter") -> None:
                    "card.action.trigger (the new card callback) with request URL "
                    "https://YOUR_HOST/webhook/event, then remove the old card request URL"))
 ATTACHMENT, TEXT, URL = 17, 1, 15   # Feishu's field types
+LOG_TYPES = {"text": TEXT, "number": 2, "date": 5}  # LOG_FIELDS' kinds as Feishu field types
 
 
 def _check_results_columns(client, settings: Settings, report: "_Reporter") -> None:
@@ -531,7 +524,8 @@ def _check_results_columns(client, settings: Settings, report: "_Reporter") -> N
     if f.bitable_app_token and f.bitable_log_table_id:
         report.step("feishu.log_table", f"check that this machine reaches {f.domain}")
         try:
-            names = set(client.list_field_names(f.bitable_app_token, f.bitable_log_table_id))
+            types = {c["field_name"]: c["type"]
+                     for c in client.list_fields(f.bitable_app_token, f.bitable_log_table_id)}
         except FeishuError as exc:
             finding = _feishu_finding("feishu.log_table", exc, settings, context="bitable",
                                       scopes="bitable:app")
@@ -543,13 +537,22 @@ def _check_results_columns(client, settings: Settings, report: "_Reporter") -> N
                                   "bitable_log_table_id to its tbl... id (or set it to \"\")")
             report(finding)
             return
-        missing = [n for n in LOG_FIELDS if n not in names]
+        missing = [n for n in LOG_FIELDS if n not in types]
+        wrong = [n for n in LOG_FIELDS if n in types and types[n] != LOG_TYPES[LOG_FIELDS[n]]]
         if missing:
             kinds = ", ".join(f"{n} ({LOG_FIELDS[n]})" for n in missing)
             report(Finding(FAIL, "feishu.log_table",
                            f"the log table {f.bitable_log_table_id} lacks column(s) "
                            f"{', '.join(missing)}: its rows would be refused",
                            f"add the column(s) {kinds} to the log table"))
+        elif wrong:
+            found = ", ".join(f"{n} is type {types[n]}" for n in wrong)
+            kinds = ", ".join(f"{n} {LOG_FIELDS[n]} (type {LOG_TYPES[LOG_FIELDS[n]]})"
+                              for n in wrong)
+            report(Finding(FAIL, "feishu.log_table",
+                           f"the log table {f.bitable_log_table_id} has column(s) of the wrong "
+                           f"type ({found}): its rows would be refused",
+                           f"make {kinds} in the log table"))
         else:
             report(Finding(OK, "feishu.log_table", f"the log table {f.bitable_log_table_id} has "
                                                    f"the {len(LOG_FIELDS)} columns the attempt "

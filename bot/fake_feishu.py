@@ -33,7 +33,9 @@ Endpoints (route names in brackets, used by :meth:`FakeFeishu.fail`):
   ``bot_activate_status`` (attributes, change them freely); Bearer token checked like the rest.
 - [batch_create] ``POST .../records/batch_create``: adds rows (at most 500 a call, else 1254104;
   a field the table does not have, when its fields were set with :meth:`set_fields`, 1254045);
-  every call is kept in :attr:`batch_creates`.
+  every call that added rows is kept in :attr:`batch_creates`. A ``client_token`` query
+  parameter (a UUID, else 1254001) makes it idempotent like Feishu: the same token again gets
+  the first answer and adds no rows.
 - [list_fields] ``GET /open-apis/bitable/v1/apps/{app}/tables/{table}/fields``: the fields set
   with :meth:`set_fields`, else the names seen in the table's rows (as text fields); paged.
 - [upload_all] ``POST /open-apis/drive/v1/medias/upload_all`` (multipart): strict like Feishu:
@@ -57,6 +59,11 @@ card it was not told to expect: a test that provokes a refusal on purpose takes 
 :meth:`take_refusals`. :meth:`check_answer` applies the same rules to a card-callback answer;
 :meth:`lock_card` scripts Feishu's "card action is lock" refusal of the next PATCHes.
 
+A PATCH is refused like Feishu refuses it (HTTP 400, code 230001, recorded in :attr:`refusals`)
+when the message is not ``interactive``, when its card (or the new one) is not shared
+(``config.update_multi: true``), or when it was sent more than 14 days ago by the fake's
+``clock`` (see the constructor; real time unless given).
+
 Like real Feishu, a send or reply that repeats a ``uuid`` answers the first message's id and adds
 no second message. Every request is recorded in :attr:`requests` (method, path, query, headers,
 json, time); every message in :attr:`messages` (message_id, chat_id / receive_id, msg_type,
@@ -73,6 +80,7 @@ import itertools
 import json
 import threading
 import time
+import uuid as uuidlib
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -86,6 +94,9 @@ TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 ROUTES = ("token", "send", "reply", "patch", "search", "batch_update", "bot_info",
           "batch_create", "list_fields", "upload_all", "upload_prepare", "upload_part",
           "upload_finish")
+
+PATCH_REFUSED = 230001           # Feishu: invalid request parameter (PATCH not allowed here)
+PATCH_MAX_AGE = 14 * 86400       # seconds: Feishu updates messages up to 14 days old
 
 _LIVE: "weakref.WeakSet[FakeFeishu]" = weakref.WeakSet()
 LOCKED_MSG = ("Failed to update card content, ext=ErrCode: 11310; ErrMsg: card action is lock; "
@@ -128,10 +139,11 @@ class FakeFeishu:
                  users: Iterable[str] = (), bot_open_id: str = "ou_bot",
                  bot_name: str = "opsbot", bot_activate_status: int = 2,
                  clock: Any = None) -> None:
-        """``clock`` (``.now()``, Unix seconds; default real time) ages send uuids: like Feishu,
-        a uuid dedupes a send for one hour after its first use, no longer."""
-        self.clock = clock
+        """``clock`` (an object with ``.now()``, or a callable; Unix seconds; default real
+        time): like Feishu, a send uuid dedupes for one hour after its first use, and a message
+        can be patched for 14 days after it was sent."""
         self.app_id = app_id
+        self.clock = clock
         self.bot_open_id, self.bot_name = bot_open_id, bot_name
         self.bot_activate_status = bot_activate_status
         self.app_secret = app_secret
@@ -151,6 +163,12 @@ class FakeFeishu:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+
+    def _now(self) -> float:
+        """Unix seconds on the injected clock (``.now()`` or a callable), else real time."""
+        if self.clock is None:
+            return time.time()
+        return self.clock.now() if hasattr(self.clock, "now") else self.clock()
     def start(self) -> str:
         """Start serving on 127.0.0.1 with an ephemeral port; return ``http://127.0.0.1:PORT``."""
         self._loop = asyncio.new_event_loop()
@@ -459,7 +477,7 @@ class FakeFeishu:
     def _add_message(self, body: dict[str, Any], *, chat_id: str | None,
                      reply_to: str | None) -> tuple[int, Any]:
         uuid = body.get("uuid")
-        now = self.clock.now() if self.clock is not None else time.time()
+        now = self._now()
         seen = self._by_uuid.get(uuid) if uuid else None
         if seen and now - seen[1] < 3600:  # Feishu: same uuid within an hour = same message
             message = next(m for m in self.messages if m["message_id"] == seen[0])
@@ -474,7 +492,7 @@ class FakeFeishu:
             return refused
         message = {"message_id": f"om_{next(self._ids):06x}", "chat_id": chat_id,
                    "receive_id": body.get("receive_id"), "msg_type": body.get("msg_type"),
-                   "content": content, "uuid": uuid, "reply_to": reply_to, "time": time.time()}
+                   "content": content, "uuid": uuid, "reply_to": reply_to, "time": self._now()}
         self.messages.append(message)
         self.chat_log.append(("message", dict(message)))
         if uuid:
@@ -500,6 +518,32 @@ class FakeFeishu:
                               "violations": [str(v) for v in violations], "time": time.time()})
         return 400, {"code": code, "msg": msg, "data": {}}
 
+    def _refuse_patch(self, message: dict[str, Any], content: Any) -> tuple[int, Any] | None:
+        """Feishu's refusal of a PATCH the message itself does not allow (recorded), or None:
+        only ``interactive`` messages, only shared cards (``config.update_multi: true`` before
+        and after), only messages up to :data:`PATCH_MAX_AGE` old (on :attr:`clock`)."""
+        def shared(card: Any) -> bool:
+            return (isinstance(card, dict) and (card.get("type") == "template" or (
+                isinstance(card.get("config"), dict)
+                and card["config"].get("update_multi") is True)))
+
+        if message["msg_type"] != "interactive":
+            why = f"only interactive messages can be updated, this one is {message['msg_type']}"
+        elif not shared(message["content"]):
+            why = "the card was not sent as a shared card (config.update_multi: true)"
+        elif not shared(content):
+            why = "the new card must declare config.update_multi: true too"
+        elif self._now() - message["time"] > PATCH_MAX_AGE:
+            why = "the message was sent more than 14 days ago and can no longer be updated"
+        else:
+            return None
+        msg = f"Your request contains an invalid request parameter, ext={why}"
+        self.refusals.append({"route": "patch", "chat_id": message["chat_id"],
+                              "message_id": message["message_id"], "code": PATCH_REFUSED,
+                              "msg": msg, "card": content, "violations": [why],
+                              "time": time.time()})
+        return 400, {"code": PATCH_REFUSED, "msg": msg, "data": {}}
+
     @staticmethod
     def _message_data(m: dict[str, Any]) -> dict[str, Any]:
         return {"message_id": m["message_id"], "chat_id": m["chat_id"], "msg_type": m["msg_type"],
@@ -514,8 +558,10 @@ class FakeFeishu:
             content = json.loads((rec["json"] or {}).get("content") or "null")
         except ValueError:
             return 400, {"code": 230001, "msg": "content is not valid JSON"}
-        refused = self._refuse_card(message["msg_type"], content, message["chat_id"],
-                                    route="patch", message_id=message_id)
+        refused = self._refuse_patch(message, content)
+        if refused is None:
+            refused = self._refuse_card(message["msg_type"], content, message["chat_id"],
+                                        route="patch", message_id=message_id)
         if refused is not None:
             return refused
         message["content"] = content
@@ -567,6 +613,7 @@ class FakeFeishu:
     def _reset_drive(self) -> None:
         self.uploads: list[dict[str, Any]] = []
         self.batch_creates: list[dict[str, Any]] = []
+        self._creates_by_token: dict[tuple[str, str, str], tuple[int, Any]] = {}
         self.fields: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._sessions: dict[str, dict[str, Any]] = {}
 
@@ -613,6 +660,21 @@ class FakeFeishu:
             "page_token": str(start + size) if more else "", "total": len(items)}}
 
     def _on_batch_create(self, rec: dict[str, Any], app: str, table: str) -> tuple[int, Any]:
+        token = rec["query"].get("client_token")
+        if token:
+            try:
+                uuidlib.UUID(token)
+            except ValueError:
+                return 400, {"code": 1254001, "msg": "WrongRequestBody: client_token must be "
+                                                     "a UUID"}
+            if (app, table, token) in self._creates_by_token:  # Feishu: same token, same answer
+                return self._creates_by_token[(app, table, token)]
+        answer = self._batch_create(rec, app, table)
+        if token and answer[0] == 200:
+            self._creates_by_token[(app, table, token)] = answer
+        return answer
+
+    def _batch_create(self, rec: dict[str, Any], app: str, table: str) -> tuple[int, Any]:
         records = (rec["json"] or {}).get("records") or []
         if len(records) > 500:
             return 400, {"code": 1254104, "msg": "records exceed 500"}

@@ -202,15 +202,22 @@ class FeishuClient:
         self._call("batch_update_records", req)
 
     def batch_create_records(self, app_token: str, table_id: str,
-                             records: list[dict[str, Any]]) -> list[str]:
-        """Add up to 500 records (each a ``fields`` dict) in one call; return their record ids."""
+                             records: list[dict[str, Any]], *,
+                             client_token: str | None = None) -> list[str]:
+        """Add up to 500 records (each a ``fields`` dict) in one call; return their record ids.
+
+        ``client_token`` (a UUID) makes the call idempotent at Feishu: the same token again
+        answers the first call's records and adds none, so a retry after a lost answer does
+        not duplicate rows. Runs on the longer-timeout client (500 rows take a while)."""
         if not records:
             return []
         body = BatchCreateAppTableRecordRequestBody.builder().records([
             AppTableRecord.builder().fields(fields).build() for fields in records]).build()
-        req = (BatchCreateAppTableRecordRequest.builder().app_token(app_token)
-               .table_id(table_id).request_body(body).build())
-        data = self._call("batch_create_records", req)
+        builder = (BatchCreateAppTableRecordRequest.builder().app_token(app_token)
+                   .table_id(table_id).request_body(body))
+        if client_token:
+            builder = builder.client_token(client_token)
+        data = self._call("batch_create_records", builder.build(), client=self._upload_client)
         return [str(r.get("record_id")) for r in data.get("records") or []
                 if isinstance(r, dict)]
 

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from storage import inbox, outbox, queue
-from storage.db import Conflict, NotFound, transaction
+from storage import alerts as store_alerts, breakers, inbox, outbox, queue
+from storage.db import Conflict, NotFound
 
 from . import cards
-from .commands import BATCH_ID, Command, ParseError, neutral, parse
+from .commands import BATCH_ID, Command, ParseError, parse
 from .i18n import not_found, status_word, t
-from .mdtext import plain
+from .cards import toast
+from .mdtext import escape
 
 log = logging.getLogger("opsbot.handlers")
 
@@ -194,11 +195,9 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
     except FeishuError as exc:
         log.warning("run: Bitable search failed: %s", exc)
         return cards.error_card(t("run.feishu_failed", ctx.lang,
-                                  error=neutral(f"{exc.code} {exc.msg}".strip())), ctx.lang)
+                                  error=escape(f"{exc.code} {exc.msg}".strip())), ctx.lang)
     # rows already queued by an earlier `run` still read as pending until the write-back lands
-    active = {r[0] for r in ctx.db.execute(
-        "SELECT record_id FROM tasks WHERE record_id IS NOT NULL"
-        " AND status IN ('queued', 'running', 'retrying')")}
+    active = queue.active_record_ids(ctx.db)
     records = [r for r in records if r.get("record_id") not in active]
     tasks = select_tasks([record_to_task(r, f) for r in records], cmd)
     if not records:
@@ -214,13 +213,13 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
                            created_by=ctx.sender, workflow_id=ctx.settings.coze.workflow_id or None,
                            options=options)
     except ValueError as exc:
-        return cards.error_card(t("run.duplicate", ctx.lang, error=neutral(str(exc))), ctx.lang)
+        return cards.error_card(t("run.duplicate", ctx.lang, error=escape(str(exc))), ctx.lang)
     from .bitable_sync import mark_running
 
     mark_running(ctx.db, ctx.settings, batch_id, ctx.now)
     filters = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
                        for k, v in options.items())
-    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=neutral(filters))
+    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=escape(filters))
 
 
 def record_to_task(record: dict[str, Any], f) -> dict[str, Any]:
@@ -254,14 +253,14 @@ def _target_batch(ctx: Context, batch_id: str | None) -> dict[str, Any] | None:
 
 
 def breaker_rows(db) -> list[dict[str, Any]]:
-    return list(db.query("SELECT service, state, reason FROM breakers ORDER BY service"))
+    return breakers.summaries(db)
 
 
 def cmd_status(ctx: Context, cmd: Command) -> dict[str, Any]:
     batch = _target_batch(ctx, cmd.batch_id) or queue.latest_batch(ctx.db)
     counts = queue.batch_counts(ctx.db, batch["id"]) if batch else None
     if batch and batch.get("blocked_reason"):  # Coze's error text, shown as markdown
-        batch = {**batch, "blocked_reason": neutral(batch["blocked_reason"])}
+        batch = {**batch, "blocked_reason": escape(batch["blocked_reason"])}
     return cards.status_card(batch, counts, ctx.lang, breakers=breaker_rows(ctx.db),
                              outbox_dead=outbox.dead_count(ctx.db))
 
@@ -294,10 +293,10 @@ def move_batch(db, settings, clock, action: str, batch_id: str | None, *,
         previous = queue.set_batch_status(db, str(batch_id), status, now=now,
                                           allowed_from=allowed)
     except NotFound:
-        return False, t("batch.not_found", lang, batch_id=neutral(str(batch_id)))
+        return False, t("batch.not_found", lang, batch_id=escape(str(batch_id)))
     except Conflict:
         current = queue.get_batch(db, str(batch_id))["status"]
-        return False, t("batch.conflict", lang, batch_id=neutral(str(batch_id)),
+        return False, t("batch.conflict", lang, batch_id=escape(str(batch_id)),
                         status=status_word(current, lang), action=t("action." + action, lang))
     return True, t("batch.changed", lang, batch_id=batch_id, previous=status_word(previous, lang),
                    status=status_word(status, lang))
@@ -324,11 +323,10 @@ def find_task(db, ref: str) -> dict[str, Any]:
     Raises NotFound."""
     if ref.startswith("#") and ref[1:].isascii() and ref[1:].isdigit():
         return queue.get_task(db, int(ref[1:]))
-    rows = list(db.query("SELECT * FROM tasks WHERE task_key = ? ORDER BY id DESC LIMIT 1",
-                         [ref]))
-    if not rows:
+    task = queue.latest_task_by_key(db, ref)
+    if task is None:
         raise NotFound(f"task {ref} not found")
-    return rows[0]
+    return task
 
 
 def retry_task(db, settings, clock, ref: str, *, by: str = "") -> tuple[bool, str]:
@@ -339,7 +337,7 @@ def retry_task(db, settings, clock, ref: str, *, by: str = "") -> tuple[bool, st
     try:
         task = find_task(db, str(ref))
     except NotFound:
-        return False, t("retry.task_not_found", settings.language, task=neutral(ref))
+        return False, t("retry.task_not_found", settings.language, task=escape(ref))
     return retry_tasks(db, settings, [task["id"]], now=clock.now(), by=by,
                        statuses=RETRYABLE_STATUSES)
 
@@ -348,7 +346,7 @@ def _names_batch(db, ref: str | None) -> bool:
     """``retry bXXXX`` means the batch only when a batch by that id exists."""
     if not ref or not BATCH_ID.match(ref):
         return False
-    return db.execute("SELECT 1 FROM batches WHERE id = ?", [ref]).fetchone() is not None
+    return queue.batch_exists(db, ref)
 
 
 def cmd_retry(ctx: Context, cmd: Command) -> dict[str, Any]:
@@ -368,11 +366,9 @@ def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
     limit = cmd.limit or ERRORS_DEFAULT_LIMIT
     if cmd.batch_id:
         queue.get_batch(ctx.db, cmd.batch_id)
-        rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed' AND batch_id = ?"
-                            " ORDER BY finished_at DESC, id DESC LIMIT ?", [cmd.batch_id, limit])
+        rows = queue.failed_tasks(ctx.db, batch_id=cmd.batch_id, limit=limit)
     else:
-        rows = ctx.db.query("SELECT * FROM tasks WHERE status = 'failed'"
-                            " ORDER BY finished_at DESC, id DESC LIMIT ?", [limit])
+        rows = queue.failed_tasks(ctx.db, limit=limit)
     return cards.errors_card(list(rows), ctx.lang)  # it escapes the Bitable and Coze text
 
 
@@ -389,13 +385,9 @@ def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> st
     """Silence alerts with ``key`` for ``seconds`` (default from settings); returns the text."""
     now = clock.now()
     until = now + (seconds or settings.alerts.default_silence)
-    with transaction(db) as conn:
-        conn.execute("INSERT INTO silences (key, until, created_by, created_at) VALUES (?, ?, ?, ?)"
-                     " ON CONFLICT(key) DO UPDATE SET until = excluded.until,"
-                     " created_by = excluded.created_by, created_at = excluded.created_at",
-                     [key, until, by, now])
+    store_alerts.put_silence(db, key, until, by=by, now=now)
     shown = datetime.fromtimestamp(until, settings.tz).strftime("%Y-%m-%d %H:%M")
-    return t("silence.done", settings.language, key=neutral(key), until=shown)
+    return t("silence.done", settings.language, key=escape(key), until=shown)
 
 
 def cmd_silence(ctx: Context, cmd: Command) -> dict[str, Any]:
@@ -453,10 +445,6 @@ def card_action_from(payload: dict[str, Any]) -> CardAction:
                       message_id if isinstance(message_id, str) else None)
 
 
-def toast(kind: str, content: str) -> dict[str, Any]:
-    """A card-action answer's toast: Feishu shows its content as plain text, so the markdown
-    our texts carry (bold, code spans, escaped outside text) becomes what a reader would see."""
-    return {"toast": {"type": kind, "content": plain(content)}}
 
 
 def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str, Any]:

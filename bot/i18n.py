@@ -22,6 +22,9 @@ MESSAGES: dict[str, dict[str, str]] = {
     "title.info": {"zh": "提示", "en": "Info"},
     "title.error": {"zh": "出错了", "en": "Something went wrong"},
     "title.done": {"zh": "已完成", "en": "Done"},
+    # the sender, when Feishu refused a card for a mention (ErrCode 100290)
+    "card.mention_refused": {"zh": "⚠️ 飞书拒绝了卡片中的 @ 提醒（某个 ID 不是本租户的用户），已改为纯文本；请检查 FEISHU_ONCALL_IDS / FEISHU_ADMIN_IDS。",
+                             "en": "⚠️ Feishu refused the @-mention on this card (an id is not a user of this tenant), so names are shown as plain text; check FEISHU_ONCALL_IDS / FEISHU_ADMIN_IDS."},
     # help
     "help.intro": {"zh": "在群里 @我 并发送命令（可带 `/`，中英文均可）：",
                    "en": "@mention me with a command (a leading `/` is optional):"},
@@ -182,9 +185,9 @@ def not_found(exc: BaseException, lang: str = DEFAULT) -> str:
 
     The id inside is echoed back: callers show it as markdown, so it is neutralised here.
     """
-    from .commands import neutral
+    from .mdtext import escape
     m = _NOT_FOUND.match(str(exc))
     if m is None:
-        return t("generic.not_found", lang, what=neutral(str(exc)))
+        return t("generic.not_found", lang, what=escape(str(exc)))
     key = "batch.not_found" if m.group(1) == "batch" else "retry.task_not_found"
-    return t(key, lang, batch_id=neutral(m.group(2)), task=neutral(m.group(2)))
+    return t(key, lang, batch_id=escape(m.group(2)), task=escape(m.group(2)))

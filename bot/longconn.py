@@ -323,7 +323,7 @@ class LongConnection:
 
     def _handler_factory(self) -> tuple[Any, Callable[[], None]]:
         """Per session: an intake on the session's own DB connection, and its release."""
-        from storage.db import open_db
+        from storage.db import open_db, set_lock_wait
 
         from . import handlers
         from .intake import Intake
@@ -332,7 +332,7 @@ class LongConnection:
         db = open_db(settings.db_path, migrate=False)
         # Fail fast on a locked store: the SDK then answers 500 and Feishu delivers again,
         # instead of this loop waiting 30 s (a button must be answered within 3 s).
-        db.conn.execute(f"PRAGMA busy_timeout = {int(STORE_WAIT * 1000)}")
+        set_lock_wait(db, STORE_WAIT)
         intake = Intake(settings, db, clock, db_lock=threading.RLock(),
                         card_handler=lambda p: handlers.handle_card_action(db, settings, p, clock))
         return build_event_handler(intake, self.on_recorded), db.conn.close

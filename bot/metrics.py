@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client import Histogram as PromHistogram
 from prometheus_client import values as prom_values
 
-from storage import inbox, outbox
+from storage import alerts as store_alerts, breakers, inbox, kv, metrics as store_metrics, outbox
 from storage.queue import ACTIVE, FINAL
 
 STAGE_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -128,20 +128,14 @@ class AttemptTotals:
         self.stages: dict[str, list[float]] = {}   # stage -> bucket counts..., sum, count
 
     def update(self, db: sqlite_utils.Database) -> "AttemptTotals":
-        top = db.execute("SELECT MAX(id) FROM attempts").fetchone()[0] or 0
+        top = store_metrics.last_attempt_id(db)
         if top < self.last_id:      # the table was emptied or replaced: start over
             self.__init__()
         if top == self.last_id:
             return self
-        span = [self.last_id, top]
-        for ec, n in db.execute("SELECT COALESCE(error_class, 'none') AS ec, COUNT(*) FROM"
-                                " attempts WHERE id > ? AND id <= ? GROUP BY ec", span):
+        for ec, n in store_metrics.attempts_by_class(db, self.last_id, top):
             self.by_class[ec] = self.by_class.get(ec, 0) + n
-        sums = ", ".join(f"SUM(d <= {le})" for le in STAGE_BUCKETS)
-        for row in db.execute(
-                f"SELECT stage, {sums}, SUM(d), COUNT(*) FROM (SELECT stage, ended_at - started_at"
-                f" AS d FROM attempts WHERE id > ? AND id <= ? AND outcome = 'success'"
-                f" AND ended_at IS NOT NULL) GROUP BY stage", span):
+        for row in store_metrics.stage_durations(db, self.last_id, top, STAGE_BUCKETS):
             acc = self.stages.setdefault(row[0], [0.0] * (len(STAGE_BUCKETS) + 2))
             for i, v in enumerate(row[1:]):
                 acc[i] += v or 0
@@ -159,7 +153,7 @@ def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None 
     out = _Out()
     out.family("opsbot_tasks", "gauge", "Tasks by status.")
     states = {s: 0 for s in ACTIVE + FINAL}
-    states.update(dict(db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status")))
+    states.update(store_metrics.task_counts(db))
     for state, n in sorted(states.items()):
         out.sample("opsbot_tasks", n, state=state)
     totals = (totals or AttemptTotals()).update(db)
@@ -168,11 +162,10 @@ def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None 
         out.sample("opsbot_attempts_total", n, error_class=ec)
     _stage_histograms(totals, out)
     out.family("opsbot_breaker_state", "gauge", "Circuit breaker: 0 closed, 1 half_open, 2 open.")
-    for service, state in db.execute("SELECT service, state FROM breakers ORDER BY service"):
+    for service, state in breakers.states(db):
         out.sample("opsbot_breaker_state", BREAKER_VALUES.get(state, 2), service=service)
     out.family("opsbot_alerts", "gauge", "Alert rows by tier and status.")
-    for tier, status, n in db.execute("SELECT tier, status, COUNT(*) FROM alerts"
-                                      " GROUP BY tier, status ORDER BY tier, status"):
+    for tier, status, n in store_alerts.counts(db):
         out.sample("opsbot_alerts", n, tier=tier, status=status)
     out.family("opsbot_outbox_depth", "gauge", "Outbox rows waiting to be sent.")
     out.sample("opsbot_outbox_depth", outbox.depth(db))
@@ -182,8 +175,8 @@ def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None 
     out.family("opsbot_inbox_pending", "gauge", "Inbox events not yet handled.")
     out.sample("opsbot_inbox_pending", inbox.pending(db))
     out.family("opsbot_last_report_timestamp", "gauge", "When a daily report was last sent.")
-    row = db.execute("SELECT value FROM kv WHERE key = 'report:last_sent_at'").fetchone()
-    out.sample("opsbot_last_report_timestamp", float(row[0]) if row else 0)
+    value = kv.get(db, "report:last_sent_at")
+    out.sample("opsbot_last_report_timestamp", float(value) if value is not None else 0)
     _process_families(out)
     for name, value in sorted((extra or {}).items()):
         if not _NAME.match(name):

@@ -32,9 +32,11 @@ from typing import Any, Callable
 
 import sqlite_utils
 
+from storage import kv, reports
+
 from . import alert_cards, i18n
 from .cards import Card, card, hr, markdown
-from .commands import neutral
+from .mdtext import escape
 
 STAGES = ("coze", "synthesis")
 FAILED_LIKE = ("failed", "ignored")
@@ -89,22 +91,15 @@ def _day_numbers(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, 
     start, end = day_bounds(day, tz)
     status = {s: 0 for s in ("succeeded", "failed", "ignored", "cancelled")}
     hourly = [{"hour": h, "succeeded": 0, "failed": 0} for h in range(24)]
-    for st, finished in db.execute(
-            "SELECT status, finished_at FROM tasks WHERE finished_at >= ? AND finished_at < ?"
-            " AND status IN ('succeeded', 'failed', 'ignored', 'cancelled')", [start, end]):
+    for st, finished in reports.finished_tasks(db, start, end):
         status[st] += 1
         if st != "cancelled":
             hour = datetime.fromtimestamp(finished, tz).hour
             hourly[hour]["succeeded" if st == "succeeded" else "failed"] += 1
     runs = status["succeeded"] + status["failed"] + status["ignored"]
     latency = {stage: _latency(db, stage, start, end) for stage in STAGES}
-    failures = [(r[0], r[1]) for r in db.execute(
-        "SELECT COALESCE(node, error_class, 'unknown'), COALESCE(error_class, 'unknown')"
-        " FROM attempts WHERE started_at >= ? AND started_at < ? AND outcome != 'success'",
-        [start, end])]
-    retries = db.execute(
-        "SELECT COUNT(*) FROM attempts WHERE started_at >= ? AND started_at < ?"
-        " AND outcome IN ('retry', 'resubmit')", [start, end]).fetchone()[0]
+    failures = reports.failed_attempts(db, start, end)
+    retries = reports.retry_count(db, start, end)
     return {
         "date": day.isoformat(), "runs": runs, "succeeded": status["succeeded"],
         "failed": status["failed"] + status["ignored"], "ignored": status["ignored"],
@@ -118,9 +113,7 @@ def _day_numbers(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, 
 
 
 def _stage_share(db: sqlite_utils.Database, start: float, end: float) -> dict[str, Any]:
-    rows = db.execute(
-        "SELECT stage, SUM(MAX(0, ended_at - started_at)) FROM attempts WHERE ended_at >= ?"
-        " AND ended_at < ? AND ended_at IS NOT NULL GROUP BY stage", [start, end]).fetchall()
+    rows = reports.seconds_by_stage(db, start, end)
     total = sum(r[1] or 0.0 for r in rows)
     shares = {r[0]: {"seconds": float(r[1] or 0.0),
                      "share": (r[1] or 0.0) / total if total > 0 else None} for r in rows}
@@ -128,22 +121,14 @@ def _stage_share(db: sqlite_utils.Database, start: float, end: float) -> dict[st
 
 
 def _quality(db: sqlite_utils.Database, start: float, end: float) -> dict[str, int]:
-    row = db.execute(
-        "SELECT COALESCE(SUM(outcome = 'resubmit'), 0), COALESCE(SUM(outcome = 'fail'), 0)"
-        " FROM attempts WHERE stage = 'gate' AND started_at >= ? AND started_at < ?",
-        [start, end]).fetchone()
-    return {"resubmits": row[0], "failed": row[1]}
+    resubmits, failed = reports.gate_counts(db, start, end)
+    return {"resubmits": resubmits, "failed": failed}
 
 
 def _latency(db: sqlite_utils.Database, stage: str, start: float, end: float) -> dict[str, Any]:
-    values = [r[0] for r in db.execute(
-        "SELECT ended_at - started_at FROM attempts WHERE stage = ? AND outcome = 'success'"
-        " AND ended_at >= ? AND ended_at < ? AND ended_at IS NOT NULL", [stage, start, end])]
+    values = reports.success_durations(db, stage, start, end)
     if not values:
-        column = f"{stage}_seconds"
-        values = [r[0] for r in db.execute(
-            f"SELECT {column} FROM tasks WHERE finished_at >= ? AND finished_at < ?"
-            f" AND {column} IS NOT NULL", [start, end])]
+        values = reports.task_stage_seconds(db, stage, start, end)
     values = [max(0.0, float(v)) for v in values]
     return {"count": len(values), "avg": sum(values) / len(values) if values else None,
             "p95": p95(values)}
@@ -194,7 +179,7 @@ def _signed(v: float | None, fmt: str = "{:+d}") -> str:
 
 
 def report_lines(report: dict[str, Any], lang: str,
-                 shown: Callable[[str], str] = neutral) -> list[str]:
+                 shown: Callable[[str], str] = escape) -> list[str]:
     """The report as markdown lines (the card's text and, stripped, the CLI's). Node names and
     error classes come from Coze and the store: ``shown`` neutralises them for card markdown
     (the terminal passes them through).
@@ -269,11 +254,7 @@ def build_report_card(db: sqlite_utils.Database, settings, day: date, lang: str)
 
 def mark_sent(db: sqlite_utils.Database, *, now: float, day: date | None = None) -> None:
     """Remember that a report went out (``report:last_sent_at``; the day for the scheduler)."""
-    from storage.db import transaction
-    with transaction(db) as conn:
-        rows = [("report:last_sent_at", str(now))]
-        if day is not None:
-            rows.append(("report:last_sent", day.isoformat()))
-        conn.executemany("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
-                         " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
-                         " updated_at = excluded.updated_at", [(k, v, now) for k, v in rows])
+    items = {"report:last_sent_at": str(now)}
+    if day is not None:
+        items["report:last_sent"] = day.isoformat()
+    kv.put_many(db, items, now=now)

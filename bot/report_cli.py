@@ -83,8 +83,7 @@ def _send(db, settings, card, day: Date, clock, err: TextIO, feishu_client,
     deadline = _time.monotonic() + send_timeout
     while True:
         sender.deliver_due()
-        status, error, next_at = db.execute(
-            "SELECT status, last_error, next_at FROM outbox WHERE uuid = ?", [uid]).fetchone()
+        status, error, next_at = outbox.row_state(db, uid)
         if status == "sent":
             mark_sent(db, now=clock.now())
             return 0
@@ -99,4 +98,4 @@ def _send(db, settings, card, day: Date, clock, err: TextIO, feishu_client,
 
 
 def _row_id(db, uid: str) -> int:
-    return db.execute("SELECT id FROM outbox WHERE uuid = ?", [uid]).fetchone()[0]
+    return outbox.id_of(db, uid)

@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
-from storage import outbox
+from storage import kv, outbox
 
 from .report import compute_report, mark_sent, report_card
 
@@ -73,9 +73,9 @@ class Scheduler:
         return done
 
     def last_sent(self) -> date | None:
-        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [LAST_SENT_KEY]).fetchone()
+        value = kv.get(self.db, LAST_SENT_KEY)
         try:
-            return date.fromisoformat(row[0]) if row else None
+            return date.fromisoformat(value) if value is not None else None
         except ValueError:
             return None
 

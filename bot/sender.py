@@ -20,6 +20,9 @@ Decisions:
 - success -> ``mark_sent`` (result = message_id for messages).
 - retryable FeishuError -> ``mark_retry`` after ``base * 2**attempts`` seconds, jittered to
   50-100 %, capped at ``max_backoff``, and never sooner than Feishu's ``retry_after``.
+- a card refused for a mention of no user (230099, "ErrCode: 100290"; one bad on-call id):
+  sent, replied or patched again at once with the mentions as plain text and a line saying so
+  (same uuid: the refused call made no message), and a WARNING log line.
 - a PATCH refused because someone is pressing a button on that card right now (230099 with
   "card action is lock", ErrCode 11310): retried after ``LOCK_RETRY`` seconds (growing to
   ``LOCK_RETRY_MAX``), however often; the lock lasts a moment. Other 230099 answers (the card
@@ -36,6 +39,11 @@ Decisions:
   target on the injected clock; a row over the limit is postponed to when the window frees up.
   Postponing uses ``release``, which counts no attempt.
 
+An upload first extends its row's lease (:data:`UPLOAD_LEASE`), and only while this sender
+still holds the row; ``mark_sent`` / ``mark_retry`` too change a row only while this sender holds
+it, so a sender whose lease was taken over neither uploads a file twice nor overwrites the new
+holder's outcome.
+
 Retries reuse the row's uuid (``outbox.send_uuid``: a replayed row's new one), so a message sent
 by a sender that died before ``mark_sent`` is deduped by Feishu when the next sender (after the
 lease expires) sends it again, inside the window.
@@ -45,27 +53,36 @@ Give the sender its own database connection when it runs in its own thread.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import random
 import threading
+import uuid as uuidlib
 from typing import Any, Callable
 
 import sqlite_utils
 
+from bot import i18n
+from bot.bitable_sync import FILES_SUFFIX
+from bot.cards import without_mentions
 from bot.errors import FeishuError
 from bot.feishu import FeishuClient
 from storage import outbox
-from storage.db import transaction
 
 log = logging.getLogger("opsbot.sender")
 
 BITABLE_BATCH = 500  # records per batch_update call
+UPLOAD_LEASE = 900.0  # seconds a row is held for its upload (parts of a large file at 120 s each)
 UPLOADS_PER_PASS = 1  # file uploads per delivery pass (an upload may take a minute)
 CHAT_RATE = 5        # messages per CHAT_WINDOW seconds per chat (Feishu: 5 QPS per chat)
 CHAT_WINDOW = 1.0
 LOCK_RETRY = 0.5     # seconds before the first retry of a PATCH of a locked card
 LOCK_RETRY_MAX = 4.0
+
+
+def mention_refused(err: FeishuError) -> bool:
+    """Feishu refused a card because a mention names no user of the tenant (230099 with
+    ErrCode 100290): one bad on-call id; the card goes again without mentions."""
+    return err.code == 230099 and "ErrCode: 100290" in (err.msg or "")
 
 
 def card_locked(err: FeishuError) -> bool:
@@ -87,6 +104,10 @@ class _Postponed(Exception):
     def __init__(self, at: float, reason: str) -> None:
         super().__init__(reason)
         self.at = at
+
+
+class _Lost(Exception):
+    """Another sender holds the row now (our lease ran out); leave it alone."""
 
 
 class _Dead(Exception):
@@ -123,9 +144,11 @@ class OutboxSender:
                  rng: Callable[[], float] = random.random,
                  kinds: tuple[str, ...] | None = None,
                  uuids: tuple[str, ...] | None = None,
-                 uuid_window: float = outbox.UUID_WINDOW, window_margin: float = 60.0) -> None:
+                 uuid_window: float = outbox.UUID_WINDOW, window_margin: float = 60.0,
+                 lang: str = i18n.DEFAULT) -> None:
         self.db, self.client, self.clock, self.owner = db, client, clock, owner
         self.uuid_window, self.window_margin = uuid_window, window_margin
+        self.lang = lang  # for the line a card gets when its mentions were refused
         self.kinds = kinds  # None: every kind; the web process leaves Bitable to the worker
         self.uuids = uuids  # None: every row; `opsbot report --send` delivers only its own
         self.max_backoff, self.base_backoff = max_backoff, base_backoff
@@ -179,7 +202,12 @@ class OutboxSender:
         try:
             if target in held:
                 raise _Postponed(held[target], "waiting for an earlier row to the same target")
-            result = self._perform(row)
+            try:
+                result = self._perform(row)
+            except FeishuError as err:
+                if not (mention_refused(err) and "card" in row["payload"]):
+                    raise
+                result = self._without_mentions(row, err)
         except _Postponed as wait:
             held[target] = wait.at
             outbox.release(self.db, row["id"], next_at=wait.at, reason=f"postponed: {wait}")
@@ -193,14 +221,16 @@ class OutboxSender:
         except (KeyError, TypeError, ValueError) as exc:
             self._dead([row], f"malformed {row['kind']} payload: {type(exc).__name__}: {exc}")
             return 0
-        outbox.mark_sent(self.db, row["id"], now=self.clock.now(), result=result)
+        outbox.mark_sent(self.db, row["id"], now=self.clock.now(), result=result,
+                         owner=self.owner)
         return 1
 
-    def _perform(self, row: dict[str, Any]) -> str | None:
+    def _perform(self, row: dict[str, Any], *, take_slot: bool = True) -> str | None:
         kind, target, payload = row["kind"], row["target"], row["payload"]
         if kind == "patch":
             message_id = self._patch_target(target)
-            self._take_slot(message_id)
+            if take_slot:
+                self._take_slot(message_id)
             self.client.patch_card(message_id, payload["card"])
             return message_id
         if kind not in outbox.UUID_KINDS:
@@ -208,7 +238,8 @@ class OutboxSender:
         if self._window_left(row, self.clock.now()) <= 0:
             raise _Dead(f"not sent within {self.uuid_window / 60:g} minutes of its first attempt"
                         f" (Feishu's uuid window): a retry now could show it twice")
-        self._take_slot(target)
+        if take_slot:
+            self._take_slot(target)
         if row.get("first_attempt_at") is None:
             row["first_attempt_at"] = outbox.mark_attempt(self.db, row["id"],
                                                           now=self.clock.now())
@@ -227,6 +258,19 @@ class OutboxSender:
         if row["kind"] not in outbox.UUID_KINDS or first is None:
             return float("inf")
         return first + self.uuid_window - self.window_margin - now
+
+    def _without_mentions(self, row: dict[str, Any], err: FeishuError) -> str | None:
+        """Perform ``row`` again with its card's mentions as plain text (a refused send made no
+        message, so the same uuid is used); the stored payload keeps the rebuilt card."""
+        log.warning("feishu refused a mention on a card (an id that is no user of the tenant; "
+                    "check FEISHU_ONCALL_IDS / FEISHU_ADMIN_IDS); sending it without mentions",
+                    extra={**err.as_log(), "outbox_uuid": row["uuid"],
+                           "outbox_kind": row["kind"], "outbox_target": row["target"]})
+        payload = dict(row["payload"])
+        payload["card"] = without_mentions(payload["card"],
+                                           i18n.t("card.mention_refused", self.lang))
+        outbox.set_payload(self.db, row["id"], payload)
+        return self._perform({**row, "payload": payload}, take_slot=False)
 
     def _take_slot(self, key: str) -> None:
         free_at = self._limiter.acquire(key)
@@ -279,7 +323,7 @@ class OutboxSender:
                     continue
                 now = self.clock.now()
                 for r in chunk_rows:
-                    outbox.mark_sent(self.db, r["id"], now=now)
+                    outbox.mark_sent(self.db, r["id"], now=now, owner=self.owner)
                 delivered += len(chunk_rows)
         return delivered
 
@@ -293,7 +337,10 @@ class OutboxSender:
         ``payload.records`` (at most 500) to the target table in one call."""
         delivered = uploads = 0
         for row in rows:
-            app_token, _, table_id = row["target"].partition("/")
+            table = row["target"]
+            if row["kind"] == "bitable_attach":  # "app/table#files": a target of its own
+                table = table.removesuffix(FILES_SUFFIX)
+            app_token, _, table_id = table.partition("/")
             if row["kind"] == "bitable_attach" and not row["payload"].get("file_token"):
                 uploads += 1
                 if uploads > UPLOADS_PER_PASS:  # let messages through between large uploads
@@ -305,15 +352,19 @@ class OutboxSender:
                     raise _Dead(f"{row['kind']} target {row['target']!r} is not "
                                 "app_token/table_id")
                 if row["kind"] == "bitable_attach":
-                    self._attach(row, app_token, table_id)
+                    self._attach(row, app_token, table_id, table)
                 else:
                     records = row["payload"]["records"]
                     if not isinstance(records, list) or not 0 < len(records) <= BITABLE_BATCH:
                         raise ValueError(f"{len(records)} records, want 1..{BITABLE_BATCH}")
                     with _table_lock(row["target"]):
-                        self.client.batch_create_records(app_token, table_id, records)
+                        self.client.batch_create_records(
+                            app_token, table_id, records, client_token=create_token(row["uuid"]))
             except FeishuError as err:
                 self._failed([row], err, {})
+                continue
+            except _Lost as exc:
+                log.warning("outbox row skipped: %s", exc, extra={"outbox_uuid": row["uuid"]})
                 continue
             except _Dead as exc:
                 self._dead([row], str(exc))
@@ -322,17 +373,22 @@ class OutboxSender:
                 self._dead([row], f"malformed {row['kind']} payload: {type(exc).__name__}: {exc}")
                 continue
             outbox.mark_sent(self.db, row["id"], now=self.clock.now(),
-                             result=row["payload"].get("file_token"))
+                             result=row["payload"].get("file_token"), owner=self.owner)
             delivered += 1
         return delivered
 
-    def _attach(self, row: dict[str, Any], app_token: str, table_id: str) -> None:
+    def _attach(self, row: dict[str, Any], app_token: str, table_id: str, table: str) -> None:
         payload = row["payload"]
         path, field, record_id = payload["path"], payload["field"], payload["record_id"]
         if not (isinstance(field, str) and field and isinstance(record_id, str) and record_id):
             raise ValueError("needs record_id and field")
         token = payload.get("file_token")
         if not token:
+            # an upload may outlast the claim's lease: hold the row for longer first, or leave
+            # it to the sender that took it over (it would upload the file a second time)
+            if not outbox.extend_lease(self.db, row["id"], owner=self.owner,
+                                       until=self.clock.now() + max(self.lease, UPLOAD_LEASE)):
+                raise _Lost(f"{row['uuid']} was taken over by another sender")
             try:
                 token = self.client.upload_media(path, parent_node=app_token,
                                                  file_name=payload.get("file_name"))
@@ -340,10 +396,8 @@ class OutboxSender:
                 raise _Dead(f"cannot read {path}: {type(exc).__name__}: {exc.strerror or exc}") \
                     from None
             payload["file_token"] = token
-            with transaction(self.db) as conn:
-                conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
-                             [json.dumps(payload, ensure_ascii=False), row["id"]])
-        with _table_lock(row["target"]):  # the upload itself needs no table lock
+            outbox.set_payload(self.db, row["id"], payload)
+        with _table_lock(table):  # the upload itself needs no table lock
             self.client.batch_update_records(app_token, table_id, [
                 {"record_id": record_id, "fields": {field: [{"file_token": token}]}}])
 
@@ -370,7 +424,8 @@ class OutboxSender:
         for r in rows:   # the last retry is moved inside the window rather than lost
             wait = min(delay, max(wait_at_least, self._window_left(r, now) - 1.0))
             held[r["target"]] = now + wait
-            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + wait, error=str(err))
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + wait, error=str(err),
+                              owner=self.owner)
         log.warning("outbox retry in %.1fs: %s", held[rows[0]["target"]] - now, err,
                     extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows],
                            "outbox_kind": rows[0]["kind"], "outbox_target": rows[0]["target"]})
@@ -382,7 +437,8 @@ class OutboxSender:
         now = self.clock.now()
         for r in rows:
             held[r["target"]] = now + delay
-            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err))
+            outbox.mark_retry(self.db, r["id"], now=now, next_at=now + delay, error=str(err),
+                              owner=self.owner)
         log.info("card locked by an interaction; patch retried in %.1fs", delay,
                  extra={**err.as_log(), "outbox_uuids": [r["uuid"] for r in rows]})
 
@@ -407,6 +463,13 @@ class OutboxSender:
         return max(delay, retry_after or 0.0)
 
 
+def create_token(row_uuid: str) -> str:
+    """The ``client_token`` of a ``bitable_create`` row: a UUID derived from the row's uuid, so
+    every retry of the row (after a lost answer, or by another sender) is the same call to
+    Feishu, which adds the records once."""
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"opsbot:outbox:{row_uuid}"))
+
+
 def _coalesce(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]],
                                                   dict[str, list[dict[str, Any]]]]:
     """Merge bitable_update rows per record_id in row order; later fields win."""
@@ -425,4 +488,4 @@ def _valid_update(payload: Any) -> bool:
 
 
 def outbox_next_at(db: sqlite_utils.Database, row_id: int) -> float:
-    return db.execute("SELECT next_at FROM outbox WHERE id = ?", [row_id]).fetchone()[0]
+    return outbox.next_at_of(db, row_id)

@@ -96,7 +96,8 @@ class FeishuLoop:
 
         db = open_db(self.settings.db_path)
         client = self.feishu_client or FeishuClient(self.settings.feishu)
-        sender = OutboxSender(db, client, clock=self.clock, owner=self.owner)
+        sender = OutboxSender(db, client, clock=self.clock, owner=self.owner,
+                              lang=self.settings.language)
         # the bot's own open_id, for "is this group message for the bot" (bot.identity)
         self.identity = IdentityRefresher(db, client, self.settings.feishu.app_id, self.clock)
         while not self.stop_event.is_set():

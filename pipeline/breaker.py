@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import sqlite_utils
 
-from storage.db import transaction
+from storage import breakers
 
 from .config import BreakerPolicy
 
@@ -52,9 +52,7 @@ class Breaker:
         self.on_change = on_change
 
     def state(self) -> BreakerState:
-        row = self.db.execute(
-            "SELECT service, state, failures, successes, opened_at, reason, submit_failures"
-            " FROM breakers WHERE service = ?", [self.service]).fetchone()
+        row = breakers.get(self.db, self.service)
         if row is None:
             return BreakerState(self.service, "closed", 0, 0, None, None)
         return BreakerState(*row)
@@ -122,32 +120,17 @@ class Breaker:
 
     def _write(self, before: BreakerState, **changes: Any) -> None:
         after = BreakerState(**{**before.__dict__, **changes})
-        with transaction(self.db) as conn:
-            conn.execute(
-                "INSERT INTO breakers (service, state, failures, successes, opened_at, reason,"
-                " updated_at, submit_failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(service) DO UPDATE SET"
-                " state = excluded.state, failures = excluded.failures,"
-                " successes = excluded.successes, opened_at = excluded.opened_at,"
-                " reason = excluded.reason, updated_at = excluded.updated_at,"
-                " submit_failures = excluded.submit_failures",
-                [after.service, after.state, after.failures, after.successes, after.opened_at,
-                 after.reason, self.now(), after.submit_failures])
+        breakers.put(self.db, service=after.service, state=after.state, failures=after.failures,
+                     successes=after.successes, opened_at=after.opened_at, reason=after.reason,
+                     submit_failures=after.submit_failures, now=self.now())
         if self.on_change and after.state != before.state:
             self.on_change(before, after)
 
 
 def reset_all(db: sqlite_utils.Database, now: float) -> int:
     """Close every breaker (the chat's ``resume``); returns how many were not closed."""
-    with transaction(db) as conn:
-        cur = conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
-                           " submit_failures = 0, opened_at = NULL, reason = NULL,"
-                           " updated_at = ? WHERE state != 'closed'",
-                           [now])
-        return cur.rowcount
+    return breakers.close_all(db, now)
 
 
 def all_states(db: sqlite_utils.Database) -> list[BreakerState]:
-    return [BreakerState(*r) for r in db.execute(
-        "SELECT service, state, failures, successes, opened_at, reason, submit_failures"
-        " FROM breakers ORDER BY service")]
+    return [BreakerState(*r) for r in breakers.all_rows(db)]

@@ -253,10 +253,10 @@ class SharedRateLimiter:
 
     def _store(self):
         if self._db is None:
-            from storage.db import open_db
+            from storage.db import open_db, set_lock_wait
 
             self._db = open_db(self._db_path)
-            self._db.conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            set_lock_wait(self._db, self._busy_timeout)
         return self._db
 
     def _reserve(self, count: int) -> budget.Grant:

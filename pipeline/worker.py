@@ -42,7 +42,7 @@ import sqlite_utils
 from storage import queue
 from storage import runtimes as stored_runtimes
 from storage import workers as stored_workers
-from storage.db import StoreThread, transaction
+from storage.db import StoreThread
 
 from .breaker import Breaker
 from .classifier import Decision, classify
@@ -217,12 +217,12 @@ class Worker:
 
     def _recover_dead_owners(self, db: sqlite_utils.Database) -> int:
         me = self.identity
-        owners = [o for o in stored_workers.lease_owners(db) if o != self.owner]
+        owners = [o for o in queue.running_owners(db) if o != self.owner]
         dead = [o for o, row in stored_workers.get(db, owners).items()
                 if row["stopped_at"] is not None
                 or (me.pid_ns is not None and row["pid_ns"] == me.pid_ns
                     and process_gone(row["pid"], row["proc_start"]))]
-        n = stored_workers.expire_leases(db, dead)
+        n = queue.expire_leases_of(db, dead)
         if n:
             log.info("recovered tasks of dead workers", extra={"count": n, "owners": dead})
         return n
@@ -274,9 +274,7 @@ class Worker:
         if not self._inflight:
             return
         ids = sorted(set(self._batch_of.values()))
-        marks = ",".join("?" * len(ids))
-        states = dict(self.db.execute(f"SELECT id, status FROM batches WHERE id IN ({marks})",
-                                      ids).fetchall())
+        states = queue.batch_statuses(self.db, ids)
         for task_id, batch_id in list(self._batch_of.items()):
             state = states.get(batch_id)
             # a block stops Coze work; synthesis needs no Coze and finishes what it started
@@ -312,12 +310,7 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _release(self, task_id: int) -> None:
-        def release(db: sqlite_utils.Database) -> None:
-            with transaction(db) as conn:
-                conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL,"
-                             " lease_until = NULL WHERE id = ? AND lease_owner = ?"
-                             " AND status = 'running'", [task_id, self.owner])
-        await self.store(release)
+        await self.store(queue.release_task, task_id, owner=self.owner)
 
     async def _finish_batches(self) -> None:
         for batch_id in await self.store(queue.finish_batches, now=self.clock.now()):
@@ -386,7 +379,8 @@ class Worker:
                 return output
             started = self.clock.now()
             urls = urls_to_probe(output, gate.checks)
-            status = await probe_urls(urls, timeout=gate.url_timeout) if urls else {}
+            status = (await probe_urls(urls, timeout=gate.url_timeout, clock=self.clock)
+                      if urls else {})
             failure = evaluate(output, gate.checks, status)
             size = _bytes_of(output)
             if failure is None:
@@ -418,11 +412,7 @@ class Worker:
 
     def _gate_resubmits(self, task_id: int) -> int:
         """Gate resubmits of the task since its last failure (a human retry starts afresh)."""
-        return self.db.execute(
-            "SELECT COUNT(*) FROM attempts WHERE task_id = ? AND stage = 'gate'"
-            " AND outcome = 'resubmit' AND id > COALESCE((SELECT MAX(id) FROM attempts"
-            " WHERE task_id = ? AND outcome IN ('fail', 'fatal')), 0)",
-            [task_id, task_id]).fetchone()[0]
+        return queue.gate_resubmits(self.db, task_id)
 
     async def _settle_submit(self, task_id: int) -> None:
         """A cancelled task whose submit is on the wire waits for it, so its id gets stored."""
@@ -534,9 +524,7 @@ class Worker:
         """The batch's own workflow when it names another one; else primary or fallback."""
         batch_id = task["batch_id"]
         if batch_id not in self._batch_workflows:
-            row = self.db.execute("SELECT workflow_id FROM batches WHERE id = ?",
-                                  [batch_id]).fetchone()
-            self._batch_workflows[batch_id] = row[0] if row else None
+            self._batch_workflows[batch_id] = queue.batch_field(self.db, batch_id, "workflow_id")
         own = self._batch_workflows[batch_id]
         if own and own not in (self.workflow_id, self.selector.fallback):
             return own
@@ -546,8 +534,7 @@ class Worker:
         return workflow
 
     def _batch_status(self, batch_id: str) -> str | None:
-        row = self.db.execute("SELECT status FROM batches WHERE id = ?", [batch_id]).fetchone()
-        return row[0] if row else None
+        return queue.batch_field(self.db, batch_id, "status")
 
     def _run_ended(self, task: dict[str, Any], ok: bool) -> None:
         workflow = task.get("run_workflow_id") or self.workflow_id

@@ -125,6 +125,36 @@ def database_file(db: sqlite_utils.Database) -> str | None:
     return None
 
 
+def set_lock_wait(db: sqlite_utils.Database, seconds: float) -> None:
+    """How long a statement of this connection waits for another process's write lock before
+    it fails (``sqlite3.OperationalError``, "database is locked")."""
+    db.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
+
+def ping(db: sqlite_utils.Database) -> None:
+    """One round trip to the store; raises what the driver raises when it cannot answer."""
+    db.execute("SELECT 1").fetchone()
+
+
+def journal_mode(db: sqlite_utils.Database) -> str:
+    """The store's journal mode, lower case (``wal`` for a file store opened by :func:`open_db`)."""
+    return str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+
+def write_probe(db: sqlite_utils.Database) -> str:
+    """Take the write lock and give it back, changing nothing: ``""`` when that worked, else the
+    driver's error as text (the lock stayed busy past the lock wait, a read-only file)."""
+    try:
+        db.conn.execute("BEGIN IMMEDIATE")
+        db.conn.execute(f"PRAGMA user_version = {schema_version(db)}")
+        db.conn.execute("ROLLBACK")
+        return ""
+    except sqlite3.Error as exc:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        return f"{type(exc).__name__}: {exc}"
+
+
 class StoreThread:
     """Store calls on one dedicated thread with its own connection, awaited from the event loop.
 

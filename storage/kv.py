@@ -12,8 +12,9 @@ import sqlite_utils
 from .db import transaction
 
 
-def get(db: sqlite_utils.Database, key: str) -> str | None:
-    """The value stored under ``key``, or None."""
+def get(db: sqlite_utils.Database | Any, key: str) -> str | None:
+    """The value stored under ``key``, or None. ``db`` may also be the connection of an open
+    :func:`~storage.db.transaction` (read inside it)."""
     row = db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
     return None if row is None else str(row[0])
 
@@ -21,9 +22,27 @@ def get(db: sqlite_utils.Database, key: str) -> str | None:
 def put(db: sqlite_utils.Database, key: str, value: str, *, now: float) -> None:
     """Store ``value`` under ``key`` (insert or overwrite) in one transaction."""
     with transaction(db) as conn:
-        conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
-                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
-                     " updated_at = excluded.updated_at", [key, value, now])
+        put_in(conn, key, value, now=now)
+
+
+def put_many(db: sqlite_utils.Database, items: dict[str, str], *, now: float) -> None:
+    """Store every ``key: value`` of ``items`` (insert or overwrite) in one transaction."""
+    with transaction(db) as conn:
+        for key, value in items.items():
+            put_in(conn, key, value, now=now)
+
+
+def get_in(conn, key: str) -> str | None:
+    """As :func:`get`, on the caller's connection (inside its transaction)."""
+    row = conn.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+    return None if row is None else str(row[0])
+
+
+def put_in(conn, key: str, value: str, *, now: float) -> None:
+    """As :func:`put`, on the caller's connection: it runs inside the caller's transaction."""
+    conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
+                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value,"
+                 " updated_at = excluded.updated_at", [key, value, now])
 
 
 def get_json(db: sqlite_utils.Database, key: str) -> Any:

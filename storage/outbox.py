@@ -83,20 +83,43 @@ def claim_due(db: sqlite_utils.Database, *, owner: str, now: float, lease: float
     return out
 
 
+def _owned(owner: str | None) -> tuple[str, list[Any]]:
+    """SQL (and its argument) limiting an update to a row still leased by ``owner``."""
+    return ("", []) if owner is None else (" AND lease_owner = ?", [owner])
+
+
 def mark_sent(db: sqlite_utils.Database, row_id: int, *, now: float,
-              result: str | None = None) -> None:
+              result: str | None = None, owner: str | None = None) -> bool:
+    """Mark a row sent; with ``owner``, only while that sender still holds it (a sender whose
+    lease was taken over leaves the row to the new holder). True when the row was marked."""
+    where, args = _owned(owner)
     with transaction(db) as conn:
-        conn.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?,"
-                     " attempts = attempts + 1, lease_owner = NULL, lease_until = NULL,"
-                     " last_error = NULL WHERE id = ?", [now, result, row_id])
+        cur = conn.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?,"
+                           " attempts = attempts + 1, lease_owner = NULL, lease_until = NULL,"
+                           f" last_error = NULL WHERE id = ?{where}",
+                           [now, result, row_id, *args])
+        return cur.rowcount > 0
 
 
 def mark_retry(db: sqlite_utils.Database, row_id: int, *, now: float, next_at: float,
-               error: str) -> None:
+               error: str, owner: str | None = None) -> bool:
+    """Schedule a row again; with ``owner``, only while that sender still holds it."""
+    where, args = _owned(owner)
     with transaction(db) as conn:
-        conn.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?,"
-                     " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                     [next_at, error[:500], row_id])
+        cur = conn.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?,"
+                           " last_error = ?, lease_owner = NULL, lease_until = NULL"
+                           f" WHERE id = ?{where}", [next_at, error[:500], row_id, *args])
+        return cur.rowcount > 0
+
+
+def extend_lease(db: sqlite_utils.Database, row_id: int, *, owner: str, until: float) -> bool:
+    """Keep a pending row leased to ``owner`` until ``until`` (before a long call, such as an
+    upload, that may outlast the lease); False when another sender holds it now."""
+    with transaction(db) as conn:
+        cur = conn.execute("UPDATE outbox SET lease_until = MAX(COALESCE(lease_until, 0), ?)"
+                           " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+                           [until, row_id, owner])
+        return cur.rowcount > 0
 
 
 def release(db: sqlite_utils.Database, row_id: int, *, next_at: float, reason: str) -> None:
@@ -190,3 +213,75 @@ def replay(db: sqlite_utils.Database, ids: list[int] | None = None, *,
                 [now, fresh, f"replayed (was: {row['last_error'] or 'dead'})"[:500],
                  row["id"]])
     return rows
+
+
+# -- single-row reads and writes used by the bot (the storage seam) -----------------------------
+
+
+def row_state(db: sqlite_utils.Database, uuid: str) -> tuple[str, str | None, float] | None:
+    """``(status, last_error, next_at)`` of the row named ``uuid``, or None when absent."""
+    return db.execute(
+        "SELECT status, last_error, next_at FROM outbox WHERE uuid = ?", [uuid]).fetchone()
+
+
+def id_of(db: sqlite_utils.Database, uuid: str) -> int | None:
+    """The row id of the row named ``uuid``, or None when absent."""
+    row = db.execute("SELECT id FROM outbox WHERE uuid = ?", [uuid]).fetchone()
+    return None if row is None else row[0]
+
+
+def set_payload(db: sqlite_utils.Database, row_id: int, payload: dict[str, Any]) -> None:
+    """Overwrite the payload of row ``row_id`` (as JSON) in one transaction."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
+                     [json.dumps(payload, ensure_ascii=False), row_id])
+
+
+def next_at_of(db: sqlite_utils.Database, row_id: int) -> float:
+    """When row ``row_id`` is next due; raises TypeError when the row does not exist."""
+    return db.execute("SELECT next_at FROM outbox WHERE id = ?", [row_id]).fetchone()[0]
+
+
+def enqueue_patch(db: sqlite_utils.Database, target: str, payload: dict[str, Any], *, now: float,
+                  ref: str | None = None, interval: float = 1.0) -> str:
+    """Record a patch of the message ``target`` carrying ``payload``, coalesced; return the uuid
+    of the row that carries it.
+
+    A pending patch row of ``target`` that no sender holds gets ``payload`` instead of a second
+    row. Otherwise a new row is added, due no sooner than ``interval`` seconds after the
+    previous patch of that target. One transaction.
+    """
+    body = json.dumps(payload, ensure_ascii=False)
+    with transaction(db) as conn:
+        row = conn.execute(
+            "SELECT id, uuid FROM outbox WHERE kind = 'patch' AND target = ? AND status = 'pending'"
+            " AND (lease_until IS NULL OR lease_until < ?) ORDER BY id DESC LIMIT 1",
+            [target, now]).fetchone()
+        if row is not None:
+            conn.execute("UPDATE outbox SET payload = ? WHERE id = ?", [body, row[0]])
+            return row[1]
+        last = conn.execute("SELECT MAX(next_at) FROM outbox WHERE kind = 'patch' AND target = ?",
+                            [target]).fetchone()[0]
+        due = now if last is None else max(now, last + interval)
+        key = "p-" + uuidlib.uuid4().hex
+        conn.execute("INSERT INTO outbox (uuid, kind, target, payload, ref, created_at, next_at)"
+                     " VALUES (?, 'patch', ?, ?, ?, ?, ?)", [key, target, body, ref, now, due])
+    return key
+
+
+def has_pending_patch(db: sqlite_utils.Database, target: str) -> bool:
+    """Is a patch of ``target`` still pending (held by a sender or not)?"""
+    return db.execute("SELECT 1 FROM outbox WHERE kind = 'patch' AND target = ?"
+                      " AND status = 'pending' LIMIT 1", [target]).fetchone() is not None
+
+
+def enqueue_in(conn, *, uuid: str, kind: str, target: str, payload: dict[str, Any],
+               ref: str | None, now: float) -> None:
+    """As :func:`enqueue` on the caller's connection, inside its transaction (a uuid already
+    present is a no-op)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown outbox kind {kind!r}")
+    conn.execute(
+        "INSERT OR IGNORE INTO outbox (uuid, kind, target, payload, ref, created_at, next_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [uuid, kind, target, json.dumps(payload, ensure_ascii=False), ref, now, now])

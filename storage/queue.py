@@ -364,3 +364,199 @@ def _size(value: Any) -> int | None:
     if not isinstance(value, str):
         value = json.dumps(value, ensure_ascii=False)
     return len(value.encode("utf-8"))
+
+
+# -- reads and writes used by the bot (the storage seam) ----------------------------------------
+
+
+def attempts_after_in(conn, last_id: int, *, limit: int) -> list[dict[str, Any]]:
+    """Attempts with ``id > last_id`` (each with its task's ``task_key``), oldest first, at most
+    ``limit``; on the caller's connection (inside its transaction)."""
+    cur = conn.execute(
+        "SELECT a.*, t.task_key FROM attempts a LEFT JOIN tasks t ON t.id = a.task_id"
+        " WHERE a.id > ? ORDER BY a.id LIMIT ?", [last_id, limit])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def batch_field(db: sqlite_utils.Database, batch_id: str, column: str) -> Any:
+    """One column (``status``, ``source``, ``workflow_id``) of the batch; None when the batch
+    does not exist. Raises ValueError for another column name."""
+    if column not in ("status", "source", "workflow_id"):
+        raise ValueError(f"not a batch field: {column!r}")
+    row = db.execute(f"SELECT {column} FROM batches WHERE id = ?", [batch_id]).fetchone()
+    return row[0] if row else None
+
+
+def batch_exists(db: sqlite_utils.Database, batch_id: str) -> bool:
+    """Is there a batch with this id?"""
+    return db.execute("SELECT 1 FROM batches WHERE id = ?", [batch_id]).fetchone() is not None
+
+
+def batch_statuses(db: sqlite_utils.Database, batch_ids: Iterable[str]) -> dict[str, str]:
+    """``{batch_id: status}`` of those of ``batch_ids`` that exist."""
+    ids = list(batch_ids)
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    return dict(db.execute(f"SELECT id, status FROM batches WHERE id IN ({marks})",
+                           ids).fetchall())
+
+
+def batch_ids_with_status(db: sqlite_utils.Database, statuses: Iterable[str]) -> list[str]:
+    """Ids of the batches whose status is in ``statuses``, oldest first."""
+    st = list(statuses)
+    marks = ",".join("?" * len(st))
+    return [r[0] for r in db.execute(
+        f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY created_at, id", st)]
+
+
+def latest_batch_id_with_status(db: sqlite_utils.Database, status: str) -> str | None:
+    """The id of the newest batch in ``status``, or None."""
+    row = db.execute("SELECT id FROM batches WHERE status = ? ORDER BY created_at DESC,"
+                     " rowid DESC LIMIT 1", [status]).fetchone()
+    return row[0] if row else None
+
+
+def latest_batch_from(db: sqlite_utils.Database, source: str) -> dict[str, Any] | None:
+    """The newest batch whose ``source`` is ``source`` (e.g. ``canary``), or None."""
+    rows = list(db.query("SELECT * FROM batches WHERE source = ?"
+                         " ORDER BY created_at DESC, rowid DESC LIMIT 1", [source]))
+    return rows[0] if rows else None
+
+
+def set_progress_message(db: sqlite_utils.Database, batch_id: str, target: str) -> None:
+    """Record where the batch's progress card lives, unless it is already recorded."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE batches SET progress_message_id = ? WHERE id = ?"
+                     " AND progress_message_id IS NULL", [target, batch_id])
+
+
+def latest_task_by_key(db: sqlite_utils.Database, task_key: str) -> dict[str, Any] | None:
+    """The newest task with ``task_key``, or None."""
+    rows = list(db.query("SELECT * FROM tasks WHERE task_key = ? ORDER BY id DESC LIMIT 1",
+                         [task_key]))
+    return rows[0] if rows else None
+
+
+def failed_tasks(db: sqlite_utils.Database, *, batch_id: str | None = None,
+                 limit: int) -> list[dict[str, Any]]:
+    """The latest ``limit`` failed tasks (of ``batch_id`` when given), newest finish first."""
+    if batch_id is not None:
+        return list(db.query("SELECT * FROM tasks WHERE status = 'failed' AND batch_id = ?"
+                             " ORDER BY finished_at DESC, id DESC LIMIT ?", [batch_id, limit]))
+    return list(db.query("SELECT * FROM tasks WHERE status = 'failed'"
+                         " ORDER BY finished_at DESC, id DESC LIMIT ?", [limit]))
+
+
+def active_record_ids(db: sqlite_utils.Database) -> set[str]:
+    """Bitable record ids of tasks still queued, running or retrying."""
+    return {r[0] for r in db.execute(
+        "SELECT record_id FROM tasks WHERE record_id IS NOT NULL"
+        " AND status IN ('queued', 'running', 'retrying')")}
+
+
+def ids_with_status(db: sqlite_utils.Database, task_ids: Iterable[int],
+                    statuses: Iterable[str]) -> list[int]:
+    """Those of ``task_ids`` whose status is in ``statuses``, in id order."""
+    return [r[0] for r in db.execute(
+        "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND status IN"
+        " (SELECT value FROM json_each(?)) ORDER BY id",
+        [json.dumps(list(task_ids)), json.dumps(list(statuses))])]
+
+
+def count_with_status(db: sqlite_utils.Database, task_ids: Iterable[int],
+                      statuses: Iterable[str], *, negate: bool = False) -> int:
+    """How many of ``task_ids`` have a status in ``statuses`` (not in it, with ``negate``)."""
+    st = list(statuses)
+    marks = ",".join("?" * len(st))
+    op = "NOT IN" if negate else "IN"
+    return db.execute(
+        f"SELECT COUNT(*) FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
+        f" AND status {op} ({marks})", [json.dumps(list(task_ids)), *st]).fetchone()[0]
+
+
+def ignore_failed(db: sqlite_utils.Database, task_ids: Iterable[int]) -> int:
+    """Mark those of ``task_ids`` that failed as ``ignored``; returns how many changed."""
+    with transaction(db) as conn:
+        return conn.execute(
+            "UPDATE tasks SET status = 'ignored' WHERE id IN (SELECT value FROM json_each(?))"
+            " AND status = 'failed'", [json.dumps(list(task_ids))]).rowcount
+
+
+def running_since(db: sqlite_utils.Database, before: float) -> list[tuple]:
+    """Running tasks started before ``before``: ``(id, batch_id, task_key, stage, started_at)``
+    in id order."""
+    return db.execute(
+        "SELECT id, batch_id, task_key, stage, started_at FROM tasks WHERE status = 'running'"
+        " AND started_at IS NOT NULL AND started_at < ? ORDER BY id",
+        [before]).fetchall()
+
+
+def finished_since(db: sqlite_utils.Database, since: float) -> tuple[int, int]:
+    """``(finished, failed)``: tasks that succeeded or failed at or after ``since``."""
+    n, failed = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(status = 'failed'), 0) FROM tasks WHERE finished_at >= ?"
+        " AND status IN ('succeeded', 'failed')", [since]).fetchone()
+    return n, failed
+
+
+def failures_by_class(db: sqlite_utils.Database, batch_id: str) -> list[tuple[str | None, int]]:
+    """``[(error_class, count)]`` of the batch's failed tasks, largest first (class may be
+    None)."""
+    return [(r[0], r[1]) for r in db.execute(
+        "SELECT error_class, COUNT(*) AS n FROM tasks WHERE batch_id = ? AND status = 'failed'"
+        " GROUP BY error_class ORDER BY n DESC, error_class", [batch_id])]
+
+
+def failed_examples(db: sqlite_utils.Database, batch_id: str, error_class: str | None, *,
+                    limit: int) -> list[tuple[str, str | None]]:
+    """``(task_key, error_message)`` of up to ``limit`` failed tasks of the batch with
+    ``error_class`` (None matches a missing class), in id order."""
+    return db.execute(
+        "SELECT task_key, error_message FROM tasks WHERE batch_id = ? AND status = 'failed'"
+        " AND error_class IS ? ORDER BY id LIMIT ?",
+        [batch_id, error_class, limit]).fetchall()
+
+
+def attempt_count(db: sqlite_utils.Database, task_id: int) -> int:
+    """How many attempts the task has recorded."""
+    return db.execute("SELECT COUNT(*) FROM attempts WHERE task_id = ?",
+                      [task_id]).fetchone()[0]
+
+
+def gate_resubmits(db: sqlite_utils.Database, task_id: int) -> int:
+    """Gate resubmits of the task since its last failed or fatal attempt."""
+    return db.execute(
+        "SELECT COUNT(*) FROM attempts WHERE task_id = ? AND stage = 'gate'"
+        " AND outcome = 'resubmit' AND id > COALESCE((SELECT MAX(id) FROM attempts"
+        " WHERE task_id = ? AND outcome IN ('fail', 'fatal')), 0)",
+        [task_id, task_id]).fetchone()[0]
+
+
+def running_owners(db: sqlite_utils.Database) -> list[str]:
+    """Distinct lease owners of running tasks."""
+    return [r[0] for r in db.execute(
+        "SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'"
+        " AND lease_owner IS NOT NULL").fetchall()]
+
+
+def expire_leases_of(db: sqlite_utils.Database, owners: Iterable[str]) -> int:
+    """Expire the leases of running tasks held by ``owners`` (the next claim takes them);
+    returns how many tasks."""
+    dead = list(owners)
+    if not dead:
+        return 0
+    marks = ",".join("?" * len(dead))
+    with transaction(db) as conn:
+        cur = conn.execute(f"UPDATE tasks SET lease_until = 0 WHERE status = 'running'"
+                           f" AND lease_owner IN ({marks})", dead)
+        return cur.rowcount
+
+
+def release_task(db: sqlite_utils.Database, task_id: int, *, owner: str) -> None:
+    """Hand a running task held by ``owner`` back to the queue (its execute_id is kept)."""
+    with transaction(db) as conn:
+        conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL,"
+                     " lease_until = NULL WHERE id = ? AND lease_owner = ?"
+                     " AND status = 'running'", [task_id, owner])

@@ -49,23 +49,6 @@ def live(db: sqlite_utils.Database, *, now: float, within: float) -> list[dict[s
                          " ORDER BY started_at", [now - within]))
 
 
-def lease_owners(db: sqlite_utils.Database) -> list[str]:
-    """Owners of running tasks."""
-    return [r[0] for r in db.execute("SELECT DISTINCT lease_owner FROM tasks WHERE"
-                                     " status = 'running' AND lease_owner IS NOT NULL")]
-
-
-def expire_leases(db: sqlite_utils.Database, owners: Iterable[str]) -> int:
-    """End the leases of ``owners`` now (their processes are known to be gone)."""
-    dead = list(owners)
-    if not dead:
-        return 0
-    marks = ",".join("?" * len(dead))
-    with transaction(db) as conn:
-        return conn.execute(f"UPDATE tasks SET lease_until = 0 WHERE status = 'running'"
-                            f" AND lease_owner IN ({marks})", dead).rowcount
-
-
 def prune(db: sqlite_utils.Database, *, now: float, keep_days: float = 7.0) -> int:
     """Forget workers silent for ``keep_days`` that hold no running task (a worker starting
     calls this: one row per process start would otherwise pile up)."""

@@ -26,6 +26,7 @@ from pipeline.coze import CozeClient
 from pipeline.simulator import CozeSimulator
 from pipeline.worker import Worker
 from storage import outbox, queue
+from storage.db import open_db
 from tests.fake_feishu import FakeFeishu
 from tests.test_worker import FAST
 
@@ -130,6 +131,49 @@ def test_an_upload_that_fails_is_retried_and_a_failed_field_write_does_not_uploa
         assert len(fake.uploads) == 1                              # uploaded once in all
         [fields] = fake.records(APP, TABLE).values()
         assert fields["视频"] == [{"file_token": fake.uploads[0]["file_token"]}]
+
+
+def test_an_upload_in_backoff_does_not_hold_back_the_rows_status_writes(db, tmp_path):
+    with FakeFeishu() as fake:
+        settings = make_settings(fake, tmp_path)
+        run_batch(db, tmp_path, settings, fake=fake)
+        clock = Fixed(time.time())
+        sender = OutboxSender(db, FeishuClient(settings.feishu), clock=clock, owner="t",
+                              rng=lambda: 1.0, base_backoff=60.0)
+        fake.fail("upload_all", status=502, times=10)
+        sender.deliver_due()
+        [attach] = outbox_rows(db, "bitable_attach")
+        assert attach["status"] == "pending" and attach["next_at"] >= clock.t + 60
+        assert attach["target"] == f"{APP}/{TABLE}#files"
+        [rid] = fake.records(APP, TABLE)
+        clock.t += 1
+        u = outbox.enqueue(db, "bitable_update", f"{APP}/{TABLE}",
+                           {"record_id": rid, "fields": {"状态": "已归档"}}, now=clock.t)
+        assert sender.deliver_due() == 1
+        assert outbox.status_of(db, u) == "sent"
+        assert fake.records(APP, TABLE)[rid]["状态"] == "已归档"
+        assert fake.uploads == [] and outbox_rows(db, "bitable_attach")[0]["status"] == "pending"
+
+
+def test_an_upload_that_outlasts_the_claims_lease_is_not_uploaded_twice(db, tmp_path):
+    import threading
+    with FakeFeishu() as fake:
+        settings = make_settings(fake, tmp_path)
+        run_batch(db, tmp_path, settings, fake=fake)
+        clock = Fixed(time.time())
+        client = FeishuClient(settings.feishu)
+        first = OutboxSender(db, client, clock=clock, owner="s1", lease=60, rng=lambda: 1.0)
+        second = OutboxSender(open_db(db_path(db)), client, clock=clock, owner="s2", lease=60)
+        fake.fail("upload_all", status=502, delay=1.0)        # a slow upload (then a 502)
+        worker = threading.Thread(target=first.deliver_due)
+        worker.start()
+        assert fake.wait_for(lambda: any("upload_all" in r["path"] for r in fake.requests))
+        clock.t += 61                                          # past the claim's lease
+        second.deliver_due()
+        worker.join(10)
+        assert len(fake.requests_to("upload_all")) == 1       # nobody uploaded it meanwhile
+        [row] = outbox_rows(db, "bitable_attach")
+        assert row["status"] == "pending" and "http=502" in row["last_error"]
 
 
 def test_a_video_gone_from_disk_or_a_wrong_app_token_is_given_up_with_the_reason(db, tmp_path):
@@ -263,6 +307,51 @@ def test_every_attempt_is_mirrored_in_batches_of_at_most_500(db, tmp_path):
         assert mirror_attempts(db, settings, now=0) == 1
 
 
+def test_a_log_row_performed_again_after_a_lost_answer_adds_its_records_once(db):
+    with FakeFeishu() as fake:
+        fake.set_fields(APP, LOG, list(LOG_FIELDS))
+        settings = Settings(feishu=fake.settings(bitable_app_token=APP, bitable_log_table_id=LOG))
+        batch = queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+        (task,) = queue.tasks_of(db, batch)
+        for i in range(3):
+            queue.record_attempt(db, task, stage="coze", started_at=10.0 + i, ended_at=11.0 + i,
+                                 outcome="success")
+        assert mirror_attempts(db, settings, now=0) == 3
+        client = FeishuClient(settings.feishu)
+        assert OutboxSender(db, client, clock=Clock(), owner="s1").deliver_due() == 1
+        # Feishu added the rows, but the sender died before mark_sent: the lease runs out and
+        # another sender performs the same row again
+        db.execute("UPDATE outbox SET status = 'pending', sent_at = NULL, result = NULL")
+        db.conn.commit()
+        assert OutboxSender(db, client, clock=Clock(), owner="s2").deliver_due() == 1
+        assert len(fake.records(APP, LOG)) == 3
+        calls = fake.requests_to("/records/batch_create", "POST")
+        assert len(calls) == 2
+        tokens = {c["query"].get("client_token") for c in calls}
+        assert len(tokens) == 1 and None not in tokens
+
+
+def test_the_fake_honours_client_token_like_feishu(db):
+    import uuid
+    from bot.errors import FeishuError
+    with FakeFeishu() as fake:
+        fake.set_fields(APP, LOG, ["task_id"])
+        client = FeishuClient(fake.settings())
+        token = str(uuid.uuid4())
+        first = client.batch_create_records(APP, LOG, [{"task_id": "a"}], client_token=token)
+        again = client.batch_create_records(APP, LOG, [{"task_id": "a"}], client_token=token)
+        assert first == again and len(fake.records(APP, LOG)) == 1
+        other = client.batch_create_records(APP, LOG, [{"task_id": "a"}],
+                                            client_token=str(uuid.uuid4()))
+        assert other != first and len(fake.records(APP, LOG)) == 2
+        client.batch_create_records(APP, LOG, [{"task_id": "b"}])      # no token: always adds
+        client.batch_create_records(APP, LOG, [{"task_id": "b"}])
+        assert len(fake.records(APP, LOG)) == 4
+        with pytest.raises(FeishuError) as err:
+            client.batch_create_records(APP, LOG, [{"task_id": "c"}], client_token="row-1")
+        assert err.value.code == 1254001 and len(fake.records(APP, LOG)) == 4
+
+
 def test_the_log_table_refuses_an_unknown_column_and_the_row_is_dead_not_lost_silently(db):
     with FakeFeishu() as fake:
         fake.set_fields(APP, LOG, ["task_id", "stage"])         # a table missing columns
@@ -317,7 +406,7 @@ def test_batch_outputs_counts_only_videos_on_disk(db, tmp_path):
         queue.update_task(db, task["id"], status="succeeded",
                           output={"synthesis": {"video": str(path)}})
     out = batch_outputs(db, settings, batch)
-    assert out["count"] == 1 and out["videos"] == [("&#60;a&#62;", str(video))]
+    assert out["count"] == 1 and out["videos"] == [("<a>", str(video))]
 
 
 def test_one_upload_per_delivery_pass_so_messages_are_not_held_up(db, tmp_path):
@@ -347,3 +436,7 @@ def test_an_expired_token_during_an_upload_is_refreshed_and_the_file_sent_again_
         [up] = fake.uploads
         assert up["file_token"] == token and up["data"] == VIDEO   # the retry re-read the file
         assert len(fake.requests_to("upload_all")) == 2
+
+
+def db_path(db) -> str:
+    return db.execute("PRAGMA database_list").fetchone()[2]

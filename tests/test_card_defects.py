@@ -132,8 +132,11 @@ def test_mention_all_is_refused_where_the_owner_did_not_allow_it(db, fake, clock
     router = AlertRouter(db, settings, clock)
     router.breaker_changed("coze", "closed", "open", "5000: server error")
     deliver(db, fake, clock)
-    assert [r["kind"] for r in dead_rows(db)] == ["send"]   # Feishu's answer, as configured
-    assert fake.take_refusals()[0]["code"] == 230099
+    assert fake.take_refusals()[0]["code"] == 230099        # Feishu's answer, as configured
+    # the card still arrives: without the mention, saying it was refused
+    assert dead_rows(db) == [] and len(fake.messages) == 1
+    text = json.dumps(fake.messages[0]["content"], ensure_ascii=False)
+    assert "<at" not in text and "FEISHU_ONCALL_IDS" in text
     fake.allow_mention_all(CHAT)
     router.breaker_changed("coze", "open", "closed", None)
     router.breaker_changed("coze", "closed", "open", "5000: server error again")

@@ -17,7 +17,7 @@ from bot import alert_cards, cards, report
 from bot.card_rules import check_card
 from bot.cards import elements
 from bot.devtools import ADMIN, DIRECTORY
-from bot.mdtext import escape
+from bot.mdtext import _flat, clip, escape
 
 TZ = ZoneInfo("Asia/Shanghai")
 MD = MarkdownIt("commonmark").enable(["strikethrough", "table"])
@@ -125,6 +125,40 @@ def test_batch_cards_are_taken(lang, status, total, failures, task_keys, message
     groups = [{"error_class": ec, "count": n, "message": message, "task_keys": task_keys[:20]}
               for ec, n in failures]
     assert_feishu_takes(alert_cards.summary_card(batch, counts, groups, lang, 1_750_001_000.0))
+    # the videos the batch made, each a link named by its (outside) task key
+    videos = [(k.replace(MARK, "ZQY"), f"https://videos.example/b1/{i}.mp4")
+              for i, k in enumerate(task_keys)]
+    for link_base in (False, True):
+        outputs = {"count": len(videos) + 3, "videos": videos, "folder": "/srv/out/b1f2e3d4",
+                   "link_base": link_base}
+        summary = alert_cards.summary_card(batch, counts, groups, lang, 1_750_001_000.0,
+                                           outputs=outputs)
+        assert_feishu_takes(summary)
+        if link_base and videos:
+            assert _link_labels(summary) == [_seen(clip(k, 40)) for k, _ in videos[:len(
+                _link_labels(summary))]]
+
+
+def _seen(raw: str) -> str:
+    """What a reader sees of outside text shown escaped (line breaks become spaces)."""
+    return "".join(_flat(c) for c in raw)
+
+
+def _link_labels(card) -> list[str]:
+    """The text of every link in the card's markdown, as a reader sees it."""
+    labels = []
+    for el in elements(card, "markdown"):
+        for block in MD.parse(el["content"]):
+            label = None
+            for tok in block.children or []:
+                if tok.type == "link_open":
+                    label = ""
+                elif tok.type == "link_close":
+                    labels.append(label)
+                    label = None
+                elif label is not None:
+                    label += tok.content
+    return labels
 
 
 @common

@@ -535,7 +535,7 @@ def with_toml(env, tmp_path, text):
 
 def test_log_table_with_every_column_is_ok(env, fake, tmp_path):
     from bot.bitable_sync import LOG_FIELDS
-    fake.set_fields(APP_TOKEN, LOG_TABLE, list(LOG_FIELDS))
+    fake.set_fields(APP_TOKEN, LOG_TABLE, list(LOG_FIELDS), types=log_types())
     code, lines = run(with_toml(env, tmp_path, f'[feishu]\nbitable_log_table_id = "{LOG_TABLE}"\n'))
     assert code == 0
     assert line_of(lines, "feishu.log_table") == (
@@ -545,6 +545,26 @@ def test_log_table_with_every_column_is_ok(env, fake, tmp_path):
     # read through the fields API (lark-oapi), nothing written
     assert fake.requests_to(f"/tables/{LOG_TABLE}/fields", "GET")
     assert fake.batch_creates == []
+
+
+def log_types(**override):
+    from bot.bitable_sync import LOG_FIELDS
+    kinds = {"text": 1, "number": 2, "date": 5}
+    return {n: override.get(n, kinds[k]) for n, k in LOG_FIELDS.items()}
+
+
+def test_log_table_columns_of_the_wrong_type_fail_naming_them(env, fake, tmp_path):
+    from bot.bitable_sync import LOG_FIELDS
+    # a date kept as text, a number as text, a text column made a number
+    fake.set_fields(APP_TOKEN, LOG_TABLE, list(LOG_FIELDS),
+                    types=log_types(started_at=1, seconds=1, stage=2))
+    code, lines = run(with_toml(env, tmp_path, f'[feishu]\nbitable_log_table_id = "{LOG_TABLE}"\n'))
+    assert code == 1
+    assert line_of(lines, "feishu.log_table") == (
+        f"FAIL  feishu.log_table: the log table {LOG_TABLE} has column(s) of the wrong type "
+        "(stage is type 2, started_at is type 1, seconds is type 1): its rows would be refused "
+        "— fix: make stage text (type 1), started_at date (type 5), seconds number (type 2) in "
+        "the log table")
 
 
 def test_log_table_missing_columns_fails_naming_them(env, fake, tmp_path):

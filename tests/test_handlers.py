@@ -431,3 +431,31 @@ def test_i18n_fallbacks():
     assert t("run.queued", "fr", count=1, batch_id="b") .startswith("已排队")
     assert "{batch_id}" in t("run.queued", "en", count=1)
     assert parse("help").name == "help"
+
+
+def test_a_button_error_toast_shows_the_exception_text_as_it_was(db, settings, clock,
+                                                                 monkeypatch):
+    # no action reaches this path with such text today; a stand-in action raises it
+    raw = "bad **value** &amp; `code` <at id=all></at> \\* _x_"
+
+    def broken(ctx):
+        raise ValueError(raw)
+
+    from bot import alert_actions
+    monkeypatch.setitem(alert_actions.ACTIONS, "status", broken)
+    # not through click(): its plain-text heuristic flags `**` and `&amp;`, which here are
+    # what the exception said; Feishu shows toast content as typed
+    from bot.card_rules import check_answer
+    from tests.helpers import DIRECTORY
+    out = handlers.handle_card_action(
+        db, settings, card_action_event({"action": "status", "batch_id": "b1"}, operator=USER),
+        clock)
+    assert check_answer(out, users=DIRECTORY) == []
+    assert out["toast"]["type"] == "error"
+    assert out["toast"]["content"].endswith(raw)
+
+
+def test_one_toast_helper_for_every_button_answer():
+    from bot import alert_actions
+    assert handlers.toast is cards.toast is alert_actions.toast
+    assert not hasattr(alert_actions, "_toast")

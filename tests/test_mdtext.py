@@ -12,7 +12,6 @@ from hypothesis import given, settings, strategies as st
 from markdown_it import MarkdownIt
 
 from bot import mdtext
-from bot.commands import neutral
 
 MD = MarkdownIt("commonmark").enable(["strikethrough", "table"])
 
@@ -69,10 +68,12 @@ def test_code_is_a_code_span_holding_the_text_or_escaped_text(text):
         assert {c.type for c in children} == {"text"}
 
 
-def test_neutral_is_the_full_escape():
-    assert neutral("<at id=all></at> **x** [l](u) `c`") == mdtext.escape(
-        "<at id=all></at> **x** [l](u) `c`")
-    assert "&#" in neutral("*")   # before: only < > [ ] were escaped, `*` made bold text
+def test_one_name_for_escaping_and_for_clipping():
+    """mdtext.escape and mdtext.clip are the only helpers of their kind (no aliases to drift)."""
+    from bot import cards, commands, report
+    assert not hasattr(commands, "neutral") and not hasattr(cards, "_cut")
+    assert report.report_lines.__defaults__[-1] is mdtext.escape
+    assert "&#" in mdtext.escape("*")   # before: only < > [ ] were escaped, `*` made bold text
 
 
 def test_a_code_span_never_carries_entities():

@@ -16,6 +16,7 @@ from pipeline.coze import CozeClient
 from pipeline.notify import NullNotifier
 from pipeline.quality import MISSING, evaluate, resolve, urls_to_probe
 from pipeline.simulator import CozeSimulator, Script
+from pipeline.clock import FakeClock
 from pipeline.urlprobe import probe_urls
 from pipeline.worker import Worker
 from storage import queue
@@ -223,9 +224,11 @@ def test_probe_urls_over_real_http():
                 s.bind(("127.0.0.1", 0))
                 closed = f"http://127.0.0.1:{s.getsockname()[1]}/x"
             status = await probe_urls([f"{base}/ok", f"{base}/gone", f"{base}/signed",
-                                       f"{base}/slow", f"{base}/moved", closed], timeout=0.5)
+                                       f"{base}/slow", f"{base}/moved", closed], timeout=0.5,
+                                      clock=clock)
             return base, closed, status, assets.seen
 
+    clock = FakeClock()
     base, closed, status, seen = asyncio.run(go())
     assert status == {f"{base}/ok": None, f"{base}/gone": "HTTP 404", f"{base}/signed": None,
                       f"{base}/slow": "timed out after 0.5s", f"{base}/moved": None,
@@ -233,6 +236,69 @@ def test_probe_urls_over_real_http():
     # a 404 is not asked again; a refused HEAD is retried as a one-byte GET
     assert ("GET", "/gone", "bytes=0-0") not in seen
     assert ("GET", "/signed", "bytes=0-0") in seen
+    # a timeout and a refused connection are blips: tried 3 times, 1 s then 2 s apart
+    assert [m for m, p, _ in seen if p == "/slow"] == ["HEAD"] * 3
+    assert [m for m, p, _ in seen if p == "/gone"] == ["HEAD"]
+    assert sorted(clock.slept) == [1.0, 1.0, 2.0, 2.0]
+
+
+class Flaky(Assets):
+    """/flaky answers 503 twice, then 200; /busy always 503; /limited 429 then 200; /forbidden
+    HEAD and GET 403; /gateway HEAD 403 then a 502 GET."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: dict[str, int] = {}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.method, request.path, request.headers.get("Range")))
+        n = self.count[request.path] = self.count.get(request.path, 0) + 1
+        if request.path == "/flaky":
+            return web.Response(status=503 if n <= 2 else 200)
+        if request.path == "/busy":
+            return web.Response(status=503)
+        if request.path == "/limited":
+            return web.Response(status=429 if n == 1 else 200)
+        if request.path == "/forbidden":
+            return web.Response(status=403)
+        if request.path == "/gateway":
+            return web.Response(status=403 if request.method == "HEAD" else 502)
+        return web.Response(status=404)
+
+
+def test_probe_retries_blips_and_fails_only_definite_answers():
+    async def go():
+        flaky = Flaky()
+        async with flaky as base:
+            status = await probe_urls([f"{base}/{p}" for p in ("flaky", "busy", "limited",
+                                                                "forbidden", "gateway")],
+                                      timeout=2.0, clock=clock)
+            return base, status, flaky.seen
+
+    clock = FakeClock()
+    base, status, seen = asyncio.run(go())
+    assert status == {f"{base}/flaky": None, f"{base}/busy": "HTTP 503",
+                      f"{base}/limited": None, f"{base}/forbidden": "HTTP 403",
+                      f"{base}/gateway": "HTTP 502"}
+    heads = {p: sum(1 for m, q, _ in seen if q == p and m == "HEAD")
+             for p in ("/flaky", "/busy", "/limited", "/forbidden", "/gateway")}
+    assert heads == {"/flaky": 3, "/busy": 3, "/limited": 2, "/forbidden": 1, "/gateway": 3}
+    assert ("GET", "/forbidden", "bytes=0-0") in seen
+
+
+def test_one_try_is_bounded_as_a_whole_head_and_get_together():
+    class Slowish(Assets):
+        async def handle(self, request):
+            self.seen.append((request.method, request.path, None))
+            await asyncio.sleep(0.4)                           # each request alone is in time
+            return web.Response(status=403 if request.method == "HEAD" else 206)
+
+    async def go():
+        slow = Slowish()
+        async with slow as base:
+            return await probe_urls([f"{base}/x"], timeout=0.6, tries=1)
+
+    assert list(asyncio.run(go()).values()) == ["timed out after 0.6s"]
 
 
 # --- the gate in the worker ---------------------------------------------------------------------
@@ -366,9 +432,16 @@ def test_the_medium_alert_names_check_and_value_escaped(db, tmp_path):
                                                      max=5),))
     batch, _ = _run(db, tmp_path, {"t1": hostile}, gate, router)
     [alert] = list(db.query("SELECT * FROM alerts"))
-    assert alert["tier"] == "MEDIUM" and alert["key"] == f"{batch}:coze:quality"
+    assert alert["tier"] == "MEDIUM" and alert["key"] == f"{batch}:gate:quality"
+    assert json.loads(alert["details"])["stage"] == "gate"
     [row] = list(db.query("SELECT payload FROM outbox WHERE kind = 'send'"))
     text = json.dumps(json.loads(row["payload"])["card"], ensure_ascii=False)
+    # the batch's summary card advises on the quality gate, not "unknown error"
+    from bot.alert_cards import advice
+    from bot.alerts import batch_card
+    summary = json.dumps(batch_card(db, settings, batch, now=0), ensure_ascii=False)
+    assert advice("quality", "zh") in summary and advice(None, "zh") not in summary
+    assert advice("quality", "en") not in (advice(None, "en"), "advice.quality")
     from bot.mdtext import escape
     assert escape("quality check 'script' (text_length) failed: content") in text
     assert "<at id=all>" not in text and escape("<at id=all></at>") in text

@@ -33,6 +33,7 @@ from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTr
 from bot.app import create_app
 from bot.intake import MAX_SKEW
 from bot.settings import FeishuSettings, Secret, Settings
+from storage.db import open_db
 from tests.helpers import (ENCRYPT_KEY, TOKEN, card_action_event, encrypt, legacy_card_action,
                            message_event, sign, sign_legacy, signed_event, url_verification)
 
@@ -291,10 +292,7 @@ def requests_of(row: Row) -> list[Req]:
 def test_project_and_sdk_agree_or_say_why(row, db):
     reqs = requests_of(row)
     calls: list[tuple[str, object]] = []
-    project, sdk = project_app(row.config, db), sdk_app(row.config, calls)
-    for path, body, headers in reqs:
-        ours = project.post(path, data=body, headers=headers)
-        theirs = sdk.post(row.sdk_path or path, data=body, headers=headers)
+    ours, theirs = _outcome(row, reqs, db, calls)
     assert ours.status_code == row.project, ours.get_json()
     assert theirs.status_code == row.sdk, theirs.get_data(as_text=True)
     both_accept = ours.status_code == 200 and theirs.status_code == 200
@@ -308,6 +306,15 @@ def test_project_and_sdk_agree_or_say_why(row, db):
         assert db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == 0
     if both_accept:
         _same_effect(row, reqs, ours, theirs, calls, db)
+
+
+def _outcome(row, reqs, db, calls):
+    """Both sides' answers to the (last) request of ``row``."""
+    project, sdk = project_app(row.config, db), sdk_app(row.config, calls)
+    for path, body, headers in reqs:
+        ours = project.post(path, data=body, headers=headers)
+        theirs = sdk.post(row.sdk_path or path, data=body, headers=headers)
+    return ours, theirs
 
 
 def _same_effect(row, reqs, ours, theirs, calls, db) -> None:
@@ -330,13 +337,28 @@ def _same_effect(row, reqs, ours, theirs, calls, db) -> None:
         raise AssertionError(f"row {row.name} is accepted but says nothing of its effect")
 
 
-def test_the_exceptions_are_few_and_explained():
-    exceptions = {r.name: r.why for r in CORPUS if r.why}
-    assert sorted(exceptions) == sorted([
-        "missing_header_token", "plain_signed_with_key_configured", "stale_timestamp",
-        "unknown_event_type", "legacy_card_on_the_sdk_event_handler",
-        "dev_mode_message_with_a_token"])
-    assert all(len(why) > 60 for why in exceptions.values())
+def test_the_exceptions_are_few_and_explained(tmp_path):
+    """Run the whole corpus and look at where the two sides actually disagree: those rows, and
+    only those, carry a reason; in each the project is the stricter side (it refuses what the
+    SDK takes), and they stay a small part of the corpus."""
+    disagree, project_stricter = set(), set()
+    for n, row in enumerate(CORPUS):
+        db = open_db(tmp_path / f"corpus-{n}.db")
+        try:
+            ours, theirs = _outcome(row, requests_of(row), db, [])
+        finally:
+            db.conn.close()
+        if (ours.status_code == 200) != (theirs.status_code == 200):
+            disagree.add(row.name)
+            if theirs.status_code == 200:
+                project_stricter.add(row.name)
+    explained = {r.name: r.why for r in CORPUS if r.why}
+    assert disagree == set(explained)
+    assert all(len(why) > 60 for why in explained.values())
+    assert len(disagree) * 4 <= len(CORPUS), sorted(disagree)
+    lenient = disagree - project_stricter
+    # where the SDK refuses and the project accepts, the reason must say why that is safe
+    assert all("SDK" in explained[name] or "lark-oapi" in explained[name] for name in lenient)
 
 
 def test_the_corpus_covers_every_kind_of_request_the_issue_names():

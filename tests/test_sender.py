@@ -301,3 +301,79 @@ def test_run_forever_delivers_and_stops(db_path, fake, clock):
         thread_db.conn.close()
     assert not thread.is_alive()
     assert len(fake.messages) == 1
+
+
+def mention_card(title: str, who: str) -> dict:
+    c = card(title)
+    c["body"]["elements"].append({"tag": "markdown", "content": f"on call: <at id={who}></at>"})
+    return c
+
+
+def test_a_card_refused_for_a_mention_goes_again_without_mentions(db, fake, clock, sender,
+                                                                 caplog):
+    fake.add_users("ou_alice")
+    u = enqueue(db, clock, "send", CHAT, {"card": mention_card("HIGH", "ou_nobody")})
+    with caplog.at_level(logging.WARNING, logger="opsbot.sender"):
+        assert sender.deliver_due() == 1
+    refused = fake.take_refusals()
+    assert len(refused) == 1 and "100290" in refused[0]["msg"]
+    (message,) = fake.messages
+    assert message["uuid"] == u
+    text = json_text(message["content"])
+    assert "<at" not in text and "ou&#95;nobody" in text
+    assert "mention" in text or "提醒" in text
+    assert row(db, u)["status"] == "sent" and row(db, u)["result"] == message["message_id"]
+    assert any("refused a mention" in r.getMessage() for r in caplog.records)
+    # a later PATCH with the same bad mention is rescued the same way, not dead
+    p = enqueue(db, clock, "patch", u, {"card": mention_card("resolved", "ou_nobody")})
+    assert sender.deliver_due() == 1
+    assert len(fake.take_refusals()) == 1
+    assert row(db, p)["status"] == "sent"
+    assert "<at" not in json_text(fake.messages[0]["content"])
+    # a good mention is left alone
+    g = enqueue(db, clock, "send", CHAT, {"card": mention_card("ok", "ou_alice")})
+    assert sender.deliver_due() == 1
+    assert "<at id=ou_alice></at>" in json_text(fake.messages[-1]["content"])
+    assert row(db, g)["status"] == "sent"
+
+
+def test_a_card_refused_for_its_structure_is_still_dead(db, fake, clock, sender):
+    bad = card("x")
+    bad["body"]["elements"].append({"tag": "note", "elements": []})
+    u = enqueue(db, clock, "send", CHAT, {"card": bad})
+    assert sender.deliver_due() == 0
+    assert len(fake.take_refusals()) == 1
+    assert row(db, u)["status"] == "dead" and fake.messages == []
+
+
+def json_text(content) -> str:
+    import json
+    return json.dumps(content, ensure_ascii=False)
+
+
+def test_the_fake_refuses_patches_feishu_refuses(db, clock):
+    from bot.errors import FeishuError
+    now = [1_750_000_000.0]
+    with FakeFeishu(clock=lambda: now[0]) as fake:
+        client = FeishuClient(fake.settings(), timeout=2.0)
+        text_id = client.send_text(CHAT, "plain", "u-text")
+        private = card("not shared")
+        del private["config"]["update_multi"]
+        private_id = client.send_card(CHAT, private, "u-private")
+        shared_id = client.send_card(CHAT, card("shared"), "u-shared")
+        unshared = card("new")
+        del unshared["config"]["update_multi"]
+        for message_id, new in ((text_id, card("x")), (private_id, card("x")),
+                                (shared_id, unshared)):
+            with pytest.raises(FeishuError) as err:
+                client.patch_card(message_id, new)
+            assert err.value.code == 230001 and not err.value.retryable
+        client.patch_card(shared_id, card("13 days later"))      # a shared card: fine
+        now[0] += 14 * 86400 + 1
+        with pytest.raises(FeishuError) as err:
+            client.patch_card(shared_id, card("too late"))
+        assert err.value.code == 230001 and "14 days" in err.value.msg
+        refused = fake.take_refusals()
+        assert [r["message_id"] for r in refused] == [text_id, private_id, shared_id, shared_id]
+        assert [p["content"]["header"]["title"]["content"] for p in fake.patches] == \
+            ["13 days later"]

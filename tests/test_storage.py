@@ -196,3 +196,39 @@ def test_prune_drops_only_old_handled_rows(db):
     keys = {r[0] for r in db.execute("SELECT key FROM inbox")}
     assert keys == {"msg:old_unhandled", "msg:new"}
     assert [r[0] for r in db.execute("SELECT uuid FROM outbox")] == ["pending-old"]
+
+
+def test_outbox_marks_and_lease_extensions_belong_to_the_row_holder(db):
+    u = outbox.enqueue(db, "send", "oc_a", {"text": "x"}, now=0)
+    [row] = outbox.claim_due(db, owner="s1", now=1, lease=10)
+    # s1's lease runs out and s2 takes the row over
+    [again] = outbox.claim_due(db, owner="s2", now=20, lease=10)
+    assert again["id"] == row["id"]
+    assert not outbox.extend_lease(db, row["id"], owner="s1", until=500)
+    assert not outbox.mark_retry(db, row["id"], now=21, next_at=99, error="late", owner="s1")
+    assert not outbox.mark_sent(db, row["id"], now=21, result="om_1", owner="s1")
+    assert outbox.status_of(db, u) == "pending"
+    got = db.execute("SELECT lease_owner, lease_until, attempts FROM outbox").fetchone()
+    assert tuple(got) == ("s2", 30, 0)
+    assert outbox.extend_lease(db, row["id"], owner="s2", until=500)
+    assert outbox.extend_lease(db, row["id"], owner="s2", until=40)      # never shortens
+    assert db.execute("SELECT lease_until FROM outbox").fetchone()[0] == 500
+    assert outbox.claim_due(db, owner="s3", now=100) == []
+    assert outbox.mark_sent(db, row["id"], now=101, result="om_1", owner="s2")
+    assert outbox.result_of(db, u) == "om_1"
+    assert not outbox.extend_lease(db, row["id"], owner="s2", until=900)  # sent: nothing held
+
+
+def test_kv_put_in_commits_and_rolls_back_with_the_callers_transaction(db):
+    from storage import kv
+    from storage.db import transaction
+    with pytest.raises(RuntimeError):
+        with transaction(db) as conn:
+            kv.put_in(conn, "cursor", "7", now=1)
+            assert kv.get(conn, "cursor") == "7"               # visible inside
+            raise RuntimeError("the rest of the transaction failed")
+    assert kv.get(db, "cursor") is None
+    with transaction(db) as conn:
+        kv.put_in(conn, "cursor", "8", now=2)
+    kv.put(db, "other", "x", now=3)
+    assert (kv.get(db, "cursor"), kv.get(db, "other")) == ("8", "x")
