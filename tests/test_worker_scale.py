@@ -35,7 +35,7 @@ SYNTH = (f"{sys.executable} -c \"import json, os, sys; "
 @pytest.fixture
 def simulator():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.simulator", "--port", "0", "--duration", "1.5",
+        [sys.executable, "-m", "pipeline.simulator", "--port", "0", "--duration", "3",
          "--seed", "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     assert line.startswith("listening "), line
