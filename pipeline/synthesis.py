@@ -28,11 +28,15 @@ import importlib
 import json
 import os
 import re
+import ipaddress
 import shlex
+import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .clock import Clock
 from .config import DEFAULT_RULES, PipelineConfig, RetryPolicy, Rule, SynthesisConfig
@@ -56,7 +60,7 @@ def builtin_synthesize(task_key: str, params: dict, coze_output: Any, output_dir
         "output": coze_output,
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
-    path = Path(output_dir) / f"{_safe(task_key)}.json"
+    path = Path(output_dir) / f"{file_name(task_key)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -66,6 +70,15 @@ def builtin_synthesize(task_key: str, params: dict, coze_output: Any, output_dir
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:100] or "task"
+
+
+def file_name(task_key: str) -> str:
+    """The file name (no suffix) of a task's outputs: readable, and distinct per task key.
+
+    ``_safe`` alone maps every non-ASCII character to ``_`` (``视频1`` and ``任务1`` are both
+    ``__1``) and cuts long keys, so a hash of the whole key is appended."""
+    digest = hashlib.sha256(task_key.encode("utf-8")).hexdigest()[:10]
+    return f"{_safe(task_key)[:80]}-{digest}"
 
 
 def load_callable(spec: str) -> Callable[..., dict]:
@@ -82,7 +95,7 @@ class Synthesizer:
     def __init__(self, command: str = "", *, workers: int = 4, output_dir: str | Path = "var/output",
                  timeout: float = 600.0, video: SynthesisConfig | None = None,
                  rules: tuple[Rule, ...] = DEFAULT_RULES, retry: RetryPolicy | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, coze_base_url: str = "") -> None:
         self.command = command.strip()
         self.output_dir = Path(output_dir)
         self.timeout = timeout
@@ -94,18 +107,29 @@ class Synthesizer:
         self._workers = workers
         self._runner: IsolatedRunner | None = None
         self._func: Callable[..., dict] | None = None
+        # asset URLs on loopback are fine only when Coze itself is there (the simulator)
+        self.allow_loopback = _is_loopback(coze_base_url)
+        self._swept = False
         if self.command and re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", self.command):
             self._func = load_callable(self.command)
 
     @classmethod
-    def from_config(cls, config: PipelineConfig, *, clock: Clock | None = None) -> "Synthesizer":
+    def from_config(cls, config: PipelineConfig, *, clock: Clock | None = None,
+                    coze_base_url: str = "") -> "Synthesizer":
         return cls(config.synthesis_command, workers=config.max_synthesis,
                    output_dir=config.output_dir, timeout=config.synthesis_timeout,
-                   video=config.synthesis, rules=config.rules, retry=config.retry, clock=clock)
+                   video=config.synthesis, rules=config.rules, retry=config.retry, clock=clock,
+                   coze_base_url=coze_base_url)
 
     async def run(self, batch_id: str, task_key: str, params: dict, coze_output: Any) -> dict:
         out_dir = str(self.output_dir / _safe(batch_id))
         if not self.command:  # the built-in step takes its slot after the downloads
+            if not self._swept:
+                self._swept = True
+                keep = self.video.keep_work_files
+                await asyncio.to_thread(
+                    sweep, self.output_dir, float("inf") if keep else self.video.work_max_age,
+                    max(self.timeout, self.video.render_timeout) + 60)
             return await self._run_builtin(task_key, params, coze_output, out_dir)
         async with self.semaphore:
             if self._func is not None:
@@ -122,9 +146,10 @@ class Synthesizer:
             from .video.job import make_video  # ffmpeg and fontTools only when videos are made
             try:
                 result = await make_video(
-                    task_key, _safe(task_key), coze_output, Path(out_dir), cfg=self.video,
+                    task_key, file_name(task_key), coze_output, Path(out_dir), cfg=self.video,
                     rules=self.rules, policy=self.retry, clock=self.clock,
-                    require=mode == "video", slot=self.semaphore, timeout=self.timeout)
+                    require=mode == "video", slot=self.semaphore, timeout=self.timeout,
+                    allow_loopback=self.allow_loopback)
             except OSError as exc:  # disk full, permissions on output_dir …
                 raise SynthesisError("io", f"{type(exc).__name__}: {exc}") from exc
             if result is not None:
@@ -144,7 +169,7 @@ class Synthesizer:
                            out_dir: str) -> dict:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="opsbot-synth-") as tmp:
-            inp, outp = Path(tmp) / "input.json", Path(out_dir) / f"{_safe(task_key)}.json"
+            inp, outp = Path(tmp) / "input.json", Path(out_dir) / f"{file_name(task_key)}.json"
             inp.write_text(json.dumps({"task_id": task_key, "params": params,
                                        "output": coze_output}, ensure_ascii=False), "utf-8")
             argv = [a.replace("{input}", str(inp)).replace("{output}", str(outp))
@@ -170,11 +195,61 @@ class Synthesizer:
                 raise SynthesisError("no_output", f"the command wrote no {outp.name}")
             return {"manifest": str(outp)}
 
+    def discard(self, batch_id: str, task_key: str) -> None:
+        """The task failed for good: its downloads and intermediate files go."""
+        work = self.output_dir / _safe(batch_id) / f".work-{file_name(task_key)}"
+        if not self.video.keep_work_files:
+            shutil.rmtree(work, ignore_errors=True)
+
     def close(self) -> None:
         """Stop running callable jobs without waiting (their tasks are handed back)."""
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+
+
+def sweep(output_dir: Path, max_age: float, render_age: float,
+          now: float | None = None) -> list[Path]:
+    """Remove what an earlier process left in ``output_dir/<batch>/``: ``.rendering-*`` files
+    older than ``render_age`` seconds (a render killed with its process) and ``.work-*``
+    folders untouched for ``max_age`` seconds (a task that failed for good, or was never
+    retried). Younger ones may belong to a live job (another worker process) and stay."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    if not output_dir.is_dir():
+        return removed
+    for batch in output_dir.iterdir():
+        if not batch.is_dir() or batch.name.startswith("."):
+            continue
+        for entry in batch.iterdir():
+            try:
+                age = now - entry.stat().st_mtime
+                if ".rendering-" in entry.name and entry.name.startswith(".") \
+                        and entry.is_file() and age > render_age:
+                    entry.unlink()
+                elif entry.name.startswith(".work-") and entry.is_dir() and age > max_age \
+                        and _newest(entry) < now - max_age:
+                    shutil.rmtree(entry)
+                else:
+                    continue
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove
+            removed.append(entry)
+    return removed
+
+
+def _newest(folder: Path) -> float:
+    return max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
+
+
+def _is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "") if url else ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

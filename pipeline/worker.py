@@ -90,7 +90,8 @@ class Worker:
             window=config.fallback_window, min_runs=config.fallback_min_runs,
             cooldown=config.fallback_cooldown)
         self.clock = clock or Clock()
-        self.synth = synthesizer or Synthesizer.from_config(config, clock=self.clock)
+        self.synth = synthesizer or Synthesizer.from_config(
+            config, clock=self.clock, coze_base_url=getattr(coze, "base_url", ""))
         self.notifier = notifier or NullNotifier()
         self.owner = owner or make_owner()
         self.breaker = Breaker(db, "coze", config.breaker, self.clock.now,
@@ -775,6 +776,7 @@ class Worker:
                                  error_class="synthesis", error_code=exc.code,
                                  error_message=_msg(exc))
                 if attempt == 2:
+                    self.synth.discard(task["batch_id"], task["task_key"])  # failed for good
                     await self._fail(task, None, exc, error_class="synthesis")
                     return
                 continue

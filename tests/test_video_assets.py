@@ -36,7 +36,7 @@ def attempt(tmp_path: Path, query: str, cfg: SynthesisConfig = TINY, shape: str 
             out = video_output(base, "bad", scenes=1, seconds=1.0, query=query, shape=shape)
             try:
                 result = await make_video("bad", "bad", out, tmp_path, cfg=cfg, rules=RULES,
-                                          policy=RETRY, clock=clock)
+                                          policy=RETRY, clock=clock, allow_loopback=True)
             except AssetError as exc:
                 result = exc
             return result, dict(sim.assets.requests)
@@ -106,7 +106,7 @@ def test_an_image_where_audio_was_expected_is_refused(tmp_path):
             out = {"images": [f"{a}/img-x.png"], "mp3_urls": [f"{a}/img-y.png"]}
             with pytest.raises(AssetError) as err:
                 await make_video("w", "w", out, out_dir, cfg=TINY, rules=RULES, policy=RETRY,
-                                 clock=FakeClock())
+                                 clock=FakeClock(), allow_loopback=True)
             return err.value
         finally:
             await sim.stop()

@@ -43,7 +43,8 @@ def test_a_draft_is_built_beside_the_video(tmp_path):
         try:
             return await make_video("t1", "t1", video_output(base, "j", scenes=2, seconds=1.0),
                                     tmp_path / "out", cfg=cfg, rules=PipelineConfig().rules,
-                                    policy=RetryPolicy(), clock=FakeClock())
+                                    policy=RetryPolicy(), clock=FakeClock(),
+                                    allow_loopback=True)
         finally:
             await sim.stop()
 
@@ -80,7 +81,8 @@ def test_a_draft_problem_is_a_synthesis_failure_with_its_class(tmp_path):
         try:
             return await make_video("t2", "t2", video_output(base, "k", scenes=1),
                                     tmp_path / "out", cfg=cfg, rules=PipelineConfig().rules,
-                                    policy=RetryPolicy(), clock=FakeClock())
+                                    policy=RetryPolicy(), clock=FakeClock(),
+                                    allow_loopback=True)
         finally:
             await sim.stop()
 
