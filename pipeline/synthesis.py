@@ -3,11 +3,11 @@
 Four ways to configure it (``[pipeline] synthesis_command`` and ``[pipeline.synthesis] mode``):
 - ``""`` (default) with ``mode = "auto"``: the built-in video step (:mod:`pipeline.video`):
   the workflow output becomes a timeline, its assets are downloaded, and ffmpeg renders
-  ``<output_dir>/<batch>/<task>.mp4``. An output with no media (a text-only workflow) gets
+  ``<output_dir>/<batch>/NAME.mp4`` (``NAME``: :func:`file_name`, distinct per task key). An output with no media (a text-only workflow) gets
   the manifest step instead. ``mode = "video"`` makes such an output an error;
   ``mode = "manifest"`` always writes the manifest.
 - the manifest step writes the generated assets (script text, video/image URLs) to
-  ``<output_dir>/<batch>/<task>.json``.
+  ``<output_dir>/<batch>/NAME.json``.
 - ``"module:function"``: a Python callable ``f(task_key: str, params: dict, coze_output: dict,
   output_dir: str) -> dict``, each job in a process of its own (:mod:`pipeline.isolated`), so
   a job that hangs or crashes is stopped alone.
@@ -19,6 +19,10 @@ At most ``max_synthesis`` jobs run at once, each bounded by ``synthesis_timeout`
 built-in step downloads its assets before it waits for a slot: signed URLs expire). Failures
 raise :class:`pipeline.errors.SynthesisError` (the video step's carry a failure class as
 ``code``, see :mod:`pipeline.video.errors`), which the classifier sees like any error.
+
+The first built-in job of a process sweeps ``output_dir`` (:func:`sweep`): ``.rendering-*``
+files of renders killed with their process, and ``.work-*`` folders untouched for
+``work_max_age`` seconds.
 """
 from __future__ import annotations
 

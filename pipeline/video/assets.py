@@ -3,7 +3,14 @@
 Each URL is fetched to ``<work dir>/<hash>.<ext>`` through a ``.part`` file that is renamed
 only when complete, so a file that exists is whole: a second attempt reuses it. Limits:
 ``max_bytes`` per asset (checked against Content-Length first, then while reading),
-``timeout`` seconds per download (connect to last byte), ``concurrency`` downloads at once.
+``total_bytes`` for all of the task's assets together (one budget shared by its downloads; a
+failed try gives its bytes back), ``max_count`` URLs, ``timeout`` seconds per download (connect
+to last byte), ``deadline`` seconds for all of them together, ``concurrency`` at once.
+
+Redirects are followed here, not by aiohttp (at most :data:`MAX_REDIRECTS`), and no host at a
+private, link-local, shared or loopback address is contacted unless ``private`` allows it
+(:func:`address_allowed`): address literals are checked before each request, names by the
+session's resolver when the connection is made (``asset_blocked``).
 
 Failures go through the classifier (:func:`pipeline.retry.call_with_retry` with the pipeline's
 rules and retry policy): dropped connections, timeouts, HTTP 429 (Retry-After honoured) and
@@ -11,7 +18,8 @@ rules and retry policy): dropped connections, timeouts, HTTP 429 (Retry-After ho
 :class:`~.errors.AssetError` whose code names the class: ``asset_not_found`` (404, 410),
 ``asset_expired`` (401, 403: a signed URL past its ``x-expires``, or not signed for us),
 ``asset_http`` (other statuses), ``asset_too_large``, ``asset_bad_type`` (an HTML or JSON page,
-or a type of the wrong kind), ``asset_timeout``, ``asset_network``.
+or a type of the wrong kind), ``asset_timeout``, ``asset_network``, ``asset_blocked``,
+``asset_too_many``.
 """
 from __future__ import annotations
 

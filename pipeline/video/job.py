@@ -9,10 +9,15 @@ upload reads::
      "scenes": 2, "assets": 5, "reused": False,
      "draft": "/abs/drafts/TASK", "draft_on_editors_machines": "D:/drafts/TASK"}  # drafts on
 
-A task whose MP4 already exists is not rendered (nor downloaded) again: the file can only
-exist whole, because renders are renamed into place. Downloads and intermediate files live in
-``<out_dir>/.work-TASK/`` and are removed after success (kept with ``keep_work_files``, and
-after a failure, so the next attempt reuses the downloads).
+``NAME`` is :func:`pipeline.synthesis.file_name` of the task key (distinct per key). An
+existing MP4 is reused (nothing downloaded or rendered) only when its sidecar
+``.NAME.mp4.done.json``, written atomically after the MP4 was renamed into place, records the
+same :func:`fingerprint` (the workflow output and the settings that change the picture or
+sound); otherwise the video is rendered again and renamed over the old one. Downloads and
+intermediate files live in ``<out_dir>/.work-NAME/`` and are removed after success (kept with
+``keep_work_files``), and after a failure the next attempt cannot use them for (see
+``_KEEP_AFTER``); :meth:`pipeline.synthesis.Synthesizer.discard` removes them when the task
+fails for good.
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, 
 
     The downloads start at once (signed URLs expire); only the work after them waits for
     ``slot`` (an async context manager: the synthesis workers) and is bounded by ``timeout``
-    seconds (:class:`VideoError` ``timeout``)."""
+    seconds (:class:`VideoError` ``timeout``). ``allow_loopback``: asset URLs on loopback are
+    fetched under ``asset_private_addresses = "auto"`` (Coze itself is on loopback)."""
     timeline = adapters.to_timeline(coze_output, cfg.mapping or None, cfg.time_unit)
     if timeline is None:
         if require:
