@@ -204,3 +204,14 @@ def test_the_synthesizer_sweeps_when_it_starts(tmp_path):
                         video=dataclasses.replace(TINY, mode="manifest"))
     asyncio.run(synth.run("b1", "t", {}, {"output": "文字"}))
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("key,value", [
+    ("asset_max_count", 0), ("asset_total_bytes", 1000), ("download_deadline", 0),
+    ("asset_private_addresses", "sometimes"), ("work_max_age", 5),
+])
+def test_bad_limits_are_refused_at_startup(key, value):
+    from pipeline.config import check_synthesis
+    check_synthesis(SynthesisConfig())
+    with pytest.raises(ValueError, match=key):
+        check_synthesis(dataclasses.replace(SynthesisConfig(), **{key: value}))

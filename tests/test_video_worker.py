@@ -155,3 +155,18 @@ def test_an_output_folder_that_cannot_be_written_is_a_synthesis_failure(tmp_path
         assert exc.code == "io" and "NotADirectoryError" in exc.message
     else:
         raise AssertionError("no error")
+
+
+def test_a_task_that_fails_for_good_leaves_no_work_folder(db, tmp_path):
+    """A timeout keeps the downloads for the second try; after that try the task has failed
+    for good and its folder goes."""
+    cfg = dataclasses.replace(CFG, synthesis=dataclasses.replace(CFG.synthesis,
+                                                                 asset_timeout=0.3))
+    drain(db, tmp_path, {"slow": lambda base: video_output(base, "slow", scenes=1,
+                                                             query="fault=slow")}, config=cfg)
+    row, _ = task(db, "slow")
+    assert row["status"] == "failed" and row["error_code"] == "asset_timeout"
+    attempts = db.execute("SELECT outcome FROM attempts WHERE task_id = ? AND "
+                          "stage = 'synthesis' ORDER BY id", [row["id"]]).fetchall()
+    assert attempts == [("retry",), ("fail",)]
+    assert not list((tmp_path / "out").rglob(".work-*"))
