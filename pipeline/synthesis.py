@@ -133,7 +133,8 @@ class Synthesizer:
                 keep = self.video.keep_work_files
                 await asyncio.to_thread(
                     sweep, self.output_dir, float("inf") if keep else self.video.work_max_age,
-                    max(self.timeout, self.video.render_timeout) + 60)
+                    max(self.timeout, self.video.render_timeout) + 60,
+                    drafts_dir=Path(self.video.jianying_dir) if self.video.jianying else None)
             return await self._run_builtin(task_key, params, coze_output, out_dir)
         async with self.semaphore:
             if self._func is not None:
@@ -213,13 +214,25 @@ class Synthesizer:
 
 
 def sweep(output_dir: Path, max_age: float, render_age: float,
-          now: float | None = None) -> list[Path]:
+          now: float | None = None, drafts_dir: Path | None = None) -> list[Path]:
     """Remove what an earlier process left in ``output_dir/<batch>/``: ``.rendering-*`` files
     older than ``render_age`` seconds (a render killed with its process) and ``.work-*``
     folders untouched for ``max_age`` seconds (a task that failed for good, or was never
-    retried). Younger ones may belong to a live job (another worker process) and stay."""
+    retried); in ``drafts_dir``, JianYing drafts half-built (``.NAME.building-PID``) or left
+    half-swapped (``.NAME.old-PID``) older than ``render_age``. Younger ones may belong to a
+    live job (another worker process) and stay."""
     now = time.time() if now is None else now
     removed: list[Path] = []
+    if drafts_dir is not None and drafts_dir.is_dir():
+        for entry in drafts_dir.iterdir():
+            if entry.name.startswith(".") and re.search(r"\.(building|old)-\d+$", entry.name) \
+                    and entry.is_dir():
+                try:
+                    if now - entry.stat().st_mtime > render_age:
+                        shutil.rmtree(entry)
+                        removed.append(entry)
+                except OSError:
+                    continue
     if not output_dir.is_dir():
         return removed
     for batch in output_dir.iterdir():

@@ -215,3 +215,16 @@ def test_bad_limits_are_refused_at_startup(key, value):
     check_synthesis(SynthesisConfig())
     with pytest.raises(ValueError, match=key):
         check_synthesis(dataclasses.replace(SynthesisConfig(), **{key: value}))
+
+
+def test_sweep_removes_half_built_drafts(tmp_path):
+    now = 1_800_000_000.0
+    drafts = tmp_path / "drafts"
+    names = {".t1-abc.building-77": 4000, ".t2-abc.old-78": 4000,
+             ".t3-abc.building-79": 30, "t4-abc": 90_000}
+    for name, age in names.items():
+        (drafts / name).mkdir(parents=True)
+        os.utime(drafts / name, (now - age, now - age))
+    removed = sweep(tmp_path / "out", 86_400, 900, now=now, drafts_dir=drafts)
+    assert sorted(p.name for p in removed) == [".t1-abc.building-77", ".t2-abc.old-78"]
+    assert sorted(p.name for p in drafts.iterdir()) == [".t3-abc.building-79", "t4-abc"]
