@@ -118,10 +118,15 @@ class SynthesisConfig:
     asset_max_bytes: int = 300_000_000
     asset_timeout: float = 60.0   # one download, start to end
     download_concurrency: int = 4  # downloads at once per task
+    asset_max_count: int = 200     # assets one output may name
+    asset_total_bytes: int = 1_000_000_000  # all of one task's downloads together
+    download_deadline: float = 600.0  # all of one task's downloads, retries included
+    asset_private_addresses: str = "auto"  # auto | allow | refuse: asset URLs (and redirects) to private/loopback hosts
     render_timeout: float = 300.0  # one ffmpeg run; it alone is killed past this
     ffmpeg: str = ""              # the ffmpeg binary; "" = imageio-ffmpeg's
     ffmpeg_threads: int = 0       # per render; 0 = ffmpeg decides
     keep_work_files: bool = False  # keep downloads and intermediate files after success
+    work_max_age: float = 86400.0  # leftover .work-* folders older than this go at start
     mapping: dict = field(default_factory=dict)  # field paths for other output shapes
     jianying: bool = False        # also build a JianYing draft (needs the jianying extra)
     jianying_dir: str = "var/jianying"  # drafts folder
@@ -162,7 +167,14 @@ def check_synthesis(cfg: SynthesisConfig) -> None:
         ("asset_max_bytes", cfg.asset_max_bytes >= 1024, "at least 1024"),
         ("asset_timeout", cfg.asset_timeout > 0, "positive seconds"),
         ("download_concurrency", cfg.download_concurrency >= 1, "at least 1"),
+        ("asset_max_count", 1 <= cfg.asset_max_count <= 100_000, "1..100000"),
+        ("asset_total_bytes", cfg.asset_total_bytes >= cfg.asset_max_bytes,
+         "at least asset_max_bytes"),
+        ("download_deadline", cfg.download_deadline > 0, "positive seconds"),
+        ("asset_private_addresses", cfg.asset_private_addresses in ("auto", "allow", "refuse"),
+         "auto, allow or refuse"),
         ("render_timeout", cfg.render_timeout > 0, "positive seconds"),
+        ("work_max_age", cfg.work_max_age >= 60, "at least 60 seconds"),
         ("ffmpeg_threads", cfg.ffmpeg_threads >= 0, "0 (auto) or more"),
         ("mapping", isinstance(cfg.mapping, dict) and all(
             isinstance(v, str) for v in cfg.mapping.values()), "a table of field paths"),

@@ -12,7 +12,8 @@ Faults, per URL: ``x-expires=UNIX`` in the past answers 403 with the XML body ob
 send; ``fault=404`` | ``403`` | ``500once`` (500 on the first request of that URL, then the
 asset) | ``html`` (a 200 HTML page) | ``huge`` (Content-Length of 10 GB) | ``endless``
 (chunked, no length, never ends) | ``slow`` (a byte a second) | ``corrupt`` (right type,
-garbage bytes). Every request is counted in ``requests`` by path.
+garbage bytes) | ``redirect`` (302 to the URL in ``to``, which may be anywhere: the case of a
+CDN link that bounces to an internal address). Every request is counted in ``requests`` by path.
 
 :func:`video_output` builds a workflow output in one of the shapes the adapters read
 (``arrays``, ``jianying``, ``single``) whose URLs point here.
@@ -100,6 +101,8 @@ class AssetServer:
             return web.Response(status=403, content_type="application/xml",
                                 text="<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code>"
                                      "<Message>Request has expired</Message></Error>")
+        if fault == "redirect":
+            raise web.HTTPFound(q.get("to", "/"))
         if fault == "404":
             return web.Response(status=404, content_type="application/xml",
                                 text="<Error><Code>NoSuchKey</Code></Error>")

@@ -3,11 +3,11 @@
 Four ways to configure it (``[pipeline] synthesis_command`` and ``[pipeline.synthesis] mode``):
 - ``""`` (default) with ``mode = "auto"``: the built-in video step (:mod:`pipeline.video`):
   the workflow output becomes a timeline, its assets are downloaded, and ffmpeg renders
-  ``<output_dir>/<batch>/<task>.mp4``. An output with no media (a text-only workflow) gets
+  ``<output_dir>/<batch>/NAME.mp4`` (``NAME``: :func:`file_name`, distinct per task key). An output with no media (a text-only workflow) gets
   the manifest step instead. ``mode = "video"`` makes such an output an error;
   ``mode = "manifest"`` always writes the manifest.
 - the manifest step writes the generated assets (script text, video/image URLs) to
-  ``<output_dir>/<batch>/<task>.json``.
+  ``<output_dir>/<batch>/NAME.json``.
 - ``"module:function"``: a Python callable ``f(task_key: str, params: dict, coze_output: dict,
   output_dir: str) -> dict``, each job in a process of its own (:mod:`pipeline.isolated`), so
   a job that hangs or crashes is stopped alone.
@@ -19,6 +19,10 @@ At most ``max_synthesis`` jobs run at once, each bounded by ``synthesis_timeout`
 built-in step downloads its assets before it waits for a slot: signed URLs expire). Failures
 raise :class:`pipeline.errors.SynthesisError` (the video step's carry a failure class as
 ``code``, see :mod:`pipeline.video.errors`), which the classifier sees like any error.
+
+The first built-in job of a process sweeps ``output_dir`` (:func:`sweep`): ``.rendering-*``
+files of renders killed with their process, and ``.work-*`` folders untouched for
+``work_max_age`` seconds.
 """
 from __future__ import annotations
 
@@ -28,11 +32,15 @@ import importlib
 import json
 import os
 import re
+import ipaddress
 import shlex
+import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .clock import Clock
 from .config import DEFAULT_RULES, PipelineConfig, RetryPolicy, Rule, SynthesisConfig
@@ -56,7 +64,7 @@ def builtin_synthesize(task_key: str, params: dict, coze_output: Any, output_dir
         "output": coze_output,
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
-    path = Path(output_dir) / f"{_safe(task_key)}.json"
+    path = Path(output_dir) / f"{file_name(task_key)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -66,6 +74,15 @@ def builtin_synthesize(task_key: str, params: dict, coze_output: Any, output_dir
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:100] or "task"
+
+
+def file_name(task_key: str) -> str:
+    """The file name (no suffix) of a task's outputs: readable, and distinct per task key.
+
+    ``_safe`` alone maps every non-ASCII character to ``_`` (``视频1`` and ``任务1`` are both
+    ``__1``) and cuts long keys, so a hash of the whole key is appended."""
+    digest = hashlib.sha256(task_key.encode("utf-8")).hexdigest()[:10]
+    return f"{_safe(task_key)[:80]}-{digest}"
 
 
 def load_callable(spec: str) -> Callable[..., dict]:
@@ -82,7 +99,7 @@ class Synthesizer:
     def __init__(self, command: str = "", *, workers: int = 4, output_dir: str | Path = "var/output",
                  timeout: float = 600.0, video: SynthesisConfig | None = None,
                  rules: tuple[Rule, ...] = DEFAULT_RULES, retry: RetryPolicy | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, coze_base_url: str = "") -> None:
         self.command = command.strip()
         # absolute, so the paths results store do not depend on a process's working folder:
         # with an absolute output_dir on a volume every machine mounts at that path, they are
@@ -97,18 +114,30 @@ class Synthesizer:
         self._workers = workers
         self._runner: IsolatedRunner | None = None
         self._func: Callable[..., dict] | None = None
+        # asset URLs on loopback are fine only when Coze itself is there (the simulator)
+        self.allow_loopback = _is_loopback(coze_base_url)
+        self._swept = False
         if self.command and re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", self.command):
             self._func = load_callable(self.command)
 
     @classmethod
-    def from_config(cls, config: PipelineConfig, *, clock: Clock | None = None) -> "Synthesizer":
+    def from_config(cls, config: PipelineConfig, *, clock: Clock | None = None,
+                    coze_base_url: str = "") -> "Synthesizer":
         return cls(config.synthesis_command, workers=config.max_synthesis,
                    output_dir=config.output_dir, timeout=config.synthesis_timeout,
-                   video=config.synthesis, rules=config.rules, retry=config.retry, clock=clock)
+                   video=config.synthesis, rules=config.rules, retry=config.retry, clock=clock,
+                   coze_base_url=coze_base_url)
 
     async def run(self, batch_id: str, task_key: str, params: dict, coze_output: Any) -> dict:
         out_dir = str(self.output_dir / _safe(batch_id))
         if not self.command:  # the built-in step takes its slot after the downloads
+            if not self._swept:
+                self._swept = True
+                keep = self.video.keep_work_files
+                await asyncio.to_thread(
+                    sweep, self.output_dir, float("inf") if keep else self.video.work_max_age,
+                    max(self.timeout, self.video.render_timeout) + 60,
+                    drafts_dir=Path(self.video.jianying_dir) if self.video.jianying else None)
             return await self._run_builtin(task_key, params, coze_output, out_dir)
         async with self.semaphore:
             if self._func is not None:
@@ -125,9 +154,10 @@ class Synthesizer:
             from .video.job import make_video  # ffmpeg and fontTools only when videos are made
             try:
                 result = await make_video(
-                    task_key, _safe(task_key), coze_output, Path(out_dir), cfg=self.video,
+                    task_key, file_name(task_key), coze_output, Path(out_dir), cfg=self.video,
                     rules=self.rules, policy=self.retry, clock=self.clock,
-                    require=mode == "video", slot=self.semaphore, timeout=self.timeout)
+                    require=mode == "video", slot=self.semaphore, timeout=self.timeout,
+                    allow_loopback=self.allow_loopback)
             except OSError as exc:  # disk full, permissions on output_dir …
                 raise SynthesisError("io", f"{type(exc).__name__}: {exc}") from exc
             if result is not None:
@@ -147,7 +177,7 @@ class Synthesizer:
                            out_dir: str) -> dict:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="opsbot-synth-") as tmp:
-            inp, outp = Path(tmp) / "input.json", Path(out_dir) / f"{_safe(task_key)}.json"
+            inp, outp = Path(tmp) / "input.json", Path(out_dir) / f"{file_name(task_key)}.json"
             inp.write_text(json.dumps({"task_id": task_key, "params": params,
                                        "output": coze_output}, ensure_ascii=False), "utf-8")
             argv = [a.replace("{input}", str(inp)).replace("{output}", str(outp))
@@ -173,11 +203,73 @@ class Synthesizer:
                 raise SynthesisError("no_output", f"the command wrote no {outp.name}")
             return {"manifest": str(outp)}
 
+    def discard(self, batch_id: str, task_key: str) -> None:
+        """The task failed for good: its downloads and intermediate files go."""
+        work = self.output_dir / _safe(batch_id) / f".work-{file_name(task_key)}"
+        if not self.video.keep_work_files:
+            shutil.rmtree(work, ignore_errors=True)
+
     def close(self) -> None:
         """Stop running callable jobs without waiting (their tasks are handed back)."""
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+
+
+def sweep(output_dir: Path, max_age: float, render_age: float,
+          now: float | None = None, drafts_dir: Path | None = None) -> list[Path]:
+    """Remove what an earlier process left in ``output_dir/<batch>/``: ``.rendering-*`` files
+    older than ``render_age`` seconds (a render killed with its process) and ``.work-*``
+    folders untouched for ``max_age`` seconds (a task that failed for good, or was never
+    retried); in ``drafts_dir``, JianYing drafts half-built (``.NAME.building-PID``) or left
+    half-swapped (``.NAME.old-PID``) older than ``render_age``. Younger ones may belong to a
+    live job (another worker process) and stay."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    if drafts_dir is not None and drafts_dir.is_dir():
+        for entry in drafts_dir.iterdir():
+            if entry.name.startswith(".") and re.search(r"\.(building|old)-\d+$", entry.name) \
+                    and entry.is_dir():
+                try:
+                    if now - entry.stat().st_mtime > render_age:
+                        shutil.rmtree(entry)
+                        removed.append(entry)
+                except OSError:
+                    continue
+    if not output_dir.is_dir():
+        return removed
+    for batch in output_dir.iterdir():
+        if not batch.is_dir() or batch.name.startswith("."):
+            continue
+        for entry in batch.iterdir():
+            try:
+                age = now - entry.stat().st_mtime
+                if ".rendering-" in entry.name and entry.name.startswith(".") \
+                        and entry.is_file() and age > render_age:
+                    entry.unlink()
+                elif entry.name.startswith(".work-") and entry.is_dir() and age > max_age \
+                        and _newest(entry) < now - max_age:
+                    shutil.rmtree(entry)
+                else:
+                    continue
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove
+            removed.append(entry)
+    return removed
+
+
+def _newest(folder: Path) -> float:
+    return max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
+
+
+def _is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "") if url else ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

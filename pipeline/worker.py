@@ -115,7 +115,8 @@ class Worker:
             window=config.fallback_window, min_runs=config.fallback_min_runs,
             cooldown=config.fallback_cooldown)
         self.clock = clock or Clock()
-        self.synth = synthesizer or Synthesizer.from_config(config, clock=self.clock)
+        self.synth = synthesizer or Synthesizer.from_config(
+            config, clock=self.clock, coze_base_url=getattr(coze, "base_url", ""))
         self.notifier = notifier or NullNotifier()
         self.identity = identity or new_identity(owner)
         self.owner = self.identity.id
@@ -814,6 +815,7 @@ class Worker:
                                  error_class="synthesis", error_code=exc.code,
                                  error_message=_msg(exc))
                 if attempt == 2:
+                    self.synth.discard(task["batch_id"], task["task_key"])  # failed for good
                     await self._fail(task, None, exc, error_class="synthesis")
                     return
                 continue

@@ -16,6 +16,7 @@ import pytest
 
 from bot import demo
 from pipeline.video.media import ffmpeg_exe
+from pipeline.synthesis import file_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = SimpleNamespace(language="en", timezone="Asia/Shanghai")
@@ -80,7 +81,7 @@ def test_demo_plays_the_whole_loop_in_process(tmp_path):
     assert results["counts"]["succeeded"] == 8 and len(results["tasks"]) == 8
     # every task ends with a playable video (h264 + aac) whose path the outro prints
     videos = sorted((run_dir / "output").rglob("*.mp4"))
-    assert [v.stem for v in videos] == [f"V00{i}" for i in range(1, 9)]
+    assert [v.stem for v in videos] == [file_name(f"V00{i}") for i in range(1, 9)]
     for v in videos:
         assert f"{v}" in text
     info = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(videos[0])],

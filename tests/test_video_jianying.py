@@ -43,7 +43,8 @@ def test_a_draft_is_built_beside_the_video(tmp_path):
         try:
             return await make_video("t1", "t1", video_output(base, "j", scenes=2, seconds=1.0),
                                     tmp_path / "out", cfg=cfg, rules=PipelineConfig().rules,
-                                    policy=RetryPolicy(), clock=FakeClock())
+                                    policy=RetryPolicy(), clock=FakeClock(),
+                                    allow_loopback=True)
         finally:
             await sim.stop()
 
@@ -80,7 +81,8 @@ def test_a_draft_problem_is_a_synthesis_failure_with_its_class(tmp_path):
         try:
             return await make_video("t2", "t2", video_output(base, "k", scenes=1),
                                     tmp_path / "out", cfg=cfg, rules=PipelineConfig().rules,
-                                    policy=RetryPolicy(), clock=FakeClock())
+                                    policy=RetryPolicy(), clock=FakeClock(),
+                                    allow_loopback=True)
         finally:
             await sim.stop()
 
@@ -88,3 +90,84 @@ def test_a_draft_problem_is_a_synthesis_failure_with_its_class(tmp_path):
     with pytest.raises(VideoError) as err:
         asyncio.run(go())
     assert err.value.code == "jianying_failed"
+
+
+def test_a_draft_build_that_fails_midway_leaves_the_finished_draft_alone(tmp_path):
+    """The second build fails after its media are copied and laid out (the subtitles cannot
+    be read): the draft from the first build is still whole, nothing half-built is left, and
+    a later good build replaces it."""
+    from pipeline.video.errors import VideoError
+    from pipeline.video.jianying import DONE_MARKER
+
+    drafts = tmp_path / "drafts"
+    cfg = SynthesisConfig(width=180, height=320, fps=15, preset="ultrafast", jianying=True,
+                          jianying_dir=str(drafts))
+
+    async def go():
+        sim = CozeSimulator()
+        base = await sim.start()
+        out = video_output(base, "m", scenes=2, seconds=1.0)
+
+        def make():
+            return make_video("t3", "t3", out, tmp_path / "out", cfg=cfg,
+                              rules=PipelineConfig().rules, policy=RetryPolicy(),
+                              clock=FakeClock(), allow_loopback=True)
+        try:
+            first = await make()
+            folder = Path(first["draft"])
+            before = (folder / "draft_content.json").read_bytes()
+            srt = Path(first["subtitles"])
+            good_srt = srt.read_text(encoding="utf-8")
+            (folder / DONE_MARKER).unlink()             # ask for the draft again …
+            srt.write_text("not subtitles at all\n", encoding="utf-8")  # … and break it
+            with pytest.raises(VideoError) as err:
+                await make()
+            after_failure = sorted(p.name for p in drafts.iterdir())
+            kept = (folder / "draft_content.json").read_bytes()
+            srt.write_text(good_srt, encoding="utf-8")
+            again = await make()
+            return folder, before, err.value, after_failure, kept, again
+        finally:
+            await sim.stop()
+
+    folder, before, err, after_failure, kept, again = asyncio.run(go())
+    assert err.code == "jianying_failed" and "ValueError" in err.message
+    assert after_failure == ["t3"]                      # no half-built folder beside it
+    assert kept == before and (folder / "materials").is_dir()
+    assert again["reused"] is True and (folder / DONE_MARKER).is_file()
+    assert sorted(p.name for p in drafts.iterdir()) == ["t3"]
+
+
+def test_a_draft_folder_without_the_marker_is_built_again(tmp_path):
+    """A folder left by a crash mid-build (or by an older version) beside a finished video is
+    not taken for a finished draft."""
+    from pipeline.video.jianying import DONE_MARKER
+
+    drafts = tmp_path / "drafts"
+    cfg = SynthesisConfig(width=180, height=320, fps=15, preset="ultrafast", jianying=True,
+                          jianying_dir=str(drafts))
+
+    async def go():
+        sim = CozeSimulator()
+        base = await sim.start()
+        out = video_output(base, "h", scenes=1, seconds=1.0)
+
+        def make():
+            return make_video("t4", "t4", out, tmp_path / "out", cfg=cfg,
+                              rules=PipelineConfig().rules, policy=RetryPolicy(),
+                              clock=FakeClock(), allow_loopback=True)
+        try:
+            await make()
+            half = drafts / "t4"
+            (half / "draft_content.json").unlink()       # as a crash before save() left it
+            (half / DONE_MARKER).unlink(missing_ok=True)
+            return half, await make()
+        finally:
+            await sim.stop()
+
+    half, result = asyncio.run(go())
+    assert result["reused"] is True                     # the MP4 itself was fine
+    assert result["draft"] == str(half.resolve())
+    content = json.loads((half / "draft_content.json").read_text(encoding="utf-8"))
+    assert len(content["tracks"]) >= 2 and (half / DONE_MARKER).is_file()
+    assert sorted(p.name for p in drafts.iterdir()) == ["t4"]

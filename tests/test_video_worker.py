@@ -12,6 +12,7 @@ from pipeline.coze import CozeClient
 from pipeline.ratelimit import RateLimiter
 from pipeline.sim_assets import video_output
 from pipeline.simulator import CozeSimulator, Script
+from pipeline.synthesis import file_name
 from pipeline.worker import Worker
 from storage import queue
 
@@ -62,10 +63,12 @@ def test_video_tasks_end_with_mp4s_and_text_tasks_with_manifests(db, tmp_path):
         row, out = task(db, key)
         video = out["synthesis"]["video"]
         assert Path(video).is_absolute() and Path(video).is_file()
-        assert Path(video).name == f"{key}.mp4" and Path(video).parent.name == batch
+        assert Path(video).name == f"{file_name(key)}.mp4" and Path(video).parent.name == batch
+        assert Path(video).name.startswith(f"{key}-")
         assert out["synthesis"]["duration"] > 1.5 and out["synthesis"]["size"] > 0
     row, out = task(db, "txt")
-    assert "video" not in out["synthesis"] and out["synthesis"]["manifest"].endswith("txt.json")
+    assert "video" not in out["synthesis"] and out["synthesis"]["manifest"].endswith(
+        f"{file_name('txt')}.json")
 
 
 def test_a_bad_asset_fails_the_task_with_its_class(db, tmp_path):
@@ -93,7 +96,7 @@ def test_mode_manifest_never_renders(db, tmp_path):
                                                                  mode="manifest"))
     drain(db, tmp_path, {"v": lambda base: video_output(base, "v", scenes=1)}, config=cfg)
     row, out = task(db, "v")
-    assert row["status"] == "succeeded" and out["synthesis"]["manifest"].endswith("v.json")
+    assert row["status"] == "succeeded" and out["synthesis"]["manifest"].endswith(f"{file_name('v')}.json")
     assert out["synthesis"]["assets"] == 3 and not list((tmp_path / "out").rglob("*.mp4"))
 
 
@@ -104,12 +107,13 @@ def test_assets_are_downloaded_while_every_synthesis_slot_is_busy(tmp_path):
     async def go():
         sim = CozeSimulator()
         base = await sim.start()
-        synth = Synthesizer("", workers=1, output_dir=tmp_path, video=CFG.synthesis)
+        synth = Synthesizer("", workers=1, output_dir=tmp_path, video=CFG.synthesis,
+                            coze_base_url=base)
         try:
             out = video_output(base, "w", scenes=2, seconds=0.8)
             await synth.semaphore.acquire()          # the only slot is busy
             job = asyncio.create_task(synth.run("b", "w", {}, out))
-            assets = tmp_path / "b" / ".work-w" / "assets"
+            assets = tmp_path / "b" / f".work-{file_name('w')}" / "assets"
             for _ in range(500):
                 downloaded = len([p for p in assets.glob("*.*") if p.suffix != ".part"])
                 if downloaded == 5:
@@ -138,7 +142,8 @@ def test_an_output_folder_that_cannot_be_written_is_a_synthesis_failure(tmp_path
     async def go():
         sim = CozeSimulator()
         base = await sim.start()
-        synth = Synthesizer("", workers=1, output_dir=blocker, video=CFG.synthesis)
+        synth = Synthesizer("", workers=1, output_dir=blocker, video=CFG.synthesis,
+                            coze_base_url=base)
         try:
             return await synth.run("b", "t", {}, video_output(base, "t", scenes=1))
         finally:
@@ -150,3 +155,18 @@ def test_an_output_folder_that_cannot_be_written_is_a_synthesis_failure(tmp_path
         assert exc.code == "io" and "NotADirectoryError" in exc.message
     else:
         raise AssertionError("no error")
+
+
+def test_a_task_that_fails_for_good_leaves_no_work_folder(db, tmp_path):
+    """A timeout keeps the downloads for the second try; after that try the task has failed
+    for good and its folder goes."""
+    cfg = dataclasses.replace(CFG, synthesis=dataclasses.replace(CFG.synthesis,
+                                                                 asset_timeout=0.3))
+    drain(db, tmp_path, {"slow": lambda base: video_output(base, "slow", scenes=1,
+                                                             query="fault=slow")}, config=cfg)
+    row, _ = task(db, "slow")
+    assert row["status"] == "failed" and row["error_code"] == "asset_timeout"
+    attempts = db.execute("SELECT outcome FROM attempts WHERE task_id = ? AND "
+                          "stage = 'synthesis' ORDER BY id", [row["id"]]).fetchall()
+    assert attempts == [("retry",), ("fail",)]
+    assert not list((tmp_path / "out").rglob(".work-*"))

@@ -9,6 +9,7 @@ import json
 from pipeline.breaker import all_states, reset_all
 from pipeline.config import PipelineConfig, PollPolicy, RetryPolicy
 from pipeline.coze import CozeClient
+from pipeline.synthesis import file_name
 from pipeline.ratelimit import RateLimiter
 from pipeline.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
@@ -84,7 +85,7 @@ def test_batch_runs_every_task_once_within_the_concurrency_limit(db, tmp_path):
     assert not sim.polls_after_final
     rows = queue.tasks_of(db, batch)
     out = json.loads(rows[0]["output"])
-    assert out["synthesis"]["manifest"].endswith("t0.json")
+    assert out["synthesis"]["manifest"].endswith(f"{file_name('t0')}.json")
     assert queue.get_batch(db, batch)["status"] == "done"
     # the workflow received the task id and the file's parameters
     assert worker.stats["submits"] == 20

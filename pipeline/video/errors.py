@@ -7,7 +7,8 @@
         │                   timeout (the job, after its downloads),
         │                   render_failed, render_timeout, jianying_unavailable, jianying_failed
         └── AssetError      asset_not_found, asset_expired, asset_http, asset_too_large,
-                            asset_bad_type, asset_timeout, asset_network, asset_corrupt
+                            asset_bad_type, asset_timeout, asset_network, asset_corrupt,
+                            asset_blocked, asset_too_many
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ Drafts can be built on Linux but only exported to video by JianYing itself (Wind
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .errors import VideoError
 from .timeline import Plan
 
 US = 1_000_000
+DONE_MARKER = ".opsbot-draft-complete"  # written last into a finished draft
 MUSIC_MAX_SEGMENTS = 200
 
 
@@ -39,31 +41,60 @@ def map_path(path: str, prefix_map: dict[str, str]) -> str:
 
 
 def build_draft(name: str, plan: Plan, srt: Path | None, cfg: SynthesisConfig) -> str:
-    """Write the draft ``<jianying_dir>/<name>``; returns its absolute local path."""
+    """Write the draft ``<jianying_dir>/<name>``; returns its absolute local path.
+
+    The draft is built in a hidden folder beside it and swapped in after ``save()``, with
+    :data:`DONE_MARKER` written last: a folder at the target is always a finished draft, and
+    one without the marker (an older build) is built again."""
     try:
         import pyJianYingDraft as jy
     except ImportError as exc:
         raise VideoError("jianying_unavailable", "JianYing drafts need pyjianyingdraft: pip "
                                                  "install 'opsbot[jianying]'") from exc
     root = Path(cfg.jianying_dir).resolve()
+    folder = root / name
+    building = root / f".{name}.building-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        script = jy.DraftFolder(str(root)).create_draft(name, cfg.width, cfg.height, cfg.fps,
-                                                        allow_replace=True)
-        folder = root / name
-        copies = _copy_media(plan, folder / "materials")
+        script = jy.DraftFolder(str(root)).create_draft(building.name, cfg.width, cfg.height,
+                                                        cfg.fps, allow_replace=True)
+        copies = _copy_media(plan, building / "materials")
         _lay_out(jy, script, plan, copies, cfg)
         if srt is not None and srt.is_file():
             script.import_srt(str(srt), track_name="subtitles")
         for material in list(script.materials.videos) + list(script.materials.audios):
-            material.path = map_path(material.path, cfg.jianying_path_map)
+            final_path = _moved(material.path, building, folder)
+            material.path = map_path(final_path, cfg.jianying_path_map)
         script.save()
+        (building / DONE_MARKER).write_text(name, encoding="utf-8")
+        _swap(building, folder)
     except VideoError:
+        shutil.rmtree(building, ignore_errors=True)
         raise
     except Exception as exc:  # the library raises ValueError, NameError, its own types …
+        shutil.rmtree(building, ignore_errors=True)
         raise VideoError("jianying_failed", f"building the JianYing draft failed: "
                                             f"{type(exc).__name__}: {exc}") from exc
     return str(folder)
+
+
+def _moved(path: str, building: Path, folder: Path) -> str:
+    """Where a file inside the folder being built will be once it is swapped in."""
+    try:
+        return str(folder / Path(path).relative_to(building))
+    except ValueError:
+        return path
+
+
+def _swap(building: Path, folder: Path) -> None:
+    """Put the finished draft at ``folder``; an earlier one is moved aside first and removed
+    after (a folder cannot be renamed over a non-empty one)."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(building, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _copy_media(plan: Plan, dest: Path) -> dict[str, str]:

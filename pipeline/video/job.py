@@ -9,15 +9,22 @@ upload reads::
      "scenes": 2, "assets": 5, "reused": False,
      "draft": "/abs/drafts/TASK", "draft_on_editors_machines": "D:/drafts/TASK"}  # drafts on
 
-A task whose MP4 already exists is not rendered (nor downloaded) again: the file can only
-exist whole, because renders are renamed into place. Downloads and intermediate files live in
-``<out_dir>/.work-TASK/`` and are removed after success (kept with ``keep_work_files``, and
-after a failure, so the next attempt reuses the downloads).
+``NAME`` is :func:`pipeline.synthesis.file_name` of the task key (distinct per key). An
+existing MP4 is reused (nothing downloaded or rendered) only when its sidecar
+``.NAME.mp4.done.json``, written atomically after the MP4 was renamed into place, records the
+same :func:`fingerprint` (the workflow output and the settings that change the picture or
+sound); otherwise the video is rendered again and renamed over the old one. Downloads and
+intermediate files live in ``<out_dir>/.work-NAME/`` and are removed after success (kept with
+``keep_work_files``), and after a failure the next attempt cannot use them for (see
+``_KEEP_AFTER``); :meth:`pipeline.synthesis.Synthesizer.discard` removes them when the task
+fails for good.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -34,44 +41,129 @@ from .timeline import Layout, Media, Plan, Timeline, plan as make_plan
 async def make_video(task_key: str, name: str, coze_output: Any, out_dir: Path, *,
                      cfg: SynthesisConfig, rules: tuple[Rule, ...], policy: RetryPolicy,
                      clock: Clock, require: bool = False, slot: Any = None,
-                     timeout: float | None = None) -> dict | None:
+                     timeout: float | None = None, allow_loopback: bool = False) -> dict | None:
     """Render ``coze_output`` to ``out_dir/NAME.mp4``; see the module docstring.
     ``require``: an output without media is an error (``no_timeline``) instead of None.
 
     The downloads start at once (signed URLs expire); only the work after them waits for
     ``slot`` (an async context manager: the synthesis workers) and is bounded by ``timeout``
-    seconds (:class:`VideoError` ``timeout``)."""
+    seconds (:class:`VideoError` ``timeout``). ``allow_loopback``: asset URLs on loopback are
+    fetched under ``asset_private_addresses = "auto"`` (Coze itself is on loopback)."""
     timeline = adapters.to_timeline(coze_output, cfg.mapping or None, cfg.time_unit)
     if timeline is None:
         if require:
             raise VideoError("no_timeline", "the workflow output has no images, clips or audio "
                                             "that a known shape or the mapping names")
         return None
+    check_declared(timeline, cfg)
     ffmpeg = media.ffmpeg_exe(cfg.ffmpeg)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = (out_dir / f"{name}.mp4").resolve()
-    reuse = final.is_file()
-    if reuse and not (cfg.jianying and not _draft_dir(cfg, name).is_dir()):
+    stamp = fingerprint(coze_output, cfg)
+    reuse = final.is_file() and _read_done(final) == stamp
+    if reuse and not (cfg.jianying and not draft_ready(cfg, name)):
         return await _result(ffmpeg, final, timeline, reused=True)
+    if not reuse:  # another output (a retry's new run) or other settings: render again
+        _done_path(final).unlink(missing_ok=True)
     work = out_dir / f".work-{name}"
     work.mkdir(parents=True, exist_ok=True)
     kinds = _kinds(timeline)
-    paths = await download_all(kinds, work / "assets", rules=rules, policy=policy, clock=clock,
-                               limits=Limits(cfg.asset_max_bytes, cfg.asset_timeout,
-                                             cfg.download_concurrency))
-    async with (slot or contextlib.nullcontext()):
-        try:
-            result = await asyncio.wait_for(
-                _build(ffmpeg, timeline, paths, kinds, work, final, name, cfg, reuse), timeout)
-        except asyncio.TimeoutError:
-            raise VideoError("timeout", f"synthesis timed out after {timeout:g}s") from None
+    try:
+        paths = await download_all(
+            kinds, work / "assets", rules=rules, policy=policy, clock=clock,
+            limits=Limits(cfg.asset_max_bytes, cfg.asset_timeout, cfg.download_concurrency,
+                          max_count=cfg.asset_max_count, total_bytes=cfg.asset_total_bytes,
+                          deadline=cfg.download_deadline,
+                          private=cfg.asset_private_addresses, allow_loopback=allow_loopback))
+        async with (slot or contextlib.nullcontext()):
+            try:
+                result = await asyncio.wait_for(
+                    _build(ffmpeg, timeline, paths, kinds, work, final, name, cfg, reuse,
+                           stamp), timeout)
+            except asyncio.TimeoutError:
+                raise VideoError("timeout", f"synthesis timed out after {timeout:g}s") from None
+    except VideoError as exc:
+        if not _reusable(exc):  # the next attempt cannot use these files: do not keep them
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     if not cfg.keep_work_files:
         shutil.rmtree(work, ignore_errors=True)
     return result
 
 
+# Failures after which the downloads are worth keeping for the next attempt (the same URLs
+# fetched again): a dropped connection, a timeout, a failed render. After the others (the URL
+# is gone or expired, the output is unusable, a limit was passed) the next attempt needs a new
+# run or a new configuration, and the files are only disk space.
+_KEEP_AFTER = {"asset_timeout", "asset_network", "asset_http", "render_failed",
+               "render_timeout", "timeout", "font_missing", "font_glyphs",
+               "jianying_unavailable", "jianying_failed"}
+
+
+def _reusable(exc: VideoError) -> bool:
+    return exc.code in _KEEP_AFTER
+
+
+def check_declared(timeline: Timeline, cfg: SynthesisConfig) -> None:
+    """Refuse, before any download, an output whose declared times already pass
+    ``max_duration`` or whose asset count passes ``asset_max_count``."""
+    count = len(timeline.urls())
+    if count > cfg.asset_max_count:
+        raise VideoError("bad_timeline", f"the output names {count} assets, more than "
+                                         f"asset_max_count ({cfg.asset_max_count})")
+    scenes = sum(s.duration or 0.0 for s in timeline.scenes if s.start is None)
+    ends = [s.start + (s.duration or 0.0) for s in timeline.scenes if s.start is not None]
+    ends += [c.end if c.end is not None else c.start for c in timeline.cues]
+    ends += [c.end for c in timeline.captions]
+    declared = max([scenes] + ends)
+    if declared > cfg.max_duration:
+        raise VideoError("bad_timeline", f"the output declares {declared:.1f} s, longer than "
+                                         f"max_duration ({cfg.max_duration:g} s)")
+
+
+# Settings that change what the MP4 looks or sounds like (a change renders it again).
+_RENDER_KEYS = ("width", "height", "fps", "crf", "preset", "audio_bitrate", "fit", "subtitles",
+                "font_file", "subtitle_size", "subtitle_color", "subtitle_outline_color",
+                "subtitle_outline", "subtitle_margin", "subtitle_max_chars", "music_volume",
+                "narration_volume", "scene_padding", "scene_seconds", "max_duration",
+                "time_unit", "mapping")
+
+
+def fingerprint(coze_output: Any, cfg: SynthesisConfig) -> str:
+    """A hash of the workflow output and the render settings: the MP4 is reused only when
+    its sidecar records the same one."""
+    doc = {"output": coze_output, "settings": {k: getattr(cfg, k) for k in _RENDER_KEYS}}
+    text = json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _done_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.done.json")
+
+
+def _read_done(final: Path) -> str | None:
+    try:
+        return json.loads(_done_path(final).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_done(final: Path, stamp: str) -> None:
+    """Written after the MP4 (and its SRT) is in place, atomically."""
+    done = _done_path(final)
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": stamp, "video": final.name}), encoding="utf-8")
+    os.replace(tmp, done)
+
+
+def draft_ready(cfg: SynthesisConfig, name: str) -> bool:
+    from .jianying import DONE_MARKER
+    return (_draft_dir(cfg, name) / DONE_MARKER).is_file()
+
+
 async def _build(ffmpeg: str, timeline: Timeline, paths: dict[str, str], kinds: dict[str, str],
-                 work: Path, final: Path, name: str, cfg: SynthesisConfig, reuse: bool) -> dict:
+                 work: Path, final: Path, name: str, cfg: SynthesisConfig, reuse: bool,
+                 stamp: str) -> dict:
     """Probe, plan, subtitles, render (unless the video exists), draft: the CPU-heavy part."""
     found = await _measure(ffmpeg, paths, kinds, work, cfg)
     plan = make_plan(timeline, found, Layout(cfg.scene_padding, cfg.scene_seconds,
@@ -87,6 +179,9 @@ async def _build(ffmpeg: str, timeline: Timeline, paths: dict[str, str], kinds: 
                             subtitles=burn, fonts_dir=fonts_dir, font_names=names)
         if srt_path is not None:
             _publish(work / "subs.srt", srt_path)
+        else:  # an earlier render's subtitles do not belong to this video
+            final.with_suffix(".srt").unlink(missing_ok=True)
+        _write_done(final, stamp)
     result = await _result(ffmpeg, final, timeline, reused=reuse,
                            srt=str(srt_path) if srt_path and srt_path.is_file() else None)
     if cfg.jianying:

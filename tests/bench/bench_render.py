@@ -86,7 +86,7 @@ async def one_batch(base: str, cfg: SynthesisConfig, out: Path, n: int, seconds:
                     at_once: bool) -> list[float]:
     scene = seconds / 6
     synth = Synthesizer("", workers=4 if at_once else 1, output_dir=out, video=cfg,
-                        timeout=3600)
+                        timeout=3600, coze_base_url=base)
     texts = [t for t in TEXTS for _ in range(3)]
 
     async def job(i: int) -> float:
