@@ -150,6 +150,10 @@ class CozeClient:
                 return self._check(resp.status, resp.headers, raw, path)
         except CozeError:
             raise
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # refused, DNS, connect timeout: the request never left this machine
+            text = redact(f"{type(exc).__name__}: {exc}", self._token)
+            raise CozeNetworkError(f"{text} ({method} {path})", sent=False) from exc
         except asyncio.TimeoutError as exc:
             raise CozeNetworkError(f"no answer in {self._timeout.total}s: {method} {path}") from exc
         except (aiohttp.ClientError, OSError) as exc:

@@ -10,11 +10,13 @@ Durability rules, in the order things happen for a task:
    again finds the id and waits on the same run instead of submitting a new one;
 3. wait (adaptive polling; a run that ended is never polled again);
 4. write the outcome, with the lease check, so a worker that lost its lease writes nothing.
-The only window for a duplicate submit is a crash between Coze accepting the run and the store
-committing its id (a few milliseconds); Coze offers no idempotency key to close it. Each submit
-is marked before it goes out, so a task caught in that window is submitted again with the doubt
-recorded (an ``in_doubt`` attempt), never silently. Cancellation (block, cancel, shutdown) waits
-for a submit on the wire, so only a hard kill can hit the window.
+Coze offers no idempotency key, so two windows for a duplicate submit stay open: a crash between
+Coze accepting the run and the store committing its id, and a submit whose request went out but
+whose answer was lost (timeout, dropped or reset connection, HTTP 5xx). Each submit is marked
+(``submit_started_at``) before it goes out and the mark is cleared only when the id is stored or
+the request provably never reached Coze (refused, DNS, connect timeout) or Coze refused it; a
+task still marked is submitted again with the doubt recorded first (an ``in_doubt`` attempt),
+never silently. Cancellation (block, cancel, shutdown) waits for a submit on the wire.
 
 Store calls that write run on a dedicated thread (:class:`storage.db.StoreThread`) and are
 awaited, so a process holding SQLite's write lock (the web process, ``opsbot run``) delays those
@@ -386,7 +388,8 @@ class Worker:
         if self.config.task_id_param:
             params = {self.config.task_id_param: task["task_key"], **params}
         if task.get("submit_started_at") and not task.get("execute_id"):
-            await self._submit_in_doubt(task)
+            if not await self._submit_in_doubt(task):
+                return _STOPPED
         while True:
             if not task.get("execute_id"):
                 started = self.clock.now()
@@ -402,6 +405,9 @@ class Worker:
                     await self._release(task["id"])
                     return _STOPPED
                 except Exception as exc:
+                    if task.get("submit_started_at") and not task.get("execute_id") \
+                            and not await self._submit_in_doubt(task, lost_answer=True):
+                        return _STOPPED
                     result = await self._handle_error(task, exc, "coze", started)
                     if isinstance(result, _Resubmit):
                         await self.clock.sleep(result.wait)
@@ -437,6 +443,10 @@ class Worker:
         async def submit_and_store():
             if self._batch_status(task["batch_id"]) == "paused":
                 raise BatchPaused(f"batch {task['batch_id']} is paused")
+            if task.get("submit_started_at") and not task.get("execute_id"):
+                # the last submit failed after its request may have reached Coze
+                if not await self._submit_in_doubt(task, lost_answer=True):
+                    raise LeaseLost(f"task {task['id']} was taken over")
             # Mark the submit in doubt first: if this process dies before the id is stored, the
             # next worker knows a run may exist that it cannot see (Coze has no idempotency key).
             if not await self._update(task, submit_started_at=self.clock.now()):
@@ -444,8 +454,12 @@ class Worker:
             sent = self.clock.now()
             try:
                 sub = await self.coze.submit(workflow, params)
-            except BaseException:
-                await self._update(task, submit_started_at=None, _final=True)
+            except BaseException as exc:
+                # Only a request that never reached Coze leaves no run behind. After a timeout,
+                # a dropped or reset connection or a 5xx, Coze may have created the run: the mark
+                # stays, and the next submit records the doubt first (see _submit_in_doubt).
+                if not _submit_may_have_run(exc):
+                    await self._update(task, submit_started_at=None, _final=True)
                 raise
             self.stats["submits"] += 1
             if not await self._update(task, execute_id=sub.execute_id,
@@ -462,21 +476,30 @@ class Worker:
                                 if self._submitting.get(tid) is f else None)
         return asyncio.shield(inner)
 
-    async def _submit_in_doubt(self, task: dict[str, Any]) -> None:
-        """The previous worker died during a submit: Coze may hold a run nobody can see.
+    async def _submit_in_doubt(self, task: dict[str, Any], *, lost_answer: bool = False) -> bool:
+        """A submit may have created a run nobody can see: a worker died during it
+        (``lost_answer`` False), or its answer was lost after the request went out (timeout,
+        dropped connection, 5xx).
 
         It is submitted again (losing the task would be worse), and the doubt is recorded so the
-        report and the task's history show a possible duplicate run.
+        report and the task's history show a possible duplicate run. False: the lease was lost.
         """
         now = self.clock.now()
-        log.warning("a worker died during this task's submit; submitting again",
-                    extra={"task_id": task["id"], "batch_id": task["batch_id"]})
+        if lost_answer:
+            message = ("the submit's answer was lost after the request went out (timeout, "
+                       "dropped connection or server error); Coze may have run this task once more")
+            log.warning("a submit's answer was lost; submitting again",
+                        extra={"task_id": task["id"], "batch_id": task["batch_id"]})
+        else:
+            message = ("the worker died between submitting and storing the run id; Coze may "
+                       "have run this task once more")
+            log.warning("a worker died during this task's submit; submitting again",
+                        extra={"task_id": task["id"], "batch_id": task["batch_id"]})
         await self.store(queue.record_attempt, task, stage="coze",
                          started_at=task["submit_started_at"], ended_at=now, outcome="in_doubt",
-                         error_class="crash_during_submit",
-                         error_message="the worker died between submitting and storing the "
-                                       "run id; Coze may have run this task once more")
-        await self._update(task, submit_started_at=None)
+                         error_class="lost_submit_answer" if lost_answer
+                         else "crash_during_submit", error_message=message)
+        return await self._update(task, submit_started_at=None)
 
     def _workflow_for_submit(self, task: dict[str, Any]) -> str:
         """The batch's own workflow when it names another one; else primary or fallback."""
@@ -819,6 +842,19 @@ class Worker:
     def _breaker_changed(self, before, after) -> None:
         log.warning("breaker %s: %s -> %s", after.service, before.state, after.state)
         self.notifier.breaker_changed(after.service, before.state, after.state, after.reason)
+
+
+def _submit_may_have_run(exc: BaseException) -> bool:
+    """Could Coze have created a run for a submit that raised ``exc``?
+
+    No only for a refusal it answered (a 4xx or a Coze error code) and for a request that never
+    left this machine (connection refused, DNS, connect timeout).
+    """
+    if isinstance(exc, CozeNetworkError):
+        return exc.sent
+    if isinstance(exc, CozeError):
+        return (exc.http_status or 0) >= 500 or exc.code == "bad_response"
+    return True
 
 
 class _Marker:

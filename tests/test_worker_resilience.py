@@ -218,3 +218,57 @@ def test_a_submit_cut_short_by_a_crash_is_made_again_and_the_doubt_recorded(db, 
         "SELECT outcome FROM attempts WHERE task_id = ? ORDER BY id", [row["id"]])]
     assert outcomes[0] == "in_doubt" and outcomes[-1] == "success"
     assert sim.task("a").submits == 1
+
+
+def test_a_submit_whose_answer_is_lost_records_the_doubt_before_submitting_again(db, tmp_path):
+    """Coze creates the run, then the connection drops before the answer: the worker cannot
+    know the run exists, so the next submit is preceded by an ``in_doubt`` attempt."""
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        sim.script("a", Script(drop_answer_first_n=1, duration=0.02))
+        await sim.start()
+        try:
+            await _drain(db, sim, tmp_path=tmp_path)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "succeeded" and row["submit_started_at"] is None
+    assert len(sim.task("a").runs) == 2          # the lost run went on at Coze
+    outcomes = [r[0] for r in db.execute(
+        "SELECT outcome FROM attempts WHERE task_id = ? AND stage = 'coze' ORDER BY id",
+        [row["id"]])]
+    assert outcomes.count("in_doubt") == 1 and outcomes.count("success") == 1, outcomes
+    assert outcomes.index("in_doubt") < outcomes.index("success")
+    assert row["execute_id"] == sim.task("a").runs[1]
+
+
+def test_a_refused_connection_is_retried_without_doubt(db, tmp_path):
+    """Nothing listens: the request never left, so no ``in_doubt`` attempt is recorded."""
+    import socket
+
+    from pipeline.errors import CozeNetworkError
+    cfg = dataclasses.replace(FAST, retry=dataclasses.replace(FAST.retry, max_attempts=2),
+                              output_dir=str(tmp_path))
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+
+    async def go():
+        async with CozeClient(f"http://127.0.0.1:{port}", "tok") as coze:
+            try:
+                await coze.submit("wf", {})
+            except CozeNetworkError as exc:
+                assert exc.sent is False
+            await Worker(db, cfg, coze, "wf").run(drain=True)
+
+    asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "failed" and row["submit_started_at"] is None
+    assert not db.execute("SELECT 1 FROM attempts WHERE outcome = 'in_doubt'").fetchall()
