@@ -276,7 +276,8 @@ class Worker:
         await self.store(release)
 
     async def _finish_batches(self) -> None:
-        for batch_id in await self.store(queue.finish_batches, now=self.clock.now()):
+        for batch_id in await self.store(queue.finish_batches, now=self.clock.now(),
+                                         batch_ids=self.batch_ids):
             self.notifier.batch_finished(batch_id)
 
     # ---- one task ----------------------------------------------------------------------------

@@ -296,13 +296,18 @@ def requeue_tasks(db: sqlite_utils.Database, task_ids: Iterable[int], *, now: fl
     return n
 
 
-def finish_batches(db: sqlite_utils.Database, *, now: float) -> list[str]:
-    """Mark running batches with no active task left as done; return their ids."""
+def finish_batches(db: sqlite_utils.Database, *, now: float,
+                   batch_ids: Iterable[str] | None = None) -> list[str]:
+    """Mark running batches (of ``batch_ids``, if given) with no active task left as done;
+    return their ids. A worker limited to its own batches never finishes (and announces)
+    another process's."""
+    wanted = tuple(batch_ids) if batch_ids else ()
+    only = f" AND b.id IN ({','.join('?' * len(wanted))})" if wanted else ""
     with transaction(db) as conn:
         ids = [r[0] for r in conn.execute(
             "SELECT b.id FROM batches b WHERE b.status = 'running' AND NOT EXISTS"
             " (SELECT 1 FROM tasks t WHERE t.batch_id = b.id"
-            "  AND t.status IN ('queued', 'running', 'retrying'))")]
+            f"  AND t.status IN ('queued', 'running', 'retrying')){only}", list(wanted))]
         for bid in ids:
             conn.execute("UPDATE batches SET status = 'done', finished_at = ? WHERE id = ?",
                          [now, bid])

@@ -272,3 +272,38 @@ def test_a_refused_connection_is_retried_without_doubt(db, tmp_path):
     row = queue.find_task(db, "a")
     assert row["status"] == "failed" and row["submit_started_at"] is None
     assert not db.execute("SELECT 1 FROM attempts WHERE outcome = 'in_doubt'").fetchall()
+
+
+def test_opsbot_run_never_finishes_the_service_workers_batch(db, tmp_path):
+    """The service's batch has just had its last task end; before its own worker finishes it
+    (and announces it), an ``opsbot run`` on its own batch must leave it alone."""
+    from pipeline.notify import NullNotifier
+    svc = queue.create_batch(db, [{"task_key": "svc0"}], now=0, source="chat")
+    [t] = queue.claim_tasks(db, owner="svc", now=0, lease=60, limit=1)
+    db.execute("UPDATE batches SET status = 'running' WHERE id = ?", [svc])
+    db.execute("UPDATE tasks SET status = 'succeeded' WHERE id = ?", [t["id"]])
+    db.conn.commit()
+    finished = []
+
+    class Recording(NullNotifier):
+        def batch_finished(self, batch_id):
+            finished.append(batch_id)
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        await sim.start()
+        try:
+            mine = queue.create_batch(db, [{"task_key": "cli0"}], now=0, source="cli")
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf", batch_ids=(mine,), notifier=Recording())
+                await asyncio.wait_for(worker.run(drain=True), 10)
+            return mine
+        finally:
+            await sim.stop()
+
+    mine = asyncio.run(go())
+    assert queue.get_batch(db, mine)["status"] == "done" and finished == [mine]
+    assert queue.get_batch(db, svc)["status"] == "running"
+    assert queue.finish_batches(db, now=9, batch_ids=(mine,)) == []
+    assert queue.finish_batches(db, now=9) == [svc]
