@@ -65,6 +65,7 @@ class Script:
     poll_500_first_n: int = 0               # the first N polls of the task answer HTTP 500
     drop_answer_first_n: int = 0            # the first N runs are created, then the connection
                                             # drops before the answer (the run goes on)
+    submit_delay: float = 0.0               # real seconds between creating a run and answering
 
     @classmethod
     def from_dict(cls, data: dict) -> "Script":
@@ -263,7 +264,12 @@ class CozeSimulator:
         if self.workflow_id is not None and workflow_id != self.workflow_id:
             return self._error(200, 4200, "workflow not found or not published")
         with self._lock:
-            return self._submit(request, workflow_id, params)
+            response = self._submit(request, workflow_id, params)
+        task = str(params.get("task_id") or "")
+        delay = self._scripts.get(task, self.default_script).submit_delay
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return response
 
     def _submit(self, request: web.Request, workflow_id: str, params: dict) -> web.Response:
         self._counter += 1

@@ -7,7 +7,9 @@ stage, freeing its slot, the moment its run succeeds, and starts synthesis at on
 Durability rules, in the order things happen for a task:
 1. claim with a lease (renewed while the task is worked on);
 2. submit, then store ``execute_id`` before anything else: a restarted worker that claims the task
-   again finds the id and waits on the same run instead of submitting a new one;
+   again finds the id and waits on the same run instead of submitting a new one (a worker whose
+   lease ran out meanwhile still stores the id while nobody has submitted since, and the write
+   is tried again while the store is locked);
 3. wait (adaptive polling; a run that ended is never polled again);
 4. write the outcome, with the lease check, so a worker that lost its lease writes nothing.
 Coze offers no idempotency key, so two windows for a duplicate submit stay open: a crash between
@@ -275,6 +277,19 @@ class Worker:
                              " AND status = 'running'", [task_id, self.owner])
         await self.store(release)
 
+    async def _release_after_crash(self, task_id: int, tries: int = 60,
+                                   pause: float = 0.5) -> None:
+        for left in range(tries - 1, -1, -1):
+            try:
+                await self._release(task_id)
+                return
+            except sqlite3.OperationalError:
+                if not left:
+                    log.exception("task left running; another worker takes it over once its "
+                                  "lease runs out", extra={"task_id": task_id})
+                    return
+                await asyncio.sleep(pause)
+
     async def _finish_batches(self) -> None:
         for batch_id in await self.store(queue.finish_batches, now=self.clock.now(),
                                          batch_ids=self.batch_ids):
@@ -305,7 +320,15 @@ class Worker:
             raise
         except Exception as exc:  # a bug must not kill the worker or stall other tasks
             log.exception("task crashed", extra={"task_id": task_id})
-            await self._fail(task, None, exc, error_class="internal")
+            try:
+                await self._fail(task, None, exc, error_class="internal")
+            except Exception:
+                # e.g. the store locked past its busy timeout: a task left running under this
+                # owner is never claimed again by it (its drain would wait forever), so hand
+                # it back (a no-op once it is final)
+                log.exception("could not record the task's failure; handing it back",
+                              extra={"task_id": task_id})
+                await self._release_after_crash(task_id)
         finally:
             if self._inflight.get(task_id) is asyncio.current_task():
                 self._coze_active.discard(task_id)
@@ -463,11 +486,17 @@ class Worker:
                     await self._update(task, submit_started_at=None, _final=True)
                 raise
             self.stats["submits"] += 1
-            if not await self._update(task, execute_id=sub.execute_id,
-                                      submitted_at=self.clock.now(), debug_url=sub.debug_url,
-                                      attempts=task["attempts"] + 1, run_workflow_id=workflow,
-                                      submit_started_at=None):
+            fields = dict(execute_id=sub.execute_id, submitted_at=self.clock.now(),
+                          debug_url=sub.debug_url, attempts=task["attempts"] + 1,
+                          run_workflow_id=workflow)
+            stored = await self.store(queue.store_run_id, task["id"], owner=self.owner,
+                                      mark=task["submit_started_at"], **fields)
+            if stored != "owned":
+                # Coze runs it either way: keep its id where the next claim finds it
+                log.warning("lease lost after Coze accepted a run; its id was %s", stored,
+                            extra={"task_id": task["id"], "execute_id": sub.execute_id})
                 raise LeaseLost(f"task {task['id']} was taken over")
+            task.update(fields, submit_started_at=None)
             self._submit_sent[task["id"]] = (sub.execute_id, sent)
             return sub
 

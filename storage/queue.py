@@ -8,6 +8,8 @@ twice. Every function takes ``now`` (Unix seconds) so tests control time.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 import uuid
 from typing import Any, Callable, Iterable
 
@@ -220,6 +222,37 @@ def update_task(db: sqlite_utils.Database, task_id: int, *, owner: str | None = 
     with transaction(db) as conn:
         cur = conn.execute(sql, args)
         return cur.rowcount == 1
+
+
+def store_run_id(db: sqlite_utils.Database, task_id: int, *, owner: str, mark: float,
+                 tries: int = 20, pause: float = 0.5, **fields: Any) -> str:
+    """Store the ``execute_id`` (and the other ``fields``) of a run Coze just accepted.
+
+    ``"owned"``: written while ``owner`` holds the task. ``"adopted"``: the lease was lost, but
+    nobody has submitted since (``submit_started_at`` is still this submit's ``mark`` and no
+    id is stored), so the id is written anyway and the next claim waits on this run instead of
+    submitting another. ``"lost"``: another worker moved on (its own submit, or the doubt
+    recorded). A write that finds the store locked past its busy timeout is tried again, up to
+    ``tries`` times, ``pause`` seconds apart (run it off the event loop); then it raises.
+    """
+    fields = {**fields, "submit_started_at": None}
+    cols = ", ".join(f"{k} = ?" for k in fields)
+    args = [_json(v) for v in fields.values()]
+    for left in range(tries - 1, -1, -1):
+        try:
+            with transaction(db) as conn:
+                cur = conn.execute(f"UPDATE tasks SET {cols} WHERE id = ? AND lease_owner = ?"
+                                   " AND status = 'running'", [*args, task_id, owner])
+                if cur.rowcount == 1:
+                    return "owned"
+                cur = conn.execute(f"UPDATE tasks SET {cols} WHERE id = ? AND execute_id IS NULL"
+                                   " AND submit_started_at = ?", [*args, task_id, mark])
+                return "adopted" if cur.rowcount == 1 else "lost"
+        except sqlite3.OperationalError:
+            if not left:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _json(value: Any) -> Any:

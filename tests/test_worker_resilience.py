@@ -5,6 +5,8 @@ import asyncio
 import dataclasses
 import time
 
+import pytest
+
 from pipeline.breaker import Breaker
 from pipeline.coze import CozeClient
 from pipeline.simulator import CozeSimulator, Script
@@ -307,3 +309,127 @@ def test_opsbot_run_never_finishes_the_service_workers_batch(db, tmp_path):
     assert queue.get_batch(db, svc)["status"] == "running"
     assert queue.finish_batches(db, now=9, batch_ids=(mine,)) == []
     assert queue.finish_batches(db, now=9) == [svc]
+
+
+def test_a_run_accepted_after_the_lease_was_lost_keeps_its_id(db, tmp_path):
+    """The lease is taken while the submit is on the wire: the id is still stored (adopted), so
+    the next claim waits on that run instead of submitting a second one."""
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.05)
+        sim.script("a", Script(submit_delay=0.5, duration=0.05))
+        await sim.start()
+        try:
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf")
+                job = asyncio.create_task(worker.run(drain=True))
+                while not sim.task("a").runs:
+                    await asyncio.sleep(0.01)
+                # as another worker that took the lease over, then died before looking at it
+                db.execute("UPDATE tasks SET lease_owner = 'otherhost:1:x', lease_until = ?",
+                           [time.time() + 1.0])
+                db.conn.commit()
+                await asyncio.wait_for(job, 15)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "succeeded"
+    assert sim.task("a").submits == 1 and row["execute_id"] == sim.task("a").runs[0]
+    assert not db.execute("SELECT 1 FROM attempts WHERE outcome = 'in_doubt'").fetchall()
+
+
+def test_store_run_id_owned_adopted_lost_and_waits_out_a_lock(db, db_path):
+    import threading
+
+    from storage.db import open_db, transaction
+    queue.create_batch(db, [{"task_key": "a"}, {"task_key": "b"}], now=0, source="cli")
+    a, b = queue.claim_tasks(db, owner="w1", now=0, lease=1, limit=2)
+    for t in (a, b):
+        queue.update_task(db, t["id"], owner="w1", submit_started_at=0.25)
+    assert queue.store_run_id(db, a["id"], owner="w1", mark=0.25, execute_id="e1") == "owned"
+    # b's lease was taken over: adopted while nobody submitted since, else lost
+    queue.update_task(db, b["id"], lease_owner="w2")
+    assert queue.store_run_id(db, b["id"], owner="w1", mark=0.5, execute_id="x") == "lost"
+    assert queue.store_run_id(db, b["id"], owner="w1", mark=0.25, execute_id="e2") == "adopted"
+    row = queue.find_task(db, "b")
+    assert (row["execute_id"], row["submit_started_at"], row["lease_owner"]) == ("e2", None, "w2")
+    assert queue.store_run_id(db, b["id"], owner="w1", mark=0.25, execute_id="e3") == "lost"
+    # a write lock held past the busy timeout: tried again until it lands
+    queue.update_task(db, a["id"], execute_id=None, submit_started_at=0.75)
+    short = open_db(db_path, migrate=False)
+    short.conn.execute("PRAGMA busy_timeout = 20")
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        other = open_db(db_path, migrate=False)
+        with transaction(other):
+            held.set()
+            done.wait(0.4)
+        other.conn.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        import sqlite3
+        with pytest.raises(sqlite3.OperationalError):
+            queue.store_run_id(short, a["id"], owner="w1", mark=0.75, execute_id="e4", tries=1)
+        assert queue.store_run_id(short, a["id"], owner="w1", mark=0.75, execute_id="e4",
+                                  pause=0.05) == "owned"
+    finally:
+        done.set()
+        holder.join()
+        short.conn.close()
+    assert queue.find_task(db, "a")["execute_id"] == "e4"
+
+
+def test_a_task_whose_failure_cannot_be_written_is_handed_back_not_left_hanging(db, db_path,
+                                                                                tmp_path):
+    """The store is locked past its busy timeout when the run fails: recording the failure
+    raises. The task is handed back, so this worker's drain claims it again and ends."""
+    import threading
+
+    from storage.db import open_db, transaction
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        other = open_db(db_path, migrate=False)
+        with transaction(other):
+            held.set()
+            done.wait(1.5)
+        other.conn.close()
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.3)
+        sim.script("a", Script(outcome="Fail", error_code="4000", duration=0.3,
+                               error_message="invalid parameter"))
+        await sim.start()
+        holder = threading.Thread(target=hold)
+        try:
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf")
+                await worker.store(lambda d: d.execute("PRAGMA busy_timeout = 20"))
+                job = asyncio.create_task(worker.run(drain=True))
+                while not queue.find_task(db, "a")["execute_id"]:
+                    await asyncio.sleep(0.01)
+                holder.start()
+                held.wait(5)
+                await asyncio.wait_for(job, 15)
+            return sim
+        finally:
+            done.set()
+            if holder.is_alive():
+                holder.join()
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "failed" and row["error_code"] == "4000"
+    assert sim.task("a").submits == 1
