@@ -2,7 +2,9 @@
 
 One asyncio loop, one coroutine per claimed task. Limits: at most ``max_coze`` tasks in the Coze
 stage (submitted or waiting on a run) and ``max_synthesis`` synthesis jobs. A task leaves the Coze
-stage, freeing its slot, the moment its run succeeds, and starts synthesis at once.
+stage, freeing its slot, the moment its run succeeds, and starts synthesis at once. ``max_coze``
+is one Coze account's concurrency: a submit is marked only while fewer runs are in flight across
+every worker on the store (checked in the marking transaction), else it waits.
 
 Durability rules, in the order things happen for a task:
 1. claim with a lease (renewed while the task is worked on);
@@ -77,6 +79,10 @@ class LeaseLost(PipelineError):
 
 class BatchPaused(PipelineError):
     """The task's batch was paused: no new run is submitted for it until it is resumed."""
+
+
+class CozeSlotsFull(PipelineError):
+    """``max_coze`` runs are in flight across every worker on the store: submit later."""
 
 
 class Worker:
@@ -423,6 +429,9 @@ class Worker:
                                      kind="submit")
                 except LeaseLost:
                     return _STOPPED
+                except CozeSlotsFull:   # another process's runs fill the account: wait, not fail
+                    await self.clock.sleep(max(0.05, self.config.idle_interval))
+                    continue
                 except BatchPaused:
                     log.info("batch paused: task handed back before a new submit",
                              extra={"task_id": task["id"], "batch_id": task["batch_id"]})
@@ -473,8 +482,17 @@ class Worker:
                     raise LeaseLost(f"task {task['id']} was taken over")
             # Mark the submit in doubt first: if this process dies before the id is stored, the
             # next worker knows a run may exist that it cannot see (Coze has no idempotency key).
-            if not await self._update(task, submit_started_at=self.clock.now()):
+            # The same transaction counts the runs in flight of every process on this store:
+            # the account's concurrency is one, whoever submits.
+            mark = self.clock.now()
+            marked = await self.store(queue.mark_submit, task["id"], owner=self.owner,
+                                      now=mark, max_in_flight=self.config.max_coze)
+            if marked == "full":
+                raise CozeSlotsFull(f"{self.config.max_coze} Coze runs in flight")
+            if marked != "marked":
+                log.warning("lease lost; dropping task", extra={"task_id": task["id"]})
                 raise LeaseLost(f"task {task['id']} was taken over")
+            task["submit_started_at"] = mark
             sent = self.clock.now()
             try:
                 sub = await self.coze.submit(workflow, params)

@@ -224,6 +224,28 @@ def update_task(db: sqlite_utils.Database, task_id: int, *, owner: str | None = 
         return cur.rowcount == 1
 
 
+def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: float,
+                max_in_flight: int | None = None) -> str:
+    """Mark a submit about to go out (``submit_started_at = now``) while ``owner`` holds the task.
+
+    With ``max_in_flight``: only while fewer Coze runs are in flight across every worker on this
+    store (running tasks in the ``coze`` stage with a run id or a submit marked), checked in the
+    same transaction, so two processes never together exceed one account's concurrency.
+    Returns ``"marked"``, ``"full"`` (nothing written: submit later) or ``"lost"`` (the lease).
+    """
+    with transaction(db) as conn:
+        if max_in_flight is not None:
+            busy = conn.execute(
+                "SELECT COUNT(*) FROM tasks WHERE status = 'running' AND stage = 'coze'"
+                " AND (execute_id IS NOT NULL OR submit_started_at IS NOT NULL) AND id != ?",
+                [task_id]).fetchone()[0]
+            if busy >= max_in_flight:
+                return "full"
+        cur = conn.execute("UPDATE tasks SET submit_started_at = ? WHERE id = ?"
+                           " AND lease_owner = ? AND status = 'running'", [now, task_id, owner])
+        return "marked" if cur.rowcount == 1 else "lost"
+
+
 def store_run_id(db: sqlite_utils.Database, task_id: int, *, owner: str, mark: float,
                  tries: int = 20, pause: float = 0.5, **fields: Any) -> str:
     """Store the ``execute_id`` (and the other ``fields``) of a run Coze just accepted.

@@ -181,3 +181,32 @@ def test_a_stale_breaker_success_never_closes_a_manual_trip_made_meanwhile(db, d
     b.record_failure("HTTP 500")
     assert a.state().reason == "manual: auth: token invalid"
     other.conn.close()
+
+
+def test_two_workers_on_one_store_share_the_accounts_coze_concurrency(db, db_path, tmp_path):
+    """The service worker and ``opsbot run`` each allow ``max_coze`` runs; together they must
+    not exceed it (one Coze account). Every task still runs once and succeeds."""
+    from storage.db import open_db
+    cfg = dataclasses.replace(FAST, max_coze=2, output_dir=str(tmp_path), skip_synthesis=True)
+    batch = queue.create_batch(db, [{"task_key": f"t{i}"} for i in range(10)], now=0,
+                               source="cli")
+    other = open_db(db_path, migrate=False)
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.15)
+        await sim.start()
+        try:
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                workers = [Worker(db, cfg, coze, "wf"), Worker(other, cfg, coze, "wf")]
+                await asyncio.wait_for(asyncio.gather(*(w.run(drain=True) for w in workers)),
+                                       30)
+            return sim, workers
+        finally:
+            await sim.stop()
+
+    sim, workers = asyncio.run(go())
+    other.conn.close()
+    assert queue.batch_counts(db, batch)["succeeded"] == 10
+    assert all(sim.task(f"t{i}").submits == 1 for i in range(10))
+    assert all(w.stats["submits"] for w in workers)     # both took part
+    assert sim.peak_in_flight <= 2, sim.peak_in_flight
