@@ -113,7 +113,9 @@ class Worker:
         self.store = StoreThread(db)  # writes: off the loop
         # run times per workflow, loaded from the store the first time a workflow is polled
         self.runtimes = RunTimeBook(
-            lambda workflow: stored_runtimes.load(self.db, workflow, limit=KEEP))
+            lambda workflow: stored_runtimes.load(
+                self.db, workflow, limit=KEEP,
+                since=self.clock.now() - stored_runtimes.MAX_AGE))
         self._submit_sent: dict[int, tuple[str, float]] = {}  # task -> (execute_id, sent at)
         self._wake = asyncio.Event()
         self._synth_claim_at = 0.0    # next look for synthesis-stage tasks (see _claim_and_start)
@@ -643,6 +645,9 @@ class Worker:
     poll_qps_share = 0.85
     #: Successful runs needed before polls are placed by the learned run-time model.
     poll_min_samples = 8
+    #: The longest wait before a run's first poll, in ``poll.maximum``: a workflow that now fails
+    #: early (or was edited to run shorter) is noticed within it, whatever was learned before.
+    poll_first_wait_cap = 3.0
 
     def _poll_delay(self, elapsed: float, polls: int, workflow: str | None = None) -> float:
         """Seconds to wait before the next poll of a run submitted ``elapsed`` seconds ago.
@@ -661,8 +666,9 @@ class Worker:
           ``max(min(poll.first, floor), target * elapsed)`` (``target``: the model's, raised
           when the QPS budget binds; ``floor``: ``target`` of the median run time, so short runs
           are polled a fraction of a second apart and minute-long ones no more often than
-          ``poll.first``) and at most ``poll.maximum``, except the wait for the first poll,
-          which may last until the earliest likely end.
+          ``poll.first``) and at most ``poll.maximum``, except the waits before the earliest
+          likely end, which may last until it but never more than ``poll_first_wait_cap``
+          times ``poll.maximum``. Run times older than 14 days are not loaded.
         """
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:
@@ -671,7 +677,7 @@ class Worker:
         if model is None:
             return min(p.maximum, p.first * (p.multiplier ** polls))
         floor = max(min(p.first, model.floor), model.target * elapsed)
-        cap = max(p.maximum, model.early - elapsed)
+        cap = max(p.maximum, min(model.early - elapsed, self.poll_first_wait_cap * p.maximum))
         return model.next_delay(elapsed, floor, cap)
 
     def _observe(self, task: dict[str, Any], workflow: str, status: Any,
