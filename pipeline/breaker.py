@@ -18,7 +18,7 @@ state it read earlier never undoes another's change (a stale success closing a m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import sqlite_utils
 
