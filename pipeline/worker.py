@@ -25,7 +25,8 @@ never silently. Cancellation (block, cancel, shutdown) waits for a submit on the
 Store calls that write run on a dedicated thread (:class:`storage.db.StoreThread`) and are
 awaited, so a process holding SQLite's write lock (the web process, ``opsbot run``) delays those
 writes but never freezes the loop: polls, submits and lease renewals go on. Reads stay on the
-loop (WAL readers never wait for a writer). The notifier's hooks still run on the loop.
+loop (WAL readers never wait for a writer). The notifier's hooks are called on the loop; the
+service's notifier (:class:`bot.service.NotifierThread`) hands them to a thread of its own.
 
 Run times are learned per workflow from Coze's ``create_time`` / ``update_time`` (see
 :mod:`pipeline.runtimes`) and kept in the store, so a new worker starts warm.
