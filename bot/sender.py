@@ -40,8 +40,8 @@ Decisions:
   Postponing uses ``release``, which counts no attempt.
 
 An upload first extends its row's lease (:data:`UPLOAD_LEASE`), and only while this sender
-still holds the row; ``mark_sent`` / ``mark_retry`` too change a row only while this sender holds
-it, so a sender whose lease was taken over neither uploads a file twice nor overwrites the new
+still holds the row; ``mark_sent`` / ``mark_retry`` / ``mark_dead`` / ``release`` too change a
+row only while this sender holds it, so a sender whose lease was taken over neither uploads a file twice nor overwrites the new
 holder's outcome.
 
 Retries reuse the row's uuid (``outbox.send_uuid``: a replayed row's new one), so a message sent
@@ -210,7 +210,8 @@ class OutboxSender:
                 result = self._without_mentions(row, err)
         except _Postponed as wait:
             held[target] = wait.at
-            outbox.release(self.db, row["id"], next_at=wait.at, reason=f"postponed: {wait}")
+            outbox.release(self.db, row["id"], next_at=wait.at, reason=f"postponed: {wait}",
+                           owner=self.owner)
             return 0
         except FeishuError as err:
             self._failed([row], err, held)
@@ -345,7 +346,8 @@ class OutboxSender:
                 uploads += 1
                 if uploads > UPLOADS_PER_PASS:  # let messages through between large uploads
                     outbox.release(self.db, row["id"], next_at=self.clock.now(),
-                                   reason=f"postponed: {UPLOADS_PER_PASS} upload(s) per pass")
+                                   reason=f"postponed: {UPLOADS_PER_PASS} upload(s) per pass",
+                                   owner=self.owner)
                     continue
             try:
                 if not app_token or not table_id:
@@ -446,7 +448,7 @@ class OutboxSender:
               err: FeishuError | None = None) -> None:
         now = self.clock.now()
         for r in rows:
-            outbox.mark_dead(self.db, r["id"], now=now, error=error)
+            outbox.mark_dead(self.db, r["id"], now=now, error=error, owner=self.owner)
         log.error("outbox gave up: %s", error,
                   extra={**(err.as_log() if err else {}),
                          "outbox_uuids": [r["uuid"] for r in rows],
@@ -454,7 +456,8 @@ class OutboxSender:
 
     def _postpone(self, rows: list[dict[str, Any]], at: float, reason: str) -> None:
         for r in rows:
-            outbox.release(self.db, r["id"], next_at=at, reason=f"postponed: {reason}")
+            outbox.release(self.db, r["id"], next_at=at, reason=f"postponed: {reason}",
+                           owner=self.owner)
 
     def backoff(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failure: exponential, jittered, capped."""

@@ -16,7 +16,8 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 from pipeline.clock import Clock
 from pipeline.coze import CozeClient
@@ -31,32 +32,89 @@ from .settings import Settings
 log = logging.getLogger("opsbot.service")
 
 
-def build_notifier(db, settings: Settings, clock: Clock) -> tuple[Notifier, Any]:
-    """The pipeline's notifier (alert router + Bitable write-back) and the alert router."""
+def build_notifier(db, settings: Settings, clock: Clock, *,
+                   submit: Callable[..., Any] | None = None) -> tuple[Notifier, Any]:
+    """The pipeline's notifier (alert router + Bitable write-back) and the alert router.
+
+    With ``submit`` (see :class:`NotifierThread`) each hook call is handed to it instead of
+    running in the caller."""
     from .alerts import AlertRouter
     from .bitable_sync import BitableWriteBack
 
     router = AlertRouter(db, settings, clock)
-    return FanOut([router, BitableWriteBack(db, settings, clock)]), router
+    return FanOut([router, BitableWriteBack(db, settings, clock)], submit=submit), router
 
 
 class FanOut:
-    """Calls every notifier; one failing notifier never stops the others or the pipeline."""
+    """Calls every notifier; one failing notifier never stops the others or the pipeline.
 
-    def __init__(self, notifiers: list[Any]) -> None:
+    With ``submit``, a hook call is queued (``submit(fn, *args)``) and the caller goes on; the
+    task dicts passed along are copied first, as the worker keeps changing its own."""
+
+    def __init__(self, notifiers: list[Any], *, submit: Callable[..., Any] | None = None) -> None:
         self.notifiers = notifiers
+        self._submit = submit
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
         def call(*args: Any, **kwargs: Any) -> None:
-            for n in self.notifiers:
-                hook = getattr(n, name, None)
-                if hook is None:  # a notifier need not care about every hook
-                    continue
-                try:
-                    hook(*args, **kwargs)
-                except Exception:
-                    log.exception("notifier failed", extra={"hook": name})
+            if self._submit is None:
+                self._call_all(name, args, kwargs)
+                return
+            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+            self._submit(self._call_all, name, args, kwargs)
         return call
+
+    def _call_all(self, name: str, args: tuple, kwargs: dict) -> None:
+        for n in self.notifiers:
+            hook = getattr(n, name, None)
+            if hook is None:  # a notifier need not care about every hook
+                continue
+            try:
+                hook(*args, **kwargs)
+            except Exception:
+                log.exception("notifier failed", extra={"hook": name})
+
+
+class NotifierThread:
+    """The notifier's hooks and the worker's ticks (report, canary, progress, pruning) on one
+    thread of their own, with their own SQLite connection, in the order they were asked for.
+
+    The alert router and the Bitable write-back write to the store; on the worker's loop a
+    store locked by another process (the web process, ``opsbot run``) would freeze every poll
+    and lease renewal for as long as the lock is held. Here only this thread waits.
+    """
+
+    def __init__(self, db: Any, settings: Settings, clock: Clock) -> None:
+        path = settings.db_path
+        # an in-memory store cannot be opened twice: its hooks share the caller's connection
+        self.own_db = str(path) != ":memory:"
+        self.db = open_db(path, migrate=False) if self.own_db else db
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="opsbot-notify")
+        self.notifier, self.router = build_notifier(self.db, settings, clock, submit=self.submit)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queue ``fn(*args, **kwargs)``; a failure is logged."""
+        fut = self._pool.submit(fn, *args, **kwargs)
+        fut.add_done_callback(_log_failure)
+        return fut
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the thread, after everything queued before it."""
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+
+    def close(self) -> None:
+        """Wait for what is queued, then close the connection."""
+        self._pool.shutdown(wait=True)
+        if self.own_db:
+            self.db.conn.close()
+
+
+def _log_failure(fut: Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("notifier call failed", exc_info=fut.exception())
 
 
 class FeishuLoop:
@@ -117,21 +175,28 @@ class FeishuLoop:
             sender.deliver_due()
 
 
-async def _tick_loop(scheduler: Any, router: Any, canary: Any, interval: float) -> None:
-    """On the worker's loop (the router shares its DB connection): report, latency, progress,
-    canary, and once an hour the pruning of old inbox and outbox rows."""
+async def _tick_loop(scheduler: Any, router: Any, canary: Any, interval: float,
+                     hooks: NotifierThread) -> None:
+    """Report, latency, progress, canary, and once an hour the pruning of old inbox and outbox
+    rows, on the notifier's thread (the router's connection lives there), after the hooks
+    queued before."""
     prune_at = 0.0
+
+    def tick() -> None:
+        nonlocal prune_at
+        scheduler.tick()
+        canary.tick()
+        router.flush()
+        now = router.clock.now()
+        if now >= prune_at:
+            prune_at = now + 3600
+            removed = prune(router.db, now=now)
+            if any(removed.values()):
+                log.info("pruned old rows", extra=removed)
+
     while True:
         try:
-            scheduler.tick()
-            canary.tick()
-            router.flush()
-            now = router.clock.now()
-            if now >= prune_at:
-                prune_at = now + 3600
-                removed = prune(router.db, now=now)
-                if any(removed.values()):
-                    log.info("pruned old rows", extra=removed)
+            await hooks.run(tick)
         except Exception:
             log.exception("scheduler tick failed")
         await asyncio.sleep(interval)
@@ -189,21 +254,27 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
         from .canary import Canary
         from .scheduler import Scheduler
 
-        notifier, router = build_notifier(db, settings, clock)
+        hooks = NotifierThread(db, settings, clock)
+        router = hooks.router
         ticker = asyncio.create_task(_tick_loop(
-            Scheduler(db, settings, clock, router=router), router,
-            Canary(db, settings, clock, router), tick_interval))
-        async with CozeClient(base_url, token, limiter=limiter) as coze:
-            worker = Worker(db, settings.pipeline, coze, workflow_id, clock=clock,
-                            notifier=notifier, owner=owner, stages=stages)
-            log.info("worker started", extra={"owner": owner, "drain": drain,
-                                              "stages": ",".join(sorted(stages))})
-            try:
-                await worker.run(drain=drain, stop=stop)
-            finally:
-                worker.synth.close()
-                ticker.cancel()
-                router.flush()
+            Scheduler(hooks.db, settings, clock, router=router), router,
+            Canary(hooks.db, settings, clock, router), tick_interval, hooks))
+        try:
+            async with CozeClient(base_url, token, limiter=limiter) as coze:
+                worker = Worker(db, settings.pipeline, coze, workflow_id, clock=clock,
+                                notifier=hooks.notifier, owner=owner, stages=stages)
+                log.info("worker started", extra={"owner": owner, "drain": drain,
+                                                  "stages": ",".join(sorted(stages))})
+                try:
+                    await worker.run(drain=drain, stop=stop)
+                finally:
+                    worker.synth.close()
+                    ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ticker
+                    await hooks.run(router.flush)
+        finally:
+            await asyncio.to_thread(hooks.close)
         if drain and feishu is not None:
             await _drain_outbox(db, clock, seconds=30.0)
     finally:

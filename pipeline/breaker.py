@@ -11,16 +11,19 @@ A breaker tripped by a fatal error (bad token, no balance) stays open until a hu
 (``resume`` in chat or the Resume button): waiting cannot fix those.
 
 The state lives in the ``breakers`` table so the chat's ``status`` shows it and ``resume`` (in the
-web process) resets it; every process reads the row, so a reset is seen at once.
+web process) resets it; every process reads the row, so a reset is seen at once. Every change
+reads the row and writes it in one ``BEGIN IMMEDIATE`` transaction, so a process deciding on a
+state it read earlier never undoes another's change (a stale success closing a manual trip).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import sqlite_utils
 
 from storage import breakers
+from storage.db import transaction
 
 from .config import BreakerPolicy
 
@@ -64,10 +67,15 @@ class Breaker:
             return True
         if (st.reason or "").startswith(MANUAL):
             return False
-        if st.opened_at is not None and self.now() - st.opened_at >= self.policy.open_seconds:
-            self._write(st, state="half_open", successes=0)
-            return True
-        return False
+
+        def change(st: BreakerState) -> dict | None:
+            if st.state == "open" and not (st.reason or "").startswith(MANUAL) \
+                    and st.opened_at is not None \
+                    and self.now() - st.opened_at >= self.policy.open_seconds:
+                return dict(state="half_open", successes=0)
+            return None
+
+        return self._update(change).state != "open"
 
     def retry_at(self) -> float | None:
         """When an open breaker will let a probe through (None: closed, or manual)."""
@@ -78,53 +86,64 @@ class Breaker:
 
     def record_success(self, kind: str = "poll") -> None:
         """A call of ``kind`` (``submit`` or ``poll``) succeeded."""
-        st = self.state()
         field = "submit_failures" if kind == "submit" else "failures"
-        if st.state == "closed":
-            if getattr(st, field):
-                self._write(st, **{field: 0})
-            return
-        if st.state == "half_open":
-            if kind != "submit" and st.opened_by_submits(self.policy.failure_threshold):
-                return   # a poll answering says nothing about the submits that opened it
-            successes = st.successes + 1
-            if successes >= self.policy.success_threshold:
-                self._write(st, state="closed", failures=0, submit_failures=0, successes=0,
-                            opened_at=None, reason=None)
-            else:
-                self._write(st, successes=successes)
+
+        def change(st: BreakerState) -> dict | None:
+            if st.state == "closed":
+                return {field: 0} if getattr(st, field) else None
+            if st.state == "half_open":
+                if kind != "submit" and st.opened_by_submits(self.policy.failure_threshold):
+                    return None  # a poll answering says nothing about the submits that opened it
+                successes = st.successes + 1
+                if successes >= self.policy.success_threshold:
+                    return dict(state="closed", failures=0, submit_failures=0, successes=0,
+                                opened_at=None, reason=None)
+                return dict(successes=successes)
+            return None   # open (a call that went out before it opened, or a manual trip)
+
+        self._update(change)
 
     def record_failure(self, reason: str, kind: str = "poll") -> None:
         """A call of ``kind`` failed in a way that says the service is unwell."""
-        st = self.state()
-        if st.state == "open":
-            return
         field = "submit_failures" if kind == "submit" else "failures"
-        count = getattr(st, field) + 1
-        if st.state == "half_open" or count >= self.policy.failure_threshold:
-            self._write(st, state="open", successes=0, opened_at=self.now(),
-                        reason=reason[:300], **{field: count})
-        else:
-            self._write(st, **{field: count})
+
+        def change(st: BreakerState) -> dict | None:
+            if st.state == "open":
+                return None
+            count = getattr(st, field) + 1
+            if st.state == "half_open" or count >= self.policy.failure_threshold:
+                return dict(state="open", successes=0, opened_at=self.now(),
+                            reason=reason[:300], **{field: count})
+            return {field: count}
+
+        self._update(change)
 
     def trip(self, reason: str) -> None:
         """Open until a human resets it (fatal errors)."""
-        st = self.state()
-        self._write(st, state="open", successes=0, opened_at=self.now(),
-                    reason=f"{MANUAL}: {reason}"[:300])
+        self._update(lambda st: dict(state="open", successes=0, opened_at=self.now(),
+                                     reason=f"{MANUAL}: {reason}"[:300]))
 
     def reset(self) -> None:
-        st = self.state()
-        self._write(st, state="closed", failures=0, submit_failures=0, successes=0,
-                    opened_at=None, reason=None)
+        self._update(lambda st: dict(state="closed", failures=0, submit_failures=0, successes=0,
+                                     opened_at=None, reason=None))
 
-    def _write(self, before: BreakerState, **changes: Any) -> None:
-        after = BreakerState(**{**before.__dict__, **changes})
-        breakers.put(self.db, service=after.service, state=after.state, failures=after.failures,
-                     successes=after.successes, opened_at=after.opened_at, reason=after.reason,
-                     submit_failures=after.submit_failures, now=self.now())
+    def _update(self, change: Callable[[BreakerState], dict | None]) -> BreakerState:
+        """Read the state and write ``change(state)`` in one ``BEGIN IMMEDIATE`` transaction,
+        so a write never rests on a state another process changed meanwhile (a stale success
+        closing a manual trip). Returns the state after; ``on_change`` is told after commit."""
+        with transaction(self.db) as conn:
+            before = self.state()
+            changes = change(before)
+            if not changes:
+                return before
+            after = BreakerState(**{**before.__dict__, **changes})
+            breakers.put_in(conn, service=after.service, state=after.state,
+                            failures=after.failures, successes=after.successes,
+                            opened_at=after.opened_at, reason=after.reason,
+                            submit_failures=after.submit_failures, now=self.now())
         if self.on_change and after.state != before.state:
             self.on_change(before, after)
+        return after
 
 
 def reset_all(db: sqlite_utils.Database, now: float) -> int:

@@ -150,6 +150,10 @@ class CozeClient:
                 return self._check(resp.status, resp.headers, raw, path)
         except CozeError:
             raise
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # refused, DNS, connect timeout: the request never left this machine
+            text = redact(f"{type(exc).__name__}: {exc}", self._token)
+            raise CozeNetworkError(f"{text} ({method} {path})", sent=False) from exc
         except asyncio.TimeoutError as exc:
             raise CozeNetworkError(f"no answer in {self._timeout.total}s: {method} {path}") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -209,7 +213,7 @@ def _parse_history(body: dict, log_id: str | None, execute_id: str) -> RunStatus
 
 def _unix_seconds(value: Any) -> float | None:
     """A Coze timestamp (seconds, as a number or a string) as float seconds; None when absent
-    or unusable. Milliseconds (some gateways) are recognised by their size."""
+    or unusable. Milliseconds or microseconds (some gateways) are recognised by their size."""
     if isinstance(value, bool) or value in (None, ""):
         return None
     try:
@@ -218,7 +222,9 @@ def _unix_seconds(value: Any) -> float | None:
         return None
     if not (seconds > 0 and seconds == seconds and seconds != float("inf")):
         return None
-    return seconds / 1000.0 if seconds > 1e11 else seconds
+    while seconds > 1e11:   # milliseconds, microseconds: seconds stay below 1e11 until 5138
+        seconds /= 1000.0
+    return seconds
 
 
 def _decode(raw: bytes) -> Any:

@@ -72,10 +72,15 @@ class CozeError(PipelineError):
 
 
 class CozeNetworkError(CozeError):
-    """Connection refused, reset or dropped, or no answer in time. Always code ``"network"``."""
+    """Connection refused, reset or dropped, or no answer in time. Always code ``"network"``.
 
-    def __init__(self, message: str = "", **kwargs: Any) -> None:
+    ``sent`` is False only when the request cannot have reached Coze (refused, DNS, connect
+    timeout); after that the request may have been received and acted on.
+    """
+
+    def __init__(self, message: str = "", *, sent: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("scope", "call")
+        self.sent = sent
         super().__init__("network", message, **kwargs)
 
 

@@ -73,7 +73,8 @@ async def run_batch(db: sqlite_utils.Database, config: PipelineConfig, *, tasks:
                 while not run.done():
                     bar.update(queue.batch_counts(db, batch_id), clock.monotonic() - started)
                     if clock.now() - held_at >= hold / 3:
-                        held_at = _renew_hold(db, batch_id, owner, clock, hold, held_at)
+                        held_at = await _renew_hold(worker, batch_id, owner, clock, hold,
+                                                    held_at)
                     await asyncio.wait([run], timeout=progress_every)
                 await run
             finally:
@@ -89,11 +90,13 @@ async def run_batch(db: sqlite_utils.Database, config: PipelineConfig, *, tasks:
     return RunResult(batch_id, counts, results_path, 0 if ok else 1)
 
 
-def _renew_hold(db: sqlite_utils.Database, batch_id: str, owner: str, clock: Clock,
-                hold: float, held_at: float) -> float:
-    """Keep the batch this process's own for ``hold`` more seconds; returns when it was done."""
+async def _renew_hold(worker: Worker, batch_id: str, owner: str, clock: Clock,
+                      hold: float, held_at: float) -> float:
+    """Keep the batch this process's own for ``hold`` more seconds; returns when it was done.
+    The write goes through the worker's store thread: a store locked by another process delays
+    it without freezing the loop."""
     try:
-        queue.hold_batch(db, batch_id, owner=owner, until=clock.now() + hold)
+        await worker.store(queue.hold_batch, batch_id, owner=owner, until=clock.now() + hold)
     except sqlite3.OperationalError as exc:   # the store is busy: try again on the next tick
         log.warning("could not renew the hold on batch %s: %s", batch_id, exc)
         return held_at

@@ -12,7 +12,9 @@ with :class:`Script`. A run ends once ``clock.now() >= submitted + duration``; s
 :class:`~pipeline.clock.FakeClock` with the code under test and nothing waits.
 
 Faults injected on submit, per task, happen in this order: dropped connections, HTTP 429 (with
-Retry-After), HTTP 500, then ``code_on_submit``. Globally: :meth:`CozeSimulator.set_token_valid`,
+Retry-After), HTTP 500, then ``code_on_submit``; a submit that gets past them creates its run, and
+``drop_answer_first_n`` then drops the connection instead of answering (the run still goes on,
+like a Coze answer lost on the way back). Globally: :meth:`CozeSimulator.set_token_valid`,
 :meth:`CozeSimulator.set_down` (every connection is dropped), :meth:`CozeSimulator.storm_429`.
 
 Run it as a process::
@@ -61,6 +63,9 @@ class Script:
     code_on_submit: int | str | None = None  # e.g. 4100, 4000: submit answers this Coze code
     code_on_submit_first_n: int | None = None  # None: every submit; N: the first N after faults
     poll_500_first_n: int = 0               # the first N polls of the task answer HTTP 500
+    drop_answer_first_n: int = 0            # the first N runs are created, then the connection
+                                            # drops before the answer (the run goes on)
+    submit_delay: float = 0.0               # real seconds between creating a run and answering
 
     @classmethod
     def from_dict(cls, data: dict) -> "Script":
@@ -259,7 +264,12 @@ class CozeSimulator:
         if self.workflow_id is not None and workflow_id != self.workflow_id:
             return self._error(200, 4200, "workflow not found or not published")
         with self._lock:
-            return self._submit(request, workflow_id, params)
+            response = self._submit(request, workflow_id, params)
+        task = str(params.get("task_id") or "")
+        delay = self._scripts.get(task, self.default_script).submit_delay
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return response
 
     def _submit(self, request: web.Request, workflow_id: str, params: dict) -> web.Response:
         self._counter += 1
@@ -282,7 +292,10 @@ class CozeSimulator:
                 script.code_on_submit_first_n is None or n <= script.code_on_submit_first_n):
             return self._error(200, int(script.code_on_submit), _CODE_MESSAGES.get(
                 str(script.code_on_submit), "request refused"))
-        return self._start_run(task, workflow_id, script, stats)
+        answer = self._start_run(task, workflow_id, script, stats)
+        if len(stats.runs) <= script.drop_answer_first_n:
+            return self._drop(request)
+        return answer
 
     def _start_run(self, task: str, workflow_id: str, script: Script,
                    stats: TaskStats) -> web.Response:

@@ -2,24 +2,31 @@
 
 One asyncio loop, one coroutine per claimed task. Limits: at most ``max_coze`` tasks in the Coze
 stage (submitted or waiting on a run) and ``max_synthesis`` synthesis jobs. A task leaves the Coze
-stage, freeing its slot, the moment its run succeeds, and starts synthesis at once.
+stage, freeing its slot, the moment its run succeeds, and starts synthesis at once. ``max_coze``
+is one Coze account's concurrency: a submit is marked only while fewer runs are in flight across
+every worker on the store (checked in the marking transaction), else it waits.
 
 Durability rules, in the order things happen for a task:
 1. claim with a lease (renewed while the task is worked on);
 2. submit, then store ``execute_id`` before anything else: a restarted worker that claims the task
-   again finds the id and waits on the same run instead of submitting a new one;
+   again finds the id and waits on the same run instead of submitting a new one (a worker whose
+   lease ran out meanwhile still stores the id while nobody has submitted since, and the write
+   is tried again while the store is locked);
 3. wait (adaptive polling; a run that ended is never polled again);
 4. write the outcome, with the lease check, so a worker that lost its lease writes nothing.
-The only window for a duplicate submit is a crash between Coze accepting the run and the store
-committing its id (a few milliseconds); Coze offers no idempotency key to close it. Each submit
-is marked before it goes out, so a task caught in that window is submitted again with the doubt
-recorded (an ``in_doubt`` attempt), never silently. Cancellation (block, cancel, shutdown) waits
-for a submit on the wire, so only a hard kill can hit the window.
+Coze offers no idempotency key, so two windows for a duplicate submit stay open: a crash between
+Coze accepting the run and the store committing its id, and a submit whose request went out but
+whose answer was lost (timeout, dropped or reset connection, HTTP 5xx). Each submit is marked
+(``submit_started_at``) before it goes out and the mark is cleared only when the id is stored or
+the request provably never reached Coze (refused, DNS, connect timeout) or Coze refused it; a
+task still marked is submitted again with the doubt recorded first (an ``in_doubt`` attempt),
+never silently. Cancellation (block, cancel, shutdown) waits for a submit on the wire.
 
 Store calls that write run on a dedicated thread (:class:`storage.db.StoreThread`) and are
 awaited, so a process holding SQLite's write lock (the web process, ``opsbot run``) delays those
 writes but never freezes the loop: polls, submits and lease renewals go on. Reads stay on the
-loop (WAL readers never wait for a writer). The notifier's hooks still run on the loop.
+loop (WAL readers never wait for a writer). The notifier's hooks are called on the loop; the
+service's notifier (:class:`bot.service.NotifierThread`) hands them to a thread of its own.
 
 Run times are learned per workflow from Coze's ``create_time`` / ``update_time`` (see
 :mod:`pipeline.runtimes`) and kept in the store, so a new worker starts warm.
@@ -93,6 +100,10 @@ class BatchPaused(PipelineError):
     """The task's batch was paused: no new run is submitted for it until it is resumed."""
 
 
+class CozeSlotsFull(PipelineError):
+    """``max_coze`` runs are in flight across every worker on the store: submit later."""
+
+
 class Worker:
     def __init__(self, db: sqlite_utils.Database, config: PipelineConfig, coze: Any,
                  workflow_id: str, *, clock: Clock | None = None,
@@ -133,7 +144,9 @@ class Worker:
         self.store = StoreThread(db)  # writes: off the loop
         # run times per workflow, loaded from the store the first time a workflow is polled
         self.runtimes = RunTimeBook(
-            lambda workflow: stored_runtimes.load(self.db, workflow, limit=KEEP))
+            lambda workflow: stored_runtimes.load(
+                self.db, workflow, limit=KEEP,
+                since=self.clock.now() - stored_runtimes.MAX_AGE))
         self._submit_sent: dict[int, tuple[str, float]] = {}  # task -> (execute_id, sent at)
         self._wake = asyncio.Event()
         self._synth_claim_at = 0.0    # next look for synthesis-stage tasks (see _claim_and_start)
@@ -313,8 +326,22 @@ class Worker:
     async def _release(self, task_id: int) -> None:
         await self.store(queue.release_task, task_id, owner=self.owner)
 
+    async def _release_after_crash(self, task_id: int, tries: int = 60,
+                                   pause: float = 0.5) -> None:
+        for left in range(tries - 1, -1, -1):
+            try:
+                await self._release(task_id)
+                return
+            except sqlite3.OperationalError:
+                if not left:
+                    log.exception("task left running; another worker takes it over once its "
+                                  "lease runs out", extra={"task_id": task_id})
+                    return
+                await asyncio.sleep(pause)
+
     async def _finish_batches(self) -> None:
-        for batch_id in await self.store(queue.finish_batches, now=self.clock.now()):
+        for batch_id in await self.store(queue.finish_batches, now=self.clock.now(),
+                                         batch_ids=self.batch_ids):
             self.notifier.batch_finished(batch_id)
 
     # ---- one task ----------------------------------------------------------------------------
@@ -349,7 +376,15 @@ class Worker:
             raise
         except Exception as exc:  # a bug must not kill the worker or stall other tasks
             log.exception("task crashed", extra={"task_id": task_id})
-            await self._fail(task, None, exc, error_class="internal")
+            try:
+                await self._fail(task, None, exc, error_class="internal")
+            except Exception:
+                # e.g. the store locked past its busy timeout: a task left running under this
+                # owner is never claimed again by it (its drain would wait forever), so hand
+                # it back (a no-op once it is final)
+                log.exception("could not record the task's failure; handing it back",
+                              extra={"task_id": task_id})
+                await self._release_after_crash(task_id)
         finally:
             if self._inflight.get(task_id) is asyncio.current_task():
                 self._coze_active.discard(task_id)
@@ -429,7 +464,8 @@ class Worker:
         if self.config.task_id_param:
             params = {self.config.task_id_param: task["task_key"], **params}
         if task.get("submit_started_at") and not task.get("execute_id"):
-            await self._submit_in_doubt(task)
+            if not await self._submit_in_doubt(task):
+                return _STOPPED
         while True:
             if not task.get("execute_id"):
                 started = self.clock.now()
@@ -439,12 +475,18 @@ class Worker:
                                      kind="submit")
                 except LeaseLost:
                     return _STOPPED
+                except CozeSlotsFull:   # another process's runs fill the account: wait, not fail
+                    await self.clock.sleep(max(0.05, self.config.idle_interval))
+                    continue
                 except BatchPaused:
                     log.info("batch paused: task handed back before a new submit",
                              extra={"task_id": task["id"], "batch_id": task["batch_id"]})
                     await self._release(task["id"])
                     return _STOPPED
                 except Exception as exc:
+                    if task.get("submit_started_at") and not task.get("execute_id") \
+                            and not await self._submit_in_doubt(task, lost_answer=True):
+                        return _STOPPED
                     result = await self._handle_error(task, exc, "coze", started)
                     if isinstance(result, _Resubmit):
                         await self.clock.sleep(result.wait)
@@ -480,22 +522,45 @@ class Worker:
         async def submit_and_store():
             if self._batch_status(task["batch_id"]) == "paused":
                 raise BatchPaused(f"batch {task['batch_id']} is paused")
+            if task.get("submit_started_at") and not task.get("execute_id"):
+                # the last submit failed after its request may have reached Coze
+                if not await self._submit_in_doubt(task, lost_answer=True):
+                    raise LeaseLost(f"task {task['id']} was taken over")
             # Mark the submit in doubt first: if this process dies before the id is stored, the
             # next worker knows a run may exist that it cannot see (Coze has no idempotency key).
-            if not await self._update(task, submit_started_at=self.clock.now()):
+            # The same transaction counts the runs in flight of every process on this store:
+            # the account's concurrency is one, whoever submits.
+            mark = self.clock.now()
+            marked = await self.store(queue.mark_submit, task["id"], owner=self.owner,
+                                      now=mark, max_in_flight=self.config.max_coze)
+            if marked == "full":
+                raise CozeSlotsFull(f"{self.config.max_coze} Coze runs in flight")
+            if marked != "marked":
+                log.warning("lease lost; dropping task", extra={"task_id": task["id"]})
                 raise LeaseLost(f"task {task['id']} was taken over")
+            task["submit_started_at"] = mark
             sent = self.clock.now()
             try:
                 sub = await self.coze.submit(workflow, params)
-            except BaseException:
-                await self._update(task, submit_started_at=None, _final=True)
+            except BaseException as exc:
+                # Only a request that never reached Coze leaves no run behind. After a timeout,
+                # a dropped or reset connection or a 5xx, Coze may have created the run: the mark
+                # stays, and the next submit records the doubt first (see _submit_in_doubt).
+                if not _submit_may_have_run(exc):
+                    await self._update(task, submit_started_at=None, _final=True)
                 raise
             self.stats["submits"] += 1
-            if not await self._update(task, execute_id=sub.execute_id,
-                                      submitted_at=self.clock.now(), debug_url=sub.debug_url,
-                                      attempts=task["attempts"] + 1, run_workflow_id=workflow,
-                                      submit_started_at=None):
+            fields = dict(execute_id=sub.execute_id, submitted_at=self.clock.now(),
+                          debug_url=sub.debug_url, attempts=task["attempts"] + 1,
+                          run_workflow_id=workflow)
+            stored = await self.store(queue.store_run_id, task["id"], owner=self.owner,
+                                      mark=task["submit_started_at"], **fields)
+            if stored != "owned":
+                # Coze runs it either way: keep its id where the next claim finds it
+                log.warning("lease lost after Coze accepted a run; its id was %s", stored,
+                            extra={"task_id": task["id"], "execute_id": sub.execute_id})
                 raise LeaseLost(f"task {task['id']} was taken over")
+            task.update(fields, submit_started_at=None)
             self._submit_sent[task["id"]] = (sub.execute_id, sent)
             return sub
 
@@ -505,21 +570,30 @@ class Worker:
                                 if self._submitting.get(tid) is f else None)
         return asyncio.shield(inner)
 
-    async def _submit_in_doubt(self, task: dict[str, Any]) -> None:
-        """The previous worker died during a submit: Coze may hold a run nobody can see.
+    async def _submit_in_doubt(self, task: dict[str, Any], *, lost_answer: bool = False) -> bool:
+        """A submit may have created a run nobody can see: a worker died during it
+        (``lost_answer`` False), or its answer was lost after the request went out (timeout,
+        dropped connection, 5xx).
 
         It is submitted again (losing the task would be worse), and the doubt is recorded so the
-        report and the task's history show a possible duplicate run.
+        report and the task's history show a possible duplicate run. False: the lease was lost.
         """
         now = self.clock.now()
-        log.warning("a worker died during this task's submit; submitting again",
-                    extra={"task_id": task["id"], "batch_id": task["batch_id"]})
+        if lost_answer:
+            message = ("the submit's answer was lost after the request went out (timeout, "
+                       "dropped connection or server error); Coze may have run this task once more")
+            log.warning("a submit's answer was lost; submitting again",
+                        extra={"task_id": task["id"], "batch_id": task["batch_id"]})
+        else:
+            message = ("the worker died between submitting and storing the run id; Coze may "
+                       "have run this task once more")
+            log.warning("a worker died during this task's submit; submitting again",
+                        extra={"task_id": task["id"], "batch_id": task["batch_id"]})
         await self.store(queue.record_attempt, task, stage="coze",
                          started_at=task["submit_started_at"], ended_at=now, outcome="in_doubt",
-                         error_class="crash_during_submit",
-                         error_message="the worker died between submitting and storing the "
-                                       "run id; Coze may have run this task once more")
-        await self._update(task, submit_started_at=None)
+                         error_class="lost_submit_answer" if lost_answer
+                         else "crash_during_submit", error_message=message)
+        return await self._update(task, submit_started_at=None)
 
     def _workflow_for_submit(self, task: dict[str, Any]) -> str:
         """The batch's own workflow when it names another one; else primary or fallback."""
@@ -612,6 +686,9 @@ class Worker:
     poll_qps_share = 0.85
     #: Successful runs needed before polls are placed by the learned run-time model.
     poll_min_samples = 8
+    #: The longest wait before a run's first poll, in ``poll.maximum``: a workflow that now fails
+    #: early (or was edited to run shorter) is noticed within it, whatever was learned before.
+    poll_first_wait_cap = 3.0
 
     def _poll_delay(self, elapsed: float, polls: int, workflow: str | None = None) -> float:
         """Seconds to wait before the next poll of a run submitted ``elapsed`` seconds ago.
@@ -630,8 +707,9 @@ class Worker:
           ``max(min(poll.first, floor), target * elapsed)`` (``target``: the model's, raised
           when the QPS budget binds; ``floor``: ``target`` of the median run time, so short runs
           are polled a fraction of a second apart and minute-long ones no more often than
-          ``poll.first``) and at most ``poll.maximum``, except the wait for the first poll,
-          which may last until the earliest likely end.
+          ``poll.first``) and at most ``poll.maximum``, except the waits before the earliest
+          likely end, which may last until it but never more than ``poll_first_wait_cap``
+          times ``poll.maximum``. Run times older than 14 days are not loaded.
         """
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:
@@ -640,7 +718,7 @@ class Worker:
         if model is None:
             return min(p.maximum, p.first * (p.multiplier ** polls))
         floor = max(min(p.first, model.floor), model.target * elapsed)
-        cap = max(p.maximum, model.early - elapsed)
+        cap = max(p.maximum, min(model.early - elapsed, self.poll_first_wait_cap * p.maximum))
         return model.next_delay(elapsed, floor, cap)
 
     def _observe(self, task: dict[str, Any], workflow: str, status: Any,
@@ -860,6 +938,19 @@ class Worker:
     def _breaker_changed(self, before, after) -> None:
         log.warning("breaker %s: %s -> %s", after.service, before.state, after.state)
         self.notifier.breaker_changed(after.service, before.state, after.state, after.reason)
+
+
+def _submit_may_have_run(exc: BaseException) -> bool:
+    """Could Coze have created a run for a submit that raised ``exc``?
+
+    No only for a refusal it answered (a 4xx or a Coze error code) and for a request that never
+    left this machine (connection refused, DNS, connect timeout).
+    """
+    if isinstance(exc, CozeNetworkError):
+        return exc.sent
+    if isinstance(exc, CozeError):
+        return (exc.http_status or 0) >= 500 or exc.code == "bad_response"
+    return True
 
 
 class _Marker:

@@ -24,15 +24,23 @@ def put(db: sqlite_utils.Database, *, service: str, state: str, failures: int, s
         opened_at: float | None, reason: str | None, submit_failures: int, now: float) -> None:
     """Insert or overwrite the row of ``service`` in one transaction."""
     with transaction(db) as conn:
-        conn.execute(
-            "INSERT INTO breakers (service, state, failures, successes, opened_at, reason,"
-            " updated_at, submit_failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT(service) DO UPDATE SET"
-            " state = excluded.state, failures = excluded.failures,"
-            " successes = excluded.successes, opened_at = excluded.opened_at,"
-            " reason = excluded.reason, updated_at = excluded.updated_at,"
-            " submit_failures = excluded.submit_failures",
-            [service, state, failures, successes, opened_at, reason, now, submit_failures])
+        put_in(conn, service=service, state=state, failures=failures, successes=successes,
+               opened_at=opened_at, reason=reason, submit_failures=submit_failures, now=now)
+
+
+def put_in(conn: Any, *, service: str, state: str, failures: int, successes: int,
+           opened_at: float | None, reason: str | None, submit_failures: int,
+           now: float) -> None:
+    """As :func:`put`, inside the caller's transaction (read-then-write in one lock)."""
+    conn.execute(
+        "INSERT INTO breakers (service, state, failures, successes, opened_at, reason,"
+        " updated_at, submit_failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(service) DO UPDATE SET"
+        " state = excluded.state, failures = excluded.failures,"
+        " successes = excluded.successes, opened_at = excluded.opened_at,"
+        " reason = excluded.reason, updated_at = excluded.updated_at,"
+        " submit_failures = excluded.submit_failures",
+        [service, state, failures, successes, opened_at, reason, now, submit_failures])
 
 
 def close_all(db: sqlite_utils.Database, now: float) -> int:

@@ -122,11 +122,18 @@ def extend_lease(db: sqlite_utils.Database, row_id: int, *, owner: str, until: f
         return cur.rowcount > 0
 
 
-def release(db: sqlite_utils.Database, row_id: int, *, next_at: float, reason: str) -> None:
-    """Put a claimed row off until ``next_at`` without counting an attempt (rate limit, order)."""
+def release(db: sqlite_utils.Database, row_id: int, *, next_at: float, reason: str,
+            owner: str | None = None) -> bool:
+    """Put a claimed row off until ``next_at`` without counting an attempt (rate limit, order).
+
+    Only a pending row; with ``owner``, only while that sender still holds it (a sender whose
+    lease ran out must not release the row another sender now holds). True when released."""
+    where, args = _owned(owner)
     with transaction(db) as conn:
-        conn.execute("UPDATE outbox SET next_at = ?, last_error = ?, lease_owner = NULL,"
-                     " lease_until = NULL WHERE id = ?", [next_at, reason[:500], row_id])
+        cur = conn.execute("UPDATE outbox SET next_at = ?, last_error = ?, lease_owner = NULL,"
+                           f" lease_until = NULL WHERE id = ? AND status = 'pending'{where}",
+                           [next_at, reason[:500], row_id, *args])
+        return cur.rowcount > 0
 
 
 def status_of(db: sqlite_utils.Database, uuid: str) -> str | None:
@@ -135,12 +142,19 @@ def status_of(db: sqlite_utils.Database, uuid: str) -> str | None:
     return row[0] if row else None
 
 
-def mark_dead(db: sqlite_utils.Database, row_id: int, *, now: float, error: str) -> None:
-    """Give up on a row that can never succeed (e.g. bot removed from the chat)."""
+def mark_dead(db: sqlite_utils.Database, row_id: int, *, now: float, error: str,
+              owner: str | None = None) -> bool:
+    """Give up on a row that can never succeed (e.g. bot removed from the chat).
+
+    Only a pending row (a sent one stays sent); with ``owner``, only while that sender still
+    holds it. True when the row was marked."""
+    where, args = _owned(owner)
     with transaction(db) as conn:
-        conn.execute("UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = ?,"
-                     " lease_owner = NULL, lease_until = NULL, sent_at = ? WHERE id = ?",
-                     [error[:500], now, row_id])
+        cur = conn.execute("UPDATE outbox SET status = 'dead', attempts = attempts + 1,"
+                           " last_error = ?, lease_owner = NULL, lease_until = NULL, sent_at = ?"
+                           f" WHERE id = ? AND status = 'pending'{where}",
+                           [error[:500], now, row_id, *args])
+        return cur.rowcount > 0
 
 
 def result_of(db: sqlite_utils.Database, uuid: str) -> str | None:

@@ -8,6 +8,8 @@ twice. Every function takes ``now`` (Unix seconds) so tests control time.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 import uuid
 from typing import Any, Callable, Iterable
 
@@ -222,6 +224,59 @@ def update_task(db: sqlite_utils.Database, task_id: int, *, owner: str | None = 
         return cur.rowcount == 1
 
 
+def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: float,
+                max_in_flight: int | None = None) -> str:
+    """Mark a submit about to go out (``submit_started_at = now``) while ``owner`` holds the task.
+
+    With ``max_in_flight``: only while fewer Coze runs are in flight across every worker on this
+    store (running tasks in the ``coze`` stage with a run id or a submit marked), checked in the
+    same transaction, so two processes never together exceed one account's concurrency.
+    Returns ``"marked"``, ``"full"`` (nothing written: submit later) or ``"lost"`` (the lease).
+    """
+    with transaction(db) as conn:
+        if max_in_flight is not None:
+            busy = conn.execute(
+                "SELECT COUNT(*) FROM tasks WHERE status = 'running' AND stage = 'coze'"
+                " AND (execute_id IS NOT NULL OR submit_started_at IS NOT NULL) AND id != ?",
+                [task_id]).fetchone()[0]
+            if busy >= max_in_flight:
+                return "full"
+        cur = conn.execute("UPDATE tasks SET submit_started_at = ? WHERE id = ?"
+                           " AND lease_owner = ? AND status = 'running'", [now, task_id, owner])
+        return "marked" if cur.rowcount == 1 else "lost"
+
+
+def store_run_id(db: sqlite_utils.Database, task_id: int, *, owner: str, mark: float,
+                 tries: int = 20, pause: float = 0.5, **fields: Any) -> str:
+    """Store the ``execute_id`` (and the other ``fields``) of a run Coze just accepted.
+
+    ``"owned"``: written while ``owner`` holds the task. ``"adopted"``: the lease was lost, but
+    nobody has submitted since (``submit_started_at`` is still this submit's ``mark`` and no
+    id is stored), so the id is written anyway and the next claim waits on this run instead of
+    submitting another. ``"lost"``: another worker moved on (its own submit, or the doubt
+    recorded). A write that finds the store locked past its busy timeout is tried again, up to
+    ``tries`` times, ``pause`` seconds apart (run it off the event loop); then it raises.
+    """
+    fields = {**fields, "submit_started_at": None}
+    cols = ", ".join(f"{k} = ?" for k in fields)
+    args = [_json(v) for v in fields.values()]
+    for left in range(tries - 1, -1, -1):
+        try:
+            with transaction(db) as conn:
+                cur = conn.execute(f"UPDATE tasks SET {cols} WHERE id = ? AND lease_owner = ?"
+                                   " AND status = 'running'", [*args, task_id, owner])
+                if cur.rowcount == 1:
+                    return "owned"
+                cur = conn.execute(f"UPDATE tasks SET {cols} WHERE id = ? AND execute_id IS NULL"
+                                   " AND submit_started_at = ?", [*args, task_id, mark])
+                return "adopted" if cur.rowcount == 1 else "lost"
+        except sqlite3.OperationalError:
+            if not left:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _json(value: Any) -> Any:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
 
@@ -296,13 +351,18 @@ def requeue_tasks(db: sqlite_utils.Database, task_ids: Iterable[int], *, now: fl
     return n
 
 
-def finish_batches(db: sqlite_utils.Database, *, now: float) -> list[str]:
-    """Mark running batches with no active task left as done; return their ids."""
+def finish_batches(db: sqlite_utils.Database, *, now: float,
+                   batch_ids: Iterable[str] | None = None) -> list[str]:
+    """Mark running batches (of ``batch_ids``, if given) with no active task left as done;
+    return their ids. A worker limited to its own batches never finishes (and announces)
+    another process's."""
+    wanted = tuple(batch_ids) if batch_ids else ()
+    only = f" AND b.id IN ({','.join('?' * len(wanted))})" if wanted else ""
     with transaction(db) as conn:
         ids = [r[0] for r in conn.execute(
             "SELECT b.id FROM batches b WHERE b.status = 'running' AND NOT EXISTS"
             " (SELECT 1 FROM tasks t WHERE t.batch_id = b.id"
-            "  AND t.status IN ('queued', 'running', 'retrying'))")]
+            f"  AND t.status IN ('queued', 'running', 'retrying')){only}", list(wanted))]
         for bid in ids:
             conn.execute("UPDATE batches SET status = 'done', finished_at = ? WHERE id = ?",
                          [now, bid])

@@ -10,10 +10,17 @@ import sqlite_utils
 from .db import transaction
 
 
-def load(db: sqlite_utils.Database, workflow_id: str, *, limit: int) -> list[float]:
-    """The last ``limit`` run times of ``workflow_id``, oldest first."""
+#: Run times older than this are not loaded: a workflow edited since may run quite differently.
+MAX_AGE = 14 * 86400.0
+
+
+def load(db: sqlite_utils.Database, workflow_id: str, *, limit: int,
+         since: float | None = None) -> list[float]:
+    """The last ``limit`` run times of ``workflow_id``, oldest first; with ``since``, only runs
+    that ended at or after it (pass ``now - MAX_AGE``)."""
     rows = db.execute("SELECT seconds FROM run_times WHERE workflow_id = ?"
-                      " ORDER BY id DESC LIMIT ?", [workflow_id, limit]).fetchall()
+                      " AND (? IS NULL OR ended_at >= ?) ORDER BY id DESC LIMIT ?",
+                      [workflow_id, since, since, limit]).fetchall()
     return [r[0] for r in reversed(rows)]
 
 

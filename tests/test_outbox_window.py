@@ -182,3 +182,31 @@ def test_the_fake_like_feishu_forgets_a_uuid_after_an_hour(db, fake, clock, send
     clock.advance(HOUR)
     client.send_text(CHAT, "once", "u-1")
     assert len(fake.messages) == 2
+
+
+def test_a_sender_whose_lease_ran_out_cannot_kill_or_release_the_row_another_now_holds(
+        db, fake, clock):
+    """A claims, stalls past its lease; B claims. A's late give-up or postpone changes nothing
+    while B holds the row, nor after B sent it."""
+    client = FeishuClient(fake.settings(), timeout=2.0)
+    a = OutboxSender(db, client, clock=clock, owner="A", rng=lambda: 1.0)
+    b = OutboxSender(db, client, clock=clock, owner="B", rng=lambda: 1.0)
+    uid = outbox.enqueue(db, "send", CHAT, {"text": "hello"}, now=clock.now())
+    [stale] = outbox.claim_due(db, owner="A", now=clock.now(), lease=30)
+    clock.advance(31)
+    [held] = outbox.claim_due(db, owner="B", now=clock.now(), lease=30)
+    a._dead([stale], "A gave up late")
+    a._postpone([stale], clock.now() + 600, "A postponed late")
+    after = row(db, uid)
+    assert (after["status"], after["lease_owner"], after["next_at"]) == \
+        ("pending", "B", held["next_at"])
+    assert not outbox.mark_dead(db, stale["id"], now=clock.now(), error="x", owner="A")
+    assert not outbox.release(db, stale["id"], next_at=0, reason="x", owner="A")
+    b._deliver_message(held, {})
+    a._dead([stale], "A gave up late")
+    a._postpone([stale], clock.now() + 600, "A postponed late")
+    after = row(db, uid)
+    assert after["status"] == "sent" and after["last_error"] is None and len(sends(fake)) == 1
+    # without an owner (an admin tool) a sent row is still never made dead
+    assert not outbox.mark_dead(db, stale["id"], now=clock.now(), error="x")
+    assert row(db, uid)["status"] == "sent"

@@ -218,3 +218,49 @@ def test_two_opsbot_runs_on_one_store_share_what_they_learned(tmp_path):
         assert len(learned) == (8 if name == "first" else 12)
         # the simulator's runs take 0.5 s; the polls (at most 0.2 s apart) bound the estimate
         assert all(0.2 < s < 0.8 for s in learned), learned
+
+
+def test_run_times_older_than_two_weeks_do_not_warm_a_new_worker(db):
+    """A workflow edited since runs differently: month-old run times must not place its polls."""
+    day = 86400.0
+    now = 1_750_000_000.0
+    for i in range(20):
+        stored.record(db, "wf1", 600.0 + i, now=now - 30 * day, keep=KEEP)
+    for i in range(3):
+        stored.record(db, "wf1", 5.0, now=now - 1 * day, keep=KEEP)
+    assert stored.load(db, "wf1", limit=KEEP, since=now - stored.MAX_AGE) == [5.0] * 3
+    assert len(stored.load(db, "wf1", limit=KEEP)) == 23
+    worker = Worker(db, dataclasses.replace(ONE_AT_A_TIME, poll=PollPolicy()), None, "wf1",
+                    clock=FakeClock(start=now))
+    assert worker._run_time_model("wf1") is None          # cold again: 3 recent samples only
+    assert worker._poll_delay(0.0, 0, "wf1") == 1.0
+
+
+def test_the_first_poll_waits_at_most_a_few_poll_maxima_whatever_was_learned(db):
+    """Runs used to take 10 minutes; a run that now fails at 5 s is noticed within 3 x the
+    poll maximum, not minutes late."""
+    now = 1_750_000_000.0
+    for i in range(40):
+        stored.record(db, "wf1", 600.0 + (i % 7) * 10, now=now - 3600, keep=KEEP)
+    poll = PollPolicy(first=1.0, multiplier=1.5, maximum=10.0)
+    worker = Worker(db, dataclasses.replace(ONE_AT_A_TIME, poll=poll), None, "wf1",
+                    clock=FakeClock(start=now))
+    model = worker._run_time_model("wf1")
+    assert model is not None and model.early > 300
+    waits, elapsed = [], 0.0
+    while elapsed < model.early:
+        wait = worker._poll_delay(elapsed, len(waits), "wf1")
+        waits.append(wait)
+        elapsed += wait
+    assert waits[0] <= 3 * poll.maximum + 1e-9 and max(waits) <= 3 * poll.maximum + 1e-9
+    assert len(waits) <= model.early / (3 * poll.maximum) + 2   # still few polls before then
+
+
+@pytest.mark.parametrize("raw, seconds", [
+    (1730174063, 1730174063.0), ("1730174063", 1730174063.0),
+    (1730174063123, 1730174063.123), (1730174063123456, 1730174063.123456),
+    (1730174063123456789, 1730174063.1234567),
+])
+def test_coze_timestamps_in_seconds_millis_or_micros_read_as_seconds(raw, seconds):
+    from pipeline.coze import _unix_seconds
+    assert _unix_seconds(raw) == pytest.approx(seconds, abs=1e-3)

@@ -153,3 +153,63 @@ def test_a_breaker_opened_by_submits_is_probed_by_submits(db, tmp_path):
     submits = sorted(r.time for r in sim.requests if r.path == "/v1/workflow/run")
     assert len(submits) == 6
     assert submits[2] - submits[0] < 0.9     # three probes before the first run ended
+
+
+def test_a_stale_breaker_success_never_closes_a_manual_trip_made_meanwhile(db, db_path):
+    """Two processes share the breaker row. B's success lands while A (a fatal error) trips
+    the breaker: B must decide on the state A committed, not on what it read before."""
+    import threading
+    import time as _time
+
+    from storage.db import open_db
+    policy = BreakerPolicy(failure_threshold=1, success_threshold=1, open_seconds=0.0)
+    a = Breaker(db, "coze", policy, lambda: 10.0)
+    a.record_failure("HTTP 500")
+    assert a.allow() and a.state().state == "half_open"
+    other = open_db(db_path, migrate=False)
+    b = Breaker(other, "coze", policy, lambda: 11.0)
+    # A trips inside its own write transaction; B's success comes while it is open
+    db.conn.execute("BEGIN IMMEDIATE")
+    db.conn.execute("UPDATE breakers SET state = 'open', opened_at = 10.5,"
+                    " reason = 'manual: auth: token invalid' WHERE service = 'coze'")
+    done = threading.Thread(target=b.record_success, kwargs={"kind": "poll"})
+    done.start()
+    _time.sleep(0.3)          # B has read the row (half_open) and waits for the write lock
+    db.conn.execute("COMMIT")
+    done.join(10)
+    st = a.state()
+    assert (st.state, st.reason) == ("open", "manual: auth: token invalid")
+    assert not a.allow() and a.retry_at() is None
+    # and a stale failure does not turn the manual trip into an automatic one
+    b.record_failure("HTTP 500")
+    assert a.state().reason == "manual: auth: token invalid"
+    other.conn.close()
+
+
+def test_two_workers_on_one_store_share_the_accounts_coze_concurrency(db, db_path, tmp_path):
+    """The service worker and ``opsbot run`` each allow ``max_coze`` runs; together they must
+    not exceed it (one Coze account). Every task still runs once and succeeds."""
+    from storage.db import open_db
+    cfg = dataclasses.replace(FAST, max_coze=2, output_dir=str(tmp_path), skip_synthesis=True)
+    batch = queue.create_batch(db, [{"task_key": f"t{i}"} for i in range(10)], now=0,
+                               source="cli")
+    other = open_db(db_path, migrate=False)
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.15)
+        await sim.start()
+        try:
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                workers = [Worker(db, cfg, coze, "wf"), Worker(other, cfg, coze, "wf")]
+                await asyncio.wait_for(asyncio.gather(*(w.run(drain=True) for w in workers)),
+                                       30)
+            return sim, workers
+        finally:
+            await sim.stop()
+
+    sim, workers = asyncio.run(go())
+    other.conn.close()
+    assert queue.batch_counts(db, batch)["succeeded"] == 10
+    assert all(sim.task(f"t{i}").submits == 1 for i in range(10))
+    assert all(w.stats["submits"] for w in workers)     # both took part
+    assert sim.peak_in_flight <= 2, sim.peak_in_flight

@@ -5,6 +5,8 @@ import asyncio
 import dataclasses
 import time
 
+import pytest
+
 from pipeline.breaker import Breaker
 from pipeline.coze import CozeClient
 from pipeline.simulator import CozeSimulator, Script
@@ -217,4 +219,217 @@ def test_a_submit_cut_short_by_a_crash_is_made_again_and_the_doubt_recorded(db, 
     outcomes = [r[0] for r in db.execute(
         "SELECT outcome FROM attempts WHERE task_id = ? ORDER BY id", [row["id"]])]
     assert outcomes[0] == "in_doubt" and outcomes[-1] == "success"
+    assert sim.task("a").submits == 1
+
+
+def test_a_submit_whose_answer_is_lost_records_the_doubt_before_submitting_again(db, tmp_path):
+    """Coze creates the run, then the connection drops before the answer: the worker cannot
+    know the run exists, so the next submit is preceded by an ``in_doubt`` attempt."""
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        sim.script("a", Script(drop_answer_first_n=1, duration=0.02))
+        await sim.start()
+        try:
+            await _drain(db, sim, tmp_path=tmp_path)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "succeeded" and row["submit_started_at"] is None
+    assert len(sim.task("a").runs) == 2          # the lost run went on at Coze
+    outcomes = [r[0] for r in db.execute(
+        "SELECT outcome FROM attempts WHERE task_id = ? AND stage = 'coze' ORDER BY id",
+        [row["id"]])]
+    assert outcomes.count("in_doubt") == 1 and outcomes.count("success") == 1, outcomes
+    assert outcomes.index("in_doubt") < outcomes.index("success")
+    assert row["execute_id"] == sim.task("a").runs[1]
+
+
+def test_a_refused_connection_is_retried_without_doubt(db, tmp_path):
+    """Nothing listens: the request never left, so no ``in_doubt`` attempt is recorded."""
+    import socket
+
+    from pipeline.errors import CozeNetworkError
+    cfg = dataclasses.replace(FAST, retry=dataclasses.replace(FAST.retry, max_attempts=2),
+                              output_dir=str(tmp_path))
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+
+    async def go():
+        async with CozeClient(f"http://127.0.0.1:{port}", "tok") as coze:
+            try:
+                await coze.submit("wf", {})
+            except CozeNetworkError as exc:
+                assert exc.sent is False
+            await Worker(db, cfg, coze, "wf").run(drain=True)
+
+    asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "failed" and row["submit_started_at"] is None
+    assert not db.execute("SELECT 1 FROM attempts WHERE outcome = 'in_doubt'").fetchall()
+
+
+def test_opsbot_run_never_finishes_the_service_workers_batch(db, tmp_path):
+    """The service's batch has just had its last task end; before its own worker finishes it
+    (and announces it), an ``opsbot run`` on its own batch must leave it alone."""
+    from pipeline.notify import NullNotifier
+    svc = queue.create_batch(db, [{"task_key": "svc0"}], now=0, source="chat")
+    [t] = queue.claim_tasks(db, owner="svc", now=0, lease=60, limit=1)
+    db.execute("UPDATE batches SET status = 'running' WHERE id = ?", [svc])
+    db.execute("UPDATE tasks SET status = 'succeeded' WHERE id = ?", [t["id"]])
+    db.conn.commit()
+    finished = []
+
+    class Recording(NullNotifier):
+        def batch_finished(self, batch_id):
+            finished.append(batch_id)
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.02)
+        await sim.start()
+        try:
+            mine = queue.create_batch(db, [{"task_key": "cli0"}], now=0, source="cli")
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf", batch_ids=(mine,), notifier=Recording())
+                await asyncio.wait_for(worker.run(drain=True), 10)
+            return mine
+        finally:
+            await sim.stop()
+
+    mine = asyncio.run(go())
+    assert queue.get_batch(db, mine)["status"] == "done" and finished == [mine]
+    assert queue.get_batch(db, svc)["status"] == "running"
+    assert queue.finish_batches(db, now=9, batch_ids=(mine,)) == []
+    assert queue.finish_batches(db, now=9) == [svc]
+
+
+def test_a_run_accepted_after_the_lease_was_lost_keeps_its_id(db, tmp_path):
+    """The lease is taken while the submit is on the wire: the id is still stored (adopted), so
+    the next claim waits on that run instead of submitting a second one."""
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.05)
+        sim.script("a", Script(submit_delay=0.5, duration=0.05))
+        await sim.start()
+        try:
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf")
+                job = asyncio.create_task(worker.run(drain=True))
+                while not sim.task("a").runs:
+                    await asyncio.sleep(0.01)
+                # as another worker that took the lease over, then died before looking at it
+                db.execute("UPDATE tasks SET lease_owner = 'otherhost:1:x', lease_until = ?",
+                           [time.time() + 1.0])
+                db.conn.commit()
+                await asyncio.wait_for(job, 15)
+            return sim
+        finally:
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "succeeded"
+    assert sim.task("a").submits == 1 and row["execute_id"] == sim.task("a").runs[0]
+    assert not db.execute("SELECT 1 FROM attempts WHERE outcome = 'in_doubt'").fetchall()
+
+
+def test_store_run_id_owned_adopted_lost_and_waits_out_a_lock(db, db_path):
+    import threading
+
+    from storage.db import open_db, transaction
+    queue.create_batch(db, [{"task_key": "a"}, {"task_key": "b"}], now=0, source="cli")
+    a, b = queue.claim_tasks(db, owner="w1", now=0, lease=1, limit=2)
+    for t in (a, b):
+        queue.update_task(db, t["id"], owner="w1", submit_started_at=0.25)
+    assert queue.store_run_id(db, a["id"], owner="w1", mark=0.25, execute_id="e1") == "owned"
+    # b's lease was taken over: adopted while nobody submitted since, else lost
+    queue.update_task(db, b["id"], lease_owner="w2")
+    assert queue.store_run_id(db, b["id"], owner="w1", mark=0.5, execute_id="x") == "lost"
+    assert queue.store_run_id(db, b["id"], owner="w1", mark=0.25, execute_id="e2") == "adopted"
+    row = queue.find_task(db, "b")
+    assert (row["execute_id"], row["submit_started_at"], row["lease_owner"]) == ("e2", None, "w2")
+    assert queue.store_run_id(db, b["id"], owner="w1", mark=0.25, execute_id="e3") == "lost"
+    # a write lock held past the busy timeout: tried again until it lands
+    queue.update_task(db, a["id"], execute_id=None, submit_started_at=0.75)
+    short = open_db(db_path, migrate=False)
+    short.conn.execute("PRAGMA busy_timeout = 20")
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        other = open_db(db_path, migrate=False)
+        with transaction(other):
+            held.set()
+            done.wait(0.4)
+        other.conn.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        import sqlite3
+        with pytest.raises(sqlite3.OperationalError):
+            queue.store_run_id(short, a["id"], owner="w1", mark=0.75, execute_id="e4", tries=1)
+        assert queue.store_run_id(short, a["id"], owner="w1", mark=0.75, execute_id="e4",
+                                  pause=0.05) == "owned"
+    finally:
+        done.set()
+        holder.join()
+        short.conn.close()
+    assert queue.find_task(db, "a")["execute_id"] == "e4"
+
+
+def test_a_task_whose_failure_cannot_be_written_is_handed_back_not_left_hanging(db, db_path,
+                                                                                tmp_path):
+    """The store is locked past its busy timeout when the run fails: recording the failure
+    raises. The task is handed back, so this worker's drain claims it again and ends."""
+    import threading
+
+    from storage.db import open_db, transaction
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        other = open_db(db_path, migrate=False)
+        with transaction(other):
+            held.set()
+            done.wait(1.5)
+        other.conn.close()
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.3)
+        sim.script("a", Script(outcome="Fail", error_code="4000", duration=0.3,
+                               error_message="invalid parameter"))
+        await sim.start()
+        holder = threading.Thread(target=hold)
+        try:
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf")
+                await worker.store(lambda d: d.execute("PRAGMA busy_timeout = 20"))
+                job = asyncio.create_task(worker.run(drain=True))
+                while not queue.find_task(db, "a")["execute_id"]:
+                    await asyncio.sleep(0.01)
+                holder.start()
+                held.wait(5)
+                await asyncio.wait_for(job, 15)
+            return sim
+        finally:
+            done.set()
+            if holder.is_alive():
+                holder.join()
+            await sim.stop()
+
+    sim = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "failed" and row["error_code"] == "4000"
     assert sim.task("a").submits == 1

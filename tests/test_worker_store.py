@@ -122,3 +122,56 @@ def test_store_thread_keeps_order_and_finishes_writes_of_cancelled_callers(db):
     assert not any(same for _, _, same in seen)                      # its own connection
     assert [r[0] for r in db.execute("SELECT key FROM kv ORDER BY key")] == list("abcd")
     assert inline == [threading.get_ident()]
+
+
+def test_opsbot_runs_batch_hold_renewal_does_not_stall_the_loop_under_a_lock(db, db_path,
+                                                                            tmp_path):
+    """``opsbot run`` renews its hold on the batch every ``lease_seconds / 3``: under a write
+    lock held elsewhere for 5 s that write waits on the store thread, not on the loop."""
+    import io
+
+    from pipeline.runner import run_batch
+    cfg = dataclasses.replace(FAST, output_dir=str(tmp_path), skip_synthesis=True,
+                              lease_seconds=3.0, max_coze=4,
+                              poll=PollPolicy(first=0.05, multiplier=1.0, maximum=0.05))
+
+    async def go():
+        sim = CozeSimulator(default_duration=lambda key: 0.5 if key.startswith("q") else 2.5)
+        await sim.start()
+        loop = asyncio.get_running_loop()
+        lags: list[tuple[float, float]] = []
+
+        async def probe():
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                lags.append((before, loop.time() - before - 0.01))
+
+        try:
+            job = asyncio.create_task(run_batch(
+                db, cfg, tasks=[{"task_key": f"q{i}"} for i in range(6)]
+                + [{"task_key": f"s{i}"} for i in range(2)], coze_base_url=sim.base_url,
+                coze_token=sim.token, workflow_id="wf1", results_path=tmp_path / "r.json",
+                stream=io.StringIO(), progress_every=0.05))
+            while sum(sim.task(f"q{i}").submits for i in range(6)) < 2:
+                await asyncio.sleep(0.01)
+            holder = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", HOLDER, str(db_path), "5", stdout=asyncio.subprocess.PIPE)
+            assert (await holder.stdout.readline()).strip() == b"locked"
+            locked_at = loop.time()
+            prober = asyncio.create_task(probe())
+            assert (await holder.stdout.readline()).strip() == b"released"
+            released_at = loop.time()
+            prober.cancel()
+            await holder.wait()
+            result = await asyncio.wait_for(job, 30)
+            return result, lags, locked_at, released_at
+        finally:
+            await sim.stop()
+
+    result, lags, locked_at, released_at = asyncio.run(go())
+    assert released_at - locked_at > 4.5
+    during = [lag for at, lag in lags if locked_at <= at <= released_at]
+    assert max(during) < 0.1, f"loop stalled {max(during):.3f}s"
+    assert len(during) > 100
+    assert result.counts["succeeded"] == 8 and result.exit_code == 0
