@@ -31,3 +31,13 @@ def feishu_refuses_nothing():
                  f"{'; '.join(r['violations'][:5])}" for r in refused]
         pytest.fail("the fake Feishu refused card(s) the bot sent:\n" + "\n".join(lines),
                     pytrace=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_path(request, tmp_path):
+    """Where a store lives, once per backend: a SQLite file, then an empty PostgreSQL database
+    (see tests/pg_server.py; skipped with the reason when no server is available)."""
+    if request.param == "sqlite":
+        return tmp_path / "opsbot.db"
+    from tests.pg_server import fresh_database, server_url
+    return fresh_database(server_url(request))
