@@ -34,6 +34,11 @@ def is_url(location: object) -> bool:
     return str(location).startswith(URL_PREFIXES)
 
 
+def redacted(text: str) -> str:
+    """``text`` with the password of any PostgreSQL URL in it replaced by ``***``."""
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
+
+
 # --- SQL translation -------------------------------------------------------------------------
 
 def _close_paren(sql: str, start: int) -> int:
@@ -202,6 +207,13 @@ class _Conn:
 
     def execute(self, sql: str, params: Iterable[Any] | None = None) -> Result:
         return self._db.execute(sql, params)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db._current() is not None
+
+    def commit(self) -> None:
+        """Statements outside ``transaction(db)`` commit as they run (autocommit): nothing to do."""
 
     def close(self) -> None:
         self._db.close()
