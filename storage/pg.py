@@ -1,5 +1,8 @@
 """The PostgreSQL backend: ``OPSBOT_DB=postgresql://...`` (psycopg 3 with a connection pool).
 
+Errors reach callers as the ``sqlite3`` errors they already handle (see
+:func:`_as_sqlite_errors`), so a lost server is treated like a busy SQLite file.
+
 The storage functions keep their SQL in SQLite's form (``?`` placeholders); :func:`translate`
 rewrites a statement for PostgreSQL in this one place, and :func:`translate_ddl` does the same for
 the migrations, so both backends share one schema and one list of migrations.
@@ -19,7 +22,9 @@ apply each migration exactly once; the version sits in table ``opsbot_schema``.
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterable, Iterator
 
@@ -182,6 +187,23 @@ class Result:
         return iter(self.fetchall())
 
 
+@contextmanager
+def _as_sqlite_errors() -> Iterator[None]:
+    """Raise the driver's errors as the ``sqlite3`` errors the callers already handle: a lost
+    server, a timeout or an exhausted pool as ``OperationalError`` (the "store busy, try again"
+    paths), a constraint as ``IntegrityError``, anything else as ``DatabaseError``. The
+    PostgreSQL error stays attached as the cause."""
+    import psycopg
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise sqlite3.OperationalError(f"postgresql: {redacted(str(exc))}") from exc
+    except psycopg.IntegrityError as exc:
+        raise sqlite3.IntegrityError(f"postgresql: {exc}") from exc
+    except psycopg.Error as exc:
+        raise sqlite3.DatabaseError(f"postgresql: {exc}") from exc
+
+
 class Transaction:
     """One pooled connection inside ``BEGIN ... COMMIT``; what ``with transaction(db)`` yields."""
 
@@ -189,12 +211,12 @@ class Transaction:
         self.raw = raw
 
     def execute(self, sql: str, params: Iterable[Any] | None = None) -> Result:
-        with self.raw.cursor() as cur:
+        with _as_sqlite_errors(), self.raw.cursor() as cur:
             cur.execute(translate(sql), tuple(params or ()))
             return Result(cur)
 
     def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> Result:
-        with self.raw.cursor() as cur:
+        with _as_sqlite_errors(), self.raw.cursor() as cur:
             cur.executemany(translate(sql), [tuple(p) for p in seq])
             return Result(cur)
 
@@ -236,17 +258,25 @@ class PgDatabase:
 
     backend = "postgresql"
 
-    def __init__(self, url: str, *, max_size: int = 8) -> None:
+    def __init__(self, url: str, *, max_size: int = 8, connect_timeout: float = 30.0) -> None:
         try:
             from psycopg_pool import ConnectionPool
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise RuntimeError("OPSBOT_DB names a PostgreSQL server but psycopg is not installed:"
                                " pip install 'opsbot[postgres]'") from exc
+        import psycopg
         self.url = url
+        with _as_sqlite_errors():   # fail fast, with the server's own reason, when it is unreachable
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
         self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True,
                                    kwargs={"autocommit": True}, configure=_configure,
                                    name="opsbot-store")
-        self.pool.wait(timeout=30.0)
+        try:
+            with _as_sqlite_errors():
+                self.pool.wait(timeout=connect_timeout)
+        except BaseException:
+            self.pool.close()
+            raise
         self.conn = _Conn(self)
         self._local = threading.local()
 
@@ -258,7 +288,7 @@ class PgDatabase:
         tx = self._current()
         if tx is not None:
             return tx.execute(sql, params)
-        with self.pool.connection() as raw:
+        with _as_sqlite_errors(), self.pool.connection() as raw:
             return Transaction(raw).execute(sql, params)
 
     def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> Result:
@@ -286,10 +316,12 @@ class _Begin:
     def __enter__(self) -> Transaction:
         if self.db._current() is not None:
             raise RuntimeError("a transaction of this store is already open on this thread")
-        self.raw = self.db.pool.getconn()
+        with _as_sqlite_errors():
+            self.raw = self.db.pool.getconn()
         try:
-            self.raw.execute("BEGIN")
-            self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
+            with _as_sqlite_errors():
+                self.raw.execute("BEGIN")
+                self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
         except BaseException:
             self._release(commit=False)
             raise
@@ -304,7 +336,8 @@ class _Begin:
         self.db._local.tx = None
         raw, self.raw = self.raw, None
         try:
-            raw.execute("COMMIT" if commit else "ROLLBACK")
+            with _as_sqlite_errors():
+                raw.execute("COMMIT" if commit else "ROLLBACK")
         finally:
             self.db.pool.putconn(raw)
 

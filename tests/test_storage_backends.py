@@ -140,3 +140,11 @@ def test_settings_keep_a_postgres_url_and_doctor_hides_its_password(tmp_path):
     path = str(tmp_path / "o.db")
     assert str(load_settings({"OPSBOT_DB": path}).db_path) == path
     assert pg.redacted(f"cannot reach {url}") == "cannot reach postgresql://ops:***@127.0.0.1:1/opsbot"
+
+
+def test_an_unreachable_server_is_a_store_error_with_its_reason_and_without_the_password():
+    import sqlite3
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        open_db("postgresql://ops:s3cret@127.0.0.1:1/opsbot")
+    assert "s3cret" not in str(caught.value)
+    assert "postgresql: connection failed" in str(caught.value)
