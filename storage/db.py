@@ -157,9 +157,10 @@ def database_file(db: sqlite_utils.Database) -> str | None:
 
 def set_lock_wait(db: sqlite_utils.Database, seconds: float) -> None:
     """How long a statement of this connection waits for another process's write lock before
-    it fails (``sqlite3.OperationalError``, "database is locked"). PostgreSQL: not supported
-    (its waits are bounded by the server's ``lock_timeout``); a no-op."""
+    it fails (``sqlite3.OperationalError``, "database is locked"; on PostgreSQL the wait for the
+    write lock of :mod:`storage.pg`, as ``lock_timeout``)."""
     if isinstance(db, pg.PgDatabase):
+        db.lock_wait = seconds
         return
     db.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 

@@ -196,6 +196,8 @@ def _as_sqlite_errors() -> Iterator[None]:
     import psycopg
     try:
         yield
+    except psycopg.errors.LockNotAvailable as exc:   # the write lock stayed busy (lock_wait)
+        raise sqlite3.OperationalError(f"database is locked (postgresql: {exc})") from exc
     except psycopg.OperationalError as exc:
         raise sqlite3.OperationalError(f"postgresql: {redacted(str(exc))}") from exc
     except psycopg.IntegrityError as exc:
@@ -278,6 +280,7 @@ class PgDatabase:
             self.pool.close()
             raise
         self.conn = _Conn(self)
+        self.lock_wait = 30.0   # seconds a transaction waits for the write lock (set_lock_wait)
         self._local = threading.local()
 
     # the open transaction of this thread, if any (statements through ``db`` join it)
@@ -321,6 +324,8 @@ class _Begin:
         try:
             with _as_sqlite_errors():
                 self.raw.execute("BEGIN")
+                # as SQLite's busy_timeout: wait this long for the write lock, then fail
+                self.raw.execute(f"SET LOCAL lock_timeout = {max(1, int(self.db.lock_wait * 1000))}")
                 self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
         except BaseException:
             self._release(commit=False)

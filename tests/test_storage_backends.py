@@ -148,3 +148,21 @@ def test_an_unreachable_server_is_a_store_error_with_its_reason_and_without_the_
         open_db("postgresql://ops:s3cret@127.0.0.1:1/opsbot")
     assert "s3cret" not in str(caught.value)
     assert "postgresql: connection failed" in str(caught.value)
+
+
+def test_a_writer_waits_for_the_write_lock_then_fails_as_locked(any_db_path):
+    """Two connections: while one holds a write transaction, the other's write waits up to its
+    lock wait and then fails as SQLite's busy timeout does ("database is locked")."""
+    import sqlite3
+    from storage.db import set_lock_wait
+    one, two = open_db(any_db_path), open_db(any_db_path)
+    try:
+        set_lock_wait(two, 0.2)
+        with transaction(one):
+            one.execute("INSERT INTO kv (key, value, updated_at) VALUES ('a', '1', 1)")
+            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                kv.put(two, "b", "2", now=2)
+        kv.put(two, "b", "2", now=2)
+        assert (kv.get(two, "a"), kv.get(two, "b")) == ("1", "2")
+    finally:
+        one.conn.close(), two.conn.close()
