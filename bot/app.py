@@ -21,6 +21,7 @@ import queue as queuelib
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from flask import Flask, Response as FlaskResponse, jsonify
@@ -120,7 +121,8 @@ class Dispatcher:
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.pid = os.getpid()
-        self.owner = f"web-{socket.gethostname()}-{self.pid}"
+        # unique per process start: containers can share a hostname and a PID
+        self.owner = f"web-{socket.gethostname()}-{self.pid}-{uuid.uuid4().hex}"
         self.keys: queuelib.Queue[str | None] = queuelib.Queue()
         self.idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name="opsbot-dispatcher", daemon=True)
@@ -188,13 +190,17 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
     json_errors(app)
 
     def handle(req):
-        from .metrics import WEBHOOK_LATENCY
+        from .metrics import WEBHOOK_LATENCY, WEBHOOK_REQUESTS
 
         started = time.perf_counter()
+        status = 500
         try:
-            return state.intake().handle(req)
+            outcome = state.intake().handle(req)
+            status = outcome.response.status
+            return outcome
         finally:
             WEBHOOK_LATENCY.observe(time.perf_counter() - started)
+            WEBHOOK_REQUESTS.labels(status=str(status)).inc()
 
     dispatch = dispatch and settings.web_dispatch
     if dispatch and settings.feishu.configured:

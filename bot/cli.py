@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit once nothing is queued or in flight")
     w.add_argument("--simulate", action="store_true",
                    help="use the built-in Coze simulator (no Coze account needed)")
+    w.add_argument("--stages", type=_stages, default=None, metavar="STAGES",
+                   help="only these stages: coze, synthesis or both, comma-separated "
+                        "(default all); e.g. synthesis workers on machines with CPU to spare")
 
     r = sub.add_parser("run", help="run one batch from a CSV or JSONL file, with a progress bar")
     r.add_argument("file", help="CSV or JSONL with a task_id column; other columns are parameters")
@@ -69,6 +72,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _stages(text: str) -> frozenset[str]:
+    from pipeline.worker import parse_stages
+
+    try:
+        return parse_stages(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None, env: dict | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.command:
@@ -103,13 +115,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from .service import run_worker
 
-    if not args.simulate and not settings.coze.configured:
+    stages = args.stages or frozenset(("coze", "synthesis"))
+    if "coze" in stages and not args.simulate and not settings.coze.configured:
         print("opsbot worker: no Coze account configured: set COZE_API_TOKEN and "
               "COZE_WORKFLOW_ID, or add --simulate to use the built-in simulator "
               "(`opsbot demo` shows the whole loop)", file=sys.stderr)
         return 2
 
-    return asyncio.run(run_worker(settings, drain=args.drain, simulate=args.simulate))
+    return asyncio.run(run_worker(settings, drain=args.drain, simulate=args.simulate,
+                                  stages=stages))
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:

@@ -5,12 +5,24 @@ its error log (boot, worker exits, timeouts, on stderr), come out as the same JS
 opsbot's (:class:`bot.logs.JsonFormatter`, secrets redacted), so one log pipeline reads all of
 them. An access line carries ``method``, ``path`` (no query string), ``status``,
 ``duration_ms``, ``response_bytes``, ``remote_addr`` and ``user_agent``.
+
+And metrics that add up across web workers: see :mod:`bot.gunicorn_metrics` (its hooks are this
+config's ``on_starting``, ``child_exit`` and ``on_exit``).
 """
 from __future__ import annotations
 
-from gunicorn import glogging
+import os
 
-from bot.logs import JsonFormatter
+from bot import gunicorn_metrics
+
+# first, before any worker is forked (and before anything imports prometheus_client), so every
+# worker writes its samples in multiprocess mode
+gunicorn_metrics.configure(os.environ)
+
+from gunicorn import glogging  # noqa: E402
+
+from bot.gunicorn_metrics import child_exit, on_exit, on_starting  # noqa: E402,F401 - hooks
+from bot.logs import JsonFormatter  # noqa: E402
 
 accesslog = "-"
 

@@ -1,8 +1,19 @@
-"""``GET /metrics``: the store's state in Prometheus text format (version 0.0.4).
+"""``GET /metrics``: the store's state and the web processes' own measurements, in Prometheus
+text format (version 0.0.4).
 
-:func:`render_metrics` reads the store (one short query per family) and the in-process
-:data:`WEBHOOK_LATENCY` histogram, which the web app feeds with ``WEBHOOK_LATENCY.observe(s)``
-per webhook request. Families::
+Two kinds of families, told apart by where their numbers live:
+
+* store-derived (queue depth, tasks, attempts, breakers, alerts...): :func:`render_metrics` reads
+  the store (one short query per family) at scrape time, so every web process gives the same
+  answer;
+* process-measured (webhook latency and requests): kept with ``prometheus_client``. Under
+  gunicorn each web worker writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (set up by
+  :mod:`bot.gunicorn_metrics`) and a scrape sums the files of every worker, living or dead, so
+  the counters do not jump with whichever worker answers. Without that variable (``opsbot
+  serve``, tests) they are this process's own.
+
+The web app feeds them with ``WEBHOOK_LATENCY.observe(s)`` and
+``WEBHOOK_REQUESTS.labels(status=...).inc()`` per webhook request. Families::
 
     opsbot_tasks{state}                       gauge, tasks by status (every status listed)
     opsbot_attempts_total{error_class}        counter, stage attempts (``none``: succeeded)
@@ -12,17 +23,20 @@ per webhook request. Families::
     opsbot_outbox_depth, opsbot_inbox_pending gauges
     opsbot_outbox_dead                        gauge, outgoing calls given up on (not replayed)
     opsbot_last_report_timestamp              gauge, Unix seconds (0: never)
-    opsbot_webhook_seconds_bucket{le}         histogram, webhook handling time in this process
+    opsbot_webhook_seconds_bucket{le}         histogram, webhook handling time (all web workers)
+    opsbot_webhook_requests_total{status}     counter, webhook requests by HTTP status
     <extra>                                   gauges passed in by the caller
 """
 from __future__ import annotations
 
 import math
 import re
-import threading
-from typing import Any, Iterable
+from typing import Any
 
 import sqlite_utils
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client import values as prom_values
 
 from storage import alerts as store_alerts, breakers, inbox, kv, metrics as store_metrics, outbox
 from storage.queue import ACTIVE, FINAL
@@ -33,31 +47,33 @@ BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
-class Histogram:
-    """A thread-safe cumulative histogram (seconds)."""
-
-    def __init__(self, buckets: Iterable[float]) -> None:
-        self.buckets = tuple(sorted(buckets))
-        self._counts = [0] * len(self.buckets)
-        self._sum = 0.0
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def observe(self, seconds: float) -> None:
-        with self._lock:
-            self._sum += seconds
-            self._count += 1
-            for i, le in enumerate(self.buckets):
-                if seconds <= le:
-                    self._counts[i] += 1
-
-    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
-        """``([(le, cumulative count)], sum, count)``."""
-        with self._lock:
-            return list(zip(self.buckets, self._counts)), self._sum, self._count
+# Process-measured families live in their own registry (not the library's global one), so
+# importing this module twice, or in a test, never registers a name twice.
+PROCESS_REGISTRY = CollectorRegistry(auto_describe=False)
+WEBHOOK_LATENCY = PromHistogram("opsbot_webhook_seconds", "Webhook handling time.",
+                                buckets=WEBHOOK_BUCKETS, registry=PROCESS_REGISTRY)
+WEBHOOK_REQUESTS = Counter("opsbot_webhook_requests", "Webhook requests by HTTP status.",
+                           ["status"], registry=PROCESS_REGISTRY)
 
 
-WEBHOOK_LATENCY = Histogram(WEBHOOK_BUCKETS)
+def multiprocess_mode() -> bool:
+    """True when ``prometheus_client`` writes samples to ``PROMETHEUS_MULTIPROC_DIR`` (it decides
+    once, at import, from the environment; this asks the library rather than the environment)."""
+    return bool(getattr(prom_values.ValueClass, "_multiprocess", False))
+
+
+def process_families() -> list[Any]:
+    """The process-measured families: summed over every web worker's files in multiprocess
+    mode, else this process's own."""
+    if multiprocess_mode():
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(registry)   # reads PROMETHEUS_MULTIPROC_DIR itself
+        families = list(registry.collect())
+    else:
+        families = list(PROCESS_REGISTRY.collect())
+    return sorted(families, key=lambda f: f.name)
 
 
 def _escape(value: Any) -> str:
@@ -161,14 +177,41 @@ def render_metrics(db: sqlite_utils.Database, *, extra: dict[str, float] | None 
     out.family("opsbot_last_report_timestamp", "gauge", "When a daily report was last sent.")
     value = kv.get(db, "report:last_sent_at")
     out.sample("opsbot_last_report_timestamp", float(value) if value is not None else 0)
-    out.family("opsbot_webhook_seconds", "histogram", "Webhook handling time (this process).")
-    out.histogram("opsbot_webhook_seconds", *WEBHOOK_LATENCY.snapshot())
+    _process_families(out)
     for name, value in sorted((extra or {}).items()):
         if not _NAME.match(name):
             raise ValueError(f"not a metric name: {name!r}")
         out.family(name, "gauge", "Extra value supplied by the caller.")
         out.sample(name, value)
     return "\n".join(out.lines) + "\n"
+
+
+def _process_families(out: _Out) -> None:
+    """The process-measured families in the same text as the store's (``le`` written as the
+    stage histogram writes it; the library's ``_created`` samples left out: they differ per
+    process and mean nothing once summed)."""
+    helps = {"opsbot_webhook_seconds": "Webhook handling time (all web workers).",
+             "opsbot_webhook_requests": "Webhook requests by HTTP status (all web workers)."}
+    for fam in process_families():
+        name = fam.name + ("_total" if fam.type == "counter" else "")
+        out.family(name, fam.type, helps.get(fam.name, fam.documentation))
+        samples = [s for s in fam.samples if not s.name.endswith("_created")]
+        if fam.type == "histogram":   # buckets in order, then sum and count
+            order = {"_bucket": 0, "_sum": 1, "_count": 2}
+            samples.sort(key=lambda s: (order.get(s.name[len(fam.name):], 3),
+                                        float(s.labels.get("le", 0)) if s.labels.get("le")
+                                        else 0.0))
+        else:
+            samples.sort(key=lambda s: sorted(s.labels.items()))
+        for smp in samples:
+            labels = dict(smp.labels)
+            if "le" in labels:
+                labels["le"] = _num(float(labels["le"]))
+            value = smp.value
+            if fam.type in ("counter", "histogram") and float(value).is_integer() \
+                    and not smp.name.endswith("_sum"):
+                value = int(value)
+            out.sample(smp.name, value, **labels)
 
 
 def _stage_histograms(totals: AttemptTotals, out: _Out) -> None:

@@ -139,8 +139,12 @@ async def _tick_loop(scheduler: Any, router: Any, canary: Any, interval: float) 
 
 async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool = False,
                      clock: Clock | None = None, stop: asyncio.Event | None = None,
-                     tick_interval: float = 3.0) -> int:
-    """Run until stopped (or drained). Returns the process exit code."""
+                     tick_interval: float = 3.0,
+                     stages: frozenset[str] = frozenset(("coze", "synthesis"))) -> int:
+    """Run until stopped (or drained). Returns the process exit code.
+
+    ``stages`` limits the pipeline to those stages (see :class:`pipeline.worker.Worker`); a
+    synthesis-only worker needs no Coze account."""
     ws_mode = settings.feishu.connection == "ws"
     if ws_mode and not settings.feishu.configured:
         log.error("FEISHU_CONNECTION=ws needs FEISHU_APP_ID and FEISHU_APP_SECRET: the long "
@@ -160,7 +164,7 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
         sim = CozeSimulator(default_duration=1.0, seed=1)
         base_url = await sim.start()
         token, workflow_id = sim.token, workflow_id or "sim-workflow"
-    elif not settings.coze.configured:
+    elif not settings.coze.configured and "coze" in stages:
         log.error("no Coze account configured: set COZE_API_TOKEN and COZE_WORKFLOW_ID, "
                   "or run `opsbot worker --simulate`")
         return 2
@@ -191,8 +195,9 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
             Canary(db, settings, clock, router), tick_interval))
         async with CozeClient(base_url, token, limiter=limiter) as coze:
             worker = Worker(db, settings.pipeline, coze, workflow_id, clock=clock,
-                            notifier=notifier, owner=owner)
-            log.info("worker started", extra={"owner": owner, "drain": drain})
+                            notifier=notifier, owner=owner, stages=stages)
+            log.info("worker started", extra={"owner": owner, "drain": drain,
+                                              "stages": ",".join(sorted(stages))})
             try:
                 await worker.run(drain=drain, stop=stop)
             finally:

@@ -84,7 +84,10 @@ class Synthesizer:
                  rules: tuple[Rule, ...] = DEFAULT_RULES, retry: RetryPolicy | None = None,
                  clock: Clock | None = None) -> None:
         self.command = command.strip()
-        self.output_dir = Path(output_dir)
+        # absolute, so the paths results store do not depend on a process's working folder:
+        # with an absolute output_dir on a volume every machine mounts at that path, they are
+        # valid on every machine
+        self.output_dir = Path(output_dir).absolute()
         self.timeout = timeout
         self.video = video or SynthesisConfig()
         self.rules = rules

@@ -34,15 +34,14 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import sqlite3
-import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import sqlite_utils
 
 from storage import queue
 from storage import runtimes as stored_runtimes
+from storage import workers as stored_workers
 from storage.db import StoreThread
 
 from .breaker import Breaker
@@ -57,14 +56,33 @@ from .retry import call_with_retry
 from .runtimes import KEEP, RunTimeBook, RunTimeModel, run_seconds
 from .synthesis import Synthesizer
 from .urlprobe import probe_urls
+from .workerid import WorkerIdentity, new_identity, process_gone
 
-__all__ = ["Worker", "LeaseLost", "BatchPaused", "RunTimeModel", "make_owner"]
+__all__ = ["Worker", "LeaseLost", "BatchPaused", "RunTimeModel", "make_owner", "STAGES",
+           "parse_stages"]
 
 log = logging.getLogger("opsbot.worker")
 
+STAGES = ("coze", "synthesis")
+
 
 def make_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """A unique worker id for this process start (see :mod:`pipeline.workerid`)."""
+    return new_identity().id
+
+
+def parse_stages(text: str) -> frozenset[str]:
+    """``"coze,synthesis"`` (commas or spaces; ``all``) -> the stages; ValueError naming an
+    unknown one."""
+    names = [n for n in text.replace(",", " ").split() if n]
+    if not names:
+        raise ValueError(f"no stage given (choose from {', '.join(STAGES)} or all)")
+    if names == ["all"]:
+        return frozenset(STAGES)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)} or all)")
+    return frozenset(names)
 
 
 class LeaseLost(PipelineError):
@@ -79,8 +97,15 @@ class Worker:
     def __init__(self, db: sqlite_utils.Database, config: PipelineConfig, coze: Any,
                  workflow_id: str, *, clock: Clock | None = None,
                  synthesizer: Synthesizer | None = None, notifier: Notifier | None = None,
-                 owner: str | None = None, batch_ids: tuple[str, ...] | None = None) -> None:
-        """``batch_ids`` limits the worker to those batches (``opsbot run`` works on its own)."""
+                 owner: str | None = None, batch_ids: tuple[str, ...] | None = None,
+                 stages: Iterable[str] | None = None,
+                 identity: WorkerIdentity | None = None) -> None:
+        """``batch_ids`` limits the worker to those batches (``opsbot run`` works on its own).
+
+        ``stages`` limits the tasks it claims to those stages (default both): a Coze-only worker
+        leaves a task whose run succeeded in the queue at stage ``synthesis`` for a worker that
+        synthesises. ``identity`` (default: this process, with ``owner`` as its id) is recorded
+        in the store with a heartbeat while the worker runs."""
         self.db = db
         self.config = config
         self.coze = coze
@@ -92,7 +117,11 @@ class Worker:
         self.clock = clock or Clock()
         self.synth = synthesizer or Synthesizer.from_config(config, clock=self.clock)
         self.notifier = notifier or NullNotifier()
-        self.owner = owner or make_owner()
+        self.identity = identity or new_identity(owner)
+        self.owner = self.identity.id
+        self.stages = frozenset(stages) if stages is not None else frozenset(STAGES)
+        if not self.stages or not self.stages <= set(STAGES):
+            raise ValueError(f"stages must be some of {STAGES}, got {sorted(self.stages)}")
         self.breaker = Breaker(db, "coze", config.breaker, self.clock.now,
                                on_change=self._breaker_changed)
         self._inflight: dict[int, asyncio.Task] = {}
@@ -119,6 +148,11 @@ class Worker:
     async def run(self, *, drain: bool = False, stop: asyncio.Event | None = None) -> None:
         """Work until ``stop`` is set (or, with ``drain``, until nothing is left to do)."""
         stop = stop or asyncio.Event()
+        me = self.identity
+        await self.store(stored_workers.register, id=me.id, hostname=me.hostname, pid=me.pid,
+                         pid_ns=me.pid_ns, proc_start=me.proc_start, stages=self.stages,
+                         now=self.clock.now())
+        await self.store(stored_workers.prune, now=self.clock.now())
         await self.recover_dead_owners()
         renewer = asyncio.create_task(self._renew_loop())
         try:
@@ -143,6 +177,7 @@ class Worker:
             try:
                 await self._release_all()
                 await self._finish_batches()
+                await self.store(stored_workers.stopped, self.owner, now=self.clock.now())
             finally:
                 self.store.close()   # waits for the writes still queued
 
@@ -157,8 +192,13 @@ class Worker:
             await self._finish_batches()
 
     async def _nothing_runnable(self) -> bool:
-        """For --drain: no pending work, or only work a human must unblock (manual breaker)."""
-        if not queue.has_pending_work(self.db, batch_ids=self.batch_ids):
+        """For --drain: no pending work, or only work a human must unblock (manual breaker).
+
+        A worker without the synthesis stage looks only at Coze-stage work (what is left for
+        synthesis waits for a synthesis worker); one with it looks at every stage (Coze-stage
+        tasks become synthesis work)."""
+        stages = None if "synthesis" in self.stages else tuple(self.stages)
+        if not queue.has_pending_work(self.db, batch_ids=self.batch_ids, stages=stages):
             return True
         if not await self._breaker_allows() and self.breaker.retry_at() is None:
             log.warning("the Coze breaker waits for a human (resume); drain stops here")
@@ -166,36 +206,46 @@ class Worker:
         return False
 
     async def recover_dead_owners(self) -> int:
-        """Expire the leases of workers on this host whose process is gone (after a kill -9)."""
+        """Expire at once the leases of workers known to be gone (after a ``kill -9``).
+
+        Known to be gone: the worker recorded a clean stop, or it ran in this worker's PID
+        namespace (same kernel boot, same namespace: see :mod:`pipeline.workerid`) and its
+        process is no longer there. Any other worker (another machine or container, or a lease
+        owner with no ``workers`` row) is never judged by PID: its tasks come back when their
+        leases run out."""
         return await self.store(self._recover_dead_owners)
 
     def _recover_dead_owners(self, db: sqlite_utils.Database) -> int:
-        host = socket.gethostname()
-        dead = []
-        for owner in queue.running_owners(db):
-            parts = owner.split(":")
-            if len(parts) == 3 and parts[0] == host and parts[1].isdigit() \
-                    and owner != self.owner and not _pid_alive(int(parts[1])):
-                dead.append(owner)
-        if not dead:
-            return 0
-        count = queue.expire_leases_of(db, dead)
-        log.info("recovered tasks of dead workers", extra={"count": count})
-        return count
+        me = self.identity
+        owners = [o for o in queue.running_owners(db) if o != self.owner]
+        dead = [o for o, row in stored_workers.get(db, owners).items()
+                if row["stopped_at"] is not None
+                or (me.pid_ns is not None and row["pid_ns"] == me.pid_ns
+                    and process_gone(row["pid"], row["proc_start"]))]
+        n = queue.expire_leases_of(db, dead)
+        if n:
+            log.info("recovered tasks of dead workers", extra={"count": n, "owners": dead})
+        return n
 
     async def _claim_and_start(self) -> None:
         now = self.clock.now()
         free_synth = self.config.max_synthesis - len(self._synth_active)
         claimed = []
+        if "synthesis" not in self.stages:
+            free_synth = 0
         if free_synth > 0 and now >= self._synth_claim_at:
             claimed += await self.store(queue.claim_tasks, owner=self.owner, now=now,
                                         lease=self.config.lease_seconds, limit=free_synth,
                                         stage="synthesis", batch_ids=self.batch_ids)
             # Tasks reach the queue in the synthesis stage only when a worker stopped or died
             # mid-synthesis, and finding them scans the queued tasks (stage is not indexed):
-            # look again at once only while there may be more, else after a second.
-            self._synth_claim_at = now if len(claimed) == free_synth else now + 1.0
+            # look again at once only while there may be more, else after a second (a worker
+            # that only synthesises gets all its work this way: it looks every idle interval).
+            self._synth_claim_at = now if len(claimed) == free_synth or "coze" not in self.stages \
+                else now + 1.0
         free_coze = self.config.max_coze - len(self._coze_active)
+        if "coze" not in self.stages:
+            free_coze = 0
         if free_coze > 0 and await self._breaker_allows():
             st = self.breaker.state()
             if st.state == "half_open":   # one probe, not a stampede
@@ -242,6 +292,7 @@ class Worker:
                 # "now" is read once the write has the lock, which may be seconds later
                 lost = await self.store(queue.renew_leases, ids, owner=self.owner,
                                         now=self.clock.now, lease=self.config.lease_seconds)
+                await self.store(stored_workers.heartbeat, self.owner, now=self.clock.now())
             except sqlite3.OperationalError:
                 log.exception("lease renewal failed; trying again")
                 continue
@@ -277,6 +328,13 @@ class Worker:
                     return
                 if self.config.skip_synthesis:
                     await self._succeed(task, output, synthesis=None)
+                    return
+                if "synthesis" not in self.stages:
+                    # one write: the run's output, and the task back in the queue at stage
+                    # synthesis, where a worker that synthesises claims it
+                    await self._update(task, stage="synthesis", coze_output=_dump(output),
+                                       status="queued", lease_owner=None, lease_until=None,
+                                       next_at=self.clock.now())
                     return
                 if not await self._update(task, stage="synthesis", coze_output=_dump(output)):
                     return
@@ -824,16 +882,6 @@ def _warn_failed(fut: "asyncio.Future") -> None:
     """Done-callback of a store write nobody awaits: say when it failed."""
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("store write failed: %s", fut.exception())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _load(text: Any) -> Any:

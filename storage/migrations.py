@@ -14,6 +14,7 @@ Tables
 - ``breakers``: circuit breaker state per service (submit failures counted apart).
 - ``alerts`` / ``silences``: grouped alerts and silenced keys.
 - ``kv``: small named values (last report date, etc.).
+- ``workers``: one row per worker process start (id, host, PID namespace, stages, heartbeat).
 - ``run_times``: the last run times of each workflow (see :mod:`storage.runtimes`), so a new
   worker places its polls from what earlier ones learned.
 - ``budgets``: the Coze QPS budget shared by every process of one account.
@@ -200,5 +201,20 @@ MIGRATIONS: list[list[str]] = [
         # row is sent under a new uuid (send_uuid) while `uuid` stays its name for patches
         "ALTER TABLE outbox ADD COLUMN first_attempt_at REAL",
         "ALTER TABLE outbox ADD COLUMN send_uuid TEXT",
+    ],
+    [
+        # worker processes: a unique id per process start (the tasks' lease_owner), where it
+        # runs, which stages it takes, and its heartbeat (see storage.workers)
+        """CREATE TABLE workers (
+            id TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            pid_ns TEXT,
+            proc_start INTEGER,
+            stages TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            stopped_at REAL
+        )""",
     ],
 ]

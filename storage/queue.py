@@ -310,14 +310,19 @@ def finish_batches(db: sqlite_utils.Database, *, now: float) -> list[str]:
 
 
 def has_pending_work(db: sqlite_utils.Database,
-                     batch_ids: Iterable[str] | None = None) -> bool:
-    """True while some task of a queued/running batch (of ``batch_ids``, if given) is not final."""
+                     batch_ids: Iterable[str] | None = None,
+                     stages: Iterable[str] | None = None) -> bool:
+    """True while some task of a queued/running batch (of ``batch_ids``, if given; in one of
+    ``stages``, if given) is not final."""
     wanted = tuple(batch_ids) if batch_ids else ()
     only = f" AND b.id IN ({','.join('?' * len(wanted))})" if wanted else ""
+    in_stages = tuple(stages) if stages else ()
+    if in_stages:
+        only += f" AND t.stage IN ({','.join('?' * len(in_stages))})"
     row = db.execute(
         "SELECT 1 FROM tasks t JOIN batches b ON b.id = t.batch_id"
         " WHERE b.status IN ('queued', 'running') AND t.status IN ('queued', 'running', 'retrying')"
-        f"{only} LIMIT 1", list(wanted)).fetchone()
+        f"{only} LIMIT 1", [*wanted, *in_stages]).fetchone()
     return row is not None
 
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from bot.metrics import WEBHOOK_LATENCY, Histogram, render_metrics
+from bot.metrics import WEBHOOK_LATENCY, WEBHOOK_REQUESTS, render_metrics
 from pipeline.breaker import Breaker
 from pipeline.config import BreakerPolicy
 from storage import outbox, queue
@@ -79,11 +79,15 @@ def test_webhook_latency_histogram_is_rendered(db):
     assert (le("0.01"), le("0.025"), le("2.5"), le("5"), le("+Inf")) == (0, 1, 1, 2, 2)
 
 
-def test_histogram_buckets_are_cumulative():
-    h = Histogram([1, 2])
-    for v in (0.5, 1.5, 1.5, 9):
-        h.observe(v)
-    assert h.snapshot() == ([(1, 1), (2, 3)], 12.5, 4)
+def test_webhook_requests_counter_is_rendered(db):
+    key = ("opsbot_webhook_requests_total", frozenset({("status", "401")}))
+    before = parse(render_metrics(db)).get(key, 0)
+    WEBHOOK_REQUESTS.labels(status="401").inc()
+    WEBHOOK_REQUESTS.labels(status="401").inc()
+    s = parse(render_metrics(db))
+    assert s[key] == before + 2
+    assert "# TYPE opsbot_webhook_requests_total counter" in render_metrics(db)
+    assert not any(name.endswith("_created") for name, _ in s)   # per process: meaningless
 
 
 def test_bad_extra_names_are_refused(db):
@@ -93,18 +97,17 @@ def test_bad_extra_names_are_refused(db):
 
 def test_the_web_app_measures_webhook_latency(tmp_path):
     from bot.app import create_app
-    from bot.metrics import WEBHOOK_LATENCY
     from bot.settings import Settings
 
-    before = WEBHOOK_LATENCY.snapshot()
     app = create_app(Settings(db_path=tmp_path / "m.db"), dispatch=False)
     client = app.test_client()
+    before = parse(client.get("/metrics").get_data(as_text=True))
     assert client.post("/webhook/event", data=b"{broken").status_code == 400
-    text = client.get("/metrics").get_data(as_text=True)
-    after = WEBHOOK_LATENCY.snapshot()
-    assert after != before
-    count = [line for line in text.splitlines() if line.startswith("opsbot_webhook_seconds_count")]
-    assert count and float(count[0].split()[-1]) >= 1
+    after = parse(client.get("/metrics").get_data(as_text=True))
+    count = ("opsbot_webhook_seconds_count", frozenset())
+    bad = ("opsbot_webhook_requests_total", frozenset({("status", "400")}))
+    assert after[count] == before[count] + 1
+    assert after[bad] == before.get(bad, 0) + 1
 
 
 def _attempts(db, n, *, start=0):

@@ -62,6 +62,7 @@ def test_submits_failing_while_polls_succeed_open_the_breaker(db, tmp_path):
                     await asyncio.sleep(0.01)
                 queue.create_batch(db, [{"task_key": k} for k in ("bad0", "bad1", "bad2")],
                                    now=0, source="cli")
+                before = sum(sim.task(k).polls for k in ("long0", "long1"))
                 for _ in range(300):
                     if ("breaker", "coze", "open") in rec.events:
                         break
@@ -69,13 +70,15 @@ def test_submits_failing_while_polls_succeed_open_the_breaker(db, tmp_path):
                 polls = sum(sim.task(k).polls for k in ("long0", "long1"))
                 stop.set()
                 await asyncio.wait_for(job, 10)
-            return rec, polls, sim
+            return rec, before, polls, sim
         finally:
             await sim.stop()
 
-    rec, polls, sim = asyncio.run(go())
+    rec, before, polls, sim = asyncio.run(go())
     assert ("breaker", "coze", "open") in rec.events
-    assert polls > 10      # the polls did succeed all along
+    # polls kept succeeding while the submits failed (their successes used to reset the count);
+    # how many depends on the machine's load, not on the code under test
+    assert polls > before >= 4
     assert sum(sim.task(k).submits for k in ("bad0", "bad1", "bad2")) >= \
         FAST.breaker.failure_threshold
 

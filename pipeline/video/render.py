@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,8 @@ async def render(ffmpeg: str, plan: Plan, final: Path, enc: Encoding, *, workdir
                  font_names: tuple[str, ...] = ()) -> None:
     """Render ``plan`` to ``final`` (atomically); :class:`VideoError` ``render_failed`` /
     ``render_timeout`` / ``font_glyphs``, with no file left at ``final`` on any failure."""
-    tmp = final.with_name(f".{final.stem}.rendering-{os.getpid()}.mp4")
+    # unique per render: on a shared output volume, containers can share a PID
+    tmp = final.with_name(f".{final.stem}.rendering-{os.getpid()}-{uuid.uuid4().hex[:12]}.mp4")
     args = build_args(ffmpeg, plan, str(tmp.resolve()), enc, workdir=workdir,
                       subtitles=subtitles, fonts_dir=fonts_dir)
     try:
