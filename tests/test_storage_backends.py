@@ -166,3 +166,29 @@ def test_a_writer_waits_for_the_write_lock_then_fails_as_locked(any_db_path):
         assert (kv.get(two, "a"), kv.get(two, "b")) == ("1", "2")
     finally:
         one.conn.close(), two.conn.close()
+
+
+def test_workers_rows_and_a_dead_owners_tasks_by_stage(db):
+    from storage import workers
+    workers.register(db, id="h:1:a", hostname="h", pid=1, pid_ns="ns", proc_start=5,
+                     stages=["synthesis", "coze"], now=10)
+    workers.register(db, id="h:2:b", hostname="h", pid=2, pid_ns=None, proc_start=None,
+                     stages=["coze"], now=10)
+    workers.heartbeat(db, "h:1:a", now=50)
+    workers.stopped(db, "h:2:b", now=20)
+    assert [w["id"] for w in workers.live(db, now=60, within=15)] == ["h:1:a"]
+    assert workers.get(db, ["h:1:a"])["h:1:a"]["stages"] == "coze,synthesis"
+    b = queue.create_batch(db, [{"task_key": "t"}], now=0, source="cli")
+    [task] = queue.claim_tasks(db, owner="h:1:a", now=1, lease=30, limit=5, stage="coze")
+    assert queue.claim_tasks(db, owner="h:3:c", now=2, lease=30, limit=5, stage="coze") == []
+    assert queue.running_owners(db) == ["h:1:a"]
+    assert queue.has_pending_work(db, [b], stages=["coze"])
+    assert not queue.has_pending_work(db, [b], stages=["synthesis"])
+    assert queue.expire_leases_of(db, ["h:1:a"]) == 1
+    [again] = queue.claim_tasks(db, owner="h:3:c", now=3, lease=30, limit=5, stage="coze")
+    assert again["id"] == task["id"]
+    workers.register(db, id="h:3:c", hostname="h", pid=3, pid_ns=None, proc_start=None,
+                     stages=["coze"], now=10)
+    # silent for over a week: forgotten, unless it holds a running task (h:3:c)
+    assert workers.prune(db, now=60 + 8 * 86400) == 2
+    assert list(workers.get(db, ["h:1:a", "h:2:b", "h:3:c"])) == ["h:3:c"]
