@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from storage import pg
+
 from .settings import Settings
 
 DEFAULT_TIMEOUT = 4.0   # seconds per network call
@@ -278,6 +280,8 @@ def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2
     from storage.db import journal_mode, open_db, schema_version, set_lock_wait, write_probe
     from storage.migrations import MIGRATIONS
 
+    if pg.is_url(settings.db_path):
+        return _check_postgres(str(settings.db_path), report)
     path = Path(settings.db_path)
     where = str(path)
     fix = ("set OPSBOT_DB to a file in a folder this user can write (default ./var/opsbot.db), "
@@ -323,6 +327,39 @@ def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2
         report(Finding(OK, "database", f"{where} opens; schema v{version} (current); WAL; "
                        "writable"))
     _disk(path, report)
+
+
+def _check_postgres(url: str, report: "_Reporter") -> None:
+    """``OPSBOT_DB`` names a PostgreSQL server: it answers, migrates, and takes a write."""
+    from storage.db import open_db, schema_version, write_probe
+    from storage.migrations import MIGRATIONS
+
+    where = pg.redacted(url)
+    report.step("database", "the PostgreSQL server may be slow to answer or unreachable: check "
+                            "its host, port and that it accepts connections from this machine")
+    try:
+        db = open_db(url)
+    except Exception as exc:  # noqa: BLE001 - any driver or pool error is the finding
+        report(Finding(FAIL, "database", f"{where} cannot be opened or migrated "
+                       f"({type(exc).__name__}: {pg.redacted(str(exc))})",
+                       "check the URL (host, port, database, user) and that the user may create "
+                       "tables in that database"))
+        return
+    try:
+        version = schema_version(db)
+        writable = write_probe(db)
+    finally:
+        db.conn.close()
+    if version > len(MIGRATIONS):
+        report(Finding(FAIL, "database", f"{where} is at schema v{version}, newer than this "
+                       f"opsbot knows (v{len(MIGRATIONS)})",
+                       "upgrade opsbot to the version that wrote this database"))
+    elif writable:
+        report(Finding(FAIL, "database", f"{where} is not writable ({pg.redacted(writable)})",
+                       "grant the user write access to the database"))
+    else:
+        report(Finding(OK, "database", f"{where} (PostgreSQL) answers; schema v{version} "
+                       "(current); writable"))
 
 
 def _disk(path: Path, report: "_Reporter") -> None:

@@ -117,13 +117,18 @@ class AlertSettings:
     mention_all: bool = False              # CRITICAL cards @all (the group owner must allow it)
 
 
+def _db_location(value: str) -> Path | str:
+    """A SQLite file path, or a PostgreSQL URL kept as written (a Path would fold its ``//``)."""
+    return value if value.startswith(("postgresql://", "postgres://")) else Path(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     feishu: FeishuSettings = field(default_factory=FeishuSettings)
     coze: CozeSettings = field(default_factory=CozeSettings)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     alerts: AlertSettings = field(default_factory=AlertSettings)
-    db_path: Path = Path("./var/opsbot.db")
+    db_path: Path | str = Path("./var/opsbot.db")   # a str only for a postgresql:// URL
     timezone: str = "Asia/Shanghai"
     language: str = "zh"
     max_body_bytes: int = 1_000_000
@@ -248,7 +253,7 @@ def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Setting
                             f"{alerts.report_time!r}")
     return Settings(
         feishu=feishu, coze=coze, pipeline=_pipeline(p), alerts=alerts,
-        db_path=Path(str(o.get("db", "./var/opsbot.db"))),
+        db_path=_db_location(str(o.get("db", "./var/opsbot.db"))),
         timezone=timezone, language=language,
         max_body_bytes=_int("[opsbot] max_body_bytes", o.get("max_body_bytes", 1_000_000)),
         web_dispatch=_coerce("OPSBOT_WEB_DISPATCH", o.get("web_dispatch", False), False),

@@ -93,8 +93,8 @@ def slow_down(db: sqlite_utils.Database, key: str, policy: RatePolicy, *, now: f
         conn.execute(
             "INSERT INTO budgets (key, next_slot, paused_until, reduced_rate, reduced_at,"
             " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET"
-            " paused_until = MAX(paused_until, excluded.paused_until),"
-            " next_slot = MAX(next_slot, excluded.next_slot),"
+            " paused_until = MAX(budgets.paused_until, excluded.paused_until),"
+            " next_slot = MAX(budgets.next_slot, excluded.next_slot),"
             " reduced_rate = excluded.reduced_rate, reduced_at = excluded.reduced_at,"
             " updated_at = excluded.updated_at",
             [key, until, max(paused_until, until), halved, until, now])

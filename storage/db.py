@@ -1,4 +1,7 @@
-"""Opening the SQLite store: WAL mode, busy timeout, and schema migrations.
+"""Opening the store: SQLite (WAL mode, busy timeout) or PostgreSQL, and schema migrations.
+
+``OPSBOT_DB`` is a file path (SQLite, the default) or a ``postgresql://`` URL (see
+:mod:`storage.pg`, which gives the same functions a PostgreSQL connection pool).
 
 One file is shared by the web process (several gunicorn workers) and the worker. WAL lets readers
 run beside one writer; ``busy_timeout`` makes a writer wait for the lock instead of failing.
@@ -18,6 +21,7 @@ from typing import Any, Callable
 
 import sqlite_utils
 
+from . import pg
 from .migrations import MIGRATIONS
 
 log = logging.getLogger("opsbot.store")
@@ -38,8 +42,18 @@ class Conflict(StorageError):
 def open_db(path: str | Path, *, migrate: bool = True) -> sqlite_utils.Database:
     """Open (creating folders and file as needed) the store at ``path`` and migrate it.
 
-    ``":memory:"`` gives a private in-memory store, for unit tests.
+    ``":memory:"`` gives a private in-memory store, for unit tests. A ``postgresql://`` URL
+    opens a :class:`storage.pg.PgDatabase` instead.
     """
+    if pg.is_url(path):
+        pgdb = pg.PgDatabase(str(path))
+        if migrate:
+            try:
+                pg.apply_migrations(pgdb, MIGRATIONS)
+            except BaseException:
+                pgdb.close()
+                raise
+        return pgdb  # type: ignore[return-value]
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
@@ -56,12 +70,17 @@ def open_db(path: str | Path, *, migrate: bool = True) -> sqlite_utils.Database:
 
 
 def path_of(db: sqlite_utils.Database) -> str:
-    """The file behind ``db`` (``":memory:"`` for a private in-memory store)."""
+    """The file behind ``db`` (``":memory:"`` for a private in-memory store; the URL of a
+    PostgreSQL store)."""
+    if isinstance(db, pg.PgDatabase):
+        return db.url
     row = db.execute("PRAGMA database_list").fetchone()
     return row[2] if row and row[2] else ":memory:"
 
 
 def schema_version(db: sqlite_utils.Database) -> int:
+    if isinstance(db, pg.PgDatabase):
+        return pg.schema_version(db)
     row = db.execute("PRAGMA user_version").fetchone()
     return int(row[0])
 
@@ -70,8 +89,11 @@ def apply_migrations(db: sqlite_utils.Database) -> int:
     """Apply the migrations this store has not seen yet; return the new version.
 
     Each migration runs in its own ``BEGIN IMMEDIATE`` transaction and bumps ``user_version``
-    with it, so two processes starting at once never apply one twice.
+    with it, so two processes starting at once never apply one twice. (PostgreSQL: see
+    :func:`storage.pg.apply_migrations`.)
     """
+    if isinstance(db, pg.PgDatabase):
+        return pg.apply_migrations(db, MIGRATIONS)
     for version, statements in enumerate(MIGRATIONS, start=1):
         if schema_version(db) >= version:
             continue
@@ -92,13 +114,19 @@ class transaction:
     """``with transaction(db):`` runs the block in one ``BEGIN IMMEDIATE`` transaction."""
 
     def __init__(self, db: sqlite_utils.Database) -> None:
+        self._pg = db.begin() if isinstance(db, pg.PgDatabase) else None
         self.conn = db.conn
 
     def __enter__(self) -> sqlite3.Connection:
+        if self._pg is not None:   # one writer at a time, as BEGIN IMMEDIATE (see storage.pg)
+            return self._pg.__enter__()  # type: ignore[return-value]
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._pg is not None:
+            self._pg.__exit__(exc_type, exc, tb)
+            return
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
@@ -118,7 +146,9 @@ def prune(db: sqlite_utils.Database, *, now: float, keep_days: float = 7.0) -> d
 
 
 def database_file(db: sqlite_utils.Database) -> str | None:
-    """The file behind ``db`` (None for an in-memory store)."""
+    """The file behind ``db`` (None for an in-memory store and for PostgreSQL)."""
+    if isinstance(db, pg.PgDatabase):
+        return None
     for _, name, file in db.execute("PRAGMA database_list").fetchall():
         if name == "main":
             return file or None
@@ -127,7 +157,11 @@ def database_file(db: sqlite_utils.Database) -> str | None:
 
 def set_lock_wait(db: sqlite_utils.Database, seconds: float) -> None:
     """How long a statement of this connection waits for another process's write lock before
-    it fails (``sqlite3.OperationalError``, "database is locked")."""
+    it fails (``sqlite3.OperationalError``, "database is locked"; on PostgreSQL the wait for the
+    write lock of :mod:`storage.pg`, as ``lock_timeout``)."""
+    if isinstance(db, pg.PgDatabase):
+        db.lock_wait = seconds
+        return
     db.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
 
@@ -137,13 +171,23 @@ def ping(db: sqlite_utils.Database) -> None:
 
 
 def journal_mode(db: sqlite_utils.Database) -> str:
-    """The store's journal mode, lower case (``wal`` for a file store opened by :func:`open_db`)."""
+    """The store's journal mode, lower case (``wal`` for a file store opened by :func:`open_db`;
+    ``postgresql`` for a PostgreSQL store, which has none)."""
+    if isinstance(db, pg.PgDatabase):
+        return "postgresql"
     return str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
 
 
 def write_probe(db: sqlite_utils.Database) -> str:
     """Take the write lock and give it back, changing nothing: ``""`` when that worked, else the
     driver's error as text (the lock stayed busy past the lock wait, a read-only file)."""
+    if isinstance(db, pg.PgDatabase):
+        try:
+            with db.begin() as tx:
+                tx.execute("UPDATE opsbot_schema SET version = version")  # a write, no change
+            return ""
+        except Exception as exc:  # noqa: BLE001 - reported as text, like SQLite's errors
+            return f"{type(exc).__name__}: {exc}"
     try:
         db.conn.execute("BEGIN IMMEDIATE")
         db.conn.execute(f"PRAGMA user_version = {schema_version(db)}")
@@ -173,12 +217,16 @@ class StoreThread:
 
     def __init__(self, db: sqlite_utils.Database) -> None:
         self._path = database_file(db)
-        self._inline_db = None if self._path else db
+        # PostgreSQL: the store thread shares ``db`` (its pool serves every thread)
+        self._shared = db if isinstance(db, pg.PgDatabase) else None
+        self._inline_db = None if self._path or self._shared is not None else db
         self._db: sqlite_utils.Database | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def _thread_db(self) -> sqlite_utils.Database:
+        if self._shared is not None:
+            return self._shared  # type: ignore[return-value]
         if self._db is None:   # opened on the store thread, the first time it is needed
             self._db = open_db(self._path, migrate=False)
         return self._db

@@ -29,7 +29,7 @@ def stage_durations(db: sqlite_utils.Database, lo: int, hi: int,
     return list(db.execute(
         f"SELECT stage, {sums}, SUM(d), COUNT(*) FROM (SELECT stage, ended_at - started_at"
         f" AS d FROM attempts WHERE id > ? AND id <= ? AND outcome = 'success'"
-        f" AND ended_at IS NOT NULL) GROUP BY stage", [lo, hi]))
+        f" AND ended_at IS NOT NULL) AS done GROUP BY stage", [lo, hi]))
 
 
 def task_counts(db: sqlite_utils.Database) -> dict[str, int]:

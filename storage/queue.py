@@ -151,10 +151,10 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     for status, cond in (("queued", "t.next_at <= ?"), ("retrying", "t.next_at <= ?"),
                          ("running", "t.lease_until < ? AND t.lease_owner IS NOT ?")):
         parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t WHERE t.status = ?"
-                     f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?)")
+                     f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?) AS {status}")
         own = [owner] if status == "running" else []
         args += [status, now, *own, *stage_args, owner, now, *wanted, limit]
-    sql = (f"SELECT id FROM ({' UNION ALL '.join(parts)}) ORDER BY next_at, id LIMIT ?")
+    sql = (f"SELECT id FROM ({' UNION ALL '.join(parts)}) AS due ORDER BY next_at, id LIMIT ?")
     with transaction(db) as conn:
         ids = [r[0] for r in conn.execute(sql, [*args, limit]).fetchall()]
         if not ids:

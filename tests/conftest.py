@@ -1,6 +1,8 @@
 """Shared fixtures: real SQLite files in a temporary folder; the fake Feishu's strictness."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bot.fake_feishu import unexpected_refusals
@@ -8,7 +10,12 @@ from storage.db import open_db
 
 
 @pytest.fixture
-def db_path(tmp_path):
+def db_path(request, tmp_path):
+    """The store of a test: a SQLite file; with ``OPSBOT_TEST_BACKEND=postgresql``, an empty
+    database on the test PostgreSQL server instead (see tests/pg_server.py)."""
+    if os.environ.get("OPSBOT_TEST_BACKEND", "sqlite") == "postgresql":
+        from tests.pg_server import fresh_database, server_url
+        return fresh_database(server_url(request))
     return tmp_path / "opsbot.db"
 
 
@@ -31,3 +38,13 @@ def feishu_refuses_nothing():
                  f"{'; '.join(r['violations'][:5])}" for r in refused]
         pytest.fail("the fake Feishu refused card(s) the bot sent:\n" + "\n".join(lines),
                     pytrace=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_path(request, tmp_path):
+    """Where a store lives, once per backend: a SQLite file, then an empty PostgreSQL database
+    (see tests/pg_server.py; skipped with the reason when no server is available)."""
+    if request.param == "sqlite":
+        return tmp_path / "opsbot.db"
+    from tests.pg_server import fresh_database, server_url
+    return fresh_database(server_url(request))

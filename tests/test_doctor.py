@@ -613,3 +613,25 @@ def test_the_video_column_must_suit_its_mode(env, fake, tmp_path, mode, field_ty
                                                f'bitable_video_mode = "{mode}"\n'))
     assert line_of(lines, "feishu.bitable_video") == f"{level:<4}  feishu.bitable_video: {text}"
     assert code == (1 if level == "FAIL" else 0)
+
+
+def test_postgres_database_answers_migrates_and_is_writable(env, request):
+    from tests.pg_server import fresh_database, server_url
+    url = fresh_database(server_url(request))
+    env["OPSBOT_DB"] = url
+    code, lines = run(env)
+    assert line_of(lines, "database") == (
+        f"OK    database: {url} (PostgreSQL) answers; schema v{len(MIGRATIONS)} (current); "
+        "writable")
+    assert not [ln for ln in lines if ln[6:].startswith("database.disk")]
+
+
+def test_unreachable_postgres_fails_without_printing_its_password(env):
+    port = _free_port()
+    env["OPSBOT_DB"] = f"postgresql://ops:pg-s3cret@127.0.0.1:{port}/opsbot"
+    code, lines = run(env)
+    assert code == 1
+    line = line_of(lines, "database")
+    assert line.startswith(f"FAIL  database: postgresql://ops:***@127.0.0.1:{port}/opsbot cannot "
+                           "be opened or migrated (OperationalError: postgresql: connection failed")
+    assert "pg-s3cret" not in "\n".join(lines)

@@ -1,4 +1,6 @@
-"""Storage on real SQLite files: migrations, queue claims and leases, inbox dedup, outbox."""
+"""Storage on real SQLite files and on a real PostgreSQL server (each test that takes ``db`` or
+``db_path`` runs once per backend; see tests/pg_server.py): migrations, queue claims and leases,
+inbox dedup, outbox, kv."""
 from __future__ import annotations
 
 import multiprocessing
@@ -10,6 +12,18 @@ from pipeline.config import BreakerPolicy
 from storage import inbox, outbox, queue
 from storage.db import Conflict, NotFound, apply_migrations, open_db, schema_version
 from storage.migrations import MIGRATIONS
+
+
+@pytest.fixture
+def db_path(any_db_path):
+    return any_db_path
+
+
+@pytest.fixture
+def db(db_path):
+    database = open_db(db_path)
+    yield database
+    database.conn.close()
 
 
 def test_open_creates_folders_uses_wal_and_migrates_once(tmp_path):
@@ -26,10 +40,9 @@ def _open(path):
     return schema_version(db)
 
 
-def test_two_processes_migrating_at_once_agree(tmp_path):
-    path = tmp_path / "race.db"
+def test_two_processes_migrating_at_once_agree(db_path):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        versions = pool.map(_open, [path, path])
+        versions = pool.map(_open, [db_path, db_path])
     assert versions == [len(MIGRATIONS)] * 2
 
 

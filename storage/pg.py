@@ -1,0 +1,373 @@
+"""The PostgreSQL backend: ``OPSBOT_DB=postgresql://...`` (psycopg 3 with a connection pool).
+
+Errors reach callers as the ``sqlite3`` errors they already handle (see
+:func:`_as_sqlite_errors`), so a lost server is treated like a busy SQLite file.
+
+The storage functions keep their SQL in SQLite's form (``?`` placeholders); :func:`translate`
+rewrites a statement for PostgreSQL in this one place, and :func:`translate_ddl` does the same for
+the migrations, so both backends share one schema and one list of migrations.
+
+:class:`PgDatabase` offers the part of ``sqlite_utils.Database`` the storage functions use:
+``execute``, ``executemany``, ``query`` and ``conn`` (whose ``close()`` closes the pool).
+``with transaction(db)`` (see :mod:`storage.db`) takes a pooled connection, begins a transaction
+and takes one transaction-scoped advisory lock shared by every writer: writers run one at a time,
+as under SQLite's ``BEGIN IMMEDIATE``, so every read-modify-write the storage functions do keeps
+the meaning it has on SQLite. Reads outside a transaction never wait. A statement run through
+``db`` on a thread that holds an open transaction of that ``db`` runs inside it (as on SQLite's
+single connection).
+
+Migrations run in one transaction under their own advisory lock, so processes that start at once
+apply each migration exactly once; the version sits in table ``opsbot_schema``.
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any, Iterable, Iterator
+
+WRITE_LOCK = 0x6F707362          # "opsb": the advisory lock every write transaction takes
+MIGRATE_LOCK = 0x6F70736D        # "opsm": the advisory lock of the migrations
+
+URL_PREFIXES = ("postgresql://", "postgres://")
+
+
+def is_url(location: object) -> bool:
+    """True when ``location`` names a PostgreSQL server rather than a SQLite file."""
+    return str(location).startswith(URL_PREFIXES)
+
+
+def redacted(text: str) -> str:
+    """``text`` with the password of any PostgreSQL URL in it replaced by ``***``."""
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
+
+
+# --- SQL translation -------------------------------------------------------------------------
+
+def _close_paren(sql: str, start: int) -> int:
+    """Index of the ``)`` closing the ``(`` at ``start`` (quotes respected)."""
+    depth, i, quote = 0, start, None
+    while i < len(sql):
+        ch = sql[i]
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unbalanced parentheses in SQL: {sql!r}")
+
+
+def _top_level(text: str) -> tuple[list[int], bool]:
+    """Positions of top-level commas in ``text``, and whether it holds a top-level comparison."""
+    depth, quote, commas, compares = 0, None, [], False
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif depth == 0 and ch == ",":
+            commas.append(i)
+        elif depth == 0 and ch in "=<>":
+            compares = True
+    return commas, compares
+
+
+def _rewrite_calls(sql: str) -> str:
+    """``MAX(a, b)``/``MIN(a, b)`` (SQLite's scalar forms) become GREATEST/LEAST; ``SUM(cond)``
+    (a sum of booleans) becomes a sum of ``CASE WHEN cond THEN 1 ELSE 0 END``."""
+    out, pos = [], 0
+    for m in re.finditer(r"\b(MAX|MIN|SUM)\(", sql, flags=re.IGNORECASE):
+        if m.start() < pos:
+            continue
+        open_at = m.end() - 1
+        close_at = _close_paren(sql, open_at)
+        inner = _rewrite_calls(sql[open_at + 1:close_at])
+        commas, compares = _top_level(inner)
+        name = m.group(1).upper()
+        out.append(sql[pos:m.start()])
+        if name in ("MAX", "MIN") and commas:
+            out.append(f"{'GREATEST' if name == 'MAX' else 'LEAST'}({inner})")
+        elif name == "SUM" and compares:
+            out.append(f"SUM(CASE WHEN {inner} THEN 1 ELSE 0 END)")
+        else:
+            out.append(f"{m.group(1)}({inner})")
+        pos = close_at + 1
+    out.append(sql[pos:])
+    return "".join(out)
+
+
+@lru_cache(maxsize=2048)
+def translate(sql: str) -> str:
+    """Rewrite one statement from the SQLite form the storage functions use to PostgreSQL."""
+    sql = sql.replace("%", "%%")
+    ignore = re.match(r"\s*INSERT OR IGNORE INTO\b", sql, flags=re.IGNORECASE)
+    if ignore:
+        sql = "INSERT INTO" + sql[ignore.end():].rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
+    sql = re.sub(r"\bjson_extract\((\w+(?:\.\w+)?), '\$\.(\w+)'\)", r"(\1::jsonb ->> '\2')", sql)
+    sql = re.sub(r"\b((?:\w+\.)?id) IN \(SELECT value FROM json_each\(\?\)\)",
+                 r"\1 IN (SELECT value::bigint FROM jsonb_array_elements_text(?::jsonb))", sql)
+    sql = re.sub(r"\bjson_each\(\?\)", "jsonb_array_elements_text(?::jsonb)", sql)
+    sql = re.sub(r"\bIS NOT \?", "IS DISTINCT FROM ?", sql)
+    sql = re.sub(r"\bIS \?", "IS NOT DISTINCT FROM ?", sql)
+    if re.search(r"\b(MAX|MIN|SUM)\(", sql, flags=re.IGNORECASE):
+        sql = _rewrite_calls(sql)
+    return _placeholders(sql)
+
+
+def _placeholders(sql: str) -> str:
+    """``?`` outside string literals becomes ``%s``."""
+    out, quote = [], None
+    for ch in sql:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "?":
+            out.append("%s")
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+# Columns PostgreSQL has no implicit form of: batches are ordered by insertion (SQLite's rowid)
+# where their creation times tie.
+_EXTRA_COLUMNS = {"batches": "rowid BIGINT GENERATED ALWAYS AS IDENTITY"}
+
+
+def translate_ddl(sql: str) -> str:
+    """Rewrite one migration statement for PostgreSQL (types, identity columns, rowid)."""
+    sql = re.sub(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b",
+                 "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", sql)
+    sql = re.sub(r"\bINTEGER\b", "BIGINT", sql)
+    sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+    m = re.match(r"\s*CREATE TABLE (\w+) \(", sql)
+    if m and m.group(1) in _EXTRA_COLUMNS:
+        end = sql.rstrip().rfind(")")
+        sql = sql[:end].rstrip() + ",\n    " + _EXTRA_COLUMNS[m.group(1)] + "\n)"
+    return sql
+
+
+# --- connections -------------------------------------------------------------------------------
+
+class Result:
+    """A finished statement's rows (read at once), ``rowcount`` and ``description``."""
+
+    def __init__(self, cur: Any) -> None:
+        self.description = cur.description
+        self.rowcount = cur.rowcount
+        self._rows = list(cur.fetchall()) if cur.description is not None else []
+        self._at = 0
+
+    def fetchone(self) -> tuple | None:
+        if self._at >= len(self._rows):
+            return None
+        self._at += 1
+        return self._rows[self._at - 1]
+
+    def fetchall(self) -> list[tuple]:
+        rows, self._at = self._rows[self._at:], len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.fetchall())
+
+
+@contextmanager
+def _as_sqlite_errors() -> Iterator[None]:
+    """Raise the driver's errors as the ``sqlite3`` errors the callers already handle: a lost
+    server, a timeout or an exhausted pool as ``OperationalError`` (the "store busy, try again"
+    paths), a constraint as ``IntegrityError``, anything else as ``DatabaseError``. The
+    PostgreSQL error stays attached as the cause."""
+    import psycopg
+    try:
+        yield
+    except psycopg.errors.LockNotAvailable as exc:   # the write lock stayed busy (lock_wait)
+        raise sqlite3.OperationalError(f"database is locked (postgresql: {exc})") from exc
+    except psycopg.OperationalError as exc:
+        raise sqlite3.OperationalError(f"postgresql: {redacted(str(exc))}") from exc
+    except psycopg.IntegrityError as exc:
+        raise sqlite3.IntegrityError(f"postgresql: {exc}") from exc
+    except psycopg.Error as exc:
+        raise sqlite3.DatabaseError(f"postgresql: {exc}") from exc
+
+
+class Transaction:
+    """One pooled connection inside ``BEGIN ... COMMIT``; what ``with transaction(db)`` yields."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Iterable[Any] | None = None) -> Result:
+        with _as_sqlite_errors(), self.raw.cursor() as cur:
+            cur.execute(translate(sql), tuple(params or ()))
+            return Result(cur)
+
+    def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> Result:
+        with _as_sqlite_errors(), self.raw.cursor() as cur:
+            cur.executemany(translate(sql), [tuple(p) for p in seq])
+            return Result(cur)
+
+
+class _Conn:
+    """``db.conn``: closing it closes the pool (as closing a SQLite connection would)."""
+
+    def __init__(self, db: "PgDatabase") -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: Iterable[Any] | None = None) -> Result:
+        return self._db.execute(sql, params)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db._current() is not None
+
+    def commit(self) -> None:
+        """Statements outside ``transaction(db)`` commit as they run (autocommit): nothing to do."""
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _configure(raw: Any) -> None:
+    # SUM over integers is NUMERIC in PostgreSQL; give back int (or float) as SQLite does
+    from psycopg.adapt import Loader
+
+    class NumericLoader(Loader):
+        def load(self, data: Any) -> Any:
+            text = bytes(data).decode()
+            return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+    raw.adapters.register_loader("numeric", NumericLoader)
+
+
+class PgDatabase:
+    """A PostgreSQL store behind a connection pool, used where a ``sqlite_utils.Database`` is."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, *, max_size: int = 8, connect_timeout: float = 30.0) -> None:
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise RuntimeError("OPSBOT_DB names a PostgreSQL server but psycopg is not installed:"
+                               " pip install 'opsbot[postgres]'") from exc
+        import psycopg
+        self.url = url
+        with _as_sqlite_errors():   # fail fast, with the server's own reason, when it is unreachable
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
+        self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True,
+                                   kwargs={"autocommit": True}, configure=_configure,
+                                   name="opsbot-store")
+        try:
+            with _as_sqlite_errors():
+                self.pool.wait(timeout=connect_timeout)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.conn = _Conn(self)
+        self.lock_wait = 30.0   # seconds a transaction waits for the write lock (set_lock_wait)
+        self._local = threading.local()
+
+    # the open transaction of this thread, if any (statements through ``db`` join it)
+    def _current(self) -> Transaction | None:
+        return getattr(self._local, "tx", None)
+
+    def execute(self, sql: str, params: Iterable[Any] | None = None) -> Result:
+        tx = self._current()
+        if tx is not None:
+            return tx.execute(sql, params)
+        with _as_sqlite_errors(), self.pool.connection() as raw:
+            return Transaction(raw).execute(sql, params)
+
+    def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> Result:
+        with self.begin() as tx:
+            return tx.executemany(sql, seq)
+
+    def query(self, sql: str, params: Iterable[Any] | None = None) -> Iterator[dict[str, Any]]:
+        res = self.execute(sql, params)
+        cols = [d[0] for d in res.description or ()]
+        for row in res.fetchall():
+            yield dict(zip(cols, row))
+
+    def begin(self, lock: int = WRITE_LOCK) -> "_Begin":
+        return _Begin(self, lock)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class _Begin:
+    def __init__(self, db: PgDatabase, lock: int) -> None:
+        self.db, self.lock = db, lock
+        self.raw: Any = None
+
+    def __enter__(self) -> Transaction:
+        if self.db._current() is not None:
+            raise RuntimeError("a transaction of this store is already open on this thread")
+        with _as_sqlite_errors():
+            self.raw = self.db.pool.getconn()
+        try:
+            with _as_sqlite_errors():
+                self.raw.execute("BEGIN")
+                # as SQLite's busy_timeout: wait this long for the write lock, then fail
+                self.raw.execute(f"SET LOCAL lock_timeout = {max(1, int(self.db.lock_wait * 1000))}")
+                self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
+        except BaseException:
+            self._release(commit=False)
+            raise
+        tx = Transaction(self.raw)
+        self.db._local.tx = tx
+        return tx
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._release(commit=exc_type is None)
+
+    def _release(self, *, commit: bool) -> None:
+        self.db._local.tx = None
+        raw, self.raw = self.raw, None
+        try:
+            with _as_sqlite_errors():
+                raw.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            self.db.pool.putconn(raw)
+
+
+def schema_version(db: PgDatabase) -> int:
+    row = db.execute("SELECT to_regclass('opsbot_schema') IS NOT NULL").fetchone()
+    if not row[0]:
+        return 0
+    row = db.execute("SELECT version FROM opsbot_schema").fetchone()
+    return int(row[0]) if row else 0
+
+
+def apply_migrations(db: PgDatabase, migrations: list[list[str]]) -> int:
+    """Apply the migrations this store has not seen yet, all in one transaction under an
+    advisory lock (a second process starting at once waits, then finds them applied)."""
+    with db.begin(MIGRATE_LOCK) as tx:
+        tx.raw.execute("CREATE TABLE IF NOT EXISTS opsbot_schema (version BIGINT NOT NULL)")
+        row = tx.raw.execute("SELECT version FROM opsbot_schema").fetchone()
+        current = int(row[0]) if row else 0
+        if row is None:
+            tx.raw.execute("INSERT INTO opsbot_schema (version) VALUES (0)")
+        for version, statements in enumerate(migrations, start=1):
+            if version <= current:
+                continue
+            for sql in statements:
+                tx.raw.execute(translate_ddl(sql))
+            tx.raw.execute("UPDATE opsbot_schema SET version = %s", (version,))
+    return schema_version(db)

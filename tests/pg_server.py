@@ -1,0 +1,109 @@
+"""A throwaway PostgreSQL server for the tests that run against both backends.
+
+``OPSBOT_TEST_POSTGRES_URL`` (a server URL whose user may create databases) is used when set.
+Otherwise the server binaries (Debian's ``postgresql`` package: /usr/lib/postgresql/*/bin, or
+``initdb`` on PATH) start a private server in a temporary folder, reachable only through a unix
+socket in that folder. Without either, the PostgreSQL variants skip with the reason; with
+``CI=true`` they fail instead (a CI run must test both backends).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+
+def _bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _as_user() -> list[str]:
+    """initdb refuses root: run the server as ``postgres`` (or ``nobody``) then."""
+    if os.geteuid() != 0:
+        return []
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return ["runuser", "-u", name, "--"]
+        except KeyError:
+            continue
+    return []
+
+
+class Server:
+    def __init__(self) -> None:
+        self.dir: Path | None = None
+        self.bindir: Path | None = None
+        self.prefix: list[str] = []
+
+    def start(self) -> str:
+        bindir = _bindir()
+        if bindir is None:
+            raise RuntimeError("no PostgreSQL server binaries (install Debian's postgresql "
+                               "package, or set OPSBOT_TEST_POSTGRES_URL)")
+        self.bindir, self.prefix = bindir, _as_user()
+        self.dir = Path(tempfile.mkdtemp(prefix="opsbot-pg-"))
+        os.chmod(self.dir, 0o777)
+        data = self.dir / "data"
+        run = dict(check=True, capture_output=True, text=True)
+        subprocess.run([*self.prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust",
+                        "-U", "postgres", "--no-sync"], **run)
+        subprocess.run([*self.prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l",
+                        str(self.dir / "log"), "-w", "-t", "60", "-o",
+                        f"-c listen_addresses='' -k {self.dir} -c fsync=off "
+                        f"-c synchronous_commit=off -c full_page_writes=off", "start"], **run)
+        return f"postgresql://postgres@/postgres?host={quote(str(self.dir), safe='')}"
+
+    def stop(self) -> None:
+        if self.dir is None:
+            return
+        subprocess.run([*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"),
+                        "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def server_url(request) -> str:
+    """The server's URL for this session (started once), or skip/fail when there is none."""
+    cached = getattr(request.config, "_opsbot_pg", None)
+    if cached is None:
+        url = os.environ.get("OPSBOT_TEST_POSTGRES_URL", "")
+        error = ""
+        if not url:
+            server = Server()
+            try:
+                url = server.start()
+                request.config.add_cleanup(server.stop)
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                server.stop()
+                detail = getattr(exc, "stderr", "") or ""
+                error = f"PostgreSQL not available: {exc} {detail}".strip()
+        cached = request.config._opsbot_pg = (url, error)
+    url, error = cached
+    if error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(error + " (CI=true: the PostgreSQL tests must run)", pytrace=False)
+        pytest.skip(error)
+    return url
+
+
+def fresh_database(server: str) -> str:
+    """Create an empty database on ``server``; return its URL."""
+    import psycopg
+    name = "opsbot_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base, _, query = server.partition("?")
+    base = base.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{query}" if query else "")
