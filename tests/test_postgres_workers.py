@@ -19,12 +19,15 @@ from tests.test_worker_scale import simulator  # noqa: F401 - the fixture
 pytestmark = pytest.mark.slow
 
 
-def _all_running(db, batch, n, timeout=30):
-    """Until all ``n`` tasks run with their execute_id stored (under any owners)."""
+def _all_running(db, batch, n, in_flight, timeout=30):
+    """Until all ``n`` tasks are held (under any owners) and ``in_flight`` of them have their
+    run submitted (execute_id stored): the account's run limit is shared by every worker, so
+    the rest wait for a slot, held but not yet submitted."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = queue.tasks_of(db, batch)
-        if len(rows) == n and all(r["status"] == "running" and r["execute_id"] for r in rows):
+        if len(rows) == n and all(r["status"] == "running" for r in rows) \
+                and sum(1 for r in rows if r["execute_id"]) >= in_flight:
             return rows
         time.sleep(0.05)
     raise AssertionError(f"tasks not all running: {[r['status'] for r in rows]}")
@@ -42,7 +45,7 @@ def test_a_third_worker_finishes_what_two_killed_workers_held(request, tmp_path,
         cfg = tmp_path / "opsbot.toml"     # three runs per worker: both killed ones hold tasks
         cfg.write_text(cfg.read_text().replace("max_coze = 8", "max_coze = 3"))
         killed = [_worker(env), _worker(env)]
-        held = _all_running(db, batch, n)
+        held = _all_running(db, batch, n, in_flight=3)
         assert len({r["lease_owner"] for r in held}) == 2
         for proc in killed:
             proc.send_signal(signal.SIGKILL)

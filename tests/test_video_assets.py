@@ -96,6 +96,7 @@ def test_a_slow_server_times_out_after_the_retries(tmp_path):
     assert_no_video(tmp_path)
 
 
+@pytest.mark.cjk_font
 def test_a_server_error_is_retried_and_the_video_made(tmp_path):
     result, requests, clock = attempt(tmp_path, "fault=500once")
     assert isinstance(result, dict), result
@@ -129,6 +130,7 @@ def test_an_image_where_audio_was_expected_is_refused(tmp_path):
 # ---- limits per task --------------------------------------------------------------------
 
 
+@pytest.mark.cjk_font
 def test_more_assets_than_allowed_are_refused_before_any_download(tmp_path):
     cfg = dataclasses.replace(TINY, asset_max_count=4)
     err, requests, _ = attempt(tmp_path, "", cfg, scenes=2)   # 2 pictures, 2 voices, music
@@ -226,6 +228,7 @@ def test_a_redirect_to_a_private_address_is_not_followed(tmp_path):
     assert max(requests.values()) == 1
 
 
+@pytest.mark.cjk_font
 def test_a_redirect_to_an_allowed_address_is_followed(tmp_path):
     def bounce(out, base):
         real = out["images"][0]

@@ -47,6 +47,7 @@ def test_file_names_are_safe_bounded_readable_and_distinct(a, b):
         assert file_name(a) != file_name(b)
 
 
+@pytest.mark.cjk_font
 def test_two_chinese_task_keys_in_one_batch_get_two_videos(tmp_path):
     """Rendered at once, as the worker does: each keeps its own video, work folder and
     subtitles, and neither overwrites the other's."""
@@ -88,6 +89,7 @@ def _make(base: str, out_dir: Path, output: dict, cfg: SynthesisConfig = TINY):
                       clock=FakeClock(), allow_loopback=True)
 
 
+@pytest.mark.cjk_font
 def test_an_unchanged_output_is_reused_and_a_changed_one_rendered_again(tmp_path):
     """A chat retry gets a new run with a new output: its video is the new one."""
     async def go():
@@ -117,6 +119,7 @@ def test_an_unchanged_output_is_reused_and_a_changed_one_rendered_again(tmp_path
     assert not list(tmp_path.glob(".*rendering*")) and not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.cjk_font
 def test_a_video_without_its_sidecar_is_rendered_again(tmp_path):
     """An MP4 whose record is missing (an older version, or a crash between the rename and
     the record) cannot prove which output it shows."""

@@ -31,6 +31,7 @@ def test_map_path(path, mapping, expected):
     assert map_path(path, mapping) == expected
 
 
+@pytest.mark.cjk_font
 def test_a_draft_is_built_beside_the_video(tmp_path):
     drafts = tmp_path / "drafts"
     cfg = SynthesisConfig(width=180, height=320, fps=15, preset="ultrafast", jianying=True,
@@ -69,6 +70,7 @@ def test_a_draft_is_built_beside_the_video(tmp_path):
     assert content["canvas_config"]["width"] == 180 and content["fps"] == 15
 
 
+@pytest.mark.cjk_font
 def test_a_draft_problem_is_a_synthesis_failure_with_its_class(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -92,6 +94,7 @@ def test_a_draft_problem_is_a_synthesis_failure_with_its_class(tmp_path):
     assert err.value.code == "jianying_failed"
 
 
+@pytest.mark.cjk_font
 def test_a_draft_build_that_fails_midway_leaves_the_finished_draft_alone(tmp_path):
     """The second build fails after its media are copied and laid out (the subtitles cannot
     be read): the draft from the first build is still whole, nothing half-built is left, and
@@ -138,6 +141,7 @@ def test_a_draft_build_that_fails_midway_leaves_the_finished_draft_alone(tmp_pat
     assert sorted(p.name for p in drafts.iterdir()) == ["t3"]
 
 
+@pytest.mark.cjk_font
 def test_a_draft_folder_without_the_marker_is_built_again(tmp_path):
     """A folder left by a crash mid-build (or by an older version) beside a finished video is
     not taken for a finished draft."""

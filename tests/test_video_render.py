@@ -62,6 +62,7 @@ def no_leftovers(out_dir: Path) -> None:
     assert not list(out_dir.glob(".*rendering*")), "a half-written video was left"
 
 
+@pytest.mark.cjk_font
 def test_a_short_video_with_burned_chinese_subtitles(tmp_path):
     async def test(sim, base):
         out = video_output(base, "v1", scenes=2, seconds=1.0)
@@ -92,6 +93,7 @@ def test_a_short_video_with_burned_chinese_subtitles(tmp_path):
     ("jianying", "wav", 2.25),   # timed lists: 1.0 + 1.25, no padding
     ("single", "mp3", 2.2),      # one narration of 2.0 s (+0.2) over a 1 s clip that loops
 ])
+@pytest.mark.cjk_font
 def test_the_other_shapes_render(tmp_path, shape, audio, duration):
     async def test(sim, base):
         return await _video(video_output(base, "s", shape=shape, audio=audio, seconds=1.0),
@@ -104,6 +106,7 @@ def test_the_other_shapes_render(tmp_path, shape, audio, duration):
     assert "Video: h264" in info and "Audio: aac" in info
 
 
+@pytest.mark.cjk_font
 def test_a_video_that_exists_is_not_rendered_or_downloaded_again(tmp_path):
     async def test(sim, base):
         out = video_output(base, "again", scenes=1, seconds=1.0)
@@ -132,6 +135,7 @@ def test_no_cjk_font_is_a_clear_error_naming_the_fix(tmp_path):
     assert err.value.code == "font_missing"
 
 
+@pytest.mark.cjk_font
 def test_the_default_font_has_the_glyphs_the_demo_shows():
     font = fonts.find_font()  # CI installs fonts-wqy-microhei: this must not be skipped
     fonts.check_glyphs(font, "清晨，橘猫在窗台上伸了个懒腰。Hello 世界！")
@@ -162,6 +166,7 @@ def test_subtitles_off_needs_no_font(tmp_path):
     assert Path(result["video"]).is_file() and Path(result["subtitles"]).is_file()
 
 
+@pytest.mark.cjk_font
 def test_a_render_past_its_timeout_is_killed_and_leaves_no_video(tmp_path):
     cfg = dataclasses.replace(TINY, render_timeout=0.05, width=1080, height=1920,
                               preset="veryslow")
@@ -177,6 +182,7 @@ def test_a_render_past_its_timeout_is_killed_and_leaves_no_video(tmp_path):
     assert list(tmp_path.glob(".work-*/assets/*")), "downloads are kept for the next attempt"
 
 
+@pytest.mark.cjk_font
 def test_the_result_duration_is_measured_from_the_file(tmp_path):
     async def test(sim, base):
         result = await _video(video_output(base, "m", scenes=1, seconds=1.5), tmp_path)
@@ -188,6 +194,7 @@ def test_the_result_duration_is_measured_from_the_file(tmp_path):
     assert result["duration"] == pytest.approx(measured.duration)
 
 
+@pytest.mark.cjk_font
 def test_pictures_and_clips_mixed_in_one_timed_list(tmp_path):
     async def test(sim, base):
         a = f"{base}/_sim/assets"

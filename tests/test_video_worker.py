@@ -2,6 +2,7 @@
 text workflow's with manifests, and a bad asset fails the task with its failure class."""
 from __future__ import annotations
 
+import pytest
 import asyncio
 import dataclasses
 import json
@@ -51,6 +52,7 @@ def task(db, key):
     return row, json.loads(row["output"]) if row["output"] else None
 
 
+@pytest.mark.cjk_font
 def test_video_tasks_end_with_mp4s_and_text_tasks_with_manifests(db, tmp_path):
     batch = drain(db, tmp_path, {
         "v1": lambda base: video_output(base, "v1", shape="arrays", scenes=2, seconds=0.8),
@@ -100,6 +102,7 @@ def test_mode_manifest_never_renders(db, tmp_path):
     assert out["synthesis"]["assets"] == 3 and not list((tmp_path / "out").rglob("*.mp4"))
 
 
+@pytest.mark.cjk_font
 def test_assets_are_downloaded_while_every_synthesis_slot_is_busy(tmp_path):
     """Signed URLs expire: a task waiting for a render slot has its files already."""
     from pipeline.synthesis import Synthesizer
