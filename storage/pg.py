@@ -46,40 +46,39 @@ def redacted(text: str) -> str:
 
 # --- SQL translation -------------------------------------------------------------------------
 
-def _close_paren(sql: str, start: int) -> int:
-    """Index of the ``)`` closing the ``(`` at ``start`` (quotes respected)."""
-    depth, i, quote = 0, start, None
-    while i < len(sql):
-        ch = sql[i]
+def _unquoted(text: str, start: int = 0):
+    """``(index, char, depth)`` of every character of ``text`` from ``start`` that is outside
+    quotes; ``depth`` counts the parentheses open around it (a ``)`` is at its outer depth)."""
+    depth, quote = 0, None
+    for i in range(start, len(text)):
+        ch = text[i]
         if quote:
             if ch == quote:
                 quote = None
-        elif ch in "'\"":
+            continue
+        if ch in "'\"":
             quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
+            continue
+        if ch == ")":
             depth -= 1
-            if depth == 0:
-                return i
-        i += 1
+        yield i, ch, depth
+        if ch == "(":
+            depth += 1
+
+
+def _close_paren(sql: str, start: int) -> int:
+    """Index of the ``)`` closing the ``(`` at ``start`` (quotes respected)."""
+    for i, ch, depth in _unquoted(sql, start):
+        if ch == ")" and depth == 0:
+            return i
     raise ValueError(f"unbalanced parentheses in SQL: {sql!r}")
 
 
 def _top_level(text: str) -> tuple[list[int], bool]:
     """Positions of top-level commas in ``text``, and whether it holds a top-level comparison."""
-    depth, quote, commas, compares = 0, None, [], False
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif depth == 0 and ch == ",":
+    commas, compares = [], False
+    for i, ch, depth in _unquoted(text):
+        if depth == 0 and ch == ",":
             commas.append(i)
         elif depth == 0 and ch in "=<>":
             compares = True
