@@ -281,7 +281,7 @@ def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2
     from storage.migrations import MIGRATIONS
 
     if pg.is_url(settings.db_path):
-        return _check_postgres(str(settings.db_path), report)
+        return _check_postgres(str(settings.db_path), report, lock_wait)
     path = Path(settings.db_path)
     where = str(path)
     fix = ("set OPSBOT_DB to a file in a folder this user can write (default ./var/opsbot.db), "
@@ -329,9 +329,9 @@ def check_database(settings: Settings, report: "_Reporter", lock_wait: float = 2
     _disk(path, report)
 
 
-def _check_postgres(url: str, report: "_Reporter") -> None:
+def _check_postgres(url: str, report: "_Reporter", lock_wait: float) -> None:
     """``OPSBOT_DB`` names a PostgreSQL server: it answers, migrates, and takes a write."""
-    from storage.db import open_db, schema_version, write_probe
+    from storage.db import open_db, schema_version, set_lock_wait, write_probe
     from storage.migrations import MIGRATIONS
 
     where = pg.redacted(url)
@@ -347,6 +347,8 @@ def _check_postgres(url: str, report: "_Reporter") -> None:
         return
     try:
         version = schema_version(db)
+        # A running worker may hold the write lock for a moment; wait a little, not 30 s.
+        set_lock_wait(db, lock_wait)
         writable = write_probe(db)
     finally:
         db.conn.close()
@@ -354,6 +356,10 @@ def _check_postgres(url: str, report: "_Reporter") -> None:
         report(Finding(FAIL, "database", f"{where} is at schema v{version}, newer than this "
                        f"opsbot knows (v{len(MIGRATIONS)})",
                        "upgrade opsbot to the version that wrote this database"))
+    elif "locked" in writable:
+        report(Finding(WARN, "database", f"{where} (PostgreSQL) answers; schema v{version}; "
+                       f"write lock busy for over {lock_wait:g} s, writability not verified",
+                       "if no opsbot process is running, a stuck one holds the lock: stop it"))
     elif writable:
         report(Finding(FAIL, "database", f"{where} is not writable ({pg.redacted(writable)})",
                        "grant the user write access to the database"))

@@ -1,12 +1,34 @@
-"""Shared fixtures: real SQLite files in a temporary folder; the fake Feishu's strictness."""
+"""Shared fixtures: the store of a test (a SQLite file, or a PostgreSQL database in the
+PostgreSQL pass); the fake Feishu's strictness; which tests run in which backend pass.
+
+The suite runs once per store backend (see README, Development):
+
+- ``python -m pytest``: the SQLite pass, every test.
+- ``OPSBOT_TEST_BACKEND=postgresql python -m pytest``: the PostgreSQL pass. Every test that uses
+  a store runs again, its ``db_path`` a fresh database on the test PostgreSQL server
+  (tests/pg_server.py). Tests that use no store are deselected: running them twice proves
+  nothing.
+
+"Uses a store" is decided by the fixtures a test takes: ``db_path`` (directly, or through
+``db``, ``settings``... which take it) or ``make_db_path`` (for fixtures wider than a test). That choice is checked, not trusted: while a test runs,
+an audit hook sees every SQLite connection the test process opens and every process started with
+``OPSBOT_DB``. A test that opens a store without taking ``db_path`` fails (it would silently
+never run on PostgreSQL), and so does a test that opens SQLite in the PostgreSQL pass. The few
+tests that are about one backend itself carry ``@pytest.mark.backend("sqlite", reason=...)`` or
+``@pytest.mark.backend("postgresql")`` and run in that pass only.
+"""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 from bot.fake_feishu import unexpected_refusals
 from storage.db import open_db
+
+BACKENDS = ("sqlite", "postgresql")
+BACKEND = os.environ.get("OPSBOT_TEST_BACKEND", "sqlite") or "sqlite"
 
 
 def _cjk_font_missing() -> str | None:
@@ -20,10 +42,46 @@ def _cjk_font_missing() -> str | None:
     return None
 
 
+def pytest_configure(config):
+    if BACKEND not in BACKENDS:
+        raise pytest.UsageError(f"OPSBOT_TEST_BACKEND={BACKEND!r}: expected one of {BACKENDS}")
+    config._opsbot_backend_deselected = 0
+    sys.addaudithook(_audit)
+
+
+def pytest_report_header(config):
+    if BACKEND == "postgresql":
+        return ("store backend: postgresql (tests that use no store are deselected; "
+                "they run in the SQLite pass)")
+    return "store backend: sqlite (OPSBOT_TEST_BACKEND=postgresql runs the PostgreSQL pass)"
+
+
+STORE_FIXTURES = ("db_path", "make_db_path")
+
+
+def uses_store(item) -> bool:
+    """Whether ``item`` takes a store fixture (directly or through another fixture)."""
+    return any(name in getattr(item, "fixturenames", ()) for name in STORE_FIXTURES)
+
+
+def _runs_here(item) -> bool:
+    marker = item.get_closest_marker("backend")
+    if marker is not None:
+        return BACKEND in marker.args
+    return BACKEND == "sqlite" or uses_store(item)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests that burn Chinese subtitles need a CJK font (``.ci/run`` installs one). Without it
-    they skip with the reason on a developer's machine, and fail in CI (CI=true), where a skip
-    would hide that the subtitles were never tested."""
+    """Select this backend pass's tests (see the module docstring). Tests that burn Chinese
+    subtitles need a CJK font (``.ci/run`` installs one): without it they skip with the reason
+    on a developer's machine, and fail in CI (CI=true), where a skip would hide that the
+    subtitles were never tested."""
+    keep = [item for item in items if _runs_here(item)]
+    if len(keep) != len(items):
+        dropped = [item for item in items if not _runs_here(item)]
+        config.hook.pytest_deselected(items=dropped)
+        config._opsbot_backend_deselected = len(dropped)
+        items[:] = keep
     marked = [item for item in items if item.get_closest_marker("cjk_font")]
     if not marked or os.environ.get("CI", "").lower() == "true":
         return
@@ -34,14 +92,80 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    n = getattr(config, "_opsbot_backend_deselected", 0)
+    if n:
+        why = ("use no store (they ran in the SQLite pass) or are SQLite-only"
+               if BACKEND == "postgresql" else "are PostgreSQL-only")
+        terminalreporter.write_line(f"{BACKEND} pass: {n} tests deselected that {why}")
+
+
+# --- the check that a test's store goes through ``db_path`` ---------------------------------------
+
+_seen: list[str] | None = None   # what the running test opened (None between tests)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _seen is None:
+        return
+    if event == "sqlite3.connect":
+        _seen.append(f"sqlite3.connect({args[0]!s})")
+    elif event == "subprocess.Popen" and args[3] is not None:   # an environment of its own
+        store = args[3].get("OPSBOT_DB")
+        if store:
+            _seen.append(f"a process started with OPSBOT_DB={store}")
+
+
+@pytest.fixture(autouse=True)
+def store_goes_through_db_path(request):
+    """Fail a test that opens a store the backend passes cannot see (see the module docstring).
+    The Python SQLite module is what the store's SQLite side uses, so a connection of it in the
+    PostgreSQL pass is SQLite under test; in the SQLite pass it is fine where the test took
+    ``db_path``."""
+    global _seen
+    item = request.node
+    marked = item.get_closest_marker("backend") is not None
+    _seen = []
+    try:
+        yield
+    finally:
+        seen, _seen = _seen, None
+    if marked or not seen:
+        return
+    if BACKEND == "postgresql":
+        bad = [s for s in seen if "postgresql://" not in s and "postgres://" not in s]
+        if bad:
+            pytest.fail("this test used SQLite in the PostgreSQL pass (" + "; ".join(bad[:3])
+                        + "): give it the store from the db_path fixture, or mark it "
+                        "@pytest.mark.backend('sqlite', reason=...)", pytrace=False)
+    elif not uses_store(item):
+        pytest.fail("this test opened a store without the db_path fixture (" + "; ".join(seen[:3])
+                    + "), so the PostgreSQL pass would skip it: take db_path (or db), or mark "
+                    "it @pytest.mark.backend('sqlite', reason=...)", pytrace=False)
+
+
 @pytest.fixture
 def db_path(request, tmp_path):
-    """The store of a test: a SQLite file; with ``OPSBOT_TEST_BACKEND=postgresql``, an empty
-    database on the test PostgreSQL server instead (see tests/pg_server.py)."""
-    if os.environ.get("OPSBOT_TEST_BACKEND", "sqlite") == "postgresql":
+    """The store of a test: a SQLite file path in the SQLite pass; in the PostgreSQL pass
+    (``OPSBOT_TEST_BACKEND=postgresql``) the URL of an empty database on the test PostgreSQL
+    server (tests/pg_server.py: skipped with the reason when there is none, failed with
+    ``CI=true``). Pass ``str(db_path)`` as ``OPSBOT_DB`` to processes a test starts."""
+    if BACKEND == "postgresql":
         from tests.pg_server import fresh_database, server_url
         return fresh_database(server_url(request))
     return tmp_path / "opsbot.db"
+
+
+@pytest.fixture(scope="session")
+def make_db_path(request, tmp_path_factory):
+    """``make_db_path()`` gives a new store, as ``db_path`` does, for fixtures wider than one
+    test (a gunicorn started once per module)."""
+    def make():
+        if BACKEND == "postgresql":
+            from tests.pg_server import fresh_database, server_url
+            return fresh_database(server_url(request))
+        return tmp_path_factory.mktemp("store") / "opsbot.db"
+    return make
 
 
 @pytest.fixture
@@ -63,13 +187,3 @@ def feishu_refuses_nothing():
                  f"{'; '.join(r['violations'][:5])}" for r in refused]
         pytest.fail("the fake Feishu refused card(s) the bot sent:\n" + "\n".join(lines),
                     pytrace=False)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_db_path(request, tmp_path):
-    """Where a store lives, once per backend: a SQLite file, then an empty PostgreSQL database
-    (see tests/pg_server.py; skipped with the reason when no server is available)."""
-    if request.param == "sqlite":
-        return tmp_path / "opsbot.db"
-    from tests.pg_server import fresh_database, server_url
-    return fresh_database(server_url(request))

@@ -31,3 +31,71 @@ def checked_answer(answer):
         problems.append(f"toast is not plain text: {content!r}")
     assert not problems, f"Feishu would refuse or mis-show this answer: {problems}"
     return answer
+
+
+# --- the store, on either backend (SQLite in the SQLite pass, PostgreSQL in the PostgreSQL pass) --
+
+_KEYS = {"inbox": "key", "batches": "id", "tasks": "id", "attempts": "id", "outbox": "id",
+         "breakers": "service", "alerts": "key", "silences": "key", "kv": "key",
+         "run_times": "id", "budgets": "key", "workers": "id"}
+
+
+def table_rows(db, table: str) -> list[tuple]:
+    """Every row of ``table`` in primary-key order (for before/after snapshots; SQLite's
+    ``rowid`` does not exist on PostgreSQL)."""
+    return [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY {_KEYS[table]}")]
+
+
+class held_write_lock:
+    """Hold the store's write lock, as another process in the middle of a write would, until
+    :meth:`release` (or the end of the ``with`` block). On SQLite that is ``BEGIN IMMEDIATE``
+    on a connection of its own, on PostgreSQL the advisory lock every writer takes: both through
+    ``storage.db.transaction`` on a second handle of the store at ``location``."""
+
+    def __init__(self, location) -> None:
+        from storage.db import open_db, transaction
+        self.db = open_db(location, migrate=False)
+        self._tx = transaction(self.db)
+        self._held = False
+
+    def acquire(self) -> "held_write_lock":
+        self._tx.__enter__()
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._tx.__exit__(None, None, None)
+
+    def __enter__(self) -> "held_write_lock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the lock if it is still held, and close this second handle."""
+        self.release()
+        self.db.conn.close()
+
+
+class StatementLog:
+    """``db`` that records each statement and its parameters (in the storage functions' SQLite
+    form, before any translation) as ``(sql, params)`` in :attr:`statements`; pass it where the
+    code under test takes a store that it only reads through ``execute``/``query``."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+        self.statements: list[tuple[str, list]] = []
+
+    def execute(self, sql, params=None):
+        self.statements.append((sql, list(params or ())))
+        return self.db.execute(sql, params) if params is not None else self.db.execute(sql)
+
+    def query(self, sql, params=None):
+        self.statements.append((sql, list(params or ())))
+        return self.db.query(sql, params) if params is not None else self.db.query(sql)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)

@@ -11,7 +11,7 @@ from pipeline.breaker import Breaker, all_states
 from pipeline.config import BreakerPolicy
 from storage import queue
 from storage.db import transaction
-from tests.helpers import checked_answer
+from tests.helpers import checked_answer, table_rows
 # the clock, settings and router fixtures are shared with the alert router's tests
 from tests.test_alerts import (FATAL, batch, clock, fail, make_settings,  # noqa: F401
                                router, rows, settings)
@@ -30,7 +30,7 @@ def press(db, settings, clock, value):
 
 
 def snapshot(db):
-    return {t: db.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall()
+    return {t: table_rows(db, t)
             for t in ("tasks", "batches", "alerts", "silences", "breakers", "outbox")}
 
 

@@ -26,6 +26,7 @@ from bot.handlers import process_inbox
 from bot.settings import Secret, Settings
 from pipeline.clock import Clock
 from storage import queue
+from storage.db import transaction
 from tests.fake_feishu import FakeFeishu
 from tests.helpers import (ADMIN, ENCRYPT_KEY, TOKEN, USER, encrypt,
                            message_event, sign, signed_event, table_counts)
@@ -130,8 +131,8 @@ def test_wrong_types_in_every_envelope_field(client, db, settings, fake, edits, 
         return  # ignored (bot sender, unknown type): 200 and no trace
     # recorded: handling it must give a clear reply, and must not raise
     cards = handle_all(db, settings, fake)
-    row = db.execute("SELECT status, error FROM inbox ORDER BY rowid DESC LIMIT 1").fetchone()
-    assert row == ("done", None), row
+    rows = db.execute("SELECT status, error FROM inbox").fetchall()
+    assert [tuple(r) for r in rows] == [("done", None)], rows   # emptied after each example
     assert len(cards) == after["inbox"]
     db.execute("DELETE FROM inbox")
     db.execute("DELETE FROM outbox")
@@ -355,7 +356,7 @@ def test_injection_in_bitable_fields_is_stored_verbatim_never_executed(client, d
                                                                            "$(touch /tmp/x)"}}
     assert not (tmp_path / "x").exists()
     # the failures come back in the errors card and in alert cards: neutralised there too
-    with db.conn:
+    with transaction(db):
         db.execute("UPDATE tasks SET status = 'failed', error_class = 'bad_request',"
                    " error_code = '4000', error_message = ?, finished_at = 1",
                    ["invalid parameter <at id=all></at> [x](https://evil.example)"])

@@ -26,7 +26,7 @@ from pipeline.coze import CozeClient
 from pipeline.simulator import CozeSimulator
 from pipeline.worker import Worker
 from storage import outbox, queue
-from storage.db import open_db
+from storage.db import open_db, path_of
 from tests.fake_feishu import FakeFeishu
 from tests.test_worker import FAST
 
@@ -163,7 +163,7 @@ def test_an_upload_that_outlasts_the_claims_lease_is_not_uploaded_twice(db, tmp_
         clock = Fixed(time.time())
         client = FeishuClient(settings.feishu)
         first = OutboxSender(db, client, clock=clock, owner="s1", lease=60, rng=lambda: 1.0)
-        second = OutboxSender(open_db(db_path(db)), client, clock=clock, owner="s2", lease=60)
+        second = OutboxSender(open_db(path_of(db)), client, clock=clock, owner="s2", lease=60)
         fake.fail("upload_all", status=502, delay=1.0)        # a slow upload (then a 502)
         worker = threading.Thread(target=first.deliver_due)
         worker.start()
@@ -437,6 +437,3 @@ def test_an_expired_token_during_an_upload_is_refreshed_and_the_file_sent_again_
         assert up["file_token"] == token and up["data"] == VIDEO   # the retry re-read the file
         assert len(fake.requests_to("upload_all")) == 2
 
-
-def db_path(db) -> str:
-    return db.execute("PRAGMA database_list").fetchone()[2]

@@ -11,17 +11,18 @@ import pytest
 
 from pipeline.batchfile import BatchFileError, read_batch_file, select
 from pipeline.runner import seeds_config
+from storage.db import open_db, schema_version
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(tmp_path, **extra):
+def _env(tmp_path, db_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEISHU_", "COZE_",
                                                                        "OPSBOT_", "BITABLE_"))}
     cfg = tmp_path / "fast.toml"
     cfg.write_text("[pipeline]\nidle_interval = 0.02\n[pipeline.poll]\nfirst = 0.05\n"
                    "maximum = 0.2\n", encoding="utf-8")
-    env.update(OPSBOT_DB=str(tmp_path / "run.db"), OPSBOT_CONFIG=str(cfg), PYTHONPATH=str(ROOT),
+    env.update(OPSBOT_DB=str(db_path), OPSBOT_CONFIG=str(cfg), PYTHONPATH=str(ROOT),
                **extra)
     return env
 
@@ -31,13 +32,13 @@ def _opsbot(args, env, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_run_a_csv_against_the_simulator_writes_results_and_exits_0(tmp_path):
+def test_run_a_csv_against_the_simulator_writes_results_and_exits_0(tmp_path, db_path):
     csv = tmp_path / "batch.csv"
     csv.write_text("task_id,topic,style\na1,猫,短视频\na2,狗,长视频\na3,鱼,短视频\n",
                    encoding="utf-8")
     results = tmp_path / "results.json"
     proc = _opsbot(["run", str(csv), "--simulate", "--exclude", "a3", "--results", str(results)],
-                   _env(tmp_path), tmp_path)
+                   _env(tmp_path, db_path), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 succeeded, 0 failed" in proc.stdout
     assert "2/2" in proc.stderr                                # the progress line
@@ -49,10 +50,10 @@ def test_run_a_csv_against_the_simulator_writes_results_and_exits_0(tmp_path):
     assert first["output"]["synthesis"]["manifest"]
 
 
-def test_run_without_a_coze_account_says_what_to_set(tmp_path):
+def test_run_without_a_coze_account_says_what_to_set(tmp_path, db_path):
     csv = tmp_path / "b.csv"
     csv.write_text("task_id\nx\n", encoding="utf-8")
-    proc = _opsbot(["run", str(csv)], _env(tmp_path), tmp_path)
+    proc = _opsbot(["run", str(csv)], _env(tmp_path, db_path), tmp_path)
     assert proc.returncode == 2
     assert "COZE_API_TOKEN" in proc.stderr and "--simulate" in proc.stderr
 
@@ -71,7 +72,7 @@ def test_run_reads_the_seeds_json_config(tmp_path):
         seeds_config(bad)
 
 
-def test_failed_tasks_make_the_exit_code_non_zero(tmp_path):
+def test_failed_tasks_make_the_exit_code_non_zero(tmp_path, db_path):
     """A task the simulator fails twice (plugin timeout) fails; the others still deliver."""
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text('{"task_id": "ok1"}\n{"task_id": "bad1"}\n', encoding="utf-8")
@@ -82,9 +83,8 @@ def test_failed_tasks_make_the_exit_code_non_zero(tmp_path):
     from bot.settings import load_settings
     from pipeline.runner import run_batch
     from pipeline.simulator import CozeSimulator, Script
-    from storage.db import open_db
 
-    settings = load_settings(_env(tmp_path))
+    settings = load_settings(_env(tmp_path, db_path))
 
     async def go():
         sim = CozeSimulator(default_duration=0.05)
@@ -124,13 +124,15 @@ def test_bad_batch_files_are_refused_with_the_line(tmp_path, name, content, need
     assert needle in str(err.value)
 
 
-def test_bad_file_via_cli_exits_2_and_queues_nothing(tmp_path):
+def test_bad_file_via_cli_exits_2_and_queues_nothing(tmp_path, db_path):
     path = tmp_path / "a.csv"
     path.write_text("topic\nx\n", encoding="utf-8")
-    env = _env(tmp_path)
+    env = _env(tmp_path, db_path)
     proc = _opsbot(["run", str(path), "--simulate"], env, tmp_path)
     assert proc.returncode == 2 and "task_id column" in proc.stderr
-    assert not Path(env["OPSBOT_DB"]).exists()
+    store = open_db(db_path, migrate=False)
+    assert schema_version(store) == 0          # the store was never opened, nothing queued
+    store.conn.close()
 
 
 def test_include_exclude_select_and_reject_unknown_ids():
@@ -141,14 +143,14 @@ def test_include_exclude_select_and_reject_unknown_ids():
         select(tasks, ["zz"], None)
 
 
-def test_worker_without_a_coze_account_says_what_to_set(tmp_path):
-    proc = _opsbot(["worker", "--drain"], _env(tmp_path), tmp_path)
+def test_worker_without_a_coze_account_says_what_to_set(tmp_path, db_path):
+    proc = _opsbot(["worker", "--drain"], _env(tmp_path, db_path), tmp_path)
     assert proc.returncode == 2
     assert "COZE_API_TOKEN" in proc.stderr and "--simulate" in proc.stderr
 
 
-def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
-    proc = _opsbot(["report"], _env(tmp_path, OPSBOT_TIMEZONE="Mars/Base"), tmp_path)
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path, db_path):
+    proc = _opsbot(["report"], _env(tmp_path, db_path, OPSBOT_TIMEZONE="Mars/Base"), tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "opsbot: configuration error: OPSBOT_TIMEZONE: 'Mars/Base' is not an IANA time zone "

@@ -60,8 +60,7 @@ def _start_worker(env):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_kill_9_at_random_moments_never_loses_or_repeats_work(tmp_path, simulator):
-    db_path = tmp_path / "crash.db"
+def test_kill_9_at_random_moments_never_loses_or_repeats_work(tmp_path, simulator, db_path):
     db = open_db(db_path)
     n = 40
     batch = queue.create_batch(db, [{"task_key": f"c{i}", "params": {"i": i}} for i in range(n)],

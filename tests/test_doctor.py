@@ -16,8 +16,10 @@ from bot import doctor
 from bot.cli import main
 from bot.settings import load_settings
 from pipeline.simulator import CozeSimulator
+from storage import pg
 from storage.migrations import MIGRATIONS
 from tests.fake_feishu import FakeFeishu
+from tests.helpers import held_write_lock
 
 APP_SECRET = "app-secret-Q7f3kz9"
 VERIFICATION_TOKEN = "verif-token-M2p8"
@@ -85,15 +87,20 @@ def sim():
 
 
 @pytest.fixture
-def env(fake, sim, tmp_path):
+def env(fake, sim, db_path):
     return {
         "FEISHU_APP_ID": fake.app_id, "FEISHU_APP_SECRET": APP_SECRET,
         "FEISHU_DOMAIN": fake.base_url, "FEISHU_VERIFICATION_TOKEN": VERIFICATION_TOKEN,
         "FEISHU_ENCRYPT_KEY": ENCRYPT_KEY, "FEISHU_ALERT_CHAT_ID": CHAT,
         "FEISHU_ADMIN_IDS": "ou_admin1,ou_admin2", "BITABLE_APP_TOKEN": APP_TOKEN,
         "BITABLE_TABLE_ID": TABLE, "COZE_API_TOKEN": COZE_TOKEN, "COZE_WORKFLOW_ID": "7412",
-        "COZE_BASE_URL": sim.base_url, "OPSBOT_DB": str(tmp_path / "var" / "opsbot.db"),
+        "COZE_BASE_URL": sim.base_url, "OPSBOT_DB": str(db_path),
     }
+
+
+def _database_checks(env) -> list[str]:
+    """The doctor's store checks: ``database``, and ``database.disk`` for a SQLite file."""
+    return ["database"] if pg.is_url(env["OPSBOT_DB"]) else ["database", "database.disk"]
 
 
 def run(env: dict, **kwargs) -> tuple[int, list[str]]:
@@ -119,11 +126,11 @@ def levels(lines: list[str]) -> dict[str, str]:
 def test_everything_configured_and_working_is_all_ok(env, fake, sim):
     code, lines = run(env)
     assert code == 0
-    assert levels(lines) == {name: "OK" for name in (
-        "settings.feishu", "settings.security", "settings.alerts", "settings.bitable",
-        "settings.admins", "settings.mentions", "settings.coze", "database", "database.disk",
-        "feishu.token", "feishu.alert_chat", "feishu.bitable_fields", "feishu.bitable", "coze.api",
-        "feishu.bot", "webhook.card_callbacks")}
+    checks = ["settings.feishu", "settings.security", "settings.alerts", "settings.bitable",
+              "settings.admins", "settings.mentions", "settings.coze", *_database_checks(env),
+              "feishu.token", "feishu.alert_chat", "feishu.bitable_fields", "feishu.bitable",
+              "coze.api", "feishu.bot", "webhook.card_callbacks"]
+    assert levels(lines) == {name: "OK" for name in checks}
     assert line_of(lines, "settings.security") == (
         "OK    settings.security: FEISHU_VERIFICATION_TOKEN set (hidden), "
         "FEISHU_ENCRYPT_KEY set (hidden)")
@@ -132,7 +139,7 @@ def test_everything_configured_and_working_is_all_ok(env, fake, sim):
     assert line_of(lines, "coze.api") == (
         f"OK    coze.api: {sim.base_url} reachable; token accepted (the probe's dummy run is not "
         "found, as expected: 4314)")
-    assert lines[-2:] == ["doctor: 16 OK, 0 WARN, 0 FAIL",
+    assert lines[-2:] == [f"doctor: {len(checks)} OK, 0 WARN, 0 FAIL",
                           "All good: start `opsbot worker` and the web process (see Procfile)."]
     # The table was read one row at a time, once; nothing was posted; no Coze run was started.
     [search] = fake.requests_to("/records/search")
@@ -140,8 +147,9 @@ def test_everything_configured_and_working_is_all_ok(env, fake, sim):
     assert fake.messages == [] and sim.runs == {}
 
 
-def test_nothing_configured_points_to_the_demo(tmp_path):
-    code, lines = run({"OPSBOT_DB": str(tmp_path / "opsbot.db")})
+def test_nothing_configured_points_to_the_demo(db_path):
+    env = {"OPSBOT_DB": str(db_path)}
+    code, lines = run(env)
     assert code == 1
     assert line_of(lines, "settings.coze") == (
         "FAIL  settings.coze: COZE_API_TOKEN missing, COZE_WORKFLOW_ID missing: no batch can run "
@@ -162,7 +170,7 @@ def test_nothing_configured_points_to_the_demo(tmp_path):
         "dev mode, the webhook accepts unverified requests — fix: copy Verification Token")
     assert not any(name.startswith(("feishu.", "coze.")) for name in levels(lines))
     assert lines[-3:] == [
-        "doctor: 2 OK, 6 WARN, 1 FAIL",
+        f"doctor: {len(_database_checks(env))} OK, 6 WARN, 1 FAIL",
         "Nothing is configured yet. To see opsbot work on this machine without any Feishu or "
         "Coze account, run `opsbot demo` first.",
         "For real use set FEISHU_APP_ID, FEISHU_APP_SECRET, FEISHU_VERIFICATION_TOKEN, "
@@ -316,6 +324,7 @@ def test_coze_connection_refused_names_the_url(env):
         f"FAIL  coze.api: cannot reach http://127.0.0.1:{port} (ClientConnectorError")
 
 
+@pytest.mark.backend("sqlite", reason="a SQLite file where a folder should be")
 def test_unwritable_database_path(env, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where a folder should be")
@@ -332,6 +341,7 @@ def test_unwritable_database_path(env, tmp_path):
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root writes through folder permissions")
+@pytest.mark.backend("sqlite", reason="a SQLite file's folder permissions")
 def test_read_only_database_folder(env, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -345,13 +355,14 @@ def test_read_only_database_folder(env, tmp_path):
     assert line_of(lines, "database").startswith(f"FAIL  database: {folder / 'opsbot.db'} ")
 
 
-def test_read_only_database_file_is_not_writable(env, tmp_path, monkeypatch):
+@pytest.mark.backend("sqlite", reason="a SQLite file opened read-only")
+def test_read_only_database_file_is_not_writable(env, db_path, monkeypatch):
     """A database that opens but refuses writes (here: a read-only connection)."""
     import sqlite3
 
     from storage import db as storage_db
 
-    path = tmp_path / "var" / "opsbot.db"
+    path = db_path
     storage_db.open_db(path).conn.close()
     real_connect = sqlite3.connect
 
@@ -367,20 +378,16 @@ def test_read_only_database_file_is_not_writable(env, tmp_path, monkeypatch):
         "./var/opsbot.db), or fix the folder's owner and permissions")
 
 
-def test_database_locked_by_another_process_is_a_warning(env, tmp_path):
+def test_database_locked_by_another_process_is_a_warning(env, db_path):
     from storage.db import open_db
 
-    path = tmp_path / "var" / "opsbot.db"
-    holder = open_db(path)
-    holder.conn.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
-    try:
+    open_db(db_path).conn.close()
+    with held_write_lock(db_path):          # another process in the middle of a write
         code, lines = run(env, timeout=0.5)
-    finally:
-        holder.conn.execute("ROLLBACK")
-        holder.conn.close()
     assert code == 0
+    opens = f"{db_path} (PostgreSQL) answers" if pg.is_url(db_path) else f"{db_path} opens"
     assert line_of(lines, "database") == (
-        f"WARN  database: {path} opens; schema v{len(MIGRATIONS)}; write lock busy for over "
+        f"WARN  database: {opens}; schema v{len(MIGRATIONS)}; write lock busy for over "
         "0.5 s, writability not verified — fix: if no opsbot process is running, a stuck one "
         "holds the lock: stop it")
 
@@ -541,7 +548,7 @@ def test_log_table_with_every_column_is_ok(env, fake, tmp_path):
     assert line_of(lines, "feishu.log_table") == (
         f"OK    feishu.log_table: the log table {LOG_TABLE} has the 12 columns the attempt log "
         "writes")
-    assert lines[-2] == "doctor: 17 OK, 0 WARN, 0 FAIL"
+    assert lines[-2] == f"doctor: {15 + len(_database_checks(env))} OK, 0 WARN, 0 FAIL"
     # read through the fields API (lark-oapi), nothing written
     assert fake.requests_to(f"/tables/{LOG_TABLE}/fields", "GET")
     assert fake.batch_creates == []
@@ -615,10 +622,9 @@ def test_the_video_column_must_suit_its_mode(env, fake, tmp_path, mode, field_ty
     assert code == (1 if level == "FAIL" else 0)
 
 
-def test_postgres_database_answers_migrates_and_is_writable(env, request):
-    from tests.pg_server import fresh_database, server_url
-    url = fresh_database(server_url(request))
-    env["OPSBOT_DB"] = url
+@pytest.mark.backend("postgresql")
+def test_postgres_database_answers_migrates_and_is_writable(env, db_path):
+    url = str(db_path)
     code, lines = run(env)
     assert line_of(lines, "database") == (
         f"OK    database: {url} (PostgreSQL) answers; schema v{len(MIGRATIONS)} (current); "

@@ -37,15 +37,15 @@ def fake():
 
 
 @pytest.fixture(scope="module", params=["worker answers", "web answers"])
-def server(request, fake, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("gunicorn")
+def server(request, fake, make_db_path):
+    store = make_db_path()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEISHU_", "OPSBOT_",
                                                                      "BITABLE_", "COZE_"))}
     env.update({"FEISHU_APP_ID": fake.app_id, "FEISHU_APP_SECRET": fake.app_secret,
                 "FEISHU_DOMAIN": fake.base_url, "FEISHU_VERIFICATION_TOKEN": TOKEN,
                 "FEISHU_ENCRYPT_KEY": ENCRYPT_KEY, "FEISHU_ADMIN_IDS": ADMIN,
-                "OPSBOT_DB": str(tmp_path / "opsbot.db"), "PYTHONPATH": str(ROOT),
+                "OPSBOT_DB": str(store), "PYTHONPATH": str(ROOT),
                 "OPSBOT_WEB_DISPATCH": "1" if request.param == "web answers" else "0"})
     gunicorn = Path(sys.executable).with_name("gunicorn")
     proc = subprocess.Popen([str(gunicorn), "-w", "2", "-b", f"127.0.0.1:{port}",
@@ -69,7 +69,7 @@ def server(request, fake, tmp_path_factory):
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
     fake.reset()
-    yield base, tmp_path / "opsbot.db"
+    yield base, store
     for p in filter(None, (proc, worker)):
         p.terminate()
         try:

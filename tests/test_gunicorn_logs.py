@@ -31,11 +31,11 @@ def web_line() -> str:
     raise AssertionError("no web line in the Procfile")
 
 
-def test_the_procfile_web_process_logs_json_lines_only(tmp_path):
+def test_the_procfile_web_process_logs_json_lines_only(tmp_path, db_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEISHU_", "OPSBOT_",
                                                                      "BITABLE_", "COZE_"))}
-    env.update(PORT=str(port), WEB_CONCURRENCY="1", OPSBOT_DB=str(tmp_path / "opsbot.db"),
+    env.update(PORT=str(port), WEB_CONCURRENCY="1", OPSBOT_DB=str(db_path),
                PYTHONPATH=str(ROOT), FEISHU_APP_SECRET="very-secret-value",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     command = web_line().replace("0.0.0.0", "127.0.0.1")

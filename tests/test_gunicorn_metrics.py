@@ -29,20 +29,20 @@ for _ in range(7):
 """
 
 
-def _env(tmp_path: Path, prom_dir: Path) -> dict:
+def _env(db_path, prom_dir: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FEISHU_", "OPSBOT_", "BITABLE_", "COZE_", "PROMETHEUS_",
                                 "prometheus_"))}
-    env.update({"OPSBOT_DB": str(tmp_path / "opsbot.db"), "PYTHONPATH": str(ROOT),
+    env.update({"OPSBOT_DB": str(db_path), "PYTHONPATH": str(ROOT),
                 "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)})
     return env
 
 
 @pytest.fixture()
-def web(tmp_path):
+def web(tmp_path, db_path):
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
-    env = _env(tmp_path, prom_dir)
+    env = _env(db_path, prom_dir)
     # a previous run's samples: must not be counted
     subprocess.run([sys.executable, "-c", STALE], cwd=ROOT, env=env, check=True)
     assert list(prom_dir.glob("*.db"))

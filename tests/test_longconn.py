@@ -28,6 +28,7 @@ from bot.longconn import LongConnection, restart_delay
 from bot.settings import FeishuSettings, Secret, Settings, SettingsError, load_settings
 from storage import inbox, outbox, queue
 from storage.db import open_db
+from tests.helpers import held_write_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERT_CHAT = "oc_alerts"
@@ -233,14 +234,10 @@ def test_a_store_failure_answers_500_so_feishu_delivers_again(ws, settings, db_p
     with long_connection(settings):
         ws.wait_connected()
         db = open_db(db_path, migrate=False)
-        db.conn.execute("PRAGMA busy_timeout = 0")
-        db.conn.execute("BEGIN EXCLUSIVE")                         # the store is locked
-        try:
+        with held_write_lock(db_path):                             # the store is locked
             event = message_event("help", message_id="om_locked")
             mid = ws.send_event(event)
             answer = ws.wait_answer(mid, timeout=10)
-        finally:
-            db.conn.execute("ROLLBACK")
         assert answer["code"] == 500
         assert ws.wait_answer(ws.send_event(event))["code"] == 200  # the redelivery lands
     assert db.execute("SELECT key FROM inbox").fetchall() == [("msg:om_locked",)]

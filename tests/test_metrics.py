@@ -10,6 +10,7 @@ from pipeline.breaker import Breaker
 from pipeline.config import BreakerPolicy
 from storage import outbox, queue
 from storage.db import transaction
+from tests.helpers import StatementLog
 
 LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
                   r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)?\})? '
@@ -95,11 +96,11 @@ def test_bad_extra_names_are_refused(db):
         render_metrics(db, extra={"bad name": 1})
 
 
-def test_the_web_app_measures_webhook_latency(tmp_path):
+def test_the_web_app_measures_webhook_latency(db_path):
     from bot.app import create_app
     from bot.settings import Settings
 
-    app = create_app(Settings(db_path=tmp_path / "m.db"), dispatch=False)
+    app = create_app(Settings(db_path=db_path), dispatch=False)
     client = app.test_client()
     before = parse(client.get("/metrics").get_data(as_text=True))
     assert client.post("/webhook/event", data=b"{broken").status_code == 400
@@ -127,25 +128,24 @@ def test_incremental_attempt_totals_equal_a_full_read(db):
     _attempts(db, 500)
     render_metrics(db, totals=totals)
     _attempts(db, 300, start=500)
-    statements = []
-    db.conn.set_trace_callback(statements.append)
-    incremental = render_metrics(db, totals=totals)
-    db.conn.set_trace_callback(None)
+    log = StatementLog(db)
+    incremental = render_metrics(log, totals=totals)
     assert incremental == render_metrics(db)       # a fresh full read
-    attempt_reads = [s for s in statements if "FROM attempts" in s and "MAX(id)" not in s]
-    assert attempt_reads and all("id > 500" in s for s in attempt_reads)
+    attempt_reads = [(s, p) for s, p in log.statements if "FROM attempts" in s
+                     and "MAX(id)" not in s]
+    assert attempt_reads and all("id > ?" in s and p[0] == 500 for s, p in attempt_reads)
     with transaction(db) as conn:                  # emptied: start over, no stale numbers
         conn.execute("DELETE FROM attempts")
     assert render_metrics(db, totals=totals) == render_metrics(db)
 
 
-def test_a_scrape_does_not_wait_for_the_request_lock(tmp_path):
+def test_a_scrape_does_not_wait_for_the_request_lock(db_path):
     import threading
 
     from bot.app import create_app
     from bot.settings import Settings
 
-    app = create_app(Settings(db_path=tmp_path / "m.db"), dispatch=False)
+    app = create_app(Settings(db_path=db_path), dispatch=False)
     state = app.extensions["opsbot"]
     client = app.test_client()
     assert client.get("/metrics").status_code == 200

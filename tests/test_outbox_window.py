@@ -11,6 +11,7 @@ from bot.feishu import FeishuClient
 from bot.sender import OutboxSender
 from pipeline.clock import FakeClock
 from storage import outbox
+from storage.db import transaction
 from tests.test_sender import card
 from tests.fake_feishu import FakeFeishu
 
@@ -122,8 +123,8 @@ def test_the_last_retry_is_moved_inside_the_window(db, fake, clock, sender):
     clock.advance(HOUR - 200)
     outbox.mark_retry(db, row(db, uid)["id"], now=clock.now(), next_at=clock.now(),
                       error="x")
-    with db.conn:
-        db.conn.execute("UPDATE outbox SET attempts = 12 WHERE uuid = ?", [uid])  # long backoff
+    with transaction(db) as conn:
+        conn.execute("UPDATE outbox SET attempts = 12 WHERE uuid = ?", [uid])  # long backoff
     fake.fail("send", status=500)
     sender.deliver_due()
     next_at = row(db, uid)["next_at"]

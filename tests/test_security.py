@@ -36,7 +36,7 @@ from storage.db import transaction
 from tests.fake_feishu import FakeFeishu
 from tests import helpers
 from tests.helpers import (ADMIN, USER, checked_answer, encrypt, legacy_card_action, sign,
-                           sign_legacy, table_counts, url_verification)
+                           sign_legacy, table_counts, table_rows, url_verification)
 
 APP_SECRET = "appsecret-Zq81xK2mWv"
 TOKEN = "vtoken-Hh3kP0sLq9"
@@ -208,7 +208,7 @@ def snapshot(db):
     """Every row of the tables a command or button could change."""
     out = {}
     for table in ("batches", "tasks", "silences", "alerts", "breakers"):
-        out[table] = [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY rowid")]
+        out[table] = table_rows(db, table)
     return out
 
 

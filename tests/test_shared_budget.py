@@ -13,6 +13,7 @@ from pipeline.clock import FakeClock
 from pipeline.ratelimit import RateLimiter, SharedRateLimiter, coze_limiter
 from storage import budget, queue
 from storage.db import open_db
+from tests.helpers import held_write_lock
 
 
 def limiters(db_path, clock, n=2, rate=10.0, **kw):
@@ -165,22 +166,24 @@ def test_coze_limiter_shares_only_through_a_file(db_path):
 
 def test_the_store_locked_means_waiting_not_overspending(db_path):
     """While another process holds the write lock, no slot is handed out."""
-    db = open_db(db_path)
+    open_db(db_path).conn.close()
     clock = FakeClock()
     (lim,) = limiters(db_path, clock, n=1, rate=10.0, busy_timeout=0.05, retry_wait=0.5)
+    lock = held_write_lock(db_path)
 
     async def main():
-        db.conn.execute("BEGIN IMMEDIATE")
+        lock.acquire()                               # another process holds the write lock
         task = asyncio.ensure_future(lim.acquire())
         for _ in range(40):
             await asyncio.sleep(0.01)
         assert not task.done() and lim.requests == 0
-        db.conn.execute("COMMIT")
+        lock.release()
         await task
 
     try:
         asyncio.run(main())
     finally:
+        lock.close()
         lim.close()
     assert lim.requests == 1
 
@@ -218,19 +221,21 @@ def test_slots_that_went_stale_while_the_store_was_busy_are_not_used(db_path):
     db = open_db(db_path)
     clock = FakeClock()
     (lim,) = limiters(db_path, clock, n=1, rate=10.0, busy_timeout=5.0)
+    lock = held_write_lock(db_path)
 
     async def main():
-        db.conn.execute("BEGIN IMMEDIATE")          # another process holds the write lock
+        lock.acquire()                               # another process holds the write lock
         task = asyncio.ensure_future(lim.acquire())
         await asyncio.sleep(0.2)                     # the store thread is waiting on it...
         clock.advance(3.0)                           # ...while three seconds pass
-        db.conn.execute("COMMIT")
+        lock.release()
         await task
         return clock.now()
 
     try:
         granted = asyncio.run(main())
     finally:
+        lock.close()
         lim.close()
     next_slot = db.execute("SELECT next_slot FROM budgets").fetchone()[0]
     used_slot = next_slot - lim._spacing

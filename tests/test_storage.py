@@ -1,6 +1,6 @@
 """Storage on real SQLite files and on a real PostgreSQL server (each test that takes ``db`` or
-``db_path`` runs once per backend; see tests/pg_server.py): migrations, queue claims and leases,
-inbox dedup, outbox, kv."""
+``db_path`` runs in both backend passes; see tests/conftest.py): migrations, queue claims and
+leases, inbox dedup, outbox, kv."""
 from __future__ import annotations
 
 import multiprocessing
@@ -14,18 +14,7 @@ from storage.db import Conflict, NotFound, apply_migrations, open_db, schema_ver
 from storage.migrations import MIGRATIONS
 
 
-@pytest.fixture
-def db_path(any_db_path):
-    return any_db_path
-
-
-@pytest.fixture
-def db(db_path):
-    database = open_db(db_path)
-    yield database
-    database.conn.close()
-
-
+@pytest.mark.backend("sqlite", reason="a SQLite file's folders and WAL journal mode")
 def test_open_creates_folders_uses_wal_and_migrates_once(tmp_path):
     path = tmp_path / "deep" / "dir" / "o.db"
     db = open_db(path)

@@ -1,6 +1,7 @@
 """The storage functions whose SQL differs most between SQLite and PostgreSQL, run on both
-backends (``any_db_path``: a SQLite file, then a database on the test PostgreSQL server; see
-tests/pg_server.py), plus the one-place SQL translation, the URL handling and doctor's check."""
+backends (``db_path``: a SQLite file in the SQLite pass, a database on the test PostgreSQL
+server in the PostgreSQL pass; see tests/conftest.py), plus the one-place SQL translation, the
+URL handling and doctor's check."""
 from __future__ import annotations
 
 import json
@@ -9,13 +10,6 @@ import pytest
 
 from storage import alerts, budget, kv, metrics, pg, queue, reports
 from storage.db import open_db, transaction
-
-
-@pytest.fixture
-def db(any_db_path):
-    database = open_db(any_db_path)
-    yield database
-    database.conn.close()
 
 
 def _fail(db, task, *, error_class, now):
@@ -150,12 +144,12 @@ def test_an_unreachable_server_is_a_store_error_with_its_reason_and_without_the_
     assert "postgresql: connection failed" in str(caught.value)
 
 
-def test_a_writer_waits_for_the_write_lock_then_fails_as_locked(any_db_path):
+def test_a_writer_waits_for_the_write_lock_then_fails_as_locked(db_path):
     """Two connections: while one holds a write transaction, the other's write waits up to its
     lock wait and then fails as SQLite's busy timeout does ("database is locked")."""
     import sqlite3
     from storage.db import set_lock_wait
-    one, two = open_db(any_db_path), open_db(any_db_path)
+    one, two = open_db(db_path), open_db(db_path)
     try:
         set_lock_wait(two, 0.2)
         with transaction(one):

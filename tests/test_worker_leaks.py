@@ -161,7 +161,7 @@ def test_a_stale_breaker_success_never_closes_a_manual_trip_made_meanwhile(db, d
     import threading
     import time as _time
 
-    from storage.db import open_db
+    from storage.db import open_db, transaction
     policy = BreakerPolicy(failure_threshold=1, success_threshold=1, open_seconds=0.0)
     a = Breaker(db, "coze", policy, lambda: 10.0)
     a.record_failure("HTTP 500")
@@ -169,13 +169,14 @@ def test_a_stale_breaker_success_never_closes_a_manual_trip_made_meanwhile(db, d
     other = open_db(db_path, migrate=False)
     b = Breaker(other, "coze", policy, lambda: 11.0)
     # A trips inside its own write transaction; B's success comes while it is open
-    db.conn.execute("BEGIN IMMEDIATE")
-    db.conn.execute("UPDATE breakers SET state = 'open', opened_at = 10.5,"
-                    " reason = 'manual: auth: token invalid' WHERE service = 'coze'")
+    trip = transaction(db)
+    trip.__enter__()
+    db.execute("UPDATE breakers SET state = 'open', opened_at = 10.5,"
+               " reason = 'manual: auth: token invalid' WHERE service = 'coze'")
     done = threading.Thread(target=b.record_success, kwargs={"kind": "poll"})
     done.start()
     _time.sleep(0.3)          # B has read the row (half_open) and waits for the write lock
-    db.conn.execute("COMMIT")
+    trip.__exit__(None, None, None)
     done.join(10)
     st = a.state()
     assert (st.state, st.reason) == ("open", "manual: auth: token invalid")

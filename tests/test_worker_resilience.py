@@ -13,6 +13,7 @@ from pipeline.simulator import CozeSimulator, Script
 from pipeline.synthesis import Synthesizer
 from pipeline.worker import Worker
 from storage import queue
+from storage.db import set_lock_wait
 from tests.test_worker import FAST, _drain
 
 
@@ -362,7 +363,7 @@ def test_store_run_id_owned_adopted_lost_and_waits_out_a_lock(db, db_path):
     # a write lock held past the busy timeout: tried again until it lands
     queue.update_task(db, a["id"], execute_id=None, submit_started_at=0.75)
     short = open_db(db_path, migrate=False)
-    short.conn.execute("PRAGMA busy_timeout = 20")
+    set_lock_wait(short, 0.02)
     held, done = threading.Event(), threading.Event()
 
     def hold():
@@ -415,7 +416,7 @@ def test_a_task_whose_failure_cannot_be_written_is_handed_back_not_left_hanging(
             async with CozeClient(sim.base_url, sim.token) as coze:
                 worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
                                 "wf")
-                await worker.store(lambda d: d.execute("PRAGMA busy_timeout = 20"))
+                await worker.store(lambda d: set_lock_wait(d, 0.02))
                 job = asyncio.create_task(worker.run(drain=True))
                 while not queue.find_task(db, "a")["execute_id"]:
                     await asyncio.sleep(0.01)

@@ -1,6 +1,7 @@
-"""Another process holding SQLite's write lock must not freeze the worker's event loop.
+"""Another process holding the store's write lock must not freeze the worker's event loop.
 
-A second process takes the write lock (``BEGIN IMMEDIATE``) for 5 s while the worker has runs in
+A second process takes the write lock (``transaction(db)``: SQLite's ``BEGIN IMMEDIATE``, the
+PostgreSQL backend's advisory write lock) for 5 s while the worker has runs in
 flight, submits to make and leases to renew. The loop's lag is measured by a periodic task;
 the leases must survive (no task lost, none submitted twice).
 """
@@ -24,13 +25,13 @@ from tests.test_worker import FAST
 pytestmark = pytest.mark.slow
 
 HOLDER = textwrap.dedent("""
-    import sqlite3, sys, time
-    conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("INSERT OR REPLACE INTO kv (key, value, updated_at) VALUES ('web', 'x', 0)")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
-    conn.execute("COMMIT")
+    import sys, time
+    from storage.db import open_db, transaction
+    db = open_db(sys.argv[1], migrate=False)
+    with transaction(db):
+        db.execute("INSERT INTO kv (key, value, updated_at) VALUES ('holder', 'x', 0)")
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
     print("released", flush=True)
 """)
 
@@ -94,11 +95,12 @@ def test_a_write_lock_held_elsewhere_for_5s_does_not_stall_the_loop(db, db_path,
 def test_store_thread_keeps_order_and_finishes_writes_of_cancelled_callers(db):
     import threading
 
-    from storage.db import StoreThread, open_db
+    from storage import pg
+    from storage.db import StoreThread, path_of, transaction
 
     def put(conn_db, key, seen):
         seen.append((key, threading.get_ident(), conn_db.conn is db.conn))
-        with conn_db.conn:
+        with transaction(conn_db):
             conn_db.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, 'v', 0)", [key])
         return key
 
@@ -110,18 +112,30 @@ def test_store_thread_keeps_order_and_finishes_writes_of_cancelled_callers(db):
         waiter.cancel()                       # the caller goes away; its write must not
         results = await asyncio.gather(*(store(put, k, seen) for k in "bcd"))
         store.close()
-        memory = StoreThread(open_db(":memory:"))   # cannot be opened twice: runs inline
-        inline: list = []
-        await memory(lambda mdb: inline.append(threading.get_ident()))
-        return seen, results, inline
+        return seen, results
 
-    seen, results, inline = asyncio.run(go())
+    seen, results = asyncio.run(go())
     assert results == ["b", "c", "d"]
     assert [k for k, _, _ in seen] == ["a", "b", "c", "d"]          # in order, "a" included
     assert {t for _, t, _ in seen} != {threading.get_ident()}       # not on the loop's thread
-    assert not any(same for _, _, same in seen)                      # its own connection
+    # its own connection; on PostgreSQL the store's pool, which every thread shares
+    assert all(same is pg.is_url(path_of(db)) for _, _, same in seen)
     assert [r[0] for r in db.execute("SELECT key FROM kv ORDER BY key")] == list("abcd")
-    assert inline == [threading.get_ident()]
+
+
+@pytest.mark.backend("sqlite", reason="a private in-memory SQLite store")
+def test_store_thread_of_an_in_memory_store_runs_inline():
+    import threading
+
+    from storage.db import StoreThread, open_db
+
+    async def go():
+        memory = StoreThread(open_db(":memory:"))   # cannot be opened twice: runs inline
+        inline: list = []
+        await memory(lambda mdb: inline.append(threading.get_ident()))
+        return inline
+
+    assert asyncio.run(go()) == [threading.get_ident()]
 
 
 def test_opsbot_runs_batch_hold_renewal_does_not_stall_the_loop_under_a_lock(db, db_path,
