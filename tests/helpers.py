@@ -46,6 +46,14 @@ def table_rows(db, table: str) -> list[tuple]:
     return [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY {_KEYS[table]}")]
 
 
+def empty_store(db) -> None:
+    """Delete every row of every table: the store as a fresh one, without making a new one."""
+    from storage.db import transaction
+    with transaction(db) as conn:
+        for table in _KEYS:
+            conn.execute(f"DELETE FROM {table}")
+
+
 class held_write_lock:
     """Hold the store's write lock, as another process in the middle of a write would, until
     :meth:`release` (or the end of the ``with`` block). On SQLite that is ``BEGIN IMMEDIATE``
@@ -99,3 +107,21 @@ class StatementLog:
 
     def __getattr__(self, name):
         return getattr(self.db, name)
+
+
+def store_at_version(location, version: int):
+    """Open the store at ``location`` with only the first ``version`` migrations applied, as an
+    older opsbot left it; returns the handle (opened without migrating)."""
+    from storage import pg
+    from storage.db import open_db, transaction
+    from storage.migrations import MIGRATIONS
+    db = open_db(location, migrate=False)
+    if pg.is_url(location):
+        pg.apply_migrations(db, MIGRATIONS[:version])
+        return db
+    for number, statements in enumerate(MIGRATIONS[:version], start=1):
+        with transaction(db) as conn:
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(f"PRAGMA user_version = {number}")
+    return db

@@ -21,6 +21,9 @@ from pipeline.video.media import ffmpeg_exe
 from pipeline.synthesis import file_name
 
 ROOT = Path(__file__).resolve().parent.parent
+# `opsbot demo` makes a SQLite file of its own in its run folder (README: PostgreSQL)
+pytestmark = pytest.mark.backend("sqlite",
+                                reason="opsbot demo always uses a SQLite file of its own")
 SETTINGS = SimpleNamespace(language="en", timezone="Asia/Shanghai")
 
 

@@ -72,6 +72,9 @@ def test_the_quick_start_has_the_two_commands_ci_runs():
     assert "pip install -e '.[test]' && python -m pytest" in README
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "python -m pytest" in ci and "'.[test]'" in ci
+    # the PostgreSQL pass: the same command in the README (Development) and in CI
+    pg_pass = "OPSBOT_TEST_BACKEND=postgresql python -m pytest"
+    assert pg_pass in README and pg_pass in ci
 
 
 def test_every_variable_read_from_the_environment_is_documented():

@@ -39,13 +39,14 @@ def test_selector_forgets_old_runs_and_does_nothing_without_a_fallback():
     assert none.record("a", False, 0.0) is None and none.current(1.0) == ("a", None)
 
 
-def _alert_settings(tmp_path, **alerts):
+def _alert_settings(db_path, **alerts):
     return Settings(feishu=FeishuSettings(alert_chat_id="oc_alerts", oncall_ids=("ou_oncall",)),
-                    alerts=AlertSettings(**alerts), db_path=tmp_path / "x.db")
+                    alerts=AlertSettings(**alerts), db_path=db_path)
 
 
-def test_worker_moves_to_the_fallback_alerts_once_and_polls_the_right_workflow(db, tmp_path):
-    settings = _alert_settings(tmp_path)
+def test_worker_moves_to_the_fallback_alerts_once_and_polls_the_right_workflow(db, tmp_path,
+                                                                              db_path):
+    settings = _alert_settings(db_path)
     cfg = dataclasses.replace(FAST, max_coze=1, output_dir=str(tmp_path),
                               fallback_workflow_id="wf_backup", fallback_min_runs=3,
                               fallback_failure_rate=0.6, fallback_cooldown=3600)
@@ -89,8 +90,9 @@ def _finish(db, batch_id, status, **fields):
     queue.finish_batches(db, now=0)
 
 
-def test_canary_is_queued_on_schedule_alerts_on_failure_and_resolves_on_success(db, tmp_path):
-    settings = _alert_settings(tmp_path, canary_interval=600, canary_timeout=300,
+def test_canary_is_queued_on_schedule_alerts_on_failure_and_resolves_on_success(db, tmp_path,
+                                                                              db_path):
+    settings = _alert_settings(db_path, canary_interval=600, canary_timeout=300,
                                canary_params={"topic": "canary"})
     clock = FakeClock(start=1_000_000)
     canary = Canary(db, settings, clock, AlertRouter(db, settings, clock))
@@ -114,8 +116,8 @@ def test_canary_is_queued_on_schedule_alerts_on_failure_and_resolves_on_success(
         "resolved"
 
 
-def test_a_canary_that_hangs_is_reported_and_no_canary_runs_when_off(db, tmp_path):
-    settings = _alert_settings(tmp_path, canary_interval=600, canary_timeout=300)
+def test_a_canary_that_hangs_is_reported_and_no_canary_runs_when_off(db, tmp_path, db_path):
+    settings = _alert_settings(db_path, canary_interval=600, canary_timeout=300)
     clock = FakeClock(start=1_000_000)
     canary = Canary(db, settings, clock, AlertRouter(db, settings, clock))
     canary.tick()
@@ -123,5 +125,5 @@ def test_a_canary_that_hangs_is_reported_and_no_canary_runs_when_off(db, tmp_pat
     canary.tick()
     [alert] = list(db.query("SELECT * FROM alerts WHERE key = 'canary'"))
     assert "仍未完成" in json.loads(alert["details"])["reason"]
-    off = Canary(db, _alert_settings(tmp_path), clock, AlertRouter(db, settings, clock))
+    off = Canary(db, _alert_settings(db_path), clock, AlertRouter(db, settings, clock))
     assert off.tick() is None

@@ -313,7 +313,7 @@ def test_stop_before_the_first_connection_is_clean(fake, settings):
     assert all(s.event_loop is None or s.event_loop.is_closed() for s in conn.sessions)
 
 
-def test_closing_cancels_again_a_task_that_swallows_one_cancellation(settings):
+def test_closing_cancels_again_a_task_that_swallows_one_cancellation(settings, db_path):
     """The SDK's ping loop sleeps a whole PingInterval in a ``finally``: a cancellation that lands
     in its ``try`` is used up there. Closing must not wait that sleep out."""
     from bot.longconn import Session
@@ -424,11 +424,11 @@ def test_the_sdks_module_loop_taken_inside_the_workers_loop_does_not_fight_it(fa
 
 
 @pytest.mark.slow
-def test_opsbot_worker_in_ws_mode_answers_and_stops_cleanly_on_sigterm(fake, ws, tmp_path):
+def test_opsbot_worker_in_ws_mode_answers_and_stops_cleanly_on_sigterm(fake, ws, tmp_path, db_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEISHU_CONNECTION="ws",
                FEISHU_APP_ID=fake.app_id, FEISHU_APP_SECRET=fake.app_secret,
                FEISHU_DOMAIN=fake.base_url, FEISHU_ADMIN_IDS=ADMIN,
-               OPSBOT_DB=str(tmp_path / "w.db"))
+               OPSBOT_DB=str(db_path))
     for var in ("FEISHU_VERIFICATION_TOKEN", "FEISHU_ENCRYPT_KEY", "OPSBOT_CONFIG"):
         env.pop(var, None)
     proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker", "--simulate"], env=env,
@@ -464,14 +464,14 @@ def _doctor(env):
                   if ln[:4].strip() in ("OK", "WARN", "FAIL")}
 
 
-def _ws_env(fake, tmp_path, **more):
+def _ws_env(fake, db_path, **more):
     return {"FEISHU_CONNECTION": "ws", "FEISHU_APP_ID": fake.app_id,
             "FEISHU_APP_SECRET": fake.app_secret, "FEISHU_DOMAIN": fake.base_url,
-            "OPSBOT_DB": str(tmp_path / "d.db"), **more}
+            "OPSBOT_DB": str(db_path), **more}
 
 
-def test_doctor_in_ws_mode_checks_discovery_and_needs_no_webhook_secrets(fake, ws, tmp_path):
-    _, lines = _doctor(_ws_env(fake, tmp_path))
+def test_doctor_in_ws_mode_checks_discovery_and_needs_no_webhook_secrets(fake, ws, db_path):
+    _, lines = _doctor(_ws_env(fake, db_path))
     assert lines["settings.connection"].startswith("OK    settings.connection: "
                                                    "FEISHU_CONNECTION=ws")
     assert lines["settings.security"].startswith("OK    settings.security: not needed")
@@ -483,14 +483,14 @@ def test_doctor_in_ws_mode_checks_discovery_and_needs_no_webhook_secrets(fake, w
 
 
 def test_doctor_in_ws_mode_fails_on_refused_discovery_and_missing_credentials(fake, ws,
-                                                                             tmp_path):
-    code, lines = _doctor(_ws_env(fake, tmp_path, FEISHU_APP_SECRET="wrong-secret"))
+                                                                             tmp_path, db_path):
+    code, lines = _doctor(_ws_env(fake, db_path, FEISHU_APP_SECRET="wrong-secret"))
     assert code == 1
     assert lines["feishu.connection"].startswith(
         "FAIL  feishu.connection: long-connection discovery refused: code 514 'auth failed: "
         "app_id or app_secret is wrong' — fix: copy App ID and App Secret")
     assert "persistent connection" in lines["feishu.connection"]
-    env = _ws_env(fake, tmp_path)
+    env = _ws_env(fake, db_path)
     del env["FEISHU_APP_SECRET"]
     code, lines = _doctor(env)
     assert code == 1
@@ -500,14 +500,14 @@ def test_doctor_in_ws_mode_fails_on_refused_discovery_and_missing_credentials(fa
     assert "feishu.connection" not in lines
 
 
-def test_doctor_discovery_check_is_time_bounded(fake, tmp_path):
+def test_doctor_discovery_check_is_time_bounded(fake, tmp_path, db_path):
     import socket
 
     silent = socket.socket()                    # accepts connections, never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     try:
-        env = _ws_env(fake, tmp_path, FEISHU_DOMAIN=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        env = _ws_env(fake, db_path, FEISHU_DOMAIN=f"http://127.0.0.1:{silent.getsockname()[1]}")
         code, lines = _doctor(env)               # bounded by the 1 s request timeout
     finally:
         silent.close()
@@ -516,8 +516,8 @@ def test_doctor_discovery_check_is_time_bounded(fake, tmp_path):
     assert "did not answer (ReadTimeout)" in lines["feishu.connection"]
 
 
-def test_doctor_in_webhook_mode_does_not_touch_the_long_connection(fake, ws, tmp_path):
-    env = _ws_env(fake, tmp_path)
+def test_doctor_in_webhook_mode_does_not_touch_the_long_connection(fake, ws, tmp_path, db_path):
+    env = _ws_env(fake, db_path)
     del env["FEISHU_CONNECTION"]
     _, lines = _doctor(env)
     assert "feishu.connection" not in lines and "settings.connection" not in lines

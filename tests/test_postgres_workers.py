@@ -1,7 +1,8 @@
 """Three `opsbot worker` processes on one PostgreSQL database (the test server of
-tests/pg_server.py), with the Coze simulator as its own process: two workers are killed with
-SIGKILL while they hold every task mid-run; the third takes the tasks over by lease expiry and
-finishes them, each task exactly once, each Coze run submitted once."""
+tests/pg_server.py; this test runs in the PostgreSQL pass only), with the Coze simulator as its
+own process: two workers are killed with SIGKILL while they hold every task mid-run; the third
+takes the tasks over by lease expiry and finishes them, each task exactly once, each Coze run
+submitted once."""
 from __future__ import annotations
 
 import signal
@@ -11,12 +12,11 @@ import pytest
 
 from storage import queue
 from storage.db import open_db
-from tests.pg_server import fresh_database, server_url
 from tests.test_crash import _stats
 from tests.test_worker_scale import SYNTH, _env, _exactly_once, _worker
 from tests.test_worker_scale import simulator  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backend("postgresql")]
 
 
 def _all_running(db, batch, n, in_flight, timeout=30):
@@ -33,9 +33,9 @@ def _all_running(db, batch, n, in_flight, timeout=30):
     raise AssertionError(f"tasks not all running: {[r['status'] for r in rows]}")
 
 
-def test_a_third_worker_finishes_what_two_killed_workers_held(request, tmp_path,
+def test_a_third_worker_finishes_what_two_killed_workers_held(db_path, tmp_path,
                                                               simulator):  # noqa: F811
-    url = fresh_database(server_url(request))
+    url = str(db_path)
     db = open_db(url)
     try:
         n = 6

@@ -185,40 +185,40 @@ def test_an_empty_day_shows_no_share_line(db):
 
 # --- the CLI ---------------------------------------------------------------------------------
 
-def cli_settings(tmp_path, **feishu) -> Settings:
-    return Settings(db_path=tmp_path / "opsbot.db", feishu=FeishuSettings(**feishu))
+def cli_settings(db_path, **feishu) -> Settings:
+    return Settings(db_path=db_path, feishu=FeishuSettings(**feishu))
 
 
-def test_cli_prints_yesterday_by_default(tmp_path):
-    db = open_db(tmp_path / "opsbot.db")
+def test_cli_prints_yesterday_by_default(tmp_path, db_path):
+    db = open_db(db_path)
     seed(db, DAY, 20, random.Random(2), "t")
     db.conn.close()
     clock = FakeClock(datetime(2025, 6, 11, 8, 0, tzinfo=TZ).timestamp())
     out, err = io.StringIO(), io.StringIO()
-    assert run_report(cli_settings(tmp_path), date=None, send=False, clock=clock, out=out,
+    assert run_report(cli_settings(db_path), date=None, send=False, clock=clock, out=out,
                       err=err) == 0
     assert "日报 2025-06-10" in out.getvalue() and err.getvalue() == ""
 
 
 @pytest.mark.parametrize("bad", ["2025-13-01", "yesterday", "2025/06/10", "", "0001-01-01",
                                  "9999-12-31"])
-def test_cli_bad_date_exits_2_with_a_clear_message(tmp_path, bad):
+def test_cli_bad_date_exits_2_with_a_clear_message(tmp_path, bad, db_path):
     err = io.StringIO()
-    assert run_report(cli_settings(tmp_path), date=bad, send=False, out=io.StringIO(),
+    assert run_report(cli_settings(db_path), date=bad, send=False, out=io.StringIO(),
                       err=err) == 2
     assert "--date must" in err.getvalue() and "Traceback" not in err.getvalue()
 
 
-def test_cli_send_without_feishu_configured_exits_1(tmp_path):
+def test_cli_send_without_feishu_configured_exits_1(tmp_path, db_path):
     err = io.StringIO()
-    assert run_report(cli_settings(tmp_path), date="2025-06-10", send=True, out=io.StringIO(),
+    assert run_report(cli_settings(db_path), date="2025-06-10", send=True, out=io.StringIO(),
                       err=err) == 1
     assert "FEISHU_APP_ID" in err.getvalue() and "FEISHU_ALERT_CHAT_ID" in err.getvalue()
 
 
-def test_cli_send_posts_the_card_with_the_chart(tmp_path):
+def test_cli_send_posts_the_card_with_the_chart(tmp_path, db_path):
     with FakeFeishu() as fake:
-        settings = Settings(db_path=tmp_path / "opsbot.db",
+        settings = Settings(db_path=db_path,
                             feishu=fake.settings(alert_chat_id="oc_alerts"))
         assert run_report(settings, date="2025-06-10", send=True, out=io.StringIO(),
                           err=io.StringIO()) == 0
@@ -226,19 +226,19 @@ def test_cli_send_posts_the_card_with_the_chart(tmp_path):
         msg = fake.messages[0]
         assert msg["chat_id"] == "oc_alerts" and msg["msg_type"] == "interactive"
         assert any(e["tag"] == "chart" for e in msg["content"]["body"]["elements"])
-    db = open_db(tmp_path / "opsbot.db")
+    db = open_db(db_path)
     assert db.execute("SELECT value FROM kv WHERE key = 'report:last_sent_at'").fetchone()
 
 
-def test_cli_send_delivers_only_its_own_report(tmp_path):
+def test_cli_send_delivers_only_its_own_report(tmp_path, db_path):
     """Other due rows (an alert for another chat, a Bitable write) are the worker's."""
     from storage import outbox
-    db = open_db(tmp_path / "opsbot.db")
+    db = open_db(db_path)
     outbox.enqueue(db, "send", "oc_other", {"text": "an alert"}, now=0, uuid="al-1")
     outbox.enqueue(db, "bitable_update", "app/tbl", {"record_id": "r", "fields": {}}, now=0,
                    uuid="bt-1")
     with FakeFeishu() as fake:
-        settings = Settings(db_path=tmp_path / "opsbot.db",
+        settings = Settings(db_path=db_path,
                             feishu=fake.settings(alert_chat_id="oc_alerts"))
         assert run_report(settings, date="2025-06-10", send=True, out=io.StringIO(),
                           err=io.StringIO()) == 0
@@ -248,10 +248,10 @@ def test_cli_send_delivers_only_its_own_report(tmp_path):
                       ).fetchall() == [(None,), (None,)]
 
 
-def test_cli_send_failure_exits_1_and_says_why(tmp_path):
+def test_cli_send_failure_exits_1_and_says_why(tmp_path, db_path):
     with FakeFeishu() as fake:
         fake.fail("send", code=230002, msg="Bot is not in the chat")
-        settings = Settings(db_path=tmp_path / "opsbot.db",
+        settings = Settings(db_path=db_path,
                             feishu=fake.settings(alert_chat_id="oc_alerts"))
         err = io.StringIO()
         assert run_report(settings, date="2025-06-10", send=True, out=io.StringIO(),
@@ -308,12 +308,12 @@ def test_scheduler_sends_once_at_nine_local_time(db, tz):
     assert report_rows(db) == [("report-2025-06-10", "oc_alerts")]
 
 
-def test_scheduler_catches_up_a_missed_report_once_after_a_restart(db, tmp_path):
+def test_scheduler_catches_up_a_missed_report_once_after_a_restart(db, tmp_path, db_path):
     clock = FakeClock(at(2025, 6, 11, 13, 0).timestamp())
     db.execute("INSERT INTO kv (key, value, updated_at) VALUES ('report:last_sent', '2025-06-09',"
                " 0)")
     assert scheduler_for(db, clock).tick()["report"] == "2025-06-10"
-    again = open_db(tmp_path / "opsbot.db")   # a new process on the same store
+    again = open_db(db_path)   # a new process on the same store
     assert scheduler_for(again, clock).tick()["report"] is None
     assert len(report_rows(db)) == 1
 
@@ -327,7 +327,7 @@ def test_scheduler_without_alert_chat_records_the_day_and_sends_nothing(db):
     assert report_rows(db) == [] and sched.last_sent() == date(2025, 6, 10)
 
 
-def test_scheduler_runs_the_latency_check_and_flush():
+def test_scheduler_runs_the_latency_check_and_flush(db):
     calls = []
 
     class Router:
@@ -338,7 +338,6 @@ def test_scheduler_runs_the_latency_check_and_flush():
             calls.append("latency")
             return 0
 
-    db = open_db(":memory:")
     clock = FakeClock(at(2025, 6, 11, 8, 0).timestamp())
     sched = Scheduler(db, Settings(), clock, router=Router(), latency_every=30)
     sched.tick()

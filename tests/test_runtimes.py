@@ -108,19 +108,14 @@ def test_stored_run_times_are_bounded_per_workflow(db):
     assert stored.load(db, "never-seen", limit=KEEP) == []
 
 
-def test_the_migration_applies_to_a_store_of_the_previous_version(tmp_path):
-    import sqlite3
+def test_the_migration_applies_to_a_store_of_the_previous_version(db_path):
+    from tests.helpers import store_at_version
 
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    for version, statements in enumerate(MIGRATIONS[:-1], start=1):
-        for sql in statements:
-            conn.execute(sql)
-        conn.execute(f"PRAGMA user_version = {version}")
-    conn.execute("INSERT INTO breakers (service, state, failures, successes, updated_at)"
-                 " VALUES ('coze', 'open', 5, 0, 1)")
-    conn.close()
-    db = open_db(path, migrate=False)
+    old = store_at_version(db_path, len(MIGRATIONS) - 1)
+    old.execute("INSERT INTO breakers (service, state, failures, successes, updated_at)"
+                " VALUES ('coze', 'open', 5, 0, 1)")
+    old.conn.close()
+    db = open_db(db_path, migrate=False)
     assert apply_migrations(db) == schema_version(db) == len(MIGRATIONS)
     assert db.execute("SELECT submit_failures FROM breakers").fetchone()[0] == 0
     stored.record(db, "wf", 3.0, now=0, keep=KEEP)
@@ -199,18 +194,18 @@ def test_a_new_worker_starts_from_the_run_times_an_earlier_one_learned(db):
     assert worker._poll_delay(0.0, 0, "wf-never-seen") == cfg.poll.first
 
 
-def test_two_opsbot_runs_on_one_store_share_what_they_learned(tmp_path):
+def test_two_opsbot_runs_on_one_store_share_what_they_learned(tmp_path, db_path):
     """`opsbot run` keeps the run times it learned; the next `opsbot run` loads them."""
     from tests.test_cli_run import _env, _opsbot
 
-    env = _env(tmp_path)
+    env = _env(tmp_path, db_path)
     for name, n in (("first", 8), ("second", 4)):
         csv = tmp_path / f"{name}.csv"
         csv.write_text("task_id\n" + "".join(f"{name}{i}\n" for i in range(n)), encoding="utf-8")
         proc = _opsbot(["run", str(csv), "--simulate", "--results", str(tmp_path / "r.json")],
                        env, tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        db = open_db(tmp_path / "run.db")
+        db = open_db(db_path)
         try:
             learned = stored.load(db, "sim-workflow", limit=KEEP)
         finally:

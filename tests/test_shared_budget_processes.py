@@ -38,10 +38,9 @@ def _env(db_path, base_url, tmp_path):
     return env
 
 
-def test_worker_and_cli_share_one_budget_and_never_touch_each_others_tasks(tmp_path):
+def test_worker_and_cli_share_one_budget_and_never_touch_each_others_tasks(tmp_path, db_path):
     sim = CozeSimulator(default_duration=0.5, seed=5)
     base_url = sim.start_in_thread()
-    db_path = tmp_path / "shared.db"
     db = open_db(db_path)
     n_chat, n_cli = 8, 24     # the worker has room to spare while the CLI's tasks wait
     chat = queue.create_batch(db, [{"task_key": f"s{i}", "params": {"i": i}}

@@ -112,12 +112,12 @@ def test_the_check_leaves_prose_and_other_calls_alone(snippet: str) -> None:
     assert not sql_findings(snippet)
 
 
-def test_column_and_stage_names_never_reach_sql_unchecked(tmp_path) -> None:
+def test_column_and_stage_names_never_reach_sql_unchecked(db_path) -> None:
     """The two seam functions that put a name into SQL text refuse anything but known names."""
     from storage import queue, reports
     from storage.db import open_db
 
-    db = open_db(tmp_path / "seam.db")
+    db = open_db(db_path)
     batch_id = queue.create_batch(db, [{"task_key": "k1", "params": {}}], now=1.0, source="chat")
     assert queue.batch_field(db, batch_id, "source") == "chat"
     assert queue.batch_field(db, "b-missing", "status") is None

@@ -66,11 +66,11 @@ def _deliver(base, text, message_id, event_id):
         return None  # the process died under the request: Feishu will push again
 
 
-def test_web_killed_mid_request_then_repushes_are_handled_once(tmp_path):
+def test_web_killed_mid_request_then_repushes_are_handled_once(db_path):
     rng = random.Random(7)
     messages = [f"om_crash_{i}" for i in range(6)]
     with FakeFeishu() as fake:
-        env = _env(fake, tmp_path / "opsbot.db")
+        env = _env(fake, db_path)
         first_answers = []
         for mid in messages:
             proc, base = _gunicorn(env)
@@ -98,7 +98,7 @@ def test_web_killed_mid_request_then_repushes_are_handled_once(tmp_path):
             proc.wait(15)
         replies = sorted(m["reply_to"] for m in fake.messages)
         assert replies == sorted(messages)
-    db = open_db(tmp_path / "opsbot.db", migrate=False)
+    db = open_db(db_path, migrate=False)
     assert db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] == len(messages)
     assert db.execute("SELECT COUNT(*) FROM inbox WHERE status = 'done'").fetchone()[0] == \
         len(messages)

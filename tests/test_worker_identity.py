@@ -66,9 +66,9 @@ def test_stage_parsing_never_accepts_an_unknown_name(text):
 
 
 @pytest.mark.parametrize("argv", [["worker", "--stages", "gpu"], ["worker", "--stages", ""]])
-def test_the_cli_refuses_unknown_stages_with_exit_2(argv, tmp_path):
+def test_the_cli_refuses_unknown_stages_with_exit_2(argv, db_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSBOT_", "COZE_"))}
-    env.update(OPSBOT_DB=str(tmp_path / "x.db"), PYTHONPATH=os.getcwd())
+    env.update(OPSBOT_DB=str(db_path), PYTHONPATH=os.getcwd())
     out = subprocess.run([sys.executable, "-m", "bot.cli", *argv], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2

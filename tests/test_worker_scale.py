@@ -73,8 +73,7 @@ def _exactly_once(db, batch, stats, n):
         assert len(rows) == n and {c for _, c in rows} == {1}, stage
 
 
-def test_a_coze_worker_and_a_synthesis_worker_finish_a_batch(tmp_path, simulator):
-    db_path = tmp_path / "scale.db"
+def test_a_coze_worker_and_a_synthesis_worker_finish_a_batch(tmp_path, simulator, db_path):
     db = open_db(db_path)
     n = 12
     batch = queue.create_batch(db, [{"task_key": f"s{i}", "params": {"i": i}} for i in range(n)],
@@ -119,8 +118,7 @@ def _wait_running(db, batch, n, timeout=30):
     raise AssertionError(f"tasks not all running: {[r['status'] for r in rows]}")
 
 
-def _kill_and_take_over(tmp_path, simulator, *, prefix, lease):
-    db_path = tmp_path / "takeover.db"
+def _kill_and_take_over(tmp_path, db_path, simulator, *, prefix, lease):
     db = open_db(db_path)
     n = 6
     batch = queue.create_batch(db, [{"task_key": f"s{i}", "params": {"i": i}} for i in range(n)],
@@ -152,11 +150,11 @@ def _kill_and_take_over(tmp_path, simulator, *, prefix, lease):
                                                "needs CAP_SYS_ADMIN): the container case is "
                                                "not exercised")
 def test_a_killed_worker_in_another_pid_namespace_is_taken_over_after_its_lease(
-        tmp_path, simulator):
+        tmp_path, simulator, db_path):
     db, dead, new_owner, killed_at, lease_until, seen = _kill_and_take_over(
-        tmp_path, simulator, lease=4.0,
+        tmp_path, db_path, simulator, lease=4.0,
         prefix=("unshare", "--pid", "--fork", "--kill-child", "--mount-proc"))
-    me = open_db(tmp_path / "takeover.db", migrate=False)
+    me = open_db(db_path, migrate=False)
     row = stored_workers.get(me, [new_owner])[new_owner]
     # same hostname, different identity, different PID namespace: judged by its lease alone
     assert dead["hostname"] == row["hostname"] == socket.gethostname()
@@ -168,9 +166,10 @@ def test_a_killed_worker_in_another_pid_namespace_is_taken_over_after_its_lease(
     assert any(new_owner in owners for _, owners in seen)
 
 
-def test_a_killed_worker_in_this_pid_namespace_is_taken_over_at_once(tmp_path, simulator):
+def test_a_killed_worker_in_this_pid_namespace_is_taken_over_at_once(tmp_path, simulator,
+                                                                       db_path):
     db, dead, new_owner, killed_at, lease_until, seen = _kill_and_take_over(
-        tmp_path, simulator, lease=60.0, prefix=())
+        tmp_path, db_path, simulator, lease=60.0, prefix=())
     assert dead["id"] != new_owner
     # the lease had almost a minute left; the new worker took the tasks over long before
     taken = [t for t, owners in seen if new_owner in owners]
