@@ -27,7 +27,7 @@ from typing import Any
 from flask import Flask, Response as FlaskResponse, jsonify
 
 from pipeline.clock import Clock
-from storage.db import database_file, open_db, ping
+from storage.db import database_file, is_closed, open_db, ping
 
 from . import handlers
 from .metrics import render_metrics
@@ -155,6 +155,9 @@ class Dispatcher:
                 with lock:
                     self.step(db, key)
             except Exception:  # noqa: BLE001 - the thread must survive anything
+                if is_closed(db):   # the app's store was closed: the app is being torn down
+                    log.info("dispatcher stopped: its store is closed")
+                    return
                 log.exception("dispatcher step failed")
             if self.keys.empty():
                 self.idle.set()

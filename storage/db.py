@@ -165,6 +165,18 @@ def set_lock_wait(db: sqlite_utils.Database, seconds: float) -> None:
     db.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
 
+def is_closed(db: sqlite_utils.Database) -> bool:
+    """Whether ``db`` was closed (its connection, or a PostgreSQL store's pool): nothing run
+    through it can succeed any more."""
+    if isinstance(db, pg.PgDatabase):
+        return db.pool.closed
+    try:
+        db.conn.total_changes  # noqa: B018 - raises once the connection is closed
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
 def ping(db: sqlite_utils.Database) -> None:
     """One round trip to the store; raises what the driver raises when it cannot answer."""
     db.execute("SELECT 1").fetchone()

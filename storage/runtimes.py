@@ -18,9 +18,12 @@ def load(db: sqlite_utils.Database, workflow_id: str, *, limit: int,
          since: float | None = None) -> list[float]:
     """The last ``limit`` run times of ``workflow_id``, oldest first; with ``since``, only runs
     that ended at or after it (pass ``now - MAX_AGE``)."""
-    rows = db.execute("SELECT seconds FROM run_times WHERE workflow_id = ?"
-                      " AND (? IS NULL OR ended_at >= ?) ORDER BY id DESC LIMIT ?",
-                      [workflow_id, since, since, limit]).fetchall()
+    # no ``? IS NULL`` test: PostgreSQL cannot type a parameter that is only compared to NULL
+    where, params = "workflow_id = ?", [workflow_id]
+    if since is not None:
+        where, params = where + " AND ended_at >= ?", params + [since]
+    rows = db.execute(f"SELECT seconds FROM run_times WHERE {where} ORDER BY id DESC LIMIT ?",
+                      params + [limit]).fetchall()
     return [r[0] for r in reversed(rows)]
 
 

@@ -46,6 +46,17 @@ def table_rows(db, table: str) -> list[tuple]:
     return [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY {_KEYS[table]}")]
 
 
+def table_names(db) -> set[str]:
+    """The tables that exist in the store (from its own catalogue)."""
+    from storage import pg
+    from storage.db import path_of
+    if pg.is_url(path_of(db)):
+        sql = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    return {r[0] for r in db.execute(sql)}
+
+
 def empty_store(db) -> None:
     """Delete every row of every table: the store as a fresh one, without making a new one."""
     from storage.db import transaction

@@ -1,9 +1,10 @@
-"""A throwaway PostgreSQL server for the tests that run against both backends.
+"""A throwaway PostgreSQL server for the PostgreSQL pass (``OPSBOT_TEST_BACKEND=postgresql``,
+see tests/conftest.py), started once per test session.
 
 ``OPSBOT_TEST_POSTGRES_URL`` (a server URL whose user may create databases) is used when set.
 Otherwise the server binaries (Debian's ``postgresql`` package: /usr/lib/postgresql/*/bin, or
 ``initdb`` on PATH) start a private server in a temporary folder, reachable only through a unix
-socket in that folder. Without either, the PostgreSQL variants skip with the reason; with
+socket in that folder. Without either, the tests that need it skip with the reason; with
 ``CI=true`` they fail instead (a CI run must test both backends).
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ from storage import queue
 from storage.db import transaction
 from tests.fake_feishu import FakeFeishu
 from tests.helpers import (ADMIN, ENCRYPT_KEY, TOKEN, USER, encrypt,
-                           message_event, sign, signed_event, table_counts)
+                           message_event, sign, signed_event, table_counts, table_names)
 
 APP, TABLE = "app_tok", "tbl_1"
 LIMIT = 200_000
@@ -326,8 +326,7 @@ def test_injection_in_command_arguments_is_echoed_neutralised(client, db, settin
     [card] = handle_all(db, settings, fake)
     assert_neutral(card_markdown(card))
     # the store is intact and untouched except for the reply (and an admin's silence)
-    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"tasks", "batches", "silences", "inbox", "outbox"} <= names
+    assert {"tasks", "batches", "silences", "inbox", "outbox"} <= table_names(db)
     assert table_counts(db)["tasks"] == 0
 
 

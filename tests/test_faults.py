@@ -44,7 +44,7 @@ def fake():
 
 
 def outbox_rows(db, *, kind=None, target=None):
-    sql, args = "SELECT * FROM outbox WHERE 1", []
+    sql, args = "SELECT * FROM outbox WHERE TRUE", []
     if kind:
         sql, args = sql + " AND kind = ?", args + [kind]
     if target:

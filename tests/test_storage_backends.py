@@ -186,3 +186,11 @@ def test_workers_rows_and_a_dead_owners_tasks_by_stage(db):
     # silent for over a week: forgotten, unless it holds a running task (h:3:c)
     assert workers.prune(db, now=60 + 8 * 86400) == 2
     assert list(workers.get(db, ["h:1:a", "h:2:b", "h:3:c"])) == ["h:3:c"]
+
+
+def test_a_closed_store_says_so(db_path):
+    from storage.db import is_closed
+    store = open_db(db_path)
+    assert not is_closed(store)
+    store.conn.close()
+    assert is_closed(store)
