@@ -22,7 +22,7 @@ import sqlite_utils
 from .db import transaction
 
 KINDS = ("send", "reply", "patch", "bitable_update",
-         "bitable_attach", "bitable_create")  # the last two: see bot.sender._deliver_bitable_extra
+         "bitable_attach", "bitable_create")  # the last two: see bot.feishu.sender._deliver_bitable_extra
 UUID_KINDS = ("send", "reply")   # made idempotent by Feishu's uuid (patches and writes are)
 UUID_WINDOW = 3600.0             # seconds Feishu dedupes a send uuid
 
