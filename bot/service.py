@@ -202,14 +202,16 @@ async def _tick_loop(scheduler: Any, router: Any, canary: Any, interval: float,
         await asyncio.sleep(interval)
 
 
-async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool = False,
+async def run_worker(settings: Settings, *, drain: bool = False, simulator: Any | None = None,
                      clock: Clock | None = None, stop: asyncio.Event | None = None,
                      tick_interval: float = 3.0,
                      stages: frozenset[str] = frozenset(("coze", "synthesis"))) -> int:
     """Run until stopped (or drained). Returns the process exit code.
 
     ``stages`` limits the pipeline to those stages (see :class:`pipeline.worker.Worker`); a
-    synthesis-only worker needs no Coze account."""
+    synthesis-only worker needs no Coze account. ``simulator``: an unstarted Coze stand-in (the
+    operator tools pass :class:`pipeline.standins.simulator.CozeSimulator` for ``--simulate``)
+    that the worker starts, uses instead of Coze, and stops; production code never imports it."""
     ws_mode = settings.feishu.connection == "ws"
     if ws_mode and not settings.feishu.configured:
         log.error("FEISHU_CONNECTION=ws needs FEISHU_APP_ID and FEISHU_APP_SECRET: the long "
@@ -220,13 +222,10 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
     db = open_db(settings.db_path)
     stop = stop or asyncio.Event()
     _install_signals(stop)
-    sim = None
+    sim = simulator
     base_url, token = settings.coze.base_url, settings.coze.api_token.get()
     workflow_id = settings.coze.workflow_id
-    if simulate:
-        from pipeline.standins.simulator import CozeSimulator
-
-        sim = CozeSimulator(default_duration=1.0, seed=1)
+    if sim is not None:
         base_url = await sim.start()
         token, workflow_id = sim.token, workflow_id or "sim-workflow"
     elif not settings.coze.configured and "coze" in stages:

@@ -14,7 +14,7 @@ from bot.alerting import cards as alert_cards
 from bot.alerting.router import AlertRouter, load_alert
 from bot.chat.cards import button_values, size
 from bot.feishu.client import FeishuClient
-from bot.chat.handlers import reply_uuid
+from storage.outbox import reply_uuid
 from bot.feishu.sender import OutboxSender
 from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.classifier import Decision

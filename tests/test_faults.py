@@ -19,7 +19,7 @@ import pytest
 
 from bot.alerting.router import load_alert
 from bot.feishu.client import FeishuClient
-from bot.chat.handlers import reply_uuid
+from storage.outbox import reply_uuid
 from bot.feishu.sender import OutboxSender
 from bot.service import build_notifier
 from bot.settings import AlertSettings, FeishuSettings, Settings

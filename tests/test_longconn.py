@@ -26,11 +26,17 @@ from bot.standins.fake_feishu import FakeFeishu
 from bot.standins.fake_feishu_ws import FAST_CONFIG, FakeFeishuWS
 from bot.feishu.longconn import LongConnection, restart_delay
 from bot.settings import FeishuSettings, Secret, Settings, SettingsError, load_settings
+from pipeline.standins.simulator import CozeSimulator
 from storage import inbox, outbox, queue
 from storage.db import open_db
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERT_CHAT = "oc_alerts"
+
+
+def _sim() -> CozeSimulator:
+    """The Coze stand-in `opsbot worker --simulate` passes to run_worker."""
+    return CozeSimulator(default_duration=1.0, seed=1)
 
 
 @pytest.fixture
@@ -74,7 +80,7 @@ def running_worker(settings):
     async def main():
         box["stop"] = asyncio.Event()
         started.set()
-        box["code"] = await run_worker(settings, simulate=True, stop=box["stop"],
+        box["code"] = await run_worker(settings, simulator=_sim(), stop=box["stop"],
                                        tick_interval=0.5)
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
@@ -125,13 +131,13 @@ def test_worker_refuses_ws_mode_without_credentials(db_path):
     from bot.service import run_worker
 
     settings = Settings(feishu=FeishuSettings(connection="ws"), db_path=db_path)
-    assert asyncio.run(run_worker(settings, simulate=True)) == 2
+    assert asyncio.run(run_worker(settings, simulator=_sim())) == 2
 
 
 def test_worker_drain_does_not_open_the_long_connection(ws, settings):
     from bot.service import run_worker
 
-    assert asyncio.run(run_worker(settings, simulate=True, drain=True)) == 0
+    assert asyncio.run(run_worker(settings, simulator=_sim(), drain=True)) == 0
     assert ws.discoveries == [] and ws.connections == []
 
 

@@ -37,6 +37,7 @@ from storage import kv, reports
 from bot.alerting import cards as alert_cards
 from bot.chat import i18n
 from bot.chat.cards import Card, card, hr, markdown
+from bot.chat.commands import MAX_DATE, MIN_DATE
 from bot.chat.mdtext import escape
 
 STAGES = ("coze", "synthesis")
@@ -259,3 +260,18 @@ def mark_sent(db: sqlite_utils.Database, *, now: float, day: date | None = None)
     if day is not None:
         items["report:last_sent"] = day.isoformat()
     kv.put_many(db, items, now=now)
+
+
+def parse_day(text: str | None, settings, now: float) -> date:
+    """The report day asked for (``opsbot report --date``, the ``report`` command), or yesterday
+    in the settings' time zone. ValueError when malformed."""
+    if text is None:
+        return datetime.fromtimestamp(now, settings.tz).date() - timedelta(days=1)
+    try:
+        day = date.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--date must look like YYYY-MM-DD (e.g. 2025-06-01), got {text!r}") \
+            from None
+    if not MIN_DATE <= day <= MAX_DATE:  # the report also reads the day before
+        raise ValueError(f"--date must be between {MIN_DATE} and {MAX_DATE}, got {text!r}")
+    return day

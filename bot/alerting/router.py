@@ -40,7 +40,7 @@ resolved, its card is patched green and one short resolved notice is sent (uuid 
 card, so never twice).
 
 Batch cards: ``batch_progress`` patches the batch's progress card (the ``run`` command's reply,
-whose outbox uuid is ``bot.chat.handlers.reply_uuid(command_message_id)``; for a batch with a chat but
+whose outbox uuid is ``storage.outbox.reply_uuid(command_message_id)``; for a batch with a chat but
 no command message, a progress card is sent and its uuid stored in ``batches.progress_message_id``)
 at most every :attr:`progress_interval` seconds per batch; updates skipped by the throttle are
 flushed by :meth:`AlertRouter.flush`. ``batch_finished`` patches the final state and replies
@@ -595,8 +595,8 @@ class AlertRouter:
         if batch.get("progress_message_id"):
             return batch["progress_message_id"]
         if batch.get("command_message_id"):
-            from bot.chat.handlers import reply_uuid  # the run command's reply carries this uuid
-            target = reply_uuid(batch["command_message_id"])
+            target = outbox.reply_uuid(  # the run command's reply carries this uuid
+                batch["command_message_id"])
         elif batch.get("chat_id"):
             counts = queue.batch_counts(self.db, batch["id"])
             card = alert_cards.progress_card(batch, counts, [], self.lang, now)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from bot.chat import mdtext
 from bot.chat.i18n import breaker_word, status_word, t
+from bot.chat.commands import COMMANDS
 
 MAX_CARD_BYTES = 28_000        # Feishu refuses cards over 30 KB (230025); keep a margin
 MAX_COMPONENTS = 150           # Feishu allows 200, nested components included
@@ -163,7 +164,6 @@ def error_card(text: str, lang: str) -> Card:
 
 def help_card(lang: str, *, error: str | None = None) -> Card:
     """All commands; with ``error``, the reason the last message was not understood goes first."""
-    from bot.chat.commands import COMMANDS
     els: list[dict[str, Any]] = []
     if error:
         els += [markdown(f"**{error}**"), hr()]

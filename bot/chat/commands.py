@@ -20,6 +20,7 @@ from datetime import date
 from typing import Any, Union
 
 from bot.chat.mdtext import escape
+from bot.chat.i18n import t
 
 MAX_TEXT = 2000
 MAX_LIMIT = 100_000
@@ -116,7 +117,6 @@ class ParseError:
 
     def message(self, lang: str = "zh") -> str:
         """The text for the user; echoed input is neutralised (it is shown as card markdown)."""
-        from bot.chat.i18n import t
         return t("parse." + self.code, lang,
                  **{k: escape(v) if isinstance(v, str) else v for k, v in self.params.items()})
 

@@ -28,12 +28,20 @@ from typing import Any, Callable
 
 from storage import alerts as store_alerts, breakers, inbox, outbox, queue
 from storage.db import Conflict, NotFound
+from storage.outbox import reply_uuid
 
+from bot.alerting.actions import (ACTIONS, READ_ONLY, cancel_batch, handle_alert_action,
+                                  resume_batch, retry_batch, retry_tasks)
+from bot.alerting.report import build_report_card, parse_day
 from bot.chat import cards
+from bot.chat.addressing import addressed_to_bot
+from bot.chat.cards import toast
 from bot.chat.commands import BATCH_ID, Command, ParseError, parse
 from bot.chat.i18n import not_found, status_word, t
-from bot.chat.cards import toast
+from bot.chat.identity import bot_open_id
 from bot.chat.mdtext import escape
+from bot.errors import FeishuError
+from bot.feishu.bitable_sync import mark_running
 
 log = logging.getLogger("opsbot.handlers")
 
@@ -95,9 +103,6 @@ def for_the_bot(db, settings, payload: dict[str, Any]) -> bool:
     before the worker's first identity lookup (by the older rule, which also takes "@Alice run")
     is checked again here, so the rule that holds when a command runs is the current one.
     """
-    from bot.chat.addressing import addressed_to_bot
-    from bot.chat.identity import bot_open_id
-
     event = payload.get("event") if isinstance(payload, dict) else None
     message = event.get("message") if isinstance(event, dict) else None
     if not isinstance(message, dict):
@@ -133,12 +138,6 @@ def handle_message(db, settings, feishu_client, clock, payload: dict[str, Any]) 
     outbox.enqueue(db, "reply", ctx.message_id, {"card": card}, now=clock.now(),
                    uuid=reply_uuid(ctx.message_id), ref=ctx.chat_id or None)
     return card
-
-
-def reply_uuid(message_id: str) -> str:
-    """Feishu's uuid must be <= 50 chars; long ids are hashed."""
-    uid = "r-" + message_id
-    return uid if len(uid) <= 50 else "r-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
 
 
 def is_admin(settings, open_id: str) -> bool:
@@ -187,7 +186,6 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
                                      ctx.lang)
     except NotFound:
         pass
-    from bot.errors import FeishuError
     try:
         records = ctx.feishu.search_records(f.bitable_app_token, f.bitable_table_id,
                                             field_name=f.bitable_status_field,
@@ -214,8 +212,6 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
                            options=options)
     except ValueError as exc:
         return cards.error_card(t("run.duplicate", ctx.lang, error=escape(str(exc))), ctx.lang)
-    from bot.feishu.bitable_sync import mark_running
-
     mark_running(ctx.db, ctx.settings, batch_id, ctx.now)
     filters = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
                        for k, v in options.items())
@@ -280,8 +276,6 @@ def move_batch(db, settings, clock, action: str, batch_id: str | None, *,
     alerts resolve, the same breakers reset and the same Bitable rows go back. ``batch_id``
     None is only meaningful for resume (the latest stopped batch, or the breakers alone).
     """
-    from bot.alerting.actions import cancel_batch, resume_batch
-
     lang = settings.language
     now = clock.now()
     try:
@@ -332,8 +326,6 @@ def find_task(db, ref: str) -> dict[str, Any]:
 def retry_task(db, settings, clock, ref: str, *, by: str = "") -> tuple[bool, str]:
     """``retry TASK``: the Retry button's code path (:func:`bot.alerting.actions.retry_tasks`),
     for a task named by the user; a task a human ignored or cancelled may be retried too."""
-    from bot.alerting.actions import retry_tasks
-
     try:
         task = find_task(db, str(ref))
     except NotFound:
@@ -351,8 +343,6 @@ def _names_batch(db, ref: str | None) -> bool:
 
 def cmd_retry(ctx: Context, cmd: Command) -> dict[str, Any]:
     """Retry a task or a batch's failed tasks, as the Retry buttons do (alerts resolve too)."""
-    from bot.alerting.actions import retry_batch
-
     if cmd.batch_id or _names_batch(ctx.db, cmd.task_ref):
         batch_id = cmd.batch_id or cmd.task_ref or ""
         changed, text = retry_batch(ctx.db, ctx.settings, batch_id, now=ctx.now, by=ctx.sender)
@@ -374,9 +364,6 @@ def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
 
 def cmd_report(ctx: Context, cmd: Command) -> dict[str, Any]:
     """The daily report of ``--date``, by default yesterday (as the CLI and the 09:00 send)."""
-    from bot.alerting.report import build_report_card
-    from bot.ops.report_cli import parse_day
-
     day = parse_day(cmd.date, ctx.settings, ctx.now)
     return build_report_card(ctx.db, ctx.settings, day, ctx.lang)
 
@@ -455,8 +442,6 @@ def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str
     answers "already handled". Two separate clicks (double click: two event ids) are made safe
     by checking the current state before acting (e.g. a task that is no longer failed).
     """
-    from bot.alerting.actions import ACTIONS, READ_ONLY, handle_alert_action
-
     lang = settings.language
     act = card_action_from(payload)
     name = str(act.value.get("action", ""))

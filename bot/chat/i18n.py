@@ -10,6 +10,8 @@ import re
 import string
 from typing import Any
 
+from bot.chat.mdtext import escape
+
 DEFAULT = "zh"
 
 MESSAGES: dict[str, dict[str, str]] = {
@@ -185,7 +187,6 @@ def not_found(exc: BaseException, lang: str = DEFAULT) -> str:
 
     The id inside is echoed back: callers show it as markdown, so it is neutralised here.
     """
-    from bot.chat.mdtext import escape
     m = _NOT_FOUND.match(str(exc))
     if m is None:
         return t("generic.not_found", lang, what=escape(str(exc)))

@@ -26,6 +26,8 @@ from typing import Any
 
 from storage import kv
 
+from bot.errors import FeishuError
+
 log = logging.getLogger("opsbot.identity")
 
 KV_KEY = "feishu.bot_identity"
@@ -103,8 +105,6 @@ class IdentityRefresher:
 
     def tick(self) -> BotIdentity | None:
         """Refresh when due; return the new identity, or None (not due, or it failed)."""
-        from bot.errors import FeishuError
-
         now = self.clock.now()
         if now < self.next_at:
             return None

@@ -122,7 +122,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
               "(`opsbot demo` shows the whole loop)", file=sys.stderr)
         return 2
 
-    return asyncio.run(run_worker(settings, drain=args.drain, simulate=args.simulate,
+    simulator = None
+    if args.simulate:
+        from pipeline.standins.simulator import CozeSimulator
+
+        simulator = CozeSimulator(default_duration=1.0, seed=1)
+    return asyncio.run(run_worker(settings, drain=args.drain, simulator=simulator,
                                   stages=stages))
 
 

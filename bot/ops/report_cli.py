@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import sys
 import time as _time
-from datetime import date as Date, datetime, timedelta
+from datetime import date as Date
 from typing import TextIO
 
 from pipeline.clock import Clock
 from storage import outbox
 from storage.db import open_db
 
-from bot.alerting.report import compute_report, mark_sent, report_card, report_text
+from bot.alerting.report import (compute_report, mark_sent, parse_day,  # noqa: F401 - parse_day: was here
+                                 report_card, report_text)
 
 SEND_TIMEOUT = 20.0   # seconds to wait for the card to go out (rate limits postpone it)
-
-
-def parse_day(text: str | None, settings, now: float) -> Date:
-    """The day asked for, or yesterday in the settings' time zone. ValueError when malformed."""
-    if text is None:
-        return datetime.fromtimestamp(now, settings.tz).date() - timedelta(days=1)
-    from bot.chat.commands import MAX_DATE, MIN_DATE
-    try:
-        day = Date.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"--date must look like YYYY-MM-DD (e.g. 2025-06-01), got {text!r}") \
-            from None
-    if not MIN_DATE <= day <= MAX_DATE:  # the report also reads the day before
-        raise ValueError(f"--date must be between {MIN_DATE} and {MAX_DATE}, got {text!r}")
-    return day
 
 
 def run_report(settings, *, date: str | None, send: bool, clock=None, out: TextIO | None = None,

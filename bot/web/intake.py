@@ -57,6 +57,8 @@ from storage import inbox
 
 from bot.chat.addressing import addressed_to_bot
 from bot.web.legacy_callbacks import legacy_answer, note_legacy_callback, patch_card_later
+from bot.chat import identity
+from bot.chat.i18n import t
 
 log = logging.getLogger("opsbot.intake")
 
@@ -386,8 +388,6 @@ class Intake:
 
     def _bot_open_id(self) -> str | None:
         """The bot's own open_id as stored by the worker or ``doctor`` (None: not known)."""
-        from bot.chat import identity
-
         try:
             with self._lock:
                 return identity.bot_open_id(self.db, self.settings.feishu.app_id)
@@ -403,7 +403,6 @@ class Intake:
                 answer = self.card_handler(data)
         except Exception:  # noqa: BLE001 - a click must get an answer, not a 500
             log.exception("card action handler failed")
-            from bot.chat.i18n import t
             answer = {"toast": {"type": "error",
                                 "content": t("toast.error", self.settings.language)}}
         return Response(200, answer if isinstance(answer, dict) else {})

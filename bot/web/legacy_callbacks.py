@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 from storage import kv, outbox
 
+from bot.alerting.router import enqueue_patch
+
 LEGACY_KV_KEY = "webhook.legacy_card"
 
 
@@ -33,8 +35,6 @@ def legacy_answer(answer: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 def patch_card_later(db: Any, message_id: str, card: dict[str, Any], *, now: float) -> str:
     """Queue a PATCH of ``message_id`` to ``card``; coalesced with the card's other patches
     (same outbox target as the alert router's, when opsbot sent the card)."""
-    from bot.alerting.router import enqueue_patch  # the alert router's coalescing; imported when needed
-
     target = outbox.uuid_for_message(db, message_id) or message_id
     return enqueue_patch(db, target, card, now=now, interval=0.0)
 
