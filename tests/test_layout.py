@@ -137,3 +137,14 @@ def test_no_module_is_left_at_an_old_flat_path():
     for package in ("web", "chat", "alerting", "feishu", "ops", "standins"):
         init = ROOT / "bot" / package / "__init__.py"
         assert ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))), init
+
+
+def test_the_readme_picture_names_every_bot_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    picture = readme.split("### Code layout", 1)[1].split("```")[1]
+    named = set(picture.split())
+    missing = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bot").rglob("*.py")
+                     if p.name != "__init__.py" and p.name not in named)
+    missing += sorted(f"{p.parent.relative_to(ROOT)}/" for p in (ROOT / "bot").glob("*/__init__.py")
+                      if f"{p.parent.name}/" not in named)
+    assert missing == []
