@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from bot.fake_feishu import unexpected_refusals
+from bot.standins.fake_feishu import unexpected_refusals
 from storage.db import open_db
 
 BACKENDS = ("sqlite", "postgresql")
