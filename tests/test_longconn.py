@@ -375,9 +375,10 @@ CHILD = textwrap.dedent('''
         settings = Settings(feishu=FeishuSettings(app_id="cli_fake",
                             app_secret=Secret("fake-secret"), domain=domain, connection="ws"),
                             db_path=db_path)
-        conn = LongConnection(settings)
+        db = open_db(db_path, migrate=False)        # before the start: opening a PostgreSQL
+        conn = LongConnection(settings)             # store's pool takes a moment
         conn.start()
-        ticks, db = 0, open_db(db_path, migrate=False)
+        ticks = 0
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:          # the worker's loop keeps running meanwhile
             ticks += 1
