@@ -10,11 +10,12 @@ The suite runs once per store backend (see README, Development):
   nothing.
 
 "Uses a store" is decided by the fixtures a test takes: ``db_path`` (directly, or through
-``db``, ``settings``... which take it) or ``make_db_path`` (for fixtures wider than a test). That choice is checked, not trusted: while a test runs,
-an audit hook sees every SQLite connection the test process opens and every process started with
-``OPSBOT_DB``. A test that opens a store without taking ``db_path`` fails (it would silently
-never run on PostgreSQL), and so does a test that opens SQLite in the PostgreSQL pass. The few
-tests that are about one backend itself carry ``@pytest.mark.backend("sqlite", reason=...)`` or
+``db``, ``settings``... which take it) or ``make_db_path`` (for fixtures wider than a test).
+That choice is checked, not trusted: while a test runs, an audit hook sees every SQLite
+connection the test process opens and every process started with ``OPSBOT_DB``. A test that
+opens a store without taking ``db_path`` fails (it would silently never run on PostgreSQL),
+and so does a test that opens SQLite in the PostgreSQL pass. The few tests that are about one
+backend itself carry ``@pytest.mark.backend("sqlite", reason=...)`` or
 ``@pytest.mark.backend("postgresql")`` and run in that pass only.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bot.standins.fake_feishu import unexpected_refusals
 from storage.db import open_db
 
 BACKENDS = ("sqlite", "postgresql")
+_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 BACKEND = os.environ.get("OPSBOT_TEST_BACKEND", "sqlite") or "sqlite"
 
 
@@ -45,7 +47,7 @@ def _cjk_font_missing() -> str | None:
 def pytest_configure(config):
     if BACKEND not in BACKENDS:
         raise pytest.UsageError(f"OPSBOT_TEST_BACKEND={BACKEND!r}: expected one of {BACKENDS}")
-    config._opsbot_backend_deselected = 0
+    config._opsbot_backend_deselected = {}
     sys.addaudithook(_audit)
 
 
@@ -64,11 +66,12 @@ def uses_store(item) -> bool:
     return any(name in getattr(item, "fixturenames", ()) for name in STORE_FIXTURES)
 
 
-def _runs_here(item) -> bool:
+def _left_out(item) -> str:
+    """Why this pass leaves ``item`` out ("" when it runs here)."""
     marker = item.get_closest_marker("backend")
     if marker is not None:
-        return BACKEND in marker.args
-    return BACKEND == "sqlite" or uses_store(item)
+        return "" if BACKEND in marker.args else f"{_NAMES[marker.args[0]]}-only"
+    return "" if BACKEND == "sqlite" or uses_store(item) else "that use no store"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,12 +79,14 @@ def pytest_collection_modifyitems(config, items):
     subtitles need a CJK font (``.ci/run`` installs one): without it they skip with the reason
     on a developer's machine, and fail in CI (CI=true), where a skip would hide that the
     subtitles were never tested."""
-    keep = [item for item in items if _runs_here(item)]
-    if len(keep) != len(items):
-        dropped = [item for item in items if not _runs_here(item)]
+    why = {item.nodeid: _left_out(item) for item in items}
+    dropped = [item for item in items if why[item.nodeid]]
+    if dropped:
         config.hook.pytest_deselected(items=dropped)
-        config._opsbot_backend_deselected = len(dropped)
-        items[:] = keep
+        for item in dropped:
+            counts = config._opsbot_backend_deselected
+            counts[why[item.nodeid]] = counts.get(why[item.nodeid], 0) + 1
+        items[:] = [item for item in items if not why[item.nodeid]]
     marked = [item for item in items if item.get_closest_marker("cjk_font")]
     if not marked or os.environ.get("CI", "").lower() == "true":
         return
@@ -93,11 +98,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    n = getattr(config, "_opsbot_backend_deselected", 0)
-    if n:
-        why = ("use no store (they ran in the SQLite pass) or are SQLite-only"
-               if BACKEND == "postgresql" else "are PostgreSQL-only")
-        terminalreporter.write_line(f"{BACKEND} pass: {n} tests deselected that {why}")
+    counts = getattr(config, "_opsbot_backend_deselected", {})
+    if counts:
+        parts = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+        terminalreporter.write_line(f"{BACKEND} pass: deselected {parts}")
 
 
 # --- the check that a test's store goes through ``db_path`` ---------------------------------------
