@@ -171,8 +171,8 @@ def database_file(db: sqlite_utils.Database) -> str | None:
 
 def set_lock_wait(db: sqlite_utils.Database, seconds: float) -> None:
     """How long a statement of this connection waits for another process's write lock before
-    it fails (``sqlite3.OperationalError``, "database is locked"; on PostgreSQL the wait for the
-    write lock of :mod:`storage.pg`, as ``lock_timeout``)."""
+    it fails (``sqlite3.OperationalError``, "database is locked"; on PostgreSQL the wait for any
+    lock of a transaction, the write lock, a per-key lock or a row lock, as ``lock_timeout``)."""
     if isinstance(db, pg.PgDatabase):
         db.lock_wait = seconds
         return

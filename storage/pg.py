@@ -15,14 +15,16 @@ and takes the write lock, a transaction-scoped advisory lock, in one of two mode
 - *exclusive* (the default): the block runs alone, as under SQLite's ``BEGIN IMMEDIATE``, so a
   multi-statement read-modify-write keeps the meaning it has on SQLite. Batch creation, cancel,
   block, requeue, outbox replay, lease expiry of dead workers, alerts and silences, kv writes of
-  several keys, prune and migrations-adjacent probes stay here: they are rare, and their
+  several keys, prune and the doctor's write probe stay here: they are rare, and their
   correctness rests on nobody writing between their reads and their writes.
 - *shared* (``transaction(db, concurrent=True)``): the block runs beside every other shared
   block and waits only while an exclusive one runs. Each such block is correct on its own
   terms, without the global lock: task and inbox claims are one statement whose candidate scan
   takes ``FOR UPDATE SKIP LOCKED`` (concurrent claimers lock disjoint rows and never wait on each
   other), lease renewals, outbox marks and task updates are single conditional ``UPDATE``s
-  (the row lock orders them), inbox dedup is ``INSERT ... ON CONFLICT DO NOTHING``.
+  (the row lock orders them), inbox dedup is ``INSERT ... ON CONFLICT DO NOTHING``, and a
+  finished batch is marked done by an ``UPDATE`` that re-checks its status under the row lock.
+  (The first claims of a still-queued batch wait briefly on the batch row, to start it.)
   A shared block that reads then writes rows that may not exist yet also names a ``key``; it
   takes a second, per-key advisory lock (:func:`key_lock`) and so runs alone only among blocks
   of that key: the Coze QPS budget of one account (``budget:<account>``), the breaker of one
@@ -34,7 +36,8 @@ and takes the write lock, a transaction-scoped advisory lock, in one of two mode
 Every lock wait (advisory or row) is bounded by ``lock_wait`` (``lock_timeout``), like SQLite's
 busy timeout; a deadlock the server detects is a "try again" error too. Reads outside a
 transaction never wait. A statement run through ``db`` on a thread that holds an open
-transaction of that ``db`` runs inside it (as on SQLite's single connection).
+transaction of that ``db`` runs inside it (as on SQLite's single connection). Claims use
+``WITH ... AS MATERIALIZED``: PostgreSQL 12 or newer.
 
 Migrations run in one transaction under their own advisory lock, so processes that start at once
 apply each migration exactly once; the version sits in table ``opsbot_schema``.
