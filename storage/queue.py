@@ -135,11 +135,14 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     that are queued become running on their first claim. ``batch_ids`` limits the claim. A
     batch that another live process runs itself (``runner``, held until ``runner_until``) is
     left to it.
+
+    PostgreSQL: one statement that skips the rows other claimers hold (``SKIP LOCKED``), so
+    claimers on many machines run in parallel; SQLite: read then update, under its one writer.
     """
     if limit <= 0:
         return []
     wanted = tuple(batch_ids) if batch_ids else ()
-    with transaction(db, concurrent=is_postgres(db)) as conn:
+    with transaction(db, concurrent=True) as conn:
         if is_postgres(db):
             return _claim_skip_locked(conn, owner=owner, now=now, lease=lease, limit=limit,
                                       stage=stage, wanted=wanted)
