@@ -5,10 +5,11 @@ stored). The row holds send *slots*, not tokens: ``next_slot`` is the Unix time 
 slot. :func:`reserve` hands out ``n`` consecutive slots ``1 / rate`` seconds apart, starting at
 ``max(next_slot, now, paused_until)``, and moves ``next_slot`` past them, all in one
 transaction that runs alone among this account's budget writes (SQLite: ``BEGIN IMMEDIATE``;
-PostgreSQL: the per-key lock ``budget:<account>``, since the row may not exist yet). No two processes ever get the same slot, and the slots of all
-processes together are at least ``1 / rate`` apart: the virtual-scheduling form of a token
-bucket one token deep (GCRA). A process reserves a few slots per transaction when it has several
-callers waiting, so the write rate stays far below the request rate when the budget binds.
+PostgreSQL: the per-key lock ``budget:<account>``, since the row may not exist yet). No two
+processes ever get the same slot, and the slots of all processes together are at least
+``1 / rate`` apart: the virtual-scheduling form of a token bucket one token deep (GCRA). A
+process reserves a few slots per transaction when it has several callers waiting, so the write
+rate stays far below the request rate when the budget binds.
 
 After a 429 (:func:`slow_down`) the row records a pause and a halved rate that climbs back to
 the configured rate over ``recovery`` seconds, so every process slows down, not only the one

@@ -21,7 +21,7 @@ and takes the write lock, a transaction-scoped advisory lock, in one of two mode
   block and waits only while an exclusive one runs. Each such block is correct on its own
   terms, without the global lock: task and inbox claims are one statement whose candidate scan
   takes ``FOR UPDATE SKIP LOCKED`` (concurrent claimers lock disjoint rows and never wait on each
-  other), lease renewals, outbox marks and task updates are single conditional ``UPDATE``s
+  other), lease renewals, task updates and heartbeats are single conditional ``UPDATE``s
   (the row lock orders them), inbox dedup is ``INSERT ... ON CONFLICT DO NOTHING``, and a
   finished batch is marked done by an ``UPDATE`` that re-checks its status under the row lock.
   (The first claims of a still-queued batch wait briefly on the batch row, to start it.)
@@ -30,8 +30,9 @@ and takes the write lock, a transaction-scoped advisory lock, in one of two mode
   of that key: the Coze QPS budget of one account (``budget:<account>``), the breaker of one
   service (``breaker:<service>``), the account-wide count of Coze runs in flight
   (``coze-in-flight``), the learned run times of one workflow, and the outbox (``outbox``):
-  its claim keeps order per target by reading other rows' leases, and its rows' ids must be
-  committed in the order they were given out, so enqueues and claims of the outbox take turns.
+  its claim keeps order per target by reading other rows' due times and leases, and its ids
+  must be committed in the order given out, so every outbox write takes turns with the others
+  (see :data:`storage.outbox.WRITES`).
 
 Every lock wait (advisory or row) is bounded by ``lock_wait`` (``lock_timeout``), like SQLite's
 busy timeout; a deadlock the server detects is a "try again" error too. Reads outside a
@@ -357,7 +358,8 @@ class _Begin:
         """BEGIN, the lock wait and the locks as one round trip (integers only: no parameters)."""
         # as SQLite's busy_timeout: wait this long for any lock (advisory or row), then fail
         parts = ["BEGIN", f"SET LOCAL lock_timeout = {max(1, int(self.db.lock_wait * 1000))}",
-                 f"SELECT pg_advisory_xact_lock{'_shared' if self.shared else ''}({int(self.lock)})"]
+                 f"SELECT pg_advisory_xact_lock{'_shared' if self.shared else ''}"
+                 f"({int(self.lock)})"]
         if self.key is not None:
             parts.append("SELECT pg_advisory_xact_lock(%d, %d)" % key_lock(self.key))
         return "; ".join(parts)

@@ -311,3 +311,34 @@ def test_with_sqlite_every_transaction_still_runs_alone(tmp_path):
                     two.execute("INSERT INTO kv (key, value, updated_at) VALUES ('b', '1', 1)")
     finally:
         one.conn.close(), two.conn.close()
+
+
+def test_outbox_writes_take_turns_and_hold_up_nothing_else(pg_url):
+    """A sender mid-claim holds the outbox's key: another sender's mark waits for it (a retry
+    committed under a claim's feet could let a newer message of the chat go first), while a
+    task update, an inbox delivery and a budget reservation go ahead."""
+    db = open_db(pg_url)
+    raw = _raw(pg_url)
+    try:
+        uuid = outbox.enqueue(db, "send", "chat-1", {"n": 1}, now=100.0)
+        [row] = outbox.claim_due(db, owner="s1", now=100.0)
+        batch = _batch(db, 1)
+        [task] = queue.claim_tasks(db, owner="w", now=200.0, lease=60.0, limit=1)
+        raw.execute("SELECT pg_advisory_xact_lock_shared(%s)", (pg.WRITE_LOCK,))
+        raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", pg.key_lock(outbox.WRITES))
+        set_lock_wait(db, 0.05)
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            outbox.mark_retry(db, row["id"], now=101.0, next_at=200.0, error="x", owner="s1")
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            outbox.enqueue(db, "send", "chat-2", {"n": 2}, now=101.0)
+        assert queue.update_task(db, task["id"], owner="w", status="succeeded")
+        assert inbox.record(db, "e1", event_type="t", payload={}, now=101.0)
+        policy = budget.RatePolicy(rate=10.0, min_rate=1.0, recovery=60.0)
+        assert budget.reserve(db, "acct", policy, now=101.0, count=1).count == 1
+        raw.execute("COMMIT")
+        assert outbox.mark_sent(db, row["id"], now=102.0, owner="s1")
+        assert outbox.status_of(db, uuid) == "sent"
+        assert queue.finish_batches(db, now=103.0) == [batch]
+    finally:
+        raw.close()
+        db.conn.close()

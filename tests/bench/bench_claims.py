@@ -1,19 +1,20 @@
-"""Claim throughput on PostgreSQL: 1, 2 and 4 claimer processes on one queue, with the claim
-that took the global write lock (before) and the one-statement ``SKIP LOCKED`` claim (after).
+"""Claim throughput on PostgreSQL: 1, 2 and 4 claimer processes on one queue, with the claim that
+took the global write lock (before) and the one-statement ``SKIP LOCKED`` claim (after).
 
     python -m tests.bench.bench_claims              # 3,000 tasks per run
     python -m tests.bench.bench_claims --quick      # 600 tasks per run
 
-Each run gets a fresh database on a throwaway server (tests/pg_server.py; or the server named
-by ``OPSBOT_TEST_POSTGRES_URL``) holding one batch of queued tasks. The claimers are separate
+Each run gets a fresh database on a throwaway server (tests/pg_server.py; or the server named by
+``OPSBOT_TEST_POSTGRES_URL``) holding one batch of queued tasks. The claimers are separate
 processes, each with its own store (as workers on separate machines), started together; each
 claims ``--limit`` tasks at a time until the queue is empty and marks each claimed task
 succeeded (its own transaction, as a worker finishing it), so the running set stays small as in
 a real queue. Figures: tasks claimed (and finished) per second of wall time from the start to
-the last claimer done, and whether every task was claimed exactly once. "global lock" runs SQLite's claim (read the due ids, then update them;
-``storage.queue._claim_select_update``) inside the exclusive write lock, which is what every
-claim on PostgreSQL did before, and finishes under that lock too; "skip locked" is
-``storage.queue.claim_tasks`` and ``storage.queue.update_task`` as they are now.
+the last claimer done, and whether every task was claimed exactly once. "global lock" runs
+SQLite's claim (read the due ids, then update them; ``storage.queue._claim_select_update``)
+inside the exclusive write lock, which is what every claim on PostgreSQL did before, and
+finishes under that lock too; "skip locked" is ``storage.queue.claim_tasks`` and
+``storage.queue.update_task`` as they are now.
 """
 from __future__ import annotations
 
