@@ -134,10 +134,94 @@ class Settings:
     max_body_bytes: int = 1_000_000
     web_dispatch: bool = False  # True: the web process also answers commands (else the worker)
     config_file: Path | None = None
+    # Many pipelines (bot.pipelines): the named Coze accounts ([coze.accounts.NAME]; "default"
+    # is derived from [coze]) and the [[pipelines]] entries; with listed_pipelines False the one
+    # pipeline is "default", derived from the single-pipeline settings.
+    coze_accounts: tuple = ()
+    listed_pipelines: tuple = ()
+    pipelines_listed: bool = False
+    scope: str = ""            # the pipeline this copy is scoped to (see scoped); "" = none
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    # -- many pipelines ------------------------------------------------------------------------
+
+    @property
+    def pipelines(self) -> tuple:
+        """Every pipeline (:class:`bot.pipelines.PipelineSpec`), the ``default`` one first when
+        it is defined."""
+        from .pipelines import default_pipeline
+
+        default = default_pipeline(self.feishu, self.coze, self.pipeline)
+        if not self.pipelines_listed:
+            return (default,)
+        return ((default,) if self.coze.workflow_id else ()) + tuple(self.listed_pipelines)
+
+    @property
+    def accounts(self) -> tuple:
+        """Every Coze account (:class:`bot.pipelines.CozeAccount`), ``default`` first."""
+        from .pipelines import default_account
+
+        return (default_account(self.coze, self.pipeline), *self.coze_accounts)
+
+    @property
+    def many_pipelines(self) -> bool:
+        return len(self.pipelines) > 1
+
+    def account(self, name: str) -> Any:
+        """The Coze account ``name``; KeyError when there is none."""
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        raise KeyError(name)
+
+    def find_pipeline(self, word: str | None) -> Any:
+        """The pipeline named ``word`` or with it as an alias (aliases ignore case), or None."""
+        if not word:
+            return None
+        low = word.lower()
+        for spec in self.pipelines:
+            if spec.name == word or any(a.lower() == low for a in spec.names):
+                return spec
+        return None
+
+    @property
+    def default_pipeline(self) -> Any:
+        """The pipeline ``default``, else the only one, else None (several, none default)."""
+        specs = self.pipelines
+        named = [s for s in specs if s.name == "default"]
+        return named[0] if named else (specs[0] if len(specs) == 1 else None)
+
+    def chat_pipelines(self, chat_id: str | None) -> tuple:
+        """The pipelines whose alert chat is ``chat_id``."""
+        return tuple(s for s in self.pipelines if chat_id and s.alert_chat_id == chat_id)
+
+    def pipeline_of(self, name: str | None) -> Any:
+        """The pipeline a batch names (None or unknown: the default pipeline, or None)."""
+        spec = next((s for s in self.pipelines if s.name == name), None) if name else None
+        return spec or self.default_pipeline
+
+    def scoped(self, name: str | None) -> "Settings":
+        """These settings as the pipeline ``name`` sees them: its chat, admins, on-call, table,
+        workflow and account in ``feishu``, ``coze`` and ``pipeline``. Unknown or None: the
+        default pipeline; when there is none, the settings unchanged."""
+        spec = self.pipeline_of(name)
+        if spec is None:
+            return self
+        account = self.account(spec.coze_account)
+        return dataclasses.replace(
+            self, scope=spec.name,
+            feishu=dataclasses.replace(
+                self.feishu, alert_chat_id=spec.alert_chat_id, admin_ids=spec.admin_ids,
+                oncall_ids=spec.oncall_ids, bitable_app_token=spec.bitable_app_token,
+                bitable_table_id=spec.bitable_table_id),
+            coze=dataclasses.replace(self.coze, api_token=account.api_token,
+                                     base_url=account.base_url, workflow_id=spec.workflow_id),
+            pipeline=dataclasses.replace(self.pipeline,
+                                         fallback_workflow_id=spec.fallback_workflow_id,
+                                         max_coze=account.max_runs, coze_qps=account.qps))
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -182,8 +266,11 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, Any] | None = 
     data: dict[str, dict[str, Any]] = {"feishu": {}, "coze": {}, "opsbot": {}, "pipeline": {},
                                        "alerts": {}}
     config_file = env.get("OPSBOT_CONFIG") or None
+    pipelines = None
     if config_file:
-        _merge(data, _read_toml(Path(config_file)))
+        raw = dict(_read_toml(Path(config_file)))
+        pipelines = raw.pop("pipelines", None)
+        _merge(data, raw)
     for var, (section, key) in ENV_KEYS.items():
         value = env.get(var)
         if value is not None and value != "":
@@ -191,7 +278,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, Any] | None = 
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)
         data.setdefault(section, {})[key] = value
-    return _build(data, Path(config_file) if config_file else None)
+    return _build(data, Path(config_file) if config_file else None, env=env, pipelines=pipelines)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -211,7 +298,8 @@ def _merge(into: dict[str, dict[str, Any]], raw: Mapping[str, Any]) -> None:
         into.setdefault(section, {}).update(values)
 
 
-def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Settings:
+def _build(data: dict[str, dict[str, Any]], config_file: Path | None, *,
+           env: Mapping[str, str] | None = None, pipelines: Any = None) -> Settings:
     f, c, o, p, a = (data.get(k, {}) for k in ("feishu", "coze", "opsbot", "pipeline", "alerts"))
     unknown = set(f) - {fl.name for fl in dataclasses.fields(FeishuSettings)}
     if unknown:
@@ -251,8 +339,21 @@ def _build(data: dict[str, dict[str, Any]], config_file: Path | None) -> Setting
     if not _HHMM.match(alerts.report_time):
         raise SettingsError(f"[alerts] report_time must be HH:MM (e.g. 09:00), got "
                             f"{alerts.report_time!r}")
+    unknown = set(c) - {"api_token", "workflow_id", "base_url", "accounts"}
+    if unknown:
+        raise SettingsError(f"[coze] has unknown keys: {', '.join(sorted(unknown))}")
+    pipeline = _pipeline(p)
+    from .commands import ALIASES
+    from .pipelines import build as build_pipelines
+
+    accounts, specs = build_pipelines(
+        c.get("accounts"), pipelines, env=env or {}, feishu=feishu, coze=coze, pipeline=pipeline,
+        command_words=frozenset(ALIASES) | {"batch", "批次"}, ids=_ids, check_url=_check_url)
     return Settings(
-        feishu=feishu, coze=coze, pipeline=_pipeline(p), alerts=alerts,
+        feishu=feishu, coze=coze, pipeline=pipeline, alerts=alerts,
+        coze_accounts=accounts, pipelines_listed=pipelines is not None,
+        listed_pipelines=tuple(s for s in specs if pipelines is not None and
+                               not (s.name == "default" and coze.workflow_id)),
         db_path=_db_location(str(o.get("db", "./var/opsbot.db"))),
         timezone=timezone, language=language,
         max_body_bytes=_int("[opsbot] max_body_bytes", o.get("max_body_bytes", 1_000_000)),
