@@ -1,0 +1,294 @@
+"""Many pipelines end to end: two [[pipelines]] on two Coze accounts (two tokens), run from their
+chats through the real handlers and the fake Feishu, worked by the real worker against the Coze
+simulator (behind a gate that accepts both accounts' tokens and records which token made each
+request), with real SQLite. Each account's run limit and QPS budget hold, each pipeline's
+alerts reach its own chat, and a bad token stops only the pipelines on its account."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from bot.commands import parse
+from bot.feishu import FeishuClient
+from bot.handlers import Context, execute, pipeline_words
+from bot.service import build_notifier, open_routing
+from bot.settings import load_settings
+from pipeline.clock import Clock
+from pipeline.simulator import CozeSimulator, Script
+from pipeline.worker import Worker
+from storage import breakers, queue
+from tests.fake_feishu import FakeFeishu
+
+APP = "bascApp"
+TOKENS = {"alpha": "pat_alpha_token", "beta": "pat_beta_token"}
+LIMITS = {"alpha": (2, 10), "beta": (3, 15)}           # (max_runs, qps)
+DRAMA_ADMIN, NEWS_ADMIN, NEWS_ONCALL = "ou_drama_admin", "ou_news_admin", "ou_news_oncall"
+
+
+class TwoAccountCoze:
+    """The simulator behind a gate that accepts each account's token (as Coze does for two
+    accounts) and refuses any other with 401 / 4100. It records the token of every request
+    (at arrival) and the token of every run it created."""
+
+    def __init__(self, sim: CozeSimulator, tokens: dict[str, str]) -> None:
+        self.sim = sim
+        self.tokens = {token: name for name, token in tokens.items()}
+        self.revoked: set[str] = set()
+        self.calls: list[tuple[str, str, float]] = []       # (account, path, arrived)
+        self.run_account: dict[str, str] = {}              # execute_id -> account
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    @web.middleware
+    async def gate(self, request: web.Request, handler):
+        arrived = time.time()
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        account = self.tokens.get(token, "?")
+        self.calls.append((account, request.path, arrived))
+        if account == "?" or account in self.revoked:
+            return web.json_response({"code": 4100, "msg": "authentication is invalid"},
+                                     status=401)
+        headers = CIMultiDict(request.headers)
+        headers["Authorization"] = f"Bearer {self.sim.token}"
+        response = await handler(request.clone(headers=headers))
+        if request.path == "/v1/workflow/run" and response.status == 200:
+            execute_id = json.loads(response.body).get("execute_id")
+            if execute_id:
+                self.run_account[str(execute_id)] = account
+        return response
+
+    async def start(self) -> str:
+        app = web.Application(middlewares=[self.gate, self.sim._record])
+        app.router.add_post("/v1/workflow/run", self.sim._handle_run)
+        app.router.add_get("/v1/workflows/{workflow_id}/run_histories/{execute_id}",
+                           self.sim._handle_history)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- what was recorded -----------------------------------------------------------------
+
+    def peak_in_flight(self, account: str | None = None) -> int:
+        """The most runs of ``account`` (None: of both) running at once at Coze."""
+        edges = []
+        for execute_id, run in self.sim.runs.items():
+            if account is None or self.run_account.get(execute_id) == account:
+                edges += [(run.submitted, 1), (run.submitted + run.duration, -1)]
+        peak = now = 0
+        for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+            now += step
+            peak = max(peak, now)
+        return peak
+
+    def max_rps(self, account: str | None = None, window: float = 1.0) -> int:
+        times = sorted(t for a, _, t in self.calls if account is None or a == account)
+        best, lo = 0, 0
+        for hi, t in enumerate(times):
+            while t - times[lo] >= window:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
+
+
+def write_config(tmp_path, base_url: str) -> dict[str, str]:
+    """Two accounts and two pipelines; returns the environment for load_settings."""
+    (a_runs, a_qps), (b_runs, b_qps) = LIMITS["alpha"], LIMITS["beta"]
+    cfg = tmp_path / "opsbot.toml"
+    cfg.write_text(f"""
+[pipeline]
+max_coze = 16
+skip_synthesis = true
+idle_interval = 0.02
+lease_seconds = 5
+output_dir = "{tmp_path / 'out'}"
+[pipeline.poll]
+first = 0.05
+multiplier = 1.5
+maximum = 0.1
+[pipeline.retry]
+max_attempts = 4
+initial = 0.01
+maximum = 0.05
+max_total = 5
+
+[coze.accounts.alpha]
+api_token_env = "COZE_TOKEN_ALPHA"
+base_url = "{base_url}"
+max_runs = {a_runs}
+qps = {a_qps}
+
+[coze.accounts.beta]
+api_token_env = "COZE_TOKEN_BETA"
+base_url = "{base_url}"
+max_runs = {b_runs}
+qps = {b_qps}
+
+[[pipelines]]
+name = "drama"
+aliases = ["短剧"]
+workflow_id = "wf-drama"
+coze_account = "alpha"
+bitable_table_id = "tblDrama"
+alert_chat_id = "oc_drama"
+admin_ids = ["{DRAMA_ADMIN}"]
+
+[[pipelines]]
+name = "news"
+workflow_id = "wf-news"
+coze_account = "beta"
+bitable_table_id = "tblNews"
+alert_chat_id = "oc_news"
+admin_ids = ["{NEWS_ADMIN}"]
+oncall_ids = ["{NEWS_ONCALL}"]
+""", encoding="utf-8")
+    return {"OPSBOT_CONFIG": str(cfg), "COZE_TOKEN_ALPHA": TOKENS["alpha"],
+            "COZE_TOKEN_BETA": TOKENS["beta"], "BITABLE_APP_TOKEN": APP}
+
+
+def say(db, settings, fake_client, text: str, *, chat: str, sender: str, n: list[int]):
+    """One chat message through the real parser and handlers; returns the reply card."""
+    n[0] += 1
+    ctx = Context(db, settings, fake_client, Clock(), sender=sender, chat_id=chat,
+                  message_id=f"om_{n[0]}")
+    return execute(ctx, parse(text, pipeline_words(settings)))
+
+
+def card_text(card) -> str:
+    return json.dumps(card, ensure_ascii=False)
+
+
+async def work(db, settings, clock) -> None:
+    """The service's worker for these settings, drained; the alert router flushed."""
+    notifier, router = build_notifier(db, settings, clock)
+    limiters: list = []
+    try:
+        async with contextlib.AsyncExitStack() as clients:
+            routing = await open_routing(settings, clock, clients, limiters)
+            worker = Worker(db, settings.pipeline, None, "", clock=clock, routing=routing,
+                            notifier=notifier)
+            await asyncio.wait_for(worker.run(drain=True), 60)
+            worker.synth.close()
+    finally:
+        for limiter in limiters:
+            limiter.close()
+    router.flush()
+
+
+def sends_to(db, chat: str) -> list[dict]:
+    return [dict(r, payload=json.loads(r["payload"])) for r in db.query(
+        "SELECT * FROM outbox WHERE kind = 'send' AND target = ? ORDER BY id", [chat])]
+
+
+@pytest.fixture
+def world(db_path, db, tmp_path):
+    """The fake Feishu with both tables seeded, the gated simulator, the settings."""
+    with FakeFeishu() as fake:
+        fake.seed_records(APP, "tblDrama", [{"task_id": f"d{i}", "状态": "待处理"}
+                                            for i in range(8)])
+        fake.seed_records(APP, "tblNews", [{"task_id": f"n{i}", "状态": "待处理"}
+                                           for i in range(9)])
+        sim = CozeSimulator(default_duration=0.4)
+        sim.script("d3", Script(outcome="Fail", error_code="4000",
+                                error_message="invalid parameter: topic", duration=0.05))
+        gate = TwoAccountCoze(sim, TOKENS)
+        loop = asyncio.new_event_loop()
+        base_url = loop.run_until_complete(gate.start())
+        env = write_config(tmp_path, base_url)
+        env.update({"FEISHU_APP_ID": fake.app_id, "FEISHU_APP_SECRET": fake.app_secret,
+                    "FEISHU_DOMAIN": fake.base_url, "OPSBOT_DB": str(db_path)})
+        settings = load_settings(env)
+        try:
+            yield fake, gate, settings, loop
+        finally:
+            loop.run_until_complete(gate.stop())
+            loop.close()
+
+
+def test_two_pipelines_on_two_accounts_keep_each_accounts_limits_and_alert_their_own_chat(
+        db, world):
+    fake, gate, settings, loop = world
+    client = FeishuClient(settings.feishu)
+    n = [0]
+    # `run` without a name in the news chat runs the news pipeline; the alias names drama
+    news_card = say(db, settings, client, "run", chat="oc_news", sender=NEWS_ADMIN, n=n)
+    drama_card = say(db, settings, client, "运行 短剧", chat="oc_other", sender=DRAMA_ADMIN,
+                     n=n)
+    assert "9" in card_text(news_card) and "8" in card_text(drama_card)
+    batches = {b["pipeline"]: b for b in db.query("SELECT * FROM batches")}
+    assert set(batches) == {"drama", "news"}
+    assert batches["news"]["workflow_id"] == "wf-news"
+    assert batches["drama"]["workflow_id"] == "wf-drama"
+
+    loop.run_until_complete(work(db, settings, Clock()))
+
+    # every run went to its pipeline's workflow with its account's token
+    assert len(gate.run_account) == 17
+    for execute_id, account in gate.run_account.items():
+        run = gate.sim.runs[execute_id]
+        assert (account, run.workflow_id, run.task[0]) in (("alpha", "wf-drama", "d"),
+                                                           ("beta", "wf-news", "n")), run
+    # each account's run limit held, and was reached: the limits are the accounts' own
+    for account, (max_runs, qps) in LIMITS.items():
+        assert gate.peak_in_flight(account) == max_runs, account
+        assert gate.max_rps(account) <= qps, (account, gate.max_rps(account))
+    # not one limit and one budget for both: together they went past either alone
+    assert gate.peak_in_flight() > max(r for r, _ in LIMITS.values())
+    assert gate.max_rps() > max(q for _, q in LIMITS.values())
+    # the store: each batch's runs on its workflow; drama's failure is drama's alone
+    counts = {p: queue.batch_counts(db, b["id"]) for p, b in batches.items()}
+    assert counts["news"]["succeeded"] == 9 and counts["drama"]["succeeded"] == 7
+    assert counts["drama"]["failed"] == 1
+    for pipeline, workflow in (("drama", "wf-drama"), ("news", "wf-news")):
+        ran = {r["run_workflow_id"] for r in queue.tasks_of(db, batches[pipeline]["id"])}
+        assert ran == {workflow}
+    drama_alerts = [s for s in sends_to(db, "oc_drama") if "card" in s["payload"]]
+    assert len(drama_alerts) == 1
+    assert "d3" in card_text(drama_alerts[0]) and "4000" in card_text(drama_alerts[0])
+    assert sends_to(db, "oc_news") == []
+    [alert] = list(db.query("SELECT * FROM alerts"))
+    assert json.loads(alert["details"])["pipeline"] == "drama"
+    # the write-back went to each row's own table
+    loop.run_until_complete(asyncio.sleep(0))
+    from bot.sender import OutboxSender
+    OutboxSender(db, client, clock=Clock(), owner="t").deliver_due()
+    drama_rows = fake.records(APP, "tblDrama").values()
+    news_rows = fake.records(APP, "tblNews").values()
+    assert sorted(r["状态"] for r in drama_rows) == ["失败"] + ["已完成"] * 7
+    assert {r["状态"] for r in news_rows} == {"已完成"}
+
+
+def test_a_bad_token_stops_only_the_pipelines_on_its_account(db, world):
+    fake, gate, settings, loop = world
+    client = FeishuClient(settings.feishu)
+    n = [0]
+    say(db, settings, client, "run", chat="oc_news", sender=NEWS_ADMIN, n=n)
+    say(db, settings, client, "run drama", chat="oc_drama", sender=DRAMA_ADMIN, n=n)
+    gate.revoked.add("beta")
+
+    loop.run_until_complete(work(db, settings, Clock()))
+
+    batches = {b["pipeline"]: b for b in db.query("SELECT * FROM batches")}
+    assert batches["news"]["status"] == "blocked"
+    assert batches["drama"]["status"] == "done"
+    assert queue.batch_counts(db, batches["drama"]["id"])["succeeded"] == 7
+    states = dict(breakers.states(db))
+    assert states["coze:beta"] == "open" and states.get("coze:alpha", "closed") == "closed"
+    assert not any(a == "beta" for a in gate.run_account.values())
+    [high] = [s["payload"]["card"] for s in sends_to(db, "oc_news") if "card" in s["payload"]]
+    text = card_text(high)
+    assert "[HIGH]" in text and "4100" in text and f"<at id={NEWS_ONCALL}></at>" in text
+    assert "[HIGH]" not in "".join(card_text(s["payload"]) for s in sends_to(db, "oc_drama"))
