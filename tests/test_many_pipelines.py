@@ -292,3 +292,45 @@ def test_a_bad_token_stops_only_the_pipelines_on_its_account(db, world):
     text = card_text(high)
     assert "[HIGH]" in text and "4100" in text and f"<at id={NEWS_ONCALL}></at>" in text
     assert "[HIGH]" not in "".join(card_text(s["payload"]) for s in sends_to(db, "oc_drama"))
+
+
+def test_opsbot_run_takes_the_pipeline_to_run_on(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from storage.db import open_db
+
+    root = Path(__file__).resolve().parent.parent
+    csv = tmp_path / "b.csv"
+    csv.write_text("task_id\nx1\nx2\n", encoding="utf-8")
+    cfg = tmp_path / "two.toml"
+    cfg.write_text('[pipeline]\nidle_interval = 0.02\nskip_synthesis = true\n'
+                   '[pipeline.poll]\nfirst = 0.05\nmaximum = 0.2\n'
+                   '[coze.accounts.beta]\napi_token_env = "COZE_TOKEN_BETA"\n'
+                   '[[pipelines]]\nname = "drama"\nworkflow_id = "wf-drama"\n'
+                   '[[pipelines]]\nname = "news"\naliases = ["新闻"]\nworkflow_id = "wf-news"\n'
+                   'coze_account = "beta"\n', encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FEISHU_", "COZE_", "OPSBOT_", "BITABLE_"))}
+    env.update(OPSBOT_DB=str(tmp_path / "run.db"), OPSBOT_CONFIG=str(cfg),
+               COZE_TOKEN_BETA="pat_beta", PYTHONPATH=str(root))
+
+    def opsbot(*args):
+        return subprocess.run([sys.executable, "-m", "bot.cli", "run", str(csv), *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    several = opsbot("--simulate")
+    assert several.returncode == 2 and "--pipeline NAME" in several.stderr
+    assert "drama, news" in several.stderr
+    ghost = opsbot("--pipeline", "sports", "--simulate")
+    assert ghost.returncode == 2 and "'sports'" in ghost.stderr and "drama, news" in ghost.stderr
+    ok = opsbot("--pipeline", "新闻", "--simulate")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    db = open_db(tmp_path / "run.db")
+    try:
+        [batch] = list(db.query("SELECT pipeline, workflow_id, source FROM batches"))
+    finally:
+        db.conn.close()
+    assert batch == {"pipeline": "news", "workflow_id": "wf-news", "source": "cli"}
