@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--date", default=None, metavar="YYYY-MM-DD",
                      help="the day to report (default yesterday)")
     rep.add_argument("--send", action="store_true", help="send it to FEISHU_ALERT_CHAT_ID")
+    rep.add_argument("--pipeline", default=None, metavar="NAME",
+                     help="that pipeline's batches only (sent to its alert chat)")
 
     sub.add_parser("demo", help="the whole loop on this machine with built-in simulators")
     sub.add_parser("doctor", help="check configuration, database, Feishu and Coze")
@@ -213,7 +215,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from .report_cli import run_report
 
-    return run_report(settings, date=args.date, send=args.send)
+    return run_report(settings, date=args.date, send=args.send, pipeline=args.pipeline)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:

@@ -476,7 +476,7 @@ def cmd_report(ctx: Context, cmd: Command) -> dict[str, Any]:
     from .report_cli import parse_day
 
     day = parse_day(cmd.date, ctx.settings, ctx.now)
-    return build_report_card(ctx.db, ctx.settings, day, ctx.lang)
+    return build_report_card(ctx.db, ctx.settings, day, ctx.lang, _chat_scope(ctx, cmd))
 
 
 def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> str:

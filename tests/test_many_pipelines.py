@@ -334,3 +334,62 @@ def test_opsbot_run_takes_the_pipeline_to_run_on(tmp_path):
     finally:
         db.conn.close()
     assert batch == {"pipeline": "news", "workflow_id": "wf-news", "source": "cli"}
+
+
+def _finished(db, pipeline: str, keys: list[str], *, failed: set[str], at: float) -> str:
+    """A batch of ``pipeline`` whose tasks ended at ``at`` (those in ``failed`` failed)."""
+    batch = queue.create_batch(db, [{"task_key": k} for k in keys], now=at - 60, source="chat",
+                               chat_id=None, pipeline=pipeline)
+    for task in queue.tasks_of(db, batch):
+        queue.update_task(db, task["id"], status="failed" if task["task_key"] in failed
+                          else "succeeded", started_at=at - 30, finished_at=at)
+    queue.set_batch_status(db, batch, "done", now=at)
+    return batch
+
+
+def test_status_report_and_the_daily_report_are_per_pipeline(db, world):
+    from datetime import datetime, timedelta
+
+    from bot.scheduler import Scheduler
+    from pipeline.clock import FakeClock
+
+    fake, gate, settings, loop = world
+    client = FeishuClient(settings.feishu)
+    day = datetime(2026, 3, 2, 9, 5, tzinfo=settings.tz)
+    yesterday_noon = (day - timedelta(hours=21)).timestamp()
+    drama = _finished(db, "drama", ["d1", "d2", "d3"], failed={"d2"}, at=yesterday_noon)
+    news = _finished(db, "news", ["n1", "n2"], failed=set(), at=yesterday_noon)
+    n = [0]
+    # status in a chat shows that chat's pipeline's batch; status NAME names one
+    assert news in card_text(say(db, settings, client, "status", chat="oc_news", sender="ou_x",
+                                 n=n))
+    status_drama = card_text(say(db, settings, client, "状态 短剧", chat="oc_news",
+                                 sender="ou_x", n=n))
+    assert drama in status_drama and news not in status_drama
+    report = card_text(say(db, settings, client, "report drama --date 2026-03-01",
+                           chat="oc_news", sender="ou_x", n=n))
+    assert "drama" in report and "3" in report and "news" not in report
+    # admins are the pipeline's: drama's admin may not run news, nor cancel its batch
+    refused = card_text(say(db, settings, client, "run news", chat="oc_news",
+                            sender=DRAMA_ADMIN, n=n))
+    assert NEWS_ADMIN in refused and len(queue.list_batches(db)) == 2
+    # without a name, outside any pipeline's chat: which one?
+    which = card_text(say(db, settings, client, "run", chat="oc_elsewhere", sender=NEWS_ADMIN,
+                          n=n))
+    assert "drama &#40;短剧&#41;, news" in which      # markdown-escaped parentheses
+    unknown = card_text(say(db, settings, client, "run sports", chat="oc_news",
+                            sender=NEWS_ADMIN, n=n))
+    assert "sports" in unknown and "drama, news" in unknown
+    help_card = card_text(say(db, settings, client, "help", chat="oc_news", sender="ou_x", n=n))
+    assert "drama &#40;短剧&#41;, news" in help_card
+
+    # 09:05: one report card per alert chat, each of its own pipeline's tasks
+    sent = Scheduler(db, settings, FakeClock(day.timestamp())).send_due_report()
+    assert sent == "2026-03-01"
+    [to_drama] = [s["payload"]["card"] for s in sends_to(db, "oc_drama")]
+    [to_news] = [s["payload"]["card"] for s in sends_to(db, "oc_news")]
+    assert "drama" in card_text(to_drama) and "3" in card_text(to_drama)
+    assert "news" in card_text(to_news) and "news" not in card_text(to_drama)
+    assert "1 failed" in card_text(to_drama).replace("失败 1", "1 failed") or \
+        "失败 1" in card_text(to_drama)
+    assert "失败 0" in card_text(to_news)
