@@ -283,11 +283,14 @@ def open_alerts(db: sqlite_utils.Database, *, batch_id: str | None = None,
 
 
 def resolve_batch_unblocked(db: sqlite_utils.Database, settings, batch_id: str, *, now: float,
-                            by: str | None = None) -> int:
-    """A human resumed ``batch_id``: resolve its HIGH card and every breaker card."""
+                            by: str | None = None,
+                            services: tuple[str, ...] | None = None) -> int:
+    """A human resumed ``batch_id``: resolve its HIGH card and every breaker card (of
+    ``services``, if given)."""
     note = {"by": by, "text": alert_cards.tr("n.resume", settings.language)} if by else None
     keys = [a["key"] for a in open_alerts(db, batch_id=batch_id, kinds=("blocked",))]
-    keys += [a["key"] for a in open_alerts(db, kinds=("breaker",))]
+    keys += [a["key"] for a in open_alerts(db, kinds=("breaker",))
+             if services is None or a["details"].get("service") in services]
     return sum(resolve_alert(db, settings, k, now=now, note=note) for k in keys)
 
 

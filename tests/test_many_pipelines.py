@@ -293,6 +293,24 @@ def test_a_bad_token_stops_only_the_pipelines_on_its_account(db, world):
     assert "[HIGH]" in text and "4100" in text and f"<at id={NEWS_ONCALL}></at>" in text
     assert "[HIGH]" not in "".join(card_text(s["payload"]) for s in sends_to(db, "oc_drama"))
 
+    # the token is fixed; resuming news closes beta's breaker only (alpha's, opened here by
+    # hand, stays open: a human vouched for beta's cause, not alpha's)
+    gate.revoked.discard("beta")
+    breakers.put(db, service="coze:alpha", state="open", failures=5, successes=0,
+                 opened_at=time.time(), reason="5000: server error", submit_failures=0,
+                 now=time.time())
+    refused = say(db, settings, client, f"resume {batches['news']['id']}", chat="oc_news",
+                  sender=DRAMA_ADMIN, n=n)
+    assert "没有权限" in card_text(refused)
+    say(db, settings, client, f"resume {batches['news']['id']}", chat="oc_news",
+        sender=NEWS_ADMIN, n=n)
+    states = dict(breakers.states(db))
+    assert states["coze:beta"] == "closed" and states["coze:alpha"] == "open"
+    loop.run_until_complete(work(db, settings, Clock()))
+    assert queue.batch_counts(db, batches["news"]["id"])["succeeded"] == 9
+    assert all(a == "beta" for e, a in gate.run_account.items()
+               if gate.sim.runs[e].task.startswith("n"))
+
 
 def test_opsbot_run_takes_the_pipeline_to_run_on(tmp_path):
     import os
