@@ -220,7 +220,7 @@ MIGRATIONS: list[list[str]] = [
         )""",
     ],
     [
-        # many pipelines (bot.pipelines): the batch's pipeline picks its workflow, Coze
+        # many pipelines (bot.settings): the batch's pipeline picks its workflow, Coze
         # account, alert chat and table; batches from before are the default pipeline's
         "ALTER TABLE batches ADD COLUMN pipeline TEXT NOT NULL DEFAULT 'default'",
         "CREATE INDEX batches_pipeline ON batches(pipeline, status)",

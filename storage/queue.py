@@ -38,7 +38,7 @@ def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, 
     task keys within the batch raise ``ValueError`` before anything is written. ``runner``:
     the owner that runs this batch itself (``opsbot run``); no other worker claims its tasks
     until ``runner_until`` (see :func:`hold_batch`). ``pipeline``: the pipeline the batch
-    belongs to (its workflow, Coze account and chat; see bot.pipelines).
+    belongs to (its workflow, Coze account and chat; see bot.settings).
     """
     rows = list(tasks)
     keys = [t["task_key"] for t in rows]

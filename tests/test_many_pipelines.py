@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from bot.commands import parse
-from bot.feishu import FeishuClient
-from bot.handlers import Context, execute, pipeline_words
+from bot.chat.commands import parse
+from bot.feishu.client import FeishuClient
+from bot.chat.handlers import Context, execute, pipeline_words
 from bot.service import build_notifier, open_routing
 from bot.settings import load_settings
 from pipeline.clock import Clock
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import breakers, queue
 from tests.fake_feishu import FakeFeishu
@@ -263,7 +263,7 @@ def test_two_pipelines_on_two_accounts_keep_each_accounts_limits_and_alert_their
     assert json.loads(alert["details"])["pipeline"] == "drama"
     # the write-back went to each row's own table
     loop.run_until_complete(asyncio.sleep(0))
-    from bot.sender import OutboxSender
+    from bot.feishu.sender import OutboxSender
     OutboxSender(db, client, clock=Clock(), owner="t").deliver_due()
     drama_rows = fake.records(APP, "tblDrama").values()
     news_rows = fake.records(APP, "tblNews").values()
@@ -336,7 +336,7 @@ def test_opsbot_run_takes_the_pipeline_to_run_on(tmp_path):
                COZE_TOKEN_BETA="pat_beta", PYTHONPATH=str(root))
 
     def opsbot(*args):
-        return subprocess.run([sys.executable, "-m", "bot.cli", "run", str(csv), *args],
+        return subprocess.run([sys.executable, "-m", "bot.ops.cli", "run", str(csv), *args],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
     several = opsbot("--simulate")
@@ -368,7 +368,7 @@ def _finished(db, pipeline: str, keys: list[str], *, failed: set[str], at: float
 def test_status_report_and_the_daily_report_are_per_pipeline(db, world):
     from datetime import datetime, timedelta
 
-    from bot.scheduler import Scheduler
+    from bot.alerting.scheduler import Scheduler
     from pipeline.clock import FakeClock
 
     fake, gate, settings, loop = world

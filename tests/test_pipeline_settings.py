@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from bot.commands import ALIASES, Command, ParseError, parse
-from bot.handlers import pipeline_words
+from bot.chat.commands import ALIASES, Command, ParseError, parse
+from bot.chat.handlers import pipeline_words
 from bot.settings import SettingsError, load_settings
 
 ACCOUNTS = """

@@ -13,7 +13,7 @@ import pytest
 from pipeline.clock import FakeClock
 from pipeline.coze import CozeClient
 from pipeline.errors import CozeError, CozeNetworkError
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ def test_process_mode_with_a_script_file(tmp_path):
     script = tmp_path / "script.json"
     script.write_text(json.dumps({"default_duration": 0,
                                   "tasks": {"t1": {"outcome": "Fail", "node": "n1"}}}))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.simulator", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.standins.simulator", "--port", "0",
                              "--script", str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()
