@@ -411,3 +411,30 @@ def test_status_report_and_the_daily_report_are_per_pipeline(db, world):
     assert "1 failed" in card_text(to_drama).replace("失败 1", "1 failed") or \
         "失败 1" in card_text(to_drama)
     assert "失败 0" in card_text(to_news)
+
+
+def test_batches_stored_before_pipelines_belong_to_the_default_one(tmp_path):
+    import sqlite3
+
+    from storage.db import apply_migrations, open_db, schema_version
+    from storage.migrations import MIGRATIONS
+
+    mine = next(i for i, m in enumerate(MIGRATIONS) if any("ADD COLUMN pipeline" in sql
+                                                           for sql in m))
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, statements in enumerate(MIGRATIONS[:mine], start=1):
+        for sql in statements:
+            conn.execute(sql)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO batches (id, source, created_at) VALUES ('bold0001', 'chat', 1)")
+    conn.close()
+    db = open_db(path, migrate=False)
+    try:
+        assert apply_migrations(db) == schema_version(db) == len(MIGRATIONS)
+        assert queue.batch_field(db, "bold0001", "pipeline") == "default"
+        assert queue.create_batch(db, [{"task_key": "t"}], now=2, source="cli",
+                                  pipeline="news")
+        assert [b["id"] for b in queue.list_batches(db, pipelines=("default",))] == ["bold0001"]
+    finally:
+        db.conn.close()
