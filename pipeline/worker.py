@@ -696,7 +696,8 @@ class Worker:
         running_sent = None            # when the last poll that saw the run Running went out
         while True:
             elapsed = self.clock.now() - submitted
-            await self.clock.sleep(self._poll_delay(elapsed, polls, workflow))
+            await self.clock.sleep(self._poll_delay(elapsed, polls, workflow,
+                                                    lane=self._lane(task)))
             sent = self.clock.now()
             try:
                 status = await self._call(task, lambda coze: coze.poll(workflow, execute_id),
@@ -745,7 +746,8 @@ class Worker:
     #: early (or was edited to run shorter) is noticed within it, whatever was learned before.
     poll_first_wait_cap = 3.0
 
-    def _poll_delay(self, elapsed: float, polls: int, workflow: str | None = None) -> float:
+    def _poll_delay(self, elapsed: float, polls: int, workflow: str | None = None, *,
+                    lane: _Lane | None = None) -> float:
         """Seconds to wait before the next poll of a run submitted ``elapsed`` seconds ago.
 
         * A pinned policy (``first == maximum`` and ``multiplier == 1``) polls at that fixed
@@ -769,7 +771,7 @@ class Worker:
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:
             return p.first
-        model = self._run_time_model(workflow or self.workflow_id)
+        model = self._run_time_model(workflow or self.workflow_id, lane)
         if model is None:
             return min(p.maximum, p.first * (p.multiplier ** polls))
         floor = max(min(p.first, model.floor), model.target * elapsed)
@@ -792,10 +794,13 @@ class Worker:
         self.store.submit(stored_runtimes.record, workflow, seconds, now=end_seen, keep=KEEP,
                           execute_id=task["execute_id"]).add_done_callback(_warn_failed)
 
-    def _run_time_model(self, workflow: str) -> RunTimeModel | None:
-        """The workflow's fitted model (None until ``poll_min_samples`` run times are known)."""
-        slots = max(1, self.config.max_coze)
-        budget = self.poll_qps_share * self.config.coze_qps
+    def _run_time_model(self, workflow: str, lane: _Lane | None = None) -> RunTimeModel | None:
+        """The workflow's fitted model (None until ``poll_min_samples`` run times are known),
+        planned within the run limit and QPS budget of ``lane``'s account (default: the
+        configured ``max_coze`` and ``coze_qps``)."""
+        slots = max(1, lane.max_runs if lane is not None else self.config.max_coze)
+        budget = self.poll_qps_share * (lane.account.qps if lane is not None
+                                        else self.config.coze_qps)
 
         def polls_per_run_second(mean: float) -> float:
             # what the submits leave of the budget, but never less than a quarter of it

@@ -258,6 +258,7 @@ def test_two_pipelines_on_two_accounts_keep_each_accounts_limits_and_alert_their
     drama_alerts = [s for s in sends_to(db, "oc_drama") if "card" in s["payload"]]
     assert len(drama_alerts) == 1
     assert "d3" in card_text(drama_alerts[0]) and "4000" in card_text(drama_alerts[0])
+    assert "**流水线**：`drama`" in card_text(drama_alerts[0])   # which pipeline, on the card
     assert sends_to(db, "oc_news") == []
     [alert] = list(db.query("SELECT * FROM alerts"))
     assert json.loads(alert["details"])["pipeline"] == "drama"

@@ -212,6 +212,9 @@ def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lan
     lines = [t("status.batch", lang, batch_id=batch["id"],
                status=status_word(batch["status"], lang)),
              t("status.counts", lang, **(counts or {}))]
+    if batch.get("pipeline") and batch["pipeline"] != "default":
+        lines.append(t("run.pipeline", lang, pipeline=mdtext.code(mdtext.clip(batch["pipeline"],
+                                                                              40))))
     if batch.get("blocked_reason"):
         lines.append(t("status.blocked", lang, reason=batch["blocked_reason"]))
     if breakers:
