@@ -402,6 +402,18 @@ def test_status_report_and_the_daily_report_are_per_pipeline(db, world):
     help_card = card_text(say(db, settings, client, "help", chat="oc_news", sender="ou_x", n=n))
     assert "drama &#40;短剧&#41;, news" in help_card
 
+    # opsbot report --pipeline NAME: that pipeline's tasks only; an unknown name is refused
+    import io
+
+    from bot.ops.report_cli import run_report
+    out, err = io.StringIO(), io.StringIO()
+    assert run_report(settings, date="2026-03-01", send=False, out=out, err=err,
+                      pipeline="news") == 0
+    assert "news" in out.getvalue() and "2" in out.getvalue() and "drama" not in out.getvalue()
+    assert run_report(settings, date="2026-03-01", send=False, out=out, err=err,
+                      pipeline="sports") == 2
+    assert "'sports'" in err.getvalue() and "drama, news" in err.getvalue()
+
     # 09:05: one report card per alert chat, each of its own pipeline's tasks
     sent = Scheduler(db, settings, FakeClock(day.timestamp())).send_due_report()
     assert sent == "2026-03-01"

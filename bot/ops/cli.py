@@ -118,9 +118,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.service import run_worker
-
-    from bot.service import coze_problem
+    from bot.service import coze_problem, run_worker
 
     stages = args.stages or frozenset(("coze", "synthesis"))
     problem = coze_problem(settings) if "coze" in stages and not args.simulate else None
