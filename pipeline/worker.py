@@ -957,10 +957,17 @@ class Worker:
                            error_code=getattr(exc, "code", None), error_message=_msg(exc),
                            **ended_run)
         await self._release(task["id"])
-        blocked = await self.store(queue.block_open_batches, now=self.clock.now(), reason=reason,
-                                   pipelines=lane.pipelines)
-        for batch_id in blocked:
-            self.notifier.batch_blocked(batch_id, decision, exc)
+
+        async def block_and_tell() -> None:
+            blocked = await self.store(queue.block_open_batches, now=self.clock.now(),
+                                       reason=reason, pipelines=lane.pipelines)
+            for batch_id in blocked:
+                self.notifier.batch_blocked(batch_id, decision, exc)
+
+        # Shielded: once the block is written, the main loop may cancel this very task (its
+        # batch is blocked now) before the answer is back; the HIGH card must still go out,
+        # and a second fatal task finds the batch already blocked and announces nothing.
+        await asyncio.shield(asyncio.ensure_future(block_and_tell()))
         self._enforce_batch_states()
         self._wake.set()
 
