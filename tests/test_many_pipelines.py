@@ -451,3 +451,21 @@ def test_batches_stored_before_pipelines_belong_to_the_default_one(tmp_path):
         assert [b["id"] for b in queue.list_batches(db, pipelines=("default",))] == ["bold0001"]
     finally:
         db.conn.close()
+
+
+def test_the_failure_rate_critical_is_per_pipeline_and_goes_to_its_chat(db, world):
+    from bot.alerting.router import AlertRouter
+
+    fake, gate, settings, loop = world
+    now = time.time()
+    _finished(db, "drama", [f"d{i}" for i in range(10)], failed={f"d{i}" for i in range(8)},
+              at=now - 5)
+    _finished(db, "news", [f"n{i}" for i in range(10)], failed={"n0"}, at=now - 5)
+    router = AlertRouter(db, settings, Clock())
+    router._check_failure_rate()
+    keys = {a["key"]: a for a in db.query("SELECT * FROM alerts WHERE status = 'open'")}
+    assert set(keys) == {"failure_rate:drama"}
+    [critical] = [s["payload"]["card"] for s in sends_to(db, "oc_drama")]
+    assert "[CRITICAL]" in card_text(critical) and f"<at id={DRAMA_ADMIN}></at>" in \
+        card_text(critical)
+    assert sends_to(db, "oc_news") == []
