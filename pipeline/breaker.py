@@ -128,10 +128,12 @@ class Breaker:
                                      opened_at=None, reason=None))
 
     def _update(self, change: Callable[[BreakerState], dict | None]) -> BreakerState:
-        """Read the state and write ``change(state)`` in one ``BEGIN IMMEDIATE`` transaction,
-        so a write never rests on a state another process changed meanwhile (a stale success
-        closing a manual trip). Returns the state after; ``on_change`` is told after commit."""
-        with transaction(self.db) as conn:
+        """Read the state and write ``change(state)`` in one transaction that runs alone among
+        this service's breaker writes (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the per-key
+        lock ``breaker:<service>``), so a write never rests on a state another process changed
+        meanwhile (a stale success closing a manual trip). Returns the state after; ``on_change``
+        is told after commit."""
+        with transaction(self.db, concurrent=True, key=f"breaker:{self.service}") as conn:
             before = self.state()
             changes = change(before)
             if not changes:
@@ -146,9 +148,11 @@ class Breaker:
         return after
 
 
-def reset_all(db: sqlite_utils.Database, now: float) -> int:
-    """Close every breaker (the chat's ``resume``); returns how many were not closed."""
-    return breakers.close_all(db, now)
+def reset_all(db: sqlite_utils.Database, now: float,
+              services: tuple[str, ...] | None = None) -> int:
+    """Close every breaker (of ``services``, if given; the chat's ``resume``); returns how many
+    were not closed."""
+    return breakers.close_all(db, now, services)
 
 
 def all_states(db: sqlite_utils.Database) -> list[BreakerState]:

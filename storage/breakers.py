@@ -23,7 +23,7 @@ def get(db: sqlite_utils.Database, service: str) -> tuple | None:
 def put(db: sqlite_utils.Database, *, service: str, state: str, failures: int, successes: int,
         opened_at: float | None, reason: str | None, submit_failures: int, now: float) -> None:
     """Insert or overwrite the row of ``service`` in one transaction."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=f"breaker:{service}") as conn:
         put_in(conn, service=service, state=state, failures=failures, successes=successes,
                opened_at=opened_at, reason=reason, submit_failures=submit_failures, now=now)
 
@@ -43,13 +43,19 @@ def put_in(conn: Any, *, service: str, state: str, failures: int, successes: int
         [service, state, failures, successes, opened_at, reason, now, submit_failures])
 
 
-def close_all(db: sqlite_utils.Database, now: float) -> int:
-    """Close every breaker that is not closed; returns how many rows changed."""
+def close_all(db: sqlite_utils.Database, now: float,
+              services: list[str] | tuple[str, ...] | None = None) -> int:
+    """Close every breaker (of ``services``, if given) that is not closed; returns how many
+    rows changed."""
+    only, args = "", []
+    if services is not None:
+        only = f" AND service IN ({','.join('?' * len(services)) or 'NULL'})"
+        args = list(services)
     with transaction(db) as conn:
         cur = conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
                            " submit_failures = 0, opened_at = NULL, reason = NULL,"
-                           " updated_at = ? WHERE state != 'closed'",
-                           [now])
+                           f" updated_at = ? WHERE state != 'closed'{only}",
+                           [now, *args])
         return cur.rowcount
 
 
