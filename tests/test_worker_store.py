@@ -24,16 +24,33 @@ from tests.test_worker import FAST
 
 pytestmark = pytest.mark.slow
 
+# Started ahead (its imports and connection take a moment), it takes the lock when told to.
 HOLDER = textwrap.dedent("""
     import sys, time
     from storage.db import open_db, transaction
     db = open_db(sys.argv[1], migrate=False)
+    print("ready", flush=True)
+    sys.stdin.readline()
     with transaction(db):
         db.execute("INSERT INTO kv (key, value, updated_at) VALUES ('holder', 'x', 0)")
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))
     print("released", flush=True)
 """)
+
+
+async def _start_holder(db_path, seconds):
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, str(db_path), str(seconds),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert (await holder.stdout.readline()).strip() == b"ready"
+    return holder
+
+
+async def _lock(holder):
+    holder.stdin.write(b"lock\n")
+    await holder.stdin.drain()
+    assert (await holder.stdout.readline()).strip() == b"locked"
 
 
 def test_a_write_lock_held_elsewhere_for_5s_does_not_stall_the_loop(db, db_path, tmp_path,
@@ -58,15 +75,13 @@ def test_a_write_lock_held_elsewhere_for_5s_does_not_stall_the_loop(db, db_path,
             batch = queue.create_batch(
                 db, [{"task_key": f"q{i}"} for i in range(6)]
                 + [{"task_key": f"s{i}"} for i in range(2)], now=0, source="cli")
+            holder = await _start_holder(db_path, 5)
             async with CozeClient(sim.base_url, sim.token) as coze:
                 worker = Worker(db, cfg, coze, "wf1")
                 job = asyncio.create_task(worker.run(drain=True))
                 while sum(sim.task(f"q{i}").submits for i in range(6)) < 2:
                     await asyncio.sleep(0.01)
-                holder = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", HOLDER, str(db_path), "5",
-                    stdout=asyncio.subprocess.PIPE)
-                assert (await holder.stdout.readline()).strip() == b"locked"
+                await _lock(holder)
                 locked_at = loop.time()
                 prober = asyncio.create_task(probe())
                 polls_before = sim.total_requests
@@ -162,6 +177,7 @@ def test_opsbot_runs_batch_hold_renewal_does_not_stall_the_loop_under_a_lock(db,
                 lags.append((before, loop.time() - before - 0.01))
 
         try:
+            holder = await _start_holder(db_path, 5)
             job = asyncio.create_task(run_batch(
                 db, cfg, tasks=[{"task_key": f"q{i}"} for i in range(6)]
                 + [{"task_key": f"s{i}"} for i in range(2)], coze_base_url=sim.base_url,
@@ -169,9 +185,7 @@ def test_opsbot_runs_batch_hold_renewal_does_not_stall_the_loop_under_a_lock(db,
                 stream=io.StringIO(), progress_every=0.05))
             while sum(sim.task(f"q{i}").submits for i in range(6)) < 2:
                 await asyncio.sleep(0.01)
-            holder = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", HOLDER, str(db_path), "5", stdout=asyncio.subprocess.PIPE)
-            assert (await holder.stdout.readline()).strip() == b"locked"
+            await _lock(holder)
             locked_at = loop.time()
             prober = asyncio.create_task(probe())
             assert (await holder.stdout.readline()).strip() == b"released"
