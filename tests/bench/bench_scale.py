@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--db: sqlite, pg or a postgresql:// URL")
         try:
             if mode == "single":
-                print(f"one account, one pipeline ({why_not or '--accounts 1'})")
+                print("one account, one pipeline: " + (
+                    f"named accounts and several pipelines are not available here ({why_not})"
+                    if why_not else "--accounts 1"))
             else:
                 print("three accounts, three pipelines (one per account), tasks spread evenly")
             print(f"{n_tasks} tasks, run times uniform 1-3 s (mean "
