@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -93,7 +94,6 @@ def accounts_supported(tmp: Path) -> str:
     wanted = {pipeline for _, pipeline in ACCOUNTS}
     if not wanted <= names:
         return "the settings ignore [coze.accounts.NAME] / [[pipelines]]"
-    import inspect
     if "pipeline" not in inspect.signature(queue.create_batch).parameters:
         return "batches carry no pipeline"
     return ""
@@ -119,11 +119,17 @@ def write_config(path: Path, *, mode: str, base_url: str, max_coze: int, runs: i
     path.write_text(text, encoding="utf-8")
 
 
-def worker_env(db: str, base_url: str, config: Path, first_token: str) -> dict:
+def worker_env(db: str, base_url: str, config: Path, mode: str) -> dict:
+    """The workers' environment: nothing of this shell's opsbot settings. One account: the
+    single-pipeline variables. Three: the TOML names accounts and pipelines, and no
+    COZE_WORKFLOW_ID, which would add a pipeline ``default`` on the default account."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FEISHU_", "COZE_", "OPSBOT_", "BITABLE_"))}
     env.update(OPSBOT_DB=db, OPSBOT_CONFIG=str(config), COZE_BASE_URL=base_url,
-               COZE_API_TOKEN=first_token, COZE_WORKFLOW_ID="wf-drama", PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(ROOT))
+    if mode == "single":
+        env.update(COZE_API_TOKEN=token_of(ACCOUNTS[0][0]),
+                   COZE_WORKFLOW_ID=f"wf-{ACCOUNTS[0][1]}")
     return env
 
 
@@ -172,7 +178,7 @@ def one_run(n: int, *, mode: str, durations: dict[str, float], db_location: str,
         write_config(config, mode=mode, base_url=base_url, max_coze=max_coze, runs=runs,
                      qps=qps, out=tmp / "out")
         db = open_db(db_location)
-        env = worker_env(db_location, base_url, config, tokens[0])
+        env = worker_env(db_location, base_url, config, mode)
         for i in range(n):
             log = tmp / f"worker-{n}-{i}.log"
             logs.append(log)
@@ -232,7 +238,8 @@ def one_run(n: int, *, mode: str, durations: dict[str, float], db_location: str,
                duplicates=duplicates, mode=mode)
 
 
-def fresh_store(kind: str, tmp: Path, n: int, server: str | None) -> str:
+def fresh_store(tmp: Path, n: int, server: str | None) -> str:
+    """A SQLite file of its own, or an empty database on the PostgreSQL ``server``."""
     if server is None:
         return str(tmp / f"scale-{n}.db")
     from tests.pg_server import fresh_database
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{os.cpu_count()} cores")
             results = []
             for n in args.workers:
-                location = fresh_store(args.db, tmp, n, server)
+                location = fresh_store(tmp, n, server)
                 results.append(one_run(n, mode=mode, durations=durations, db_location=location,
                                        tmp=tmp, max_coze=args.max_coze, runs=args.account_runs,
                                        qps=args.account_qps))
