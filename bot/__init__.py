@@ -1,0 +1,1 @@
+"""opsbot: the Feishu chatbot. Subpackages by concern (web, chat, alerting, feishu, ops, standins); see README, "Code layout"."""

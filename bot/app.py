@@ -1,10 +1,10 @@
 """The web process: ``create_app()`` builds the Flask app that gunicorn serves.
 
-Routes: ``POST /webhook/event`` and ``POST /webhook/card`` (both through :mod:`bot.intake`),
+Routes: ``POST /webhook/event`` and ``POST /webhook/card`` (both through :mod:`bot.web.intake`),
 ``GET /healthz``, ``GET /metrics`` (Prometheus text, :mod:`bot.metrics`).
 
 The request only validates, records and answers; the HTTP answer never waits for Feishu. By
-default the worker process answers recorded commands (:func:`bot.handlers.process_inbox`). With
+default the worker process answers recorded commands (:func:`bot.chat.handlers.process_inbox`). With
 ``OPSBOT_WEB_DISPATCH=1`` a per-process :class:`Dispatcher` thread (started lazily, so it lives in
 each gunicorn worker after the fork) also claims inbox rows, runs the commands and flushes the
 message outbox; rows it does not finish are left to the worker once their lease runs out.
@@ -29,11 +29,11 @@ from flask import Flask, Response as FlaskResponse, jsonify
 from pipeline.clock import Clock
 from storage.db import database_file, open_db, ping
 
-from . import handlers
-from .metrics import render_metrics
-from .http_flask import json_errors, webhook_view
-from .intake import Intake
-from .settings import Settings, load_settings
+from bot.chat import handlers
+from bot.metrics import render_metrics
+from bot.web.http_flask import json_errors, webhook_view
+from bot.web.intake import Intake
+from bot.settings import Settings, load_settings
 
 log = logging.getLogger("opsbot.app")
 
@@ -74,7 +74,7 @@ class AppState:
     @property
     def feishu(self) -> Any:
         if self._feishu is None and self.settings.feishu.configured:
-            from .feishu import FeishuClient
+            from bot.feishu.client import FeishuClient
             self._feishu = FeishuClient(self.settings.feishu)
         return self._feishu
 
@@ -104,7 +104,7 @@ class AppState:
     def attempt_totals(self) -> Any:
         """This process's running attempt totals (see :class:`bot.metrics.AttemptTotals`)."""
         if self._totals is None:
-            from .metrics import AttemptTotals
+            from bot.metrics import AttemptTotals
             self._totals = AttemptTotals()
         return self._totals
 
@@ -164,7 +164,7 @@ class Dispatcher:
         handlers.process_inbox(db, s.settings, s.feishu, s.clock, self.owner, key=key)
         if s.feishu is not None:
             if self._sender is None:
-                from .sender import OutboxSender
+                from bot.feishu.sender import OutboxSender
                 # messages only: Bitable writes stay with the worker (one writer per table)
                 self._sender = OutboxSender(db, s.feishu, clock=s.clock, owner=self.owner,
                                             kinds=("send", "reply", "patch"),
@@ -179,7 +179,7 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
     ``dispatch=False`` leaves recorded messages in the inbox (tests drive ``process_inbox``).
     """
     if settings is None:  # the gunicorn entry point: configure the process once
-        from .logs import register_settings_secrets, setup_logging
+        from bot.logs import register_settings_secrets, setup_logging
 
         setup_logging(os.environ.get("OPSBOT_LOG_LEVEL", "INFO"))
         settings = load_settings(os.environ)
@@ -190,7 +190,7 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
     json_errors(app)
 
     def handle(req):
-        from .metrics import WEBHOOK_LATENCY, WEBHOOK_REQUESTS
+        from bot.metrics import WEBHOOK_LATENCY, WEBHOOK_REQUESTS
 
         started = time.perf_counter()
         status = 500
@@ -206,7 +206,7 @@ def create_app(settings: Settings | None = None, *, db: Any = None, feishu_clien
     if dispatch and settings.feishu.configured:
         # Import lark-oapi (seconds of CPU) while the process boots, not on the first message
         # while requests are being served.
-        from . import feishu  # noqa: F401
+        from bot.feishu import client as feishu  # noqa: F401
 
     def on_recorded(key: str) -> None:
         if dispatch:

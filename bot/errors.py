@@ -1,4 +1,4 @@
-"""The bot package's exceptions: one tree, raised at the Feishu boundary (``bot.feishu``).
+"""The bot package's exceptions: one tree, raised at the Feishu boundary (``bot.feishu.client``).
 
 ::
 

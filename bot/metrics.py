@@ -8,7 +8,7 @@ Two kinds of families, told apart by where their numbers live:
   answer;
 * process-measured (webhook latency and requests): kept with ``prometheus_client``. Under
   gunicorn each web worker writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (set up by
-  :mod:`bot.gunicorn_metrics`) and a scrape sums the files of every worker, living or dead, so
+  :mod:`bot.web.gunicorn_metrics`) and a scrape sums the files of every worker, living or dead, so
   the counters do not jump with whichever worker answers. Without that variable (``opsbot
   serve``, tests) they are this process's own.
 

@@ -6,7 +6,7 @@ synchronous, so it runs in one background thread with its own DB connection. Bot
 SIGTERM/SIGINT; whatever they held (leases) is handed back or expires, and the next worker resumes.
 
 With ``FEISHU_CONNECTION=ws`` the worker also holds Feishu's long connection
-(:class:`bot.longconn.LongConnection`, its own threads and event loop): messages it records wake
+(:class:`bot.feishu.longconn.LongConnection`, its own threads and event loop): messages it records wake
 the Feishu thread, which answers them as it answers the web process's.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipeline.worker import Worker, make_owner
 from storage import inbox, outbox
 from storage.db import open_db, prune
 
-from .settings import Settings
+from bot.settings import Settings
 
 log = logging.getLogger("opsbot.service")
 
@@ -38,8 +38,8 @@ def build_notifier(db, settings: Settings, clock: Clock, *,
 
     With ``submit`` (see :class:`NotifierThread`) each hook call is handed to it instead of
     running in the caller."""
-    from .alerts import AlertRouter
-    from .bitable_sync import BitableWriteBack
+    from bot.alerting.router import AlertRouter
+    from bot.feishu.bitable_sync import BitableWriteBack
 
     router = AlertRouter(db, settings, clock)
     return FanOut([router, BitableWriteBack(db, settings, clock)], submit=submit), router
@@ -118,7 +118,7 @@ def _log_failure(fut: Future) -> None:
 
 
 class FeishuLoop:
-    """Background thread: look up the bot's identity (at start, see :mod:`bot.identity`),
+    """Background thread: look up the bot's identity (at start, see :mod:`bot.chat.identity`),
     handle leftover inbox rows and deliver the outbox."""
 
     def __init__(self, settings: Settings, clock: Clock, owner: str, interval: float = 0.2,
@@ -147,16 +147,16 @@ class FeishuLoop:
         self.thread.join(timeout)
 
     def _run(self) -> None:
-        from .feishu import FeishuClient
-        from .handlers import process_inbox
-        from .identity import IdentityRefresher
-        from .sender import OutboxSender
+        from bot.feishu.client import FeishuClient
+        from bot.chat.handlers import process_inbox
+        from bot.chat.identity import IdentityRefresher
+        from bot.feishu.sender import OutboxSender
 
         db = open_db(self.settings.db_path)
         client = self.feishu_client or FeishuClient(self.settings.feishu)
         sender = OutboxSender(db, client, clock=self.clock, owner=self.owner,
                               lang=self.settings.language)
-        # the bot's own open_id, for "is this group message for the bot" (bot.identity)
+        # the bot's own open_id, for "is this group message for the bot" (bot.chat.identity)
         self.identity = IdentityRefresher(db, client, self.settings.feishu.app_id, self.clock)
         while not self.stop_event.is_set():
             try:
@@ -202,14 +202,16 @@ async def _tick_loop(scheduler: Any, router: Any, canary: Any, interval: float,
         await asyncio.sleep(interval)
 
 
-async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool = False,
+async def run_worker(settings: Settings, *, drain: bool = False, simulator: Any | None = None,
                      clock: Clock | None = None, stop: asyncio.Event | None = None,
                      tick_interval: float = 3.0,
                      stages: frozenset[str] = frozenset(("coze", "synthesis"))) -> int:
     """Run until stopped (or drained). Returns the process exit code.
 
     ``stages`` limits the pipeline to those stages (see :class:`pipeline.worker.Worker`); a
-    synthesis-only worker needs no Coze account."""
+    synthesis-only worker needs no Coze account. ``simulator``: an unstarted Coze stand-in (the
+    operator tools pass :class:`pipeline.standins.simulator.CozeSimulator` for ``--simulate``)
+    that the worker starts, uses instead of Coze, and stops; production code never imports it."""
     ws_mode = settings.feishu.connection == "ws"
     if ws_mode and not settings.feishu.configured:
         log.error("FEISHU_CONNECTION=ws needs FEISHU_APP_ID and FEISHU_APP_SECRET: the long "
@@ -220,13 +222,10 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
     db = open_db(settings.db_path)
     stop = stop or asyncio.Event()
     _install_signals(stop)
-    sim = None
+    sim = simulator
     base_url, token = settings.coze.base_url, settings.coze.api_token.get()
     workflow_id = settings.coze.workflow_id
-    if simulate:
-        from pipeline.simulator import CozeSimulator
-
-        sim = CozeSimulator(default_duration=1.0, seed=1)
+    if sim is not None:
         base_url = await sim.start()
         token, workflow_id = sim.token, workflow_id or "sim-workflow"
     elif not settings.coze.configured and "coze" in stages:
@@ -243,7 +242,7 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
     if ws_mode and drain:
         log.info("--drain: the long connection is not opened (no new commands are taken)")
     elif ws_mode:
-        from .longconn import LongConnection
+        from bot.feishu.longconn import LongConnection
 
         longconn = LongConnection(settings, clock, on_recorded=feishu.wake)
         longconn.start()
@@ -251,8 +250,8 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulate: bool 
     limiter = coze_limiter(settings.pipeline.coze_qps, clock, store=settings.db_path,
                            base_url=base_url, token=token)
     try:
-        from .canary import Canary
-        from .scheduler import Scheduler
+        from bot.alerting.canary import Canary
+        from bot.alerting.scheduler import Scheduler
 
         hooks = NotifierThread(db, settings, clock)
         router = hooks.router

@@ -77,7 +77,7 @@ class FeishuSettings:
     bitable_running_value: str = "处理中"
     bitable_done_value: str = "已完成"
     bitable_failed_value: str = "失败"
-    # The finished video back in the task's row (bot.bitable_sync): "" = not written.
+    # The finished video back in the task's row (bot.feishu.bitable_sync): "" = not written.
     bitable_video_field: str = ""
     bitable_video_mode: str = "upload"   # upload: attachment; link: text with video_link_base
     video_link_base: str = ""            # URL under which pipeline.output_dir is served

@@ -1,6 +1,6 @@
 """Alert rows (``alerts`` table) and silences (``silences`` table).
 
-The alert policy (grouping, tiers, holding, cards) lives in :mod:`bot.alerts`; these functions
+The alert policy (grouping, tiers, holding, cards) lives in :mod:`bot.alerting.router`; these functions
 only read and write rows. An alert is a dict of the table's columns with ``details`` parsed
 from JSON. Functions named ``..._in`` take the caller's connection and must run inside the
 caller's transaction (``with transaction(db) as conn``).

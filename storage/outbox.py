@@ -13,6 +13,7 @@ row's ``uuid`` stays its name, so patches that target it still find it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid as uuidlib
 from typing import Any
@@ -22,9 +23,16 @@ import sqlite_utils
 from .db import transaction
 
 KINDS = ("send", "reply", "patch", "bitable_update",
-         "bitable_attach", "bitable_create")  # the last two: see bot.sender._deliver_bitable_extra
+         "bitable_attach", "bitable_create")  # the last two: see bot.feishu.sender._deliver_bitable_extra
 UUID_KINDS = ("send", "reply")   # made idempotent by Feishu's uuid (patches and writes are)
 UUID_WINDOW = 3600.0             # seconds Feishu dedupes a send uuid
+
+
+def reply_uuid(message_id: str) -> str:
+    """The uuid of the bot's reply to the command message ``message_id`` (the alert router patches
+    a run's reply by it). Feishu's uuid must be <= 50 chars; long ids are hashed."""
+    uid = "r-" + message_id
+    return uid if len(uid) <= 50 else "r-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
 
 
 def enqueue(db: sqlite_utils.Database, kind: str, target: str, payload: dict[str, Any], *,

@@ -1,7 +1,7 @@
 """The daily report's aggregate queries over ``tasks`` and ``attempts``.
 
 Every function reads one half-open time range ``[start, end)`` (Unix seconds); the report's
-definitions live in :mod:`bot.report`.
+definitions live in :mod:`bot.alerting.report`.
 """
 from __future__ import annotations
 

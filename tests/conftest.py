@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from bot.fake_feishu import unexpected_refusals
+from bot.standins.fake_feishu import unexpected_refusals
 from storage.db import open_db
 
 

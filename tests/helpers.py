@@ -1,12 +1,12 @@
-"""Test helpers. The Feishu request builders live in :mod:`bot.devtools` (``opsbot demo`` uses
+"""Test helpers. The Feishu request builders live in :mod:`bot.standins.events` (``opsbot demo`` uses
 them too) and are re-exported here, so tests keep importing ``tests.helpers``."""
 from __future__ import annotations
 
 import re
 
-from bot.card_rules import check_answer
-from bot.devtools import *  # noqa: F401,F403
-from bot.devtools import (ADMIN, CHAT, DIRECTORY, ENCRYPT_KEY, TOKEN, USER, _ids,  # noqa: F401
+from bot.standins.card_rules import check_answer
+from bot.standins.events import *  # noqa: F401,F403
+from bot.standins.events import (ADMIN, CHAT, DIRECTORY, ENCRYPT_KEY, TOKEN, USER, _ids,  # noqa: F401
                           card_action_event, encrypt, legacy_card_action, message_event, sign,
                           sign_legacy, signed_event, url_verification)
 
@@ -22,7 +22,7 @@ _MARKUP = re.compile(r"&#?[0-9A-Za-z]+;|\*\*|`")
 
 def checked_answer(answer):
     """``answer`` (a card-callback answer) after asserting Feishu would take it: the same rules
-    as the fake Feishu applies to cards (:func:`bot.card_rules.check_answer`, mentions of the
+    as the fake Feishu applies to cards (:func:`bot.standins.card_rules.check_answer`, mentions of the
     fake's directory only, no ``<at id=all>``), and a toast that is plain text (Feishu shows
     toast content as typed: no markdown, no entities). Tests that press buttons call this."""
     problems = [str(v) for v in check_answer(answer, users=DIRECTORY)]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bot.alert_actions import handle_alert_action
-from bot.alerts import load_alert
+from bot.alerting.actions import handle_alert_action
+from bot.alerting.router import load_alert
 from pipeline.breaker import Breaker, all_states
 from pipeline.config import BreakerPolicy
 from storage import queue
@@ -218,8 +218,8 @@ def test_english_toasts(db, clock, router):
 # --- chat commands do what the buttons do ------------------------------------------------------
 
 def say(db, settings, clock, text):
-    from bot.commands import parse
-    from bot.handlers import Context, execute
+    from bot.chat.commands import parse
+    from bot.chat.handlers import Context, execute
     ctx = Context(db, settings, None, clock, sender=ADMIN, chat_id="oc", message_id="om_cmd")
     return execute(ctx, parse(text))
 

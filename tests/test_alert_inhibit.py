@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from bot.alerts import AlertRouter, load_alert, resolve_batch_unblocked
-from bot.canary import Canary
+from bot.alerting.router import AlertRouter, load_alert, resolve_batch_unblocked
+from bot.alerting.canary import Canary
 from pipeline.errors import RunFailed
 from storage import queue
 from storage.db import transaction

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 
-from bot import alert_cards
-from bot.alerts import AlertRouter, load_alert
-from bot.cards import button_values, size
-from bot.feishu import FeishuClient
-from bot.handlers import reply_uuid
-from bot.sender import OutboxSender
+from bot.alerting import cards as alert_cards
+from bot.alerting.router import AlertRouter, load_alert
+from bot.chat.cards import button_values, size
+from bot.feishu.client import FeishuClient
+from storage.outbox import reply_uuid
+from bot.feishu.sender import OutboxSender
 from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.classifier import Decision
 from pipeline.clock import FakeClock
@@ -460,7 +460,7 @@ def test_cards_for_a_ten_thousand_task_batch_stay_under_30_kb(db, router, clock)
         conn.execute("UPDATE tasks SET status = 'failed', error_class = 'c' || (id % 36),"
                      " error_message = ? , finished_at = 1", ["错误" * 300])
     batch_row = queue.get_batch(db, "big")
-    from bot.alerts import failure_groups, failures_by_class
+    from bot.alerting.router import failure_groups, failures_by_class
     summary = alert_cards.summary_card(batch_row, queue.batch_counts(db, "big"),
                                        failure_groups(db, "big"), "zh", clock.now())
     progress = alert_cards.progress_card(batch_row, queue.batch_counts(db, "big"),
@@ -499,9 +499,9 @@ def _drain_with(db, router, sim, tmp_path):
 def test_worker_plugin_timeout_gives_one_medium_card_and_retry_resolves_it(db, tmp_path):
     import asyncio
 
-    from bot.alert_actions import handle_alert_action
+    from bot.alerting.actions import handle_alert_action
     from pipeline.clock import Clock
-    from pipeline.simulator import CozeSimulator, Script
+    from pipeline.standins.simulator import CozeSimulator, Script
 
     router = AlertRouter(db, make_settings(failure_rate_min_tasks=1000), Clock())
     sim = CozeSimulator(default_duration=lambda key: 0.02)

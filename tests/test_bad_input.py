@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from werkzeug.serving import make_server
 
 from bot.app import create_app
-from bot.cards import elements
-from bot.feishu import FeishuClient
-from bot.handlers import process_inbox
+from bot.chat.cards import elements
+from bot.feishu.client import FeishuClient
+from bot.chat.handlers import process_inbox
 from bot.settings import Secret, Settings
 from pipeline.clock import Clock
 from storage import queue
@@ -362,7 +362,7 @@ def test_injection_in_bitable_fields_is_stored_verbatim_never_executed(client, d
     client.post("/webhook/event", **_req(message_event("errors", message_id="om_errs")))
     cards = handle_all(db, settings, fake)
     assert_neutral(card_markdown(cards[-1]))
-    from bot.alerts import AlertRouter
+    from bot.alerting.router import AlertRouter
     from pipeline.classifier import Decision
     from pipeline.errors import CozeError
     s = settings.replace(feishu=settings.feishu.__class__(

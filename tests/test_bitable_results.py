@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from bot.alerts import batch_card
-from bot.bitable_sync import (LOG_BATCH, LOG_FIELDS, BitableWriteBack, batch_outputs,
+from bot.alerting.router import batch_card
+from bot.feishu.bitable_sync import (LOG_BATCH, LOG_FIELDS, BitableWriteBack, batch_outputs,
                               log_record, mirror_attempts, video_link)
-from bot.feishu import FeishuClient
-from bot.sender import OutboxSender
+from bot.feishu.client import FeishuClient
+from bot.feishu.sender import OutboxSender
 from bot.settings import Settings, SettingsError, load_settings
 from pipeline.clock import Clock
 from pipeline.coze import CozeClient
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.worker import Worker
 from storage import outbox, queue
 from storage.db import open_db

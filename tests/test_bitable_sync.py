@@ -4,13 +4,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from bot.bitable_sync import BitableWriteBack, mark_running
-from bot.feishu import FeishuClient
-from bot.sender import OutboxSender
+from bot.feishu.bitable_sync import BitableWriteBack, mark_running
+from bot.feishu.client import FeishuClient
+from bot.feishu.sender import OutboxSender
 from bot.settings import Settings
 from pipeline.clock import Clock
 from pipeline.coze import CozeClient
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
 from tests.fake_feishu import FakeFeishu

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from bot.alerts import AlertRouter, load_alert, resolve_alert
-from bot.canary import Canary
-from bot.feishu import FeishuClient
-from bot.sender import OutboxSender
+from bot.alerting.router import AlertRouter, load_alert, resolve_alert
+from bot.alerting.canary import Canary
+from bot.feishu.client import FeishuClient
+from bot.feishu.sender import OutboxSender
 from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from pipeline.fallback import Switch
@@ -148,7 +148,7 @@ def test_mention_all_is_refused_where_the_owner_did_not_allow_it(db, fake, clock
 
 def test_toasts_show_text_as_typed(db, clock):
     """Before: toasts carried backticks around keys and entities for < > [ ]."""
-    from bot.alert_actions import handle_alert_action
+    from bot.alerting.actions import handle_alert_action
     from tests.helpers import checked_answer
     router = AlertRouter(db, make_settings(), clock)
     key = "b1:coze:plugin_timeout"
@@ -206,7 +206,7 @@ def test_report_headings_do_not_run_into_lists():
     """Before: "**Errors by class**" right after the top-nodes list was read by CommonMark as
     part of that list's last item."""
     from markdown_it import MarkdownIt
-    from bot.report import report_lines
+    from bot.alerting.report import report_lines
     report = {"runs": 3, "succeeded": 2, "failed": 1, "ignored": 0, "cancelled": 0,
               "success_rate": 2 / 3, "retries": 1, "failures": 2,
               "latency": {s: {"avg": 1.0, "p95": 2.0, "count": 3} for s in ("coze", "synthesis")},

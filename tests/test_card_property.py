@@ -1,6 +1,6 @@
 """Every card builder, through its states, with long and hostile text: Feishu would take them all.
 
-Each card goes through :func:`bot.card_rules.check_card` with the fake Feishu's user directory and
+Each card goes through :func:`bot.standins.card_rules.check_card` with the fake Feishu's user directory and
 no permission to mention everyone (the default), and its markdown through a CommonMark parser:
 text from Coze, Bitable or people (marked ``ZQX``) never ends up as a link, emphasis, HTML or a
 mention, whatever it held.
@@ -13,11 +13,13 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings, strategies as st
 from markdown_it import MarkdownIt
 
-from bot import alert_cards, cards, report
-from bot.card_rules import check_card
-from bot.cards import elements
-from bot.devtools import ADMIN, DIRECTORY
-from bot.mdtext import _flat, clip, escape
+from bot.alerting import cards as alert_cards
+from bot.chat import cards
+from bot.alerting import report
+from bot.standins.card_rules import check_card
+from bot.chat.cards import elements
+from bot.standins.events import ADMIN, DIRECTORY
+from bot.chat.mdtext import _flat, clip, escape
 
 TZ = ZoneInfo("Asia/Shanghai")
 MD = MarkdownIt("commonmark").enable(["strikethrough", "table"])

@@ -5,12 +5,12 @@ import copy
 
 import pytest
 
-from bot import card_rules
-from bot.card_rules import check_answer, check_card
-from bot.cards import button, card, count_components, markdown
-from bot.devtools import ADMIN, DIRECTORY
+from bot.standins import card_rules
+from bot.standins.card_rules import check_answer, check_card
+from bot.chat.cards import button, card, count_components, markdown
+from bot.standins.events import ADMIN, DIRECTORY
 from bot.errors import FeishuError
-from bot.feishu import FeishuClient
+from bot.feishu.client import FeishuClient
 from tests.fake_feishu import FakeFeishu
 
 USERS = set(DIRECTORY)
@@ -175,7 +175,7 @@ def test_the_fake_refuses_over_http_with_feishus_codes():
 
 def test_a_refusal_nobody_takes_fails_the_test():
     """The conftest fixture turns an untaken refusal into a failure of the test."""
-    from bot.fake_feishu import unexpected_refusals
+    from bot.standins.fake_feishu import unexpected_refusals
     with FakeFeishu() as fake:
         with pytest.raises(FeishuError):
             FeishuClient(fake.settings()).send_card("oc_x", broken(BAD["note"]), "u-1")

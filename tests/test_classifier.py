@@ -12,7 +12,7 @@ from pipeline.config import DEFAULT_RULES, RetryPolicy, Rule
 from pipeline.coze import CozeClient
 from pipeline.errors import CozeError, CozeNetworkError, RunFailed, SynthesisError
 from pipeline.retry import call_with_retry
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 
 POLICY = RetryPolicy()
 

@@ -27,7 +27,7 @@ def _env(tmp_path, **extra):
 
 
 def _opsbot(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "bot.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "bot.ops.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -81,7 +81,7 @@ def test_failed_tasks_make_the_exit_code_non_zero(tmp_path):
 
     from bot.settings import load_settings
     from pipeline.runner import run_batch
-    from pipeline.simulator import CozeSimulator, Script
+    from pipeline.standins.simulator import CozeSimulator, Script
     from storage.db import open_db
 
     settings = load_settings(_env(tmp_path))

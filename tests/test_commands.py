@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from bot.commands import (ALIASES, COMMANDS, MAX_DATE, MAX_TEXT, MIN_DATE, Command, ParseError,
+from bot.chat.commands import (ALIASES, COMMANDS, MAX_DATE, MAX_TEXT, MIN_DATE, Command, ParseError,
                           parse, parse_duration)
 
 

@@ -13,7 +13,7 @@ from pipeline.clock import FakeClock
 from pipeline.coze import CozeClient, RunStatus
 from pipeline.errors import CozeError, CozeNetworkError, RunFailed
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 
 SAMPLES = Path("/work/shared/samples")
 TOKEN = "sim-token"

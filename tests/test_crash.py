@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def simulator(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.simulator", "--port", "0", "--duration", "0.4",
+        [sys.executable, "-m", "pipeline.standins.simulator", "--port", "0", "--duration", "0.4",
          "--seed", "3"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     assert line.startswith("listening "), line
@@ -56,7 +56,7 @@ def _worker_env(db_path, base_url, tmp_path):
 
 
 def _start_worker(env):
-    return subprocess.Popen([sys.executable, "-m", "bot.cli", "worker", "--drain"], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "bot.ops.cli", "worker", "--drain"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

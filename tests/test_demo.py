@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import _cjk_font_missing
 
-from bot import demo
+from bot.ops import demo
 from pipeline.video.media import ffmpeg_exe
 from pipeline.synthesis import file_name
 
@@ -118,7 +118,7 @@ def test_opsbot_demo_from_another_directory_as_a_process(tmp_path):
                                                                       "OPSBOT_", "BITABLE_"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "bot.cli", "demo"], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "bot.ops.cli", "demo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=180)
     took = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout + proc.stderr

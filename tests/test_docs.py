@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import build_parser
-from bot.commands import COMMANDS
+from bot.ops.cli import build_parser
+from bot.chat.commands import COMMANDS
 from bot.settings import ENV_KEYS, AlertSettings, CozeSettings, FeishuSettings
 from pipeline.config import (BreakerPolicy, GatePolicy, PipelineConfig, PollPolicy,
                              RetryPolicy, SynthesisConfig)
@@ -79,7 +79,7 @@ def test_every_variable_read_from_the_environment_is_documented():
     root = Path(__file__).resolve().parent.parent
     names = set()
     for package in ("bot", "pipeline", "storage"):
-        for path in (root / package).glob("*.py"):
+        for path in (root / package).rglob("*.py"):
             names |= set(re.findall(r"os\.environ(?:\.get\(|\[)\"([A-Z0-9_]+)\"",
                                     path.read_text(encoding="utf-8")))
     assert "OPSBOT_LOG_LEVEL" in names

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from bot import doctor
-from bot.cli import main
+from bot.ops import doctor
+from bot.ops.cli import main
 from bot.settings import load_settings
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.simulator import CozeSimulator
 from storage.migrations import MIGRATIONS
 from tests.fake_feishu import FakeFeishu
 
@@ -461,7 +461,7 @@ def test_mention_all_is_flagged_as_needing_the_group_owners_permission(env):
 # -- the bot's identity and old-style card callbacks ----------------------------------------------
 
 def test_bot_identity_is_looked_up_and_stored(env, fake):
-    from bot import identity
+    from bot.chat import identity
     from storage.db import open_db
 
     code, lines = run(env)
@@ -505,7 +505,7 @@ def test_bot_not_enabled_in_the_tenant(env, fake):
 
 
 def test_old_style_card_callbacks_are_reported(env):
-    from bot.legacy_callbacks import note_legacy_callback
+    from bot.web.legacy_callbacks import note_legacy_callback
     from storage.db import open_db
 
     db = open_db(env["OPSBOT_DB"])
@@ -534,7 +534,7 @@ def with_toml(env, tmp_path, text):
 
 
 def test_log_table_with_every_column_is_ok(env, fake, tmp_path):
-    from bot.bitable_sync import LOG_FIELDS
+    from bot.feishu.bitable_sync import LOG_FIELDS
     fake.set_fields(APP_TOKEN, LOG_TABLE, list(LOG_FIELDS), types=log_types())
     code, lines = run(with_toml(env, tmp_path, f'[feishu]\nbitable_log_table_id = "{LOG_TABLE}"\n'))
     assert code == 0
@@ -548,13 +548,13 @@ def test_log_table_with_every_column_is_ok(env, fake, tmp_path):
 
 
 def log_types(**override):
-    from bot.bitable_sync import LOG_FIELDS
+    from bot.feishu.bitable_sync import LOG_FIELDS
     kinds = {"text": 1, "number": 2, "date": 5}
     return {n: override.get(n, kinds[k]) for n, k in LOG_FIELDS.items()}
 
 
 def test_log_table_columns_of_the_wrong_type_fail_naming_them(env, fake, tmp_path):
-    from bot.bitable_sync import LOG_FIELDS
+    from bot.feishu.bitable_sync import LOG_FIELDS
     # a date kept as text, a number as text, a text column made a number
     fake.set_fields(APP_TOKEN, LOG_TABLE, list(LOG_FIELDS),
                     types=log_types(started_at=1, seconds=1, stage=2))

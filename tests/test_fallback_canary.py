@@ -5,13 +5,13 @@ import asyncio
 import dataclasses
 import json
 
-from bot.alerts import AlertRouter
-from bot.canary import Canary
+from bot.alerting.router import AlertRouter
+from bot.alerting.canary import Canary
 from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from pipeline.coze import CozeClient
 from pipeline.fallback import WorkflowSelector
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
 from tests.test_worker import FAST

@@ -17,17 +17,17 @@ from collections import defaultdict
 
 import pytest
 
-from bot.alerts import load_alert
-from bot.feishu import FeishuClient
-from bot.handlers import reply_uuid
-from bot.sender import OutboxSender
+from bot.alerting.router import load_alert
+from bot.feishu.client import FeishuClient
+from storage.outbox import reply_uuid
+from bot.feishu.sender import OutboxSender
 from bot.service import build_notifier
 from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from pipeline.config import BreakerPolicy, PipelineConfig, PollPolicy, RetryPolicy
 from pipeline.coze import CozeClient
 from pipeline.ratelimit import RateLimiter, coze_limiter
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import outbox, queue
 from storage.db import open_db, path_of
@@ -156,7 +156,7 @@ async def _run_batch(db, settings, sim, n, tmp_path, *, config=FAST, limiter=Non
     batch = queue.create_batch(
         db, [{"task_key": f"t{i}", "params": {"i": i}} for i in range(n)], now=time.time(),
         source="chat", chat_id="oc_run", command_message_id=cmd)
-    # the `run` command's reply card, which the progress patches update (as bot.handlers does)
+    # the `run` command's reply card, which the progress patches update (as bot.chat.handlers does)
     outbox.enqueue(db, "reply", cmd, {"card": numbered_card(0, batch)}, now=time.time(),
                    uuid=reply_uuid(cmd), ref="oc_run")
     notifier, router = build_notifier(db, settings, _RealClock())

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from bot.errors import FeishuError, FeishuNetworkError
-from bot.feishu import FeishuClient, normalize_value
+from bot.feishu.client import FeishuClient, normalize_value
 from bot.settings import Secret
 from tests.fake_feishu import FakeFeishu
 

@@ -65,7 +65,7 @@ def server(request, fake, tmp_path_factory):
         pytest.fail("gunicorn did not start: " + proc.stderr.read().decode()[-2000:])
     worker = None
     if request.param == "worker answers":
-        worker = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker", "--simulate"],
+        worker = subprocess.Popen([sys.executable, "-m", "bot.ops.cli", "worker", "--simulate"],
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
     fake.reset()

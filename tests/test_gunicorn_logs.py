@@ -1,5 +1,5 @@
 """The Procfile's web line under real gunicorn: every line it writes, its access log and its
-error log as well as ours, is one JSON object (bot.gunicorn_conf), with secrets redacted."""
+error log as well as ours, is one JSON object (bot.web.gunicorn_conf), with secrets redacted."""
 from __future__ import annotations
 
 import json
@@ -39,7 +39,7 @@ def test_the_procfile_web_process_logs_json_lines_only(tmp_path):
                PYTHONPATH=str(ROOT), FEISHU_APP_SECRET="very-secret-value",
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     command = web_line().replace("0.0.0.0", "127.0.0.1")
-    assert "-c python:bot.gunicorn_conf" in command
+    assert "-c python:bot.web.gunicorn_conf" in command
     proc = subprocess.Popen(["sh", "-c", "exec " + command], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -50,7 +50,7 @@ def web(tmp_path):
     access = tmp_path / "access.log"
     gunicorn = Path(sys.executable).with_name("gunicorn")
     proc = subprocess.Popen(
-        [str(gunicorn), "-c", "python:bot.gunicorn_conf", "-w", "2", "-b", f"127.0.0.1:{port}",
+        [str(gunicorn), "-c", "python:bot.web.gunicorn_conf", "-w", "2", "-b", f"127.0.0.1:{port}",
          "--graceful-timeout", "2", "--logger-class", "gunicorn.glogging.Logger",
          "--access-logfile", str(access), "--access-logformat", "%(p)s %(U)s %(s)s",
          "bot.app:create_app()"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -152,7 +152,7 @@ def test_a_dead_web_worker_does_not_make_counters_fall(web):
 
 
 def test_configure_uses_the_given_folder_or_makes_one_and_clean_removes_only_samples(tmp_path):
-    from bot import gunicorn_metrics
+    from bot.web import gunicorn_metrics
 
     given = tmp_path / "given" / "deeper"
     env = {"PROMETHEUS_MULTIPROC_DIR": str(given)}

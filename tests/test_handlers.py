@@ -5,12 +5,13 @@ import json
 
 import pytest
 
-from bot import cards, handlers
-from bot.commands import parse
+from bot.chat import cards
+from bot.chat import handlers
+from bot.chat.commands import parse
 from bot.settings import FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from storage import inbox, queue
-from bot.mdtext import escape
+from bot.chat.mdtext import escape
 from tests.helpers import (ADMIN, USER, card_action_event, checked_answer, legacy_card_action,
                            message_event)
 
@@ -294,7 +295,7 @@ def test_report_date_out_of_range_is_a_parse_error_not_a_crash(db, settings, clo
 def test_report_defaults_to_yesterday_like_the_cli_and_the_scheduler(db, settings, clock):
     from datetime import datetime, timedelta
 
-    from bot.report_cli import parse_day
+    from bot.ops.report_cli import parse_day
     yesterday = datetime.fromtimestamp(NOW, settings.tz).date() - timedelta(days=1)
     assert parse_day(None, settings, NOW) == yesterday
     for text in ("report", "日报"):
@@ -426,7 +427,7 @@ def test_buttons_carry_object_values():
 
 
 def test_i18n_fallbacks():
-    from bot.i18n import t
+    from bot.chat.i18n import t
     assert t("no.such.key", "en") == "no.such.key"
     assert t("run.queued", "fr", count=1, batch_id="b") .startswith("已排队")
     assert "{batch_id}" in t("run.queued", "en", count=1)
@@ -441,11 +442,11 @@ def test_a_button_error_toast_shows_the_exception_text_as_it_was(db, settings, c
     def broken(ctx):
         raise ValueError(raw)
 
-    from bot import alert_actions
+    from bot.alerting import actions as alert_actions
     monkeypatch.setitem(alert_actions.ACTIONS, "status", broken)
     # not through click(): its plain-text heuristic flags `**` and `&amp;`, which here are
     # what the exception said; Feishu shows toast content as typed
-    from bot.card_rules import check_answer
+    from bot.standins.card_rules import check_answer
     from tests.helpers import DIRECTORY
     out = handlers.handle_card_action(
         db, settings, card_action_event({"action": "status", "batch_id": "b1"}, operator=USER),
@@ -456,6 +457,6 @@ def test_a_button_error_toast_shows_the_exception_text_as_it_was(db, settings, c
 
 
 def test_one_toast_helper_for_every_button_answer():
-    from bot import alert_actions
+    from bot.alerting import actions as alert_actions
     assert handlers.toast is cards.toast is alert_actions.toast
     assert not hasattr(alert_actions, "_toast")

@@ -9,12 +9,12 @@ import time
 import pytest
 from hypothesis import example, given, strategies as st
 
-from bot import identity
-from bot.addressing import addressed_to_bot, mentioned_open_ids
+from bot.chat import identity
+from bot.chat.addressing import addressed_to_bot, mentioned_open_ids
 from bot.app import create_app
 from bot.errors import FeishuError, FeishuNetworkError
-from bot.feishu import FeishuClient
-from bot.handlers import process_inbox
+from bot.feishu.client import FeishuClient
+from bot.chat.handlers import process_inbox
 from bot.settings import Secret, Settings
 from pipeline.clock import FakeClock
 from storage import kv

@@ -1,4 +1,4 @@
-"""bot.intake without Flask: each step, each rejection, and a property: never a 5xx."""
+"""bot.web.intake without Flask: each step, each rejection, and a property: never a 5xx."""
 from __future__ import annotations
 
 import base64
@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from bot.intake import (MAX_SKEW, Intake, Rejected, Request, decrypt, parse_json, signature)
+from bot.web.intake import (MAX_SKEW, Intake, Rejected, Request, decrypt, parse_json, signature)
 from bot.settings import FeishuSettings, Secret, Settings
 from pipeline.clock import FakeClock
 from tests.helpers import (ENCRYPT_KEY, TOKEN, card_action_event, encrypt, legacy_card_action,
@@ -35,14 +35,14 @@ def signed(payload, key=ENCRYPT_KEY, ts=str(int(NOW))):
 
 
 def test_decrypt_documented_vector():
-    from bot.intake import aes_decrypt
+    from bot.web.intake import aes_decrypt
     raw = base64.b64decode("P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk=")
     assert aes_decrypt(raw, "test key") == b"hello world"
 
 
 @pytest.mark.parametrize("raw", [b"", b"x" * 16, b"x" * 33])
 def test_aes_decrypt_rejects_bad_lengths(raw):
-    from bot.intake import aes_decrypt
+    from bot.web.intake import aes_decrypt
     with pytest.raises(ValueError):
         aes_decrypt(raw, "k")
 
@@ -50,7 +50,7 @@ def test_aes_decrypt_rejects_bad_lengths(raw):
 def test_aes_decrypt_matches_lark_oapi():
     from lark_oapi.core.utils.decryptor import AESCipher
     raw = base64.b64decode(encrypt("中文 payload", "k2"))
-    assert AESCipher("k2").decrypt(raw) == __import__("bot.intake").intake.aes_decrypt(raw, "k2")
+    assert AESCipher("k2").decrypt(raw) == __import__("bot.web.intake").web.intake.aes_decrypt(raw, "k2")
 
 
 def test_decrypt_round_trip_with_helper():

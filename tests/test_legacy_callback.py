@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from bot.alerts import AlertRouter
+from bot.alerting.router import AlertRouter
 from bot.app import create_app
-from bot.feishu import FeishuClient
-from bot.legacy_callbacks import LEGACY_KV_KEY, legacy_answer
-from bot.sender import OutboxSender
+from bot.feishu.client import FeishuClient
+from bot.web.legacy_callbacks import LEGACY_KV_KEY, legacy_answer
+from bot.feishu.sender import OutboxSender
 from bot.settings import Secret, Settings
 from pipeline.clock import FakeClock
 from storage import kv, queue

@@ -1,6 +1,6 @@
 """FEISHU_CONNECTION=ws: the real lark-oapi ``ws.Client`` against the long-connection stand-in.
 
-The stand-in (:mod:`bot.fake_feishu_ws`) serves discovery on the fake Feishu's domain and speaks
+The stand-in (:mod:`bot.standins.fake_feishu_ws`) serves discovery on the fake Feishu's domain and speaks
 protobuf frames over a real WebSocket on loopback; replies go through the outbox to the fake
 Feishu as in webhook mode. Intervals come from the stand-in's short ClientConfig, so reconnects
 take about a second.
@@ -21,16 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from bot.devtools import ADMIN, USER, card_action_event, message_event
-from bot.fake_feishu import FakeFeishu
-from bot.fake_feishu_ws import FAST_CONFIG, FakeFeishuWS
-from bot.longconn import LongConnection, restart_delay
+from bot.standins.events import ADMIN, USER, card_action_event, message_event
+from bot.standins.fake_feishu import FakeFeishu
+from bot.standins.fake_feishu_ws import FAST_CONFIG, FakeFeishuWS
+from bot.feishu.longconn import LongConnection, restart_delay
 from bot.settings import FeishuSettings, Secret, Settings, SettingsError, load_settings
+from pipeline.standins.simulator import CozeSimulator
 from storage import inbox, outbox, queue
 from storage.db import open_db
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERT_CHAT = "oc_alerts"
+
+
+def _sim() -> CozeSimulator:
+    """The Coze stand-in `opsbot worker --simulate` passes to run_worker."""
+    return CozeSimulator(default_duration=1.0, seed=1)
 
 
 @pytest.fixture
@@ -74,7 +80,7 @@ def running_worker(settings):
     async def main():
         box["stop"] = asyncio.Event()
         started.set()
-        box["code"] = await run_worker(settings, simulate=True, stop=box["stop"],
+        box["code"] = await run_worker(settings, simulator=_sim(), stop=box["stop"],
                                        tick_interval=0.5)
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
@@ -125,13 +131,13 @@ def test_worker_refuses_ws_mode_without_credentials(db_path):
     from bot.service import run_worker
 
     settings = Settings(feishu=FeishuSettings(connection="ws"), db_path=db_path)
-    assert asyncio.run(run_worker(settings, simulate=True)) == 2
+    assert asyncio.run(run_worker(settings, simulator=_sim())) == 2
 
 
 def test_worker_drain_does_not_open_the_long_connection(ws, settings):
     from bot.service import run_worker
 
-    assert asyncio.run(run_worker(settings, simulate=True, drain=True)) == 0
+    assert asyncio.run(run_worker(settings, simulator=_sim(), drain=True)) == 0
     assert ws.discoveries == [] and ws.connections == []
 
 
@@ -196,7 +202,7 @@ def test_group_chatter_not_addressed_to_the_bot_is_not_recorded(ws, settings, db
 # --- buttons -----------------------------------------------------------------------------------
 
 def _failed_task_with_alert(db_path, settings):
-    from bot.alerts import AlertRouter
+    from bot.alerting.router import AlertRouter
     from pipeline.clock import Clock
     from tests.test_alerts import batch, fail
 
@@ -319,7 +325,7 @@ def test_stop_before_the_first_connection_is_clean(fake, settings):
 def test_closing_cancels_again_a_task_that_swallows_one_cancellation(settings):
     """The SDK's ping loop sleeps a whole PingInterval in a ``finally``: a cancellation that lands
     in its ``try`` is used up there. Closing must not wait that sleep out."""
-    from bot.longconn import Session
+    from bot.feishu.longconn import Session
 
     session = Session(settings, lambda: None, 99, threading.Event())
     loop = asyncio.new_event_loop()
@@ -346,7 +352,7 @@ CHILD = textwrap.dedent('''
     import asyncio, json, sys, threading, time
     assert "lark_oapi" not in sys.modules
     from bot.settings import Settings, FeishuSettings, Secret
-    from bot.longconn import LongConnection
+    from bot.feishu.longconn import LongConnection
     from storage.db import open_db
 
     domain, db_path = sys.argv[1], sys.argv[2]
@@ -434,7 +440,7 @@ def test_opsbot_worker_in_ws_mode_answers_and_stops_cleanly_on_sigterm(fake, ws,
                OPSBOT_DB=str(tmp_path / "w.db"))
     for var in ("FEISHU_VERIFICATION_TOKEN", "FEISHU_ENCRYPT_KEY", "OPSBOT_CONFIG"):
         env.pop(var, None)
-    proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker", "--simulate"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "bot.ops.cli", "worker", "--simulate"], env=env,
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -457,7 +463,7 @@ def test_opsbot_worker_in_ws_mode_answers_and_stops_cleanly_on_sigterm(fake, ws,
 def _doctor(env):
     import io
 
-    from bot import doctor
+    from bot.ops import doctor
 
     out = io.StringIO()
     code = doctor.run_doctor(load_settings(env), out=out, timeout=1.0, budget=4.0)

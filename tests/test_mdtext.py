@@ -11,7 +11,7 @@ import re
 from hypothesis import given, settings, strategies as st
 from markdown_it import MarkdownIt
 
-from bot import mdtext
+from bot.chat import mdtext
 
 MD = MarkdownIt("commonmark").enable(["strikethrough", "table"])
 
@@ -70,7 +70,9 @@ def test_code_is_a_code_span_holding_the_text_or_escaped_text(text):
 
 def test_one_name_for_escaping_and_for_clipping():
     """mdtext.escape and mdtext.clip are the only helpers of their kind (no aliases to drift)."""
-    from bot import cards, commands, report
+    from bot.chat import cards
+    from bot.chat import commands
+    from bot.alerting import report
     assert not hasattr(commands, "neutral") and not hasattr(cards, "_cut")
     assert report.report_lines.__defaults__[-1] is mdtext.escape
     assert "&#" in mdtext.escape("*")   # before: only < > [ ] were escaped, `*` made bold text

@@ -11,12 +11,12 @@ import time
 import pytest
 
 from bot.app import create_app
-from bot.cards import button_values
-from bot.devtools import ADMIN, ENCRYPT_KEY, TOKEN, card_action_event, signed_event
+from bot.chat.cards import button_values
+from bot.standins.events import ADMIN, ENCRYPT_KEY, TOKEN, card_action_event, signed_event
 from bot.service import build_notifier
 from bot.settings import FeishuSettings, Secret, Settings
 from pipeline.coze import CozeClient
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
 from tests.helpers import checked_answer

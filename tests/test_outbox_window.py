@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.feishu import FeishuClient
-from bot.sender import OutboxSender
+from bot.feishu.client import FeishuClient
+from bot.feishu.sender import OutboxSender
 from pipeline.clock import FakeClock
 from storage import outbox
 from tests.test_sender import card

@@ -15,7 +15,7 @@ from pipeline.config import Check, GatePolicy, SynthesisConfig, gate_from_data
 from pipeline.coze import CozeClient
 from pipeline.notify import NullNotifier
 from pipeline.quality import MISSING, evaluate, resolve, urls_to_probe
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.clock import FakeClock
 from pipeline.urlprobe import probe_urls
 from pipeline.worker import Worker
@@ -420,7 +420,7 @@ def test_no_checks_no_gate(db, tmp_path):
 
 
 def test_the_medium_alert_names_check_and_value_escaped(db, tmp_path):
-    from bot.alerts import AlertRouter
+    from bot.alerting.router import AlertRouter
     from bot.settings import Settings, FeishuSettings
     from pipeline.clock import Clock
 
@@ -437,12 +437,12 @@ def test_the_medium_alert_names_check_and_value_escaped(db, tmp_path):
     [row] = list(db.query("SELECT payload FROM outbox WHERE kind = 'send'"))
     text = json.dumps(json.loads(row["payload"])["card"], ensure_ascii=False)
     # the batch's summary card advises on the quality gate, not "unknown error"
-    from bot.alert_cards import advice
-    from bot.alerts import batch_card
+    from bot.alerting.cards import advice
+    from bot.alerting.router import batch_card
     summary = json.dumps(batch_card(db, settings, batch, now=0), ensure_ascii=False)
     assert advice("quality", "zh") in summary and advice(None, "zh") not in summary
     assert advice("quality", "en") not in (advice(None, "en"), "advice.quality")
-    from bot.mdtext import escape
+    from bot.chat.mdtext import escape
     assert escape("quality check 'script' (text_length) failed: content") in text
     assert "<at id=all>" not in text and escape("<at id=all></at>") in text
 

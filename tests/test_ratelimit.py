@@ -8,7 +8,7 @@ import pytest
 from pipeline.clock import FakeClock
 from pipeline.coze import CozeClient
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 
 
 def stamps(limiter, clock, n):

@@ -1,12 +1,14 @@
-"""bot.render: Feishu cards and messages as terminal text."""
+"""bot.ops.render: Feishu cards and messages as terminal text."""
 from __future__ import annotations
 
 import io
 import re
 from zoneinfo import ZoneInfo
 
-from bot import alert_cards, cards, render
-from bot.report import report_card
+from bot.alerting import cards as alert_cards
+from bot.chat import cards
+from bot.ops import render
+from bot.alerting.report import report_card
 
 TZ = ZoneInfo("Asia/Shanghai")
 ANSI = re.compile(r"\033\[[0-9;]*m")
@@ -41,7 +43,7 @@ def test_help_card_shows_title_colour_and_every_command():
     lines = text.splitlines()
     assert lines[0].startswith("┌─ [blue] ") and lines[-1] == "└─"
     assert all(line.startswith("│ ") for line in lines[1:-1])
-    from bot.commands import COMMANDS
+    from bot.chat.commands import COMMANDS
     for name in COMMANDS:
         assert name in text
     assert "**" not in text and not ANSI.search(text)
@@ -200,8 +202,8 @@ def test_text_post_and_other_messages_and_toasts():
 
 
 def test_escaped_outside_text_is_shown_as_typed_and_code_spans_stay_literal():
-    from bot.mdtext import code, escape
-    from bot.render import render_markdown
+    from bot.chat.mdtext import code, escape
+    from bot.ops.render import render_markdown
     shown = render_markdown(f"**Reason**: {escape('<at id=all></at> **x**')} {code('a_b')}")
     assert shown == "Reason: <at id=all></at> **x** a_b"
     assert render_markdown("`&#60;`") == "&#60;"   # entities are not decoded in code spans

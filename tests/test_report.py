@@ -10,11 +10,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bot.cards import size
-from bot.mdtext import escape
-from bot.report import compute_report, day_bounds, report_card, report_text
-from bot.report_cli import run_report
-from bot.scheduler import Scheduler, due_report_date
+from bot.chat.cards import size
+from bot.chat.mdtext import escape
+from bot.alerting.report import compute_report, day_bounds, report_card, report_text
+from bot.ops.report_cli import run_report
+from bot.alerting.scheduler import Scheduler, due_report_date
 from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from storage import queue

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from bot import handlers
-from bot.alert_actions import handle_alert_action
-from bot.alerts import load_alert
-from bot.commands import Command, parse
+from bot.chat import handlers
+from bot.alerting.actions import handle_alert_action
+from bot.alerting.router import load_alert
+from bot.chat.commands import Command, parse
 from bot.metrics import render_metrics
 from storage import outbox, queue
 from storage.db import transaction

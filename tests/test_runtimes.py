@@ -16,7 +16,7 @@ from pipeline.clock import FakeClock
 from pipeline.config import PipelineConfig, PollPolicy
 from pipeline.coze import CozeClient
 from pipeline.runtimes import KEEP, RunTimeBook, RunTimeModel, run_seconds
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.worker import Worker
 from storage import queue, runtimes as stored
 from storage.db import apply_migrations, open_db, schema_version

@@ -31,7 +31,7 @@ from lark_oapi.adapter.flask import parse_req, parse_resp
 from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTriggerResponse
 
 from bot.app import create_app
-from bot.intake import MAX_SKEW
+from bot.web.intake import MAX_SKEW
 from bot.settings import FeishuSettings, Secret, Settings
 from storage.db import open_db
 from tests.helpers import (ENCRYPT_KEY, TOKEN, card_action_event, encrypt, legacy_card_action,

@@ -15,21 +15,21 @@ import pytest
 from aiohttp import web
 from werkzeug.serving import make_server
 
-from bot import handlers
+from bot.chat import handlers
 from bot.app import create_app
 from bot.errors import FeishuError
-from bot.feishu import FeishuClient
-from bot.alert_actions import ACTIONS, READ_ONLY
-from bot.handlers import process_inbox
+from bot.feishu.client import FeishuClient
+from bot.alerting.actions import ACTIONS, READ_ONLY
+from bot.chat.handlers import process_inbox
 from bot.logs import JsonFormatter
-from bot.sender import OutboxSender
+from bot.feishu.sender import OutboxSender
 from bot.service import build_notifier
 from bot.settings import CozeSettings, Secret, Settings
 from pipeline.clock import Clock
 from pipeline.config import PipelineConfig, PollPolicy, RetryPolicy
 from pipeline.coze import CozeClient
 from pipeline.errors import CozeError
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
 from storage.db import transaction

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from bot.feishu import FeishuClient
-from bot.sender import OutboxSender
+from bot.feishu.client import FeishuClient
+from bot.feishu.sender import OutboxSender
 from tests.fake_feishu import FakeFeishu
 from pipeline.clock import FakeClock
 from storage import outbox

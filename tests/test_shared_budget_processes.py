@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.simulator import CozeSimulator
 from storage import queue
 from storage.db import open_db
 
@@ -51,7 +51,7 @@ def test_worker_and_cli_share_one_budget_and_never_touch_each_others_tasks(tmp_p
                           encoding="utf-8")
     env = _env(db_path, base_url, tmp_path)
     try:
-        cli = subprocess.Popen([sys.executable, "-m", "bot.cli", "run", str(batch_file),
+        cli = subprocess.Popen([sys.executable, "-m", "bot.ops.cli", "run", str(batch_file),
                                 "--skip-synthesis", "--results", str(tmp_path / "out.json")],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -59,7 +59,7 @@ def test_worker_and_cli_share_one_budget_and_never_touch_each_others_tasks(tmp_p
         while not db.execute("SELECT 1 FROM batches WHERE source = 'cli'").fetchone():
             assert time.monotonic() < deadline and cli.poll() is None, "opsbot run did not start"
             time.sleep(0.05)
-        worker = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker", "--drain"],
+        worker = subprocess.Popen([sys.executable, "-m", "bot.ops.cli", "worker", "--drain"],
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         cli_out, cli_err = cli.communicate(timeout=180)

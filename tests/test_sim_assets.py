@@ -9,8 +9,8 @@ from io import BytesIO
 
 import aiohttp
 
-from pipeline.sim_assets import png, video_output, wav
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.sim_assets import png, video_output, wav
+from pipeline.standins.simulator import CozeSimulator
 
 
 def test_png_is_a_valid_image_of_the_size_asked():

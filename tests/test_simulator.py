@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pipeline.clock import FakeClock
 from pipeline.coze import CozeClient
 from pipeline.errors import CozeError, CozeNetworkError
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,7 +236,7 @@ def test_process_mode_with_a_script_file(tmp_path):
     script = tmp_path / "script.json"
     script.write_text(json.dumps({"default_duration": 0,
                                   "tasks": {"t1": {"outcome": "Fail", "node": "n1"}}}))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.simulator", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.standins.simulator", "--port", "0",
                              "--script", str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()
@@ -407,13 +407,13 @@ def test_renaming_the_first_token_keeps_its_limits():
 @pytest.mark.parametrize("bad", [{"max_runs": 0}, {"max_runs": 1.5}, {"max_runs": True},
                                  {"qps": 0}, {"qps": -1}, {"qps": "10"}, {"runs": 4}])
 def test_bad_account_limits_are_refused(bad):
-    from pipeline.simulator import Account
+    from pipeline.standins.simulator import Account
     with pytest.raises(ValueError):
         Account.from_dict(bad)
 
 
 def test_account_arguments_parse():
-    from pipeline.simulator import Account
+    from pipeline.standins.simulator import Account
     assert Account.parse("tok:4:10") == ("tok", Account(4, 10.0))
     assert Account.parse("tok::2.5") == ("tok", Account(None, 2.5))
     assert Account.parse("tok") == ("tok", Account(None, None))
@@ -443,7 +443,7 @@ def test_run_limit_and_recording_match_a_model(ops):
 
     sim, seen = accounts_scenario(body, {t: (n, None) for t, n in limits.items()},
                                   default_duration=duration)
-    now, ends = 0.0, {"a": [], "b": []}
+    now, ends = FakeClock().now(), {"a": [], "b": []}   # the same sums as the clock's
     peak, times, expected = {"a": 0, "b": 0}, {"a": [], "b": []}, []
     for token, step in ops:
         live = [e for e in ends[token] if e > now]
@@ -468,7 +468,7 @@ def test_process_mode_accounts_from_arguments_and_script_file(tmp_path):
     script = tmp_path / "script.json"
     script.write_text(json.dumps({"default_duration": 30,
                                   "accounts": {"tok-c": {"max_runs": 1}}}))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.simulator", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.standins.simulator", "--port", "0",
                              "--token", "tok-a", "--max-runs", "1", "--qps", "50",
                              "--account", "tok-b:2:", "--script", str(script)],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -497,6 +497,7 @@ def test_process_mode_accounts_from_arguments_and_script_file(tmp_path):
 
 
 def test_process_mode_refuses_a_bad_account_argument():
-    proc = subprocess.run([sys.executable, "-m", "pipeline.simulator", "--account", "tok:many"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.standins.simulator",
+                           "--account", "tok:many"],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "bad account" in proc.stderr

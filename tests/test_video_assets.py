@@ -15,8 +15,8 @@ import pytest
 
 from pipeline.clock import FakeClock
 from pipeline.config import PipelineConfig, RetryPolicy, SynthesisConfig
-from pipeline.sim_assets import video_output
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.sim_assets import video_output
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.video.assets import Limits, address_allowed
 from pipeline.video.errors import AssetError, VideoError
 from pipeline.video.job import make_video

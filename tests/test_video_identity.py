@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 from pipeline.clock import FakeClock
 from pipeline.config import PipelineConfig, RetryPolicy, SynthesisConfig
-from pipeline.sim_assets import video_output
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.sim_assets import video_output
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.synthesis import Synthesizer, builtin_synthesize, file_name, sweep
 from pipeline.video.errors import AssetError
 from pipeline.video.job import make_video

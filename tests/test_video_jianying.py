@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.clock import FakeClock
 from pipeline.config import PipelineConfig, RetryPolicy, SynthesisConfig
-from pipeline.sim_assets import video_output
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.sim_assets import video_output
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.video.jianying import map_path
 from pipeline.video.job import make_video
 

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.clock import FakeClock
 from pipeline.config import PipelineConfig, RetryPolicy, SynthesisConfig
-from pipeline.sim_assets import video_output
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.sim_assets import video_output
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.video import fonts
 from pipeline.video.errors import VideoError
 from pipeline.video.job import make_video

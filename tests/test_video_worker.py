@@ -11,8 +11,8 @@ from pathlib import Path
 from pipeline.config import PipelineConfig, PollPolicy, RetryPolicy, SynthesisConfig
 from pipeline.coze import CozeClient
 from pipeline.ratelimit import RateLimiter
-from pipeline.sim_assets import video_output
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.sim_assets import video_output
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.synthesis import file_name
 from pipeline.worker import Worker
 from storage import queue

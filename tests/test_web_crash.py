@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bot.devtools import ADMIN, ENCRYPT_KEY, TOKEN, message_event, signed_event
+from bot.standins.events import ADMIN, ENCRYPT_KEY, TOKEN, message_event, signed_event
 from storage.db import open_db
 from tests.fake_feishu import FakeFeishu
 from tests.test_gunicorn import free_port
@@ -82,7 +82,7 @@ def test_web_killed_mid_request_then_repushes_are_handled_once(tmp_path):
             proc.wait(10)
             t.join(10)
         proc, base = _gunicorn(env)
-        worker = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker", "--simulate"],
+        worker = subprocess.Popen([sys.executable, "-m", "bot.ops.cli", "worker", "--simulate"],
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from bot.app import create_app
-from bot.feishu import FeishuClient
+from bot.feishu.client import FeishuClient
 from bot.settings import Secret, Settings
 from storage import queue
 from tests.fake_feishu import FakeFeishu

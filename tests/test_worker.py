@@ -11,7 +11,7 @@ from pipeline.config import PipelineConfig, PollPolicy, RetryPolicy
 from pipeline.coze import CozeClient
 from pipeline.synthesis import file_name
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
 

@@ -19,7 +19,7 @@ from hypothesis import given, strategies as st
 
 from pipeline.coze import CozeClient
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.worker import STAGES, Worker, make_owner, parse_stages
 from pipeline.workerid import new_identity, pid_namespace, process_start
 from storage import queue
@@ -69,7 +69,7 @@ def test_stage_parsing_never_accepts_an_unknown_name(text):
 def test_the_cli_refuses_unknown_stages_with_exit_2(argv, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSBOT_", "COZE_"))}
     env.update(OPSBOT_DB=str(tmp_path / "x.db"), PYTHONPATH=os.getcwd())
-    out = subprocess.run([sys.executable, "-m", "bot.cli", *argv], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "bot.ops.cli", *argv], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2
     assert "--stages" in out.stderr and "choose from coze, synthesis or all" in out.stderr

@@ -8,7 +8,7 @@ import dataclasses
 from pipeline.breaker import Breaker
 from pipeline.config import BreakerPolicy, PollPolicy
 from pipeline.coze import CozeClient
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
 from tests.test_worker import FAST, Recorder

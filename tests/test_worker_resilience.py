@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.breaker import Breaker
 from pipeline.coze import CozeClient
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.synthesis import Synthesizer
 from pipeline.worker import Worker
 from storage import queue

@@ -35,7 +35,7 @@ SYNTH = (f"{sys.executable} -c \"import json, os, sys; "
 @pytest.fixture
 def simulator():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.simulator", "--port", "0", "--duration", "3",
+        [sys.executable, "-m", "pipeline.standins.simulator", "--port", "0", "--duration", "3",
          "--seed", "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     assert line.startswith("listening "), line
@@ -59,7 +59,7 @@ def _env(tmp_path, db_path, base_url, *, lease=4.0, synth=""):
 
 
 def _worker(env, *args, prefix=()):
-    return subprocess.Popen([*prefix, sys.executable, "-m", "bot.cli", "worker", *args],
+    return subprocess.Popen([*prefix, sys.executable, "-m", "bot.ops.cli", "worker", *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

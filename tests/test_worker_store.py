@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import PollPolicy
 from pipeline.coze import CozeClient
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.worker import Worker
 from storage import queue
 from tests.test_worker import FAST

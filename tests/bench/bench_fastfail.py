@@ -31,7 +31,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.coze import CozeClient
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script
 from pipeline.worker import Worker
 from storage import queue
 from storage.db import open_db

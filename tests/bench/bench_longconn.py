@@ -1,7 +1,7 @@
 """Long connection (FEISHU_CONNECTION=ws): answer latency, and whether the worker's loop starves.
 
-The real lark-oapi ``ws.Client`` (our :class:`bot.longconn.LongConnection`) against the stand-in
-(:mod:`bot.fake_feishu_ws`) on loopback. A coroutine on "the worker's loop" (this process's main
+The real lark-oapi ``ws.Client`` (our :class:`bot.feishu.longconn.LongConnection`) against the stand-in
+(:mod:`bot.standins.fake_feishu_ws`) on loopback. A coroutine on "the worker's loop" (this process's main
 asyncio loop) sleeps 10 ms at a time and records how late each wake-up is, first while the
 connection is idle, then while the stand-in pushes N message events and N button presses one
 after the other, each waiting for its answer frame. Prints answer latencies (frame sent -> answer
@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bot.devtools import ADMIN, card_action_event, message_event
-from bot.fake_feishu import FakeFeishu
-from bot.fake_feishu_ws import FakeFeishuWS
-from bot.longconn import LongConnection
+from bot.standins.events import ADMIN, card_action_event, message_event
+from bot.standins.fake_feishu import FakeFeishu
+from bot.standins.fake_feishu_ws import FakeFeishuWS
+from bot.feishu.longconn import LongConnection
 from bot.settings import Settings
 from storage.db import open_db
 

@@ -43,7 +43,7 @@ from pipeline.clock import Clock
 from pipeline.config import PipelineConfig, PollPolicy
 from pipeline.coze import CozeClient
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.worker import Worker
 from storage import queue
 from storage.db import open_db

@@ -3,7 +3,7 @@
     python -m tests.bench.bench_overhead            # 10,000 tasks
     python -m tests.bench.bench_overhead --quick    # 2,000 tasks
 
-The simulator runs in its own process (``python -m pipeline.simulator --port 0 --duration 0``),
+The simulator runs in its own process (``python -m pipeline.standins.simulator --port 0 --duration 0``),
 so this process holds only the worker: its ``time.process_time()`` over ``Worker.run`` is the
 worker's CPU (HTTP client, SQLite, asyncio, the worker's own logic), divided by the number of
 tasks. Peak memory is this process's ``ru_maxrss`` (interpreter and imports included).
@@ -32,7 +32,7 @@ from storage.db import open_db
 
 
 def start_simulator() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.simulator", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.standins.simulator", "--port", "0",
                              "--duration", "0"], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     if not line.startswith("listening "):

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import SynthesisConfig
-from pipeline.sim_assets import TEXTS, video_output
-from pipeline.simulator import CozeSimulator
+from pipeline.standins.sim_assets import TEXTS, video_output
+from pipeline.standins.simulator import CozeSimulator
 from pipeline.synthesis import Synthesizer
 
 

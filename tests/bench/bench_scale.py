@@ -8,17 +8,17 @@
 Not a test: pytest never collects it (``bench_*.py``); it prints a table and asserts nothing
 about speed.
 
-**Setup.** One Coze simulator (``python -m pipeline.simulator``, its own process) holds three
-Coze accounts, three API tokens, each with a limit of ``--account-runs`` runs in flight (4) and
-``--account-qps`` requests per second (10); the simulator refuses more (code 4009 for runs,
-HTTP 429 / 4020 for requests) and records, per token, the most runs in flight and the most
+**Setup.** One Coze simulator (``python -m pipeline.standins.simulator``, its own process) holds
+three Coze accounts, three API tokens, each with a limit of ``--account-runs`` runs in flight
+(4) and ``--account-qps`` requests per second (10); the simulator refuses more (code 4009 for
+runs, HTTP 429 / 4020 for requests) and records, per token, the most runs in flight and the most
 requests in any second. For each N in 1, 2, 3 the script starts N ``opsbot worker`` processes
-(``python -m bot.cli worker``: separate processes, each with its own worker identity), all on
-one fresh store (a SQLite file by default; ``--db`` for PostgreSQL, a fresh database per run),
-waits until all N have registered in the store, then queues the tasks and times them from the
-moment they are queued to the last task's ``finished_at``. Run times are drawn once, uniform in
-1-3 s (``--seed``), and scripted per task, so every N sees the same work. Synthesis is skipped
-(``pipeline.skip_synthesis``): the figures are about the Coze stage.
+(``python -m bot.ops.cli worker``: separate processes, each with its own worker identity), all
+on one fresh store (a SQLite file by default; ``--db`` for PostgreSQL, a fresh database per
+run), waits until all N have registered in the store, then queues the tasks and times them from
+the moment they are queued to the last task's ``finished_at``. Run times are drawn once, uniform
+in 1-3 s (``--seed``), and scripted per task, so every N sees the same work. Synthesis is
+skipped (``pipeline.skip_synthesis``): the figures are about the Coze stage.
 
 **Why throughput can grow with workers.** Each process runs at most ``pipeline.max_coze`` runs at
 once (``--max-coze``, 4); the accounts together allow 3 x 4 = 12. One worker can therefore use
@@ -136,8 +136,9 @@ def worker_env(db: str, base_url: str, config: Path, mode: str) -> dict:
 def start_simulator(tokens: list[str], runs: int, qps: float, script: Path,
                     log: Path) -> tuple[subprocess.Popen, str]:
     first, *others = tokens
-    cmd = [sys.executable, "-m", "pipeline.simulator", "--port", "0", "--script", str(script),
-           "--token", first, "--max-runs", str(runs), "--qps", f"{qps:g}"]
+    cmd = [sys.executable, "-m", "pipeline.standins.simulator", "--port", "0",
+           "--script", str(script), "--token", first, "--max-runs", str(runs),
+           "--qps", f"{qps:g}"]
     for token in others:
         cmd += ["--account", f"{token}:{runs}:{qps:g}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"),
@@ -183,7 +184,7 @@ def one_run(n: int, *, mode: str, durations: dict[str, float], db_location: str,
             log = tmp / f"worker-{n}-{i}.log"
             logs.append(log)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bot.cli", "--log-level", "WARNING", "worker"],
+                [sys.executable, "-m", "bot.ops.cli", "--log-level", "WARNING", "worker"],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w")))
 
         def registered():

@@ -1,0 +1,1 @@
+"""Alerting and reporting: the alert router, alert buttons, alert cards, the daily report, the canary and the report scheduler."""

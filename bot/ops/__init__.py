@@ -1,0 +1,1 @@
+"""Operator tools: the opsbot CLI, doctor, demo, terminal card renderer, report command."""
