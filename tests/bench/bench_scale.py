@@ -1,7 +1,8 @@
 """Scale-out benchmark: 1, 2 and 3 ``opsbot worker`` processes sharing one store and Coze.
 
-    python -m tests.bench.bench_scale               # 90 tasks per run, runs of 1-3 s
+    python -m tests.bench.bench_scale               # 90 tasks per run (about 4 min)
     python -m tests.bench.bench_scale --quick       # 36 tasks per run
+    python -m tests.bench.bench_scale --synthesis 0 # the Coze stage alone
     python -m tests.bench.bench_scale --db pg       # on a throwaway PostgreSQL server
     python -m tests.bench.bench_scale --db postgresql://USER@HOST/DB   # on that server
 
@@ -12,29 +13,32 @@ about speed.
 three Coze accounts, three API tokens, each with a limit of ``--account-runs`` runs in flight
 (4) and ``--account-qps`` requests per second (10); the simulator refuses more (code 4009 for
 runs, HTTP 429 / 4020 for requests) and records, per token, the most runs in flight and the most
-requests in any second. For each N in 1, 2, 3 the script starts N ``opsbot worker`` processes
-(``python -m bot.ops.cli worker``: separate processes, each with its own worker identity), all
-on one fresh store (a SQLite file by default; ``--db`` for PostgreSQL, a fresh database per
-run), waits until all N have registered in the store, then queues the tasks and times them from
-the moment they are queued to the last task's ``finished_at``. Run times are drawn once, uniform
-in 1-3 s (``--seed``), and scripted per task, so every N sees the same work. Synthesis is
-skipped (``pipeline.skip_synthesis``): the figures are about the Coze stage.
+requests in any second. Tasks are spread evenly over three pipelines (``[[pipelines]]``), one
+per account (``[coze.accounts.NAME]``). For each N in 1, 2, 3 the script starts N ``opsbot
+worker`` processes (``python -m bot.ops.cli worker``: separate processes, each with its own
+worker identity), all on one fresh store (a SQLite file by default; ``--db`` for PostgreSQL, a
+fresh database per run), waits until all N have registered in the store, then queues the tasks
+and times them from the moment they are queued to the last task's ``finished_at``. Run times are
+drawn once, uniform in 1-3 s (``--seed``), and scripted per task, so every N sees the same work.
 
-**Why throughput can grow with workers.** Each process runs at most ``pipeline.max_coze`` runs at
-once (``--max-coze``, 4); the accounts together allow 3 x 4 = 12. One worker can therefore use
-a third of what the accounts allow, two workers two thirds, three all of it, while each account's
-own limit (counted across all processes through the store) and QPS budget (shared through the
-store) still hold. That needs several pipelines on several accounts: tasks are spread evenly over
-three pipelines (``[[pipelines]]``), one per account (``[coze.accounts.NAME]``).
+**What grows with workers.** The Coze limits do not: each account's run limit is counted across
+every process on the store and its QPS budget is shared through the store, so one process can
+already use what an account allows, and N processes together never use more (the table shows
+both). What each process adds is its own synthesis slots: ``pipeline.max_synthesis`` (2 here)
+jobs at once per process. The synthesis step is a stand-in that waits ``--synthesis`` seconds
+(2) and uses almost no CPU, as a render on CPUs other than this 2-core machine's would, so the
+number of processes, not this machine, bounds it. Throughput is then about
+``min(N x max_synthesis / seconds, what the accounts' runs allow)``: it grows with workers until
+the accounts are the bound. ``--synthesis 0`` skips synthesis and measures the Coze stage alone.
 
 With settings that do not know ``[coze.accounts.NAME]`` / ``[[pipelines]]`` (before the many-
 pipelines work), the script says so and falls back to what exists: one account (one token with
-the same limits), one pipeline, N workers. There ``pipeline.max_coze`` is that account's limit
-across every process on the store, so extra workers cannot add Coze throughput; the table shows
-it. ``--accounts 1`` forces this mode.
+the same limits) and one pipeline, where ``pipeline.max_coze`` is the account's run limit
+across every process on the store. ``--accounts 1`` forces this mode.
 
 Columns: wall = first task queued -> last task finished; in flight = sum of the run times / wall
-(the mean number of runs Coze was executing); per account: the most runs in flight the simulator
+(the mean number of runs Coze was executing); synth = synthesis jobs x their seconds / wall (the
+mean number of jobs at once); per account: the most runs in flight the simulator
 saw (its limit in brackets), the most requests in any 1 s window (the QPS limit in brackets),
 and the requests it refused (429: over QPS, 4009: over the run limit). "dup" counts tasks whose
 workflow was submitted more than once.
@@ -70,6 +74,7 @@ class Run:
     tasks: int
     wall: float
     busy: float                    # sum of the run times
+    synth_busy: float              # synthesis jobs x their seconds of waiting
     accounts: dict                 # token -> the simulator's record of it
     succeeded: int
     duplicates: int
@@ -110,9 +115,22 @@ def _pipelines_toml(base_url: str, runs: int, qps: float) -> str:
     return "\n".join(lines)
 
 
+def synthesis_command(seconds: float) -> str:
+    """A synthesis step that takes ``seconds`` of wall time and almost no CPU, then writes its
+    result: a stand-in for a render done by CPUs this machine does not have."""
+    code = (f"import json, sys, time; time.sleep({seconds:g}); "
+            f"json.dump({{'seconds': {seconds:g}}}, open(sys.argv[1], 'w'))")
+    return f'{sys.executable} -c "{code}" {{output}}'
+
+
 def write_config(path: Path, *, mode: str, base_url: str, max_coze: int, runs: int, qps: float,
-                 out: Path) -> None:
-    text = (f"[pipeline]\nmax_coze = {max_coze}\ncoze_qps = {qps:g}\nskip_synthesis = true\n"
+                 out: Path, synthesis: float, max_synthesis: int) -> None:
+    if synthesis > 0:
+        synth = (f"max_synthesis = {max_synthesis}\n"
+                 f"synthesis_command = {json.dumps(synthesis_command(synthesis))}\n")
+    else:
+        synth = "skip_synthesis = true\n"
+    text = (f"[pipeline]\nmax_coze = {max_coze}\ncoze_qps = {qps:g}\n{synth}"
             f"idle_interval = 0.05\nlease_seconds = 30\noutput_dir = \"{out}\"\n\n")
     if mode == "accounts":
         text += _pipelines_toml(base_url, runs, qps)
@@ -166,7 +184,7 @@ def wait_for(predicate, timeout: float, what: str, pause: float = 0.1):
 
 
 def one_run(n: int, *, mode: str, durations: dict[str, float], db_location: str, tmp: Path,
-            max_coze: int, runs: int, qps: float) -> Run:
+            max_coze: int, runs: int, qps: float, synthesis: float, max_synthesis: int) -> Run:
     accounts = ACCOUNTS if mode == "accounts" else ACCOUNTS[:1]
     tokens = [token_of(a) for a, _ in accounts]
     script = tmp / f"sim-{n}.json"
@@ -177,7 +195,7 @@ def one_run(n: int, *, mode: str, durations: dict[str, float], db_location: str,
     try:
         config = tmp / f"opsbot-{n}.toml"
         write_config(config, mode=mode, base_url=base_url, max_coze=max_coze, runs=runs,
-                     qps=qps, out=tmp / "out")
+                     qps=qps, out=tmp / "out", synthesis=synthesis, max_synthesis=max_synthesis)
         db = open_db(db_location)
         env = worker_env(db_location, base_url, config, mode)
         for i in range(n):
@@ -234,6 +252,7 @@ def one_run(n: int, *, mode: str, durations: dict[str, float], db_location: str,
     duplicates = sum(1 for k in durations if stats["tasks"].get(k, {}).get("submits", 0) > 1)
     return Run(workers=n, tasks=len(rows), wall=wall,
                busy=sum(r["duration"] for r in stats["runs"].values()),
+               synth_busy=synthesis * sum(1 for t in rows if t["status"] == "succeeded"),
                accounts={t: stats["accounts"][t] for t in tokens},
                succeeded=sum(1 for t in rows if t["status"] == "succeeded"),
                duplicates=duplicates, mode=mode)
@@ -250,8 +269,8 @@ def fresh_store(tmp: Path, n: int, server: str | None) -> str:
 def print_table(results: list[Run], runs: int, qps: float) -> None:
     base = results[0].tasks / results[0].wall
     head = (f"{'workers':>7} {'tasks':>5} {'wall':>7} {'tasks/min':>9} {'speed-up':>8} "
-            f"{'in flight':>9}  per account: max runs in flight [{runs}], max req/s [{qps:g}],"
-            f" refused 429 / 4009")
+            f"{'in flight':>9} {'synth':>5}  per account: max runs in flight [{runs}], "
+            f"max req/s [{qps:g}], refused 429 / 4009")
     print(head)
     for r in results:
         per = "  ".join(
@@ -260,7 +279,7 @@ def print_table(results: list[Run], runs: int, qps: float) -> None:
             ((t.removeprefix("pat_bench_"), a) for t, a in r.accounts.items()))
         rate = r.tasks / r.wall
         print(f"{r.workers:>7} {r.tasks:>5} {r.wall:>6.1f}s {rate * 60:>9.1f} "
-              f"{rate / base:>7.2f}x {r.busy / r.wall:>9.2f}  {per}"
+              f"{rate / base:>7.2f}x {r.busy / r.wall:>9.2f} {r.synth_busy / r.wall:>5.2f}  {per}"
               + (f"  ({r.tasks - r.succeeded} not succeeded)" if r.succeeded != r.tasks else "")
               + (f"  dup {r.duplicates}" if r.duplicates else ""))
 
@@ -276,7 +295,13 @@ def main(argv: list[str] | None = None) -> int:
                          "them), 1: one account")
     ap.add_argument("--account-runs", type=int, default=4, help="each account's run limit")
     ap.add_argument("--account-qps", type=float, default=10.0, help="each account's QPS limit")
-    ap.add_argument("--max-coze", type=int, default=4, help="pipeline.max_coze per process")
+    ap.add_argument("--max-coze", type=int, default=4,
+                    help="pipeline.max_coze: the default account's run limit (with one "
+                         "account, that account's)")
+    ap.add_argument("--synthesis", type=float, default=2.0,
+                    help="seconds each synthesis job waits (0: synthesis skipped)")
+    ap.add_argument("--max-synthesis", type=int, default=2,
+                    help="pipeline.max_synthesis: synthesis jobs at once per process")
     ap.add_argument("--db", default="sqlite",
                     help="sqlite (default), pg (a throwaway PostgreSQL server), or a "
                          "postgresql:// URL whose user may create databases")
@@ -312,15 +337,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n_tasks} tasks, run times uniform 1-3 s (mean "
                   f"{sum(durations.values()) / n_tasks:.2f} s, seed {args.seed}); each account: "
                   f"{args.account_runs} runs, {args.account_qps:g} QPS; pipeline.max_coze "
-                  f"{args.max_coze} per process; store: "
-                  f"{'SQLite file' if server is None else 'PostgreSQL'}; synthesis skipped; "
-                  f"{os.cpu_count()} cores")
+                  f"{args.max_coze}; store: "
+                  f"{'SQLite file' if server is None else 'PostgreSQL'}; synthesis: "
+                  + (f"{args.synthesis:g} s of waiting per task, {args.max_synthesis} at once per "
+                     f"process" if args.synthesis > 0 else "skipped")
+                  + f"; {os.cpu_count()} cores")
             results = []
             for n in args.workers:
                 location = fresh_store(tmp, n, server)
                 results.append(one_run(n, mode=mode, durations=durations, db_location=location,
                                        tmp=tmp, max_coze=args.max_coze, runs=args.account_runs,
-                                       qps=args.account_qps))
+                                       qps=args.account_qps, synthesis=args.synthesis,
+                                       max_synthesis=args.max_synthesis))
                 print(f"  {n} worker(s): {results[-1].wall:.1f} s", file=sys.stderr, flush=True)
             print_table(results, args.account_runs, args.account_qps)
         finally:
