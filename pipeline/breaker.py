@@ -128,10 +128,12 @@ class Breaker:
                                      opened_at=None, reason=None))
 
     def _update(self, change: Callable[[BreakerState], dict | None]) -> BreakerState:
-        """Read the state and write ``change(state)`` in one ``BEGIN IMMEDIATE`` transaction,
-        so a write never rests on a state another process changed meanwhile (a stale success
-        closing a manual trip). Returns the state after; ``on_change`` is told after commit."""
-        with transaction(self.db) as conn:
+        """Read the state and write ``change(state)`` in one transaction that runs alone among
+        this service's breaker writes (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the per-key
+        lock ``breaker:<service>``), so a write never rests on a state another process changed
+        meanwhile (a stale success closing a manual trip). Returns the state after; ``on_change``
+        is told after commit."""
+        with transaction(self.db, concurrent=True, key=f"breaker:{self.service}") as conn:
             before = self.state()
             changes = change(before)
             if not changes:

@@ -23,7 +23,7 @@ def get(db: sqlite_utils.Database, service: str) -> tuple | None:
 def put(db: sqlite_utils.Database, *, service: str, state: str, failures: int, successes: int,
         opened_at: float | None, reason: str | None, submit_failures: int, now: float) -> None:
     """Insert or overwrite the row of ``service`` in one transaction."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=f"breaker:{service}") as conn:
         put_in(conn, service=service, state=state, failures=failures, successes=successes,
                opened_at=opened_at, reason=reason, submit_failures=submit_failures, now=now)
 

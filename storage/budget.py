@@ -4,10 +4,12 @@ One row per account (``budgets``, keyed by :func:`account_key`, a hash: the toke
 stored). The row holds send *slots*, not tokens: ``next_slot`` is the Unix time of the next free
 slot. :func:`reserve` hands out ``n`` consecutive slots ``1 / rate`` seconds apart, starting at
 ``max(next_slot, now, paused_until)``, and moves ``next_slot`` past them, all in one
-``BEGIN IMMEDIATE`` transaction. No two processes ever get the same slot, and the slots of all
-processes together are at least ``1 / rate`` apart: the virtual-scheduling form of a token
-bucket one token deep (GCRA). A process reserves a few slots per transaction when it has several
-callers waiting, so the write rate stays far below the request rate when the budget binds.
+transaction that runs alone among this account's budget writes (SQLite: ``BEGIN IMMEDIATE``;
+PostgreSQL: the per-key lock ``budget:<account>``, since the row may not exist yet). No two
+processes ever get the same slot, and the slots of all processes together are at least
+``1 / rate`` apart: the virtual-scheduling form of a token bucket one token deep (GCRA). A
+process reserves a few slots per transaction when it has several callers waiting, so the write
+rate stays far below the request rate when the budget binds.
 
 After a 429 (:func:`slow_down`) the row records a pause and a halved rate that climbs back to
 the configured rate over ``recovery`` seconds, so every process slows down, not only the one
@@ -65,7 +67,7 @@ def reserve(db: sqlite_utils.Database, key: str, policy: RatePolicy, *, now: flo
             count: int) -> Grant:
     """Reserve ``count`` (>= 1) consecutive send slots of the account ``key``."""
     count = max(1, int(count))
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=f"budget:{key}") as conn:
         row = conn.execute("SELECT next_slot, paused_until, reduced_rate, reduced_at FROM budgets"
                            " WHERE key = ?", [key]).fetchone()
         next_slot, paused_until, reduced, reduced_at = row or (0.0, 0.0, None, None)
@@ -85,7 +87,7 @@ def slow_down(db: sqlite_utils.Database, key: str, policy: RatePolicy, *, now: f
               seconds: float) -> None:
     """A 429: nobody sends before ``now + seconds``; the rate halves (never below the floor)."""
     until = now + max(0.0, seconds)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=f"budget:{key}") as conn:
         row = conn.execute("SELECT paused_until, reduced_rate, reduced_at FROM budgets"
                            " WHERE key = ?", [key]).fetchone()
         paused_until, reduced, reduced_at = row or (0.0, None, None)

@@ -111,14 +111,23 @@ def apply_migrations(db: sqlite_utils.Database) -> int:
 
 
 class transaction:
-    """``with transaction(db):`` runs the block in one ``BEGIN IMMEDIATE`` transaction."""
+    """``with transaction(db):`` runs the block in one ``BEGIN IMMEDIATE`` transaction.
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
-        self._pg = db.begin() if isinstance(db, pg.PgDatabase) else None
+    On SQLite every block runs alone (one writer). On PostgreSQL a block runs alone by default
+    too; ``concurrent=True`` says the block stays correct with other writers running beside it
+    (atomic statements, row locks, ``SKIP LOCKED``), so it runs in parallel with other such
+    blocks, and ``key`` serializes it with the blocks naming the same key (see
+    :mod:`storage.pg`). SQLite ignores both.
+    """
+
+    def __init__(self, db: sqlite_utils.Database, *, concurrent: bool = False,
+                 key: str | None = None) -> None:
+        self._pg = db.begin(shared=concurrent, key=key) if isinstance(db, pg.PgDatabase) \
+            else None
         self.conn = db.conn
 
     def __enter__(self) -> sqlite3.Connection:
-        if self._pg is not None:   # one writer at a time, as BEGIN IMMEDIATE (see storage.pg)
+        if self._pg is not None:   # the write lock, exclusive or shared (see storage.pg)
             return self._pg.__enter__()  # type: ignore[return-value]
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
@@ -128,6 +137,11 @@ class transaction:
             self._pg.__exit__(exc_type, exc, tb)
             return
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def is_postgres(db: Any) -> bool:
+    """True when ``db`` is a PostgreSQL store (its claims take ``FOR UPDATE SKIP LOCKED``)."""
+    return isinstance(db, pg.PgDatabase)
 
 
 def prune(db: sqlite_utils.Database, *, now: float, keep_days: float = 7.0) -> dict[str, int]:
@@ -157,8 +171,8 @@ def database_file(db: sqlite_utils.Database) -> str | None:
 
 def set_lock_wait(db: sqlite_utils.Database, seconds: float) -> None:
     """How long a statement of this connection waits for another process's write lock before
-    it fails (``sqlite3.OperationalError``, "database is locked"; on PostgreSQL the wait for the
-    write lock of :mod:`storage.pg`, as ``lock_timeout``)."""
+    it fails (``sqlite3.OperationalError``, "database is locked"; on PostgreSQL the wait for any
+    lock of a transaction, the write lock, a per-key lock or a row lock, as ``lock_timeout``)."""
     if isinstance(db, pg.PgDatabase):
         db.lock_wait = seconds
         return

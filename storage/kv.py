@@ -21,7 +21,7 @@ def get(db: sqlite_utils.Database | Any, key: str) -> str | None:
 
 def put(db: sqlite_utils.Database, key: str, value: str, *, now: float) -> None:
     """Store ``value`` under ``key`` (insert or overwrite) in one transaction."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         put_in(conn, key, value, now=now)
 
 

@@ -26,6 +26,12 @@ KINDS = ("send", "reply", "patch", "bitable_update",
          "bitable_attach", "bitable_create")  # the last two: see bot.feishu.sender._deliver_bitable_extra
 UUID_KINDS = ("send", "reply")   # made idempotent by Feishu's uuid (patches and writes are)
 UUID_WINDOW = 3600.0             # seconds Feishu dedupes a send uuid
+#: Every outbox write takes turns with the others (PostgreSQL: this per-key lock; SQLite: its one
+#: writer). A claim keeps order per target by reading the other rows' due times and leases, so a
+#: mark committed between its read and its write (a retry pushing an older row back) could let
+#: a newer row of the target go first; and row ids must be committed in the order given out.
+#: Writes to other tables do not wait for the outbox.
+WRITES = "outbox"
 
 
 def reply_uuid(message_id: str) -> str:
@@ -41,7 +47,7 @@ def enqueue(db: sqlite_utils.Database, kind: str, target: str, payload: dict[str
     if kind not in KINDS:
         raise ValueError(f"unknown outbox kind {kind!r}")
     key = uuid or uuidlib.uuid4().hex
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         conn.execute(
             "INSERT OR IGNORE INTO outbox (uuid, kind, target, payload, ref, created_at, next_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -68,7 +74,7 @@ def claim_due(db: sqlite_utils.Database, *, owner: str, now: float, lease: float
         extra += f" AND uuid IN ({','.join('?' * len(uuids))})"
         args += list(uuids)
     args.append(limit)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         # Skip rows behind an older pending row of the same target (not due, or leased).
         rows = conn.execute(
             "SELECT id FROM outbox o WHERE status = 'pending' AND next_at <= ?"
@@ -101,7 +107,7 @@ def mark_sent(db: sqlite_utils.Database, row_id: int, *, now: float,
     """Mark a row sent; with ``owner``, only while that sender still holds it (a sender whose
     lease was taken over leaves the row to the new holder). True when the row was marked."""
     where, args = _owned(owner)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         cur = conn.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?,"
                            " attempts = attempts + 1, lease_owner = NULL, lease_until = NULL,"
                            f" last_error = NULL WHERE id = ?{where}",
@@ -113,7 +119,7 @@ def mark_retry(db: sqlite_utils.Database, row_id: int, *, now: float, next_at: f
                error: str, owner: str | None = None) -> bool:
     """Schedule a row again; with ``owner``, only while that sender still holds it."""
     where, args = _owned(owner)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         cur = conn.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?,"
                            " last_error = ?, lease_owner = NULL, lease_until = NULL"
                            f" WHERE id = ?{where}", [next_at, error[:500], row_id, *args])
@@ -123,7 +129,7 @@ def mark_retry(db: sqlite_utils.Database, row_id: int, *, now: float, next_at: f
 def extend_lease(db: sqlite_utils.Database, row_id: int, *, owner: str, until: float) -> bool:
     """Keep a pending row leased to ``owner`` until ``until`` (before a long call, such as an
     upload, that may outlast the lease); False when another sender holds it now."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         cur = conn.execute("UPDATE outbox SET lease_until = MAX(COALESCE(lease_until, 0), ?)"
                            " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
                            [until, row_id, owner])
@@ -137,7 +143,7 @@ def release(db: sqlite_utils.Database, row_id: int, *, next_at: float, reason: s
     Only a pending row; with ``owner``, only while that sender still holds it (a sender whose
     lease ran out must not release the row another sender now holds). True when released."""
     where, args = _owned(owner)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         cur = conn.execute("UPDATE outbox SET next_at = ?, last_error = ?, lease_owner = NULL,"
                            f" lease_until = NULL WHERE id = ? AND status = 'pending'{where}",
                            [next_at, reason[:500], row_id, *args])
@@ -157,7 +163,7 @@ def mark_dead(db: sqlite_utils.Database, row_id: int, *, now: float, error: str,
     Only a pending row (a sent one stays sent); with ``owner``, only while that sender still
     holds it. True when the row was marked."""
     where, args = _owned(owner)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         cur = conn.execute("UPDATE outbox SET status = 'dead', attempts = attempts + 1,"
                            " last_error = ?, lease_owner = NULL, lease_until = NULL, sent_at = ?"
                            f" WHERE id = ? AND status = 'pending'{where}",
@@ -196,7 +202,7 @@ def send_uuid(row: dict[str, Any]) -> str:
 
 def mark_attempt(db: sqlite_utils.Database, row_id: int, *, now: float) -> float:
     """Record that the row is about to be sent (the first time only); return that time."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         conn.execute("UPDATE outbox SET first_attempt_at = COALESCE(first_attempt_at, ?)"
                      " WHERE id = ?", [now, row_id])
         return conn.execute("SELECT first_attempt_at FROM outbox WHERE id = ?",
@@ -254,7 +260,7 @@ def id_of(db: sqlite_utils.Database, uuid: str) -> int | None:
 
 def set_payload(db: sqlite_utils.Database, row_id: int, payload: dict[str, Any]) -> None:
     """Overwrite the payload of row ``row_id`` (as JSON) in one transaction."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         conn.execute("UPDATE outbox SET payload = ? WHERE id = ?",
                      [json.dumps(payload, ensure_ascii=False), row_id])
 
@@ -274,7 +280,7 @@ def enqueue_patch(db: sqlite_utils.Database, target: str, payload: dict[str, Any
     previous patch of that target. One transaction.
     """
     body = json.dumps(payload, ensure_ascii=False)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=WRITES) as conn:
         row = conn.execute(
             "SELECT id, uuid FROM outbox WHERE kind = 'patch' AND target = ? AND status = 'pending'"
             " AND (lease_until IS NULL OR lease_until < ?) ORDER BY id DESC LIMIT 1",

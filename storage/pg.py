@@ -10,17 +10,42 @@ the migrations, so both backends share one schema and one list of migrations.
 :class:`PgDatabase` offers the part of ``sqlite_utils.Database`` the storage functions use:
 ``execute``, ``executemany``, ``query`` and ``conn`` (whose ``close()`` closes the pool).
 ``with transaction(db)`` (see :mod:`storage.db`) takes a pooled connection, begins a transaction
-and takes one transaction-scoped advisory lock shared by every writer: writers run one at a time,
-as under SQLite's ``BEGIN IMMEDIATE``, so every read-modify-write the storage functions do keeps
-the meaning it has on SQLite. Reads outside a transaction never wait. A statement run through
-``db`` on a thread that holds an open transaction of that ``db`` runs inside it (as on SQLite's
-single connection).
+and takes the write lock, a transaction-scoped advisory lock, in one of two modes:
+
+- *exclusive* (the default): the block runs alone, as under SQLite's ``BEGIN IMMEDIATE``, so a
+  multi-statement read-modify-write keeps the meaning it has on SQLite. Batch creation, cancel,
+  block, requeue, outbox replay, lease expiry of dead workers, alerts and silences, kv writes of
+  several keys, prune and the doctor's write probe stay here: they are rare, and their
+  correctness rests on nobody writing between their reads and their writes.
+- *shared* (``transaction(db, concurrent=True)``): the block runs beside every other shared
+  block and waits only while an exclusive one runs. Each such block is correct on its own
+  terms, without the global lock: task and inbox claims are one statement whose candidate scan
+  takes ``FOR UPDATE SKIP LOCKED`` (concurrent claimers lock disjoint rows and never wait on each
+  other), lease renewals, task updates and heartbeats are single conditional ``UPDATE``s
+  (the row lock orders them), inbox dedup is ``INSERT ... ON CONFLICT DO NOTHING``, and a
+  finished batch is marked done by an ``UPDATE`` that re-checks its status under the row lock.
+  (The first claims of a still-queued batch wait briefly on the batch row, to start it.)
+  A shared block that reads then writes rows that may not exist yet also names a ``key``; it
+  takes a second, per-key advisory lock (:func:`key_lock`) and so runs alone only among blocks
+  of that key: the Coze QPS budget of one account (``budget:<account>``), the breaker of one
+  service (``breaker:<service>``), the account-wide count of Coze runs in flight
+  (``coze-in-flight``), the learned run times of one workflow, and the outbox (``outbox``):
+  its claim keeps order per target by reading other rows' due times and leases, and its ids
+  must be committed in the order given out, so every outbox write takes turns with the others
+  (see :data:`storage.outbox.WRITES`).
+
+Every lock wait (advisory or row) is bounded by ``lock_wait`` (``lock_timeout``), like SQLite's
+busy timeout; a deadlock the server detects is a "try again" error too. Reads outside a
+transaction never wait. A statement run through ``db`` on a thread that holds an open
+transaction of that ``db`` runs inside it (as on SQLite's single connection). Claims use
+``WITH ... AS MATERIALIZED``: PostgreSQL 12 or newer.
 
 Migrations run in one transaction under their own advisory lock, so processes that start at once
 apply each migration exactly once; the version sits in table ``opsbot_schema``.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import threading
@@ -28,8 +53,9 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterable, Iterator
 
-WRITE_LOCK = 0x6F707362          # "opsb": the advisory lock every write transaction takes
+WRITE_LOCK = 0x6F707362          # "opsb": the write lock (exclusive or shared) of transactions
 MIGRATE_LOCK = 0x6F70736D        # "opsm": the advisory lock of the migrations
+KEY_LOCKS = 0x6F70736B           # "opsk": first half of every per-key lock (see key_lock)
 
 URL_PREFIXES = ("postgresql://", "postgres://")
 
@@ -195,7 +221,9 @@ def _as_sqlite_errors() -> Iterator[None]:
     import psycopg
     try:
         yield
-    except psycopg.errors.LockNotAvailable as exc:   # the write lock stayed busy (lock_wait)
+    except psycopg.errors.LockNotAvailable as exc:   # a lock stayed busy past lock_wait
+        raise sqlite3.OperationalError(f"database is locked (postgresql: {exc})") from exc
+    except psycopg.errors.DeadlockDetected as exc:   # the server rolled one side back: retry
         raise sqlite3.OperationalError(f"database is locked (postgresql: {exc})") from exc
     except psycopg.OperationalError as exc:
         raise sqlite3.OperationalError(f"postgresql: {redacted(str(exc))}") from exc
@@ -303,17 +331,38 @@ class PgDatabase:
         for row in res.fetchall():
             yield dict(zip(cols, row))
 
-    def begin(self, lock: int = WRITE_LOCK) -> "_Begin":
-        return _Begin(self, lock)
+    def begin(self, lock: int = WRITE_LOCK, *, shared: bool = False,
+              key: str | None = None) -> "_Begin":
+        """A transaction under advisory lock ``lock`` (shared or exclusive), and under the
+        per-key lock of ``key`` when given (see the module docstring)."""
+        return _Begin(self, lock, shared=shared, key=key)
 
     def close(self) -> None:
         self.pool.close()
 
 
+def key_lock(key: str) -> tuple[int, int]:
+    """The advisory lock of ``key``: ``(KEY_LOCKS, 32-bit hash of key)``. The two-int form keeps
+    these apart from the single-bigint locks above (they never collide)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    return KEY_LOCKS, int.from_bytes(digest, "big", signed=True)
+
+
 class _Begin:
-    def __init__(self, db: PgDatabase, lock: int) -> None:
-        self.db, self.lock = db, lock
+    def __init__(self, db: PgDatabase, lock: int, *, shared: bool = False,
+                 key: str | None = None) -> None:
+        self.db, self.lock, self.shared, self.key = db, lock, shared, key
         self.raw: Any = None
+
+    def _opening(self) -> str:
+        """BEGIN, the lock wait and the locks as one round trip (integers only: no parameters)."""
+        # as SQLite's busy_timeout: wait this long for any lock (advisory or row), then fail
+        parts = ["BEGIN", f"SET LOCAL lock_timeout = {max(1, int(self.db.lock_wait * 1000))}",
+                 f"SELECT pg_advisory_xact_lock{'_shared' if self.shared else ''}"
+                 f"({int(self.lock)})"]
+        if self.key is not None:
+            parts.append("SELECT pg_advisory_xact_lock(%d, %d)" % key_lock(self.key))
+        return "; ".join(parts)
 
     def __enter__(self) -> Transaction:
         if self.db._current() is not None:
@@ -322,10 +371,7 @@ class _Begin:
             self.raw = self.db.pool.getconn()
         try:
             with _as_sqlite_errors():
-                self.raw.execute("BEGIN")
-                # as SQLite's busy_timeout: wait this long for the write lock, then fail
-                self.raw.execute(f"SET LOCAL lock_timeout = {max(1, int(self.db.lock_wait * 1000))}")
-                self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
+                self.raw.execute(self._opening())
         except BaseException:
             self._release(commit=False)
             raise

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
-from .db import Conflict, NotFound, transaction
+from .db import Conflict, NotFound, is_postgres, transaction
 
 FINAL = ("succeeded", "failed", "cancelled", "ignored")
 ACTIVE = ("queued", "running", "retrying")
@@ -135,43 +135,84 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     that are queued become running on their first claim. ``batch_ids`` limits the claim. A
     batch that another live process runs itself (``runner``, held until ``runner_until``) is
     left to it.
+
+    PostgreSQL: one statement that skips the rows other claimers hold (``SKIP LOCKED``), so
+    claimers on many machines run in parallel; SQLite: read then update, under its one writer.
     """
     if limit <= 0:
         return []
+    wanted = tuple(batch_ids) if batch_ids else ()
+    with transaction(db, concurrent=True) as conn:
+        if is_postgres(db):
+            return _claim_skip_locked(conn, owner=owner, now=now, lease=lease, limit=limit,
+                                      stage=stage, wanted=wanted)
+        return _claim_select_update(conn, owner=owner, now=now, lease=lease, limit=limit,
+                                    stage=stage, wanted=wanted)
+
+
+def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: tuple,
+             lock: str = "") -> tuple[str, list[Any]]:
+    """The ids (and ``next_at``) of up to ``limit`` due tasks, earliest first: one
+    index-ordered, limited scan per status (tasks_claim is (status, next_at), id breaks ties),
+    merged, so cost grows with ``limit``, not with the number of queued tasks. ``lock`` ends
+    each scan (PostgreSQL: ``FOR UPDATE OF t SKIP LOCKED``)."""
     stage_sql = " AND t.stage = ?" if stage else ""
     stage_args: list[Any] = [stage] if stage else []
-    # One index-ordered, limited scan per status (tasks_claim is (status, next_at) and rowid
-    # breaks ties), merged: cost grows with ``limit``, not with the number of queued tasks.
     runnable = (" AND t.batch_id IN (SELECT id FROM batches WHERE status IN ('queued', 'running')"
                 " AND (runner IS NULL OR runner = ? OR runner_until IS NULL OR runner_until < ?))")
-    wanted = tuple(batch_ids) if batch_ids else ()
     if wanted:
         runnable += f" AND t.batch_id IN ({','.join('?' * len(wanted))})"
     parts, args = [], []
     for status, cond in (("queued", "t.next_at <= ?"), ("retrying", "t.next_at <= ?"),
                          ("running", "t.lease_until < ? AND t.lease_owner IS NOT ?")):
         parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t WHERE t.status = ?"
-                     f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?) AS {status}")
+                     f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?{lock})"
+                     f" AS {status}")
         own = [owner] if status == "running" else []
         args += [status, now, *own, *stage_args, owner, now, *wanted, limit]
-    sql = (f"SELECT id FROM ({' UNION ALL '.join(parts)}) AS due ORDER BY next_at, id LIMIT ?")
-    with transaction(db) as conn:
-        ids = [r[0] for r in conn.execute(sql, [*args, limit]).fetchall()]
-        if not ids:
-            return []
-        marks = ",".join("?" * len(ids))
-        conn.execute(
-            f"UPDATE tasks SET status = 'running', lease_owner = ?, lease_until = ?,"
-            f" started_at = COALESCE(started_at, ?) WHERE id IN ({marks})",
-            [owner, now + lease, now, *ids])
-        conn.execute(
-            f"UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)"
-            f" WHERE status = 'queued' AND id IN (SELECT batch_id FROM tasks WHERE id IN ({marks}))",
-            [now, *ids])
-        cols = [d[0] for d in conn.execute("SELECT * FROM tasks LIMIT 0").description]
-        rows = conn.execute(f"SELECT * FROM tasks WHERE id IN ({marks}) ORDER BY id",
-                            ids).fetchall()
+    sql = f"SELECT id FROM ({' UNION ALL '.join(parts)}) AS due ORDER BY next_at, id LIMIT ?"
+    return sql, [*args, limit]
+
+
+def _claim_select_update(conn, *, owner: str, now: float, lease: float, limit: int,
+                         stage: str | None, wanted: tuple) -> list[dict[str, Any]]:
+    """SQLite's claim: read the due ids, then take them (its one writer makes that atomic)."""
+    sql, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted)
+    ids = [r[0] for r in conn.execute(sql, args).fetchall()]
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    conn.execute(
+        f"UPDATE tasks SET status = 'running', lease_owner = ?, lease_until = ?,"
+        f" started_at = COALESCE(started_at, ?) WHERE id IN ({marks})",
+        [owner, now + lease, now, *ids])
+    conn.execute(
+        f"UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)"
+        f" WHERE status = 'queued' AND id IN (SELECT batch_id FROM tasks WHERE id IN ({marks}))",
+        [now, *ids])
+    cols = [d[0] for d in conn.execute("SELECT * FROM tasks LIMIT 0").description]
+    rows = conn.execute(f"SELECT * FROM tasks WHERE id IN ({marks}) ORDER BY id", ids).fetchall()
     return [dict(zip(cols, r)) for r in rows]
+
+
+def _claim_skip_locked(conn, *, owner: str, now: float, lease: float, limit: int,
+                       stage: str | None, wanted: tuple) -> list[dict[str, Any]]:
+    """PostgreSQL's claim, one statement: each scan locks the due rows it returns and skips the
+    rows another claimer has locked (``SKIP LOCKED``); a row another claimer took and committed
+    meanwhile is re-checked on its new version and dropped. The CTE runs once, so exactly the
+    rows it locked are taken; their queued batches start in the same statement."""
+    due, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted,
+                         lock=" FOR UPDATE OF t SKIP LOCKED")
+    cur = conn.execute(
+        f"WITH due AS MATERIALIZED ({due}),"
+        " claimed AS (UPDATE tasks SET status = 'running', lease_owner = ?, lease_until = ?,"
+        "  started_at = COALESCE(started_at, ?) FROM due WHERE tasks.id = due.id"
+        "  RETURNING tasks.*),"
+        " started AS (UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)"
+        "  WHERE status = 'queued' AND id IN (SELECT batch_id FROM claimed))"
+        " SELECT * FROM claimed ORDER BY id", [*args, owner, now + lease, now, now])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
 def hold_batch(db: sqlite_utils.Database, batch_id: str, *, owner: str,
@@ -180,7 +221,7 @@ def hold_batch(db: sqlite_utils.Database, batch_id: str, *, owner: str,
 
     Returns False when ``owner`` is not the batch's runner (nothing is changed then).
     """
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         cur = conn.execute("UPDATE batches SET runner_until = ? WHERE id = ? AND runner = ?",
                            [until, batch_id, owner])
         return cur.rowcount == 1
@@ -197,7 +238,7 @@ def renew_leases(db: sqlite_utils.Database, task_ids: Iterable[int], *, owner: s
     if not ids:
         return set()
     marks = ",".join("?" * len(ids))
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         now = now() if callable(now) else now
         conn.execute(f"UPDATE tasks SET lease_until = ? WHERE lease_owner = ? AND status = 'running'"
                      f" AND id IN ({marks})", [now + lease, owner, *ids])
@@ -219,7 +260,7 @@ def update_task(db: sqlite_utils.Database, task_id: int, *, owner: str | None = 
     if owner is not None:
         sql += " AND lease_owner = ? AND status = 'running'"
         args.append(owner)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         cur = conn.execute(sql, args)
         return cur.rowcount == 1
 
@@ -233,7 +274,7 @@ def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: flo
     same transaction, so two processes never together exceed one account's concurrency.
     Returns ``"marked"``, ``"full"`` (nothing written: submit later) or ``"lost"`` (the lease).
     """
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key="coze-in-flight") as conn:
         if max_in_flight is not None:
             busy = conn.execute(
                 "SELECT COUNT(*) FROM tasks WHERE status = 'running' AND stage = 'coze'"
@@ -262,7 +303,7 @@ def store_run_id(db: sqlite_utils.Database, task_id: int, *, owner: str, mark: f
     args = [_json(v) for v in fields.values()]
     for left in range(tries - 1, -1, -1):
         try:
-            with transaction(db) as conn:
+            with transaction(db, concurrent=True) as conn:
                 cur = conn.execute(f"UPDATE tasks SET {cols} WHERE id = ? AND lease_owner = ?"
                                    " AND status = 'running'", [*args, task_id, owner])
                 if cur.rowcount == 1:
@@ -358,15 +399,18 @@ def finish_batches(db: sqlite_utils.Database, *, now: float,
     another process's."""
     wanted = tuple(batch_ids) if batch_ids else ()
     only = f" AND b.id IN ({','.join('?' * len(wanted))})" if wanted else ""
-    with transaction(db) as conn:
+    # Concurrent on PostgreSQL: only requeue (exclusive) makes a final task active again, and
+    # the status check in the UPDATE (under the batch's row lock) lets one of two finishers
+    # announce a batch, never both.
+    with transaction(db, concurrent=True) as conn:
         ids = [r[0] for r in conn.execute(
             "SELECT b.id FROM batches b WHERE b.status = 'running' AND NOT EXISTS"
             " (SELECT 1 FROM tasks t WHERE t.batch_id = b.id"
-            f"  AND t.status IN ('queued', 'running', 'retrying')){only}", list(wanted))]
-        for bid in ids:
-            conn.execute("UPDATE batches SET status = 'done', finished_at = ? WHERE id = ?",
-                         [now, bid])
-    return ids
+            f"  AND t.status IN ('queued', 'running', 'retrying')){only} ORDER BY b.id",
+            list(wanted))]   # one order of row locks for every finisher: no deadlock
+        return [bid for bid in ids if conn.execute(
+            "UPDATE batches SET status = 'done', finished_at = ? WHERE id = ?"
+            " AND status = 'running'", [now, bid]).rowcount == 1]
 
 
 def has_pending_work(db: sqlite_utils.Database,
@@ -408,7 +452,7 @@ def record_attempt(db: sqlite_utils.Database, task: dict[str, Any], *, stage: st
         stored = task.get("params") if stage == "coze" else \
             task.get("coze_output") if stage == "synthesis" else None
         input_bytes = _size(stored)
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         conn.execute(
             "INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at, outcome,"
             " error_class, error_code, error_message, node, execute_id, input_bytes,"
@@ -487,7 +531,7 @@ def latest_batch_from(db: sqlite_utils.Database, source: str) -> dict[str, Any] 
 
 def set_progress_message(db: sqlite_utils.Database, batch_id: str, target: str) -> None:
     """Record where the batch's progress card lives, unless it is already recorded."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         conn.execute("UPDATE batches SET progress_message_id = ? WHERE id = ?"
                      " AND progress_message_id IS NULL", [target, batch_id])
 
@@ -538,7 +582,7 @@ def count_with_status(db: sqlite_utils.Database, task_ids: Iterable[int],
 
 def ignore_failed(db: sqlite_utils.Database, task_ids: Iterable[int]) -> int:
     """Mark those of ``task_ids`` that failed as ``ignored``; returns how many changed."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         return conn.execute(
             "UPDATE tasks SET status = 'ignored' WHERE id IN (SELECT value FROM json_each(?))"
             " AND status = 'failed'", [json.dumps(list(task_ids))]).rowcount
@@ -616,7 +660,7 @@ def expire_leases_of(db: sqlite_utils.Database, owners: Iterable[str]) -> int:
 
 def release_task(db: sqlite_utils.Database, task_id: int, *, owner: str) -> None:
     """Hand a running task held by ``owner`` back to the queue (its execute_id is kept)."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         conn.execute("UPDATE tasks SET status = 'queued', lease_owner = NULL,"
                      " lease_until = NULL WHERE id = ? AND lease_owner = ?"
                      " AND status = 'running'", [task_id, owner])

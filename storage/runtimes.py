@@ -27,7 +27,7 @@ def load(db: sqlite_utils.Database, workflow_id: str, *, limit: int,
 def record(db: sqlite_utils.Database, workflow_id: str, seconds: float, *, now: float,
            keep: int, execute_id: str | None = None) -> None:
     """Store one run time and drop the ones older than the last ``keep`` of that workflow."""
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True, key=f"run_times:{workflow_id}") as conn:
         conn.execute("INSERT INTO run_times (workflow_id, seconds, execute_id, ended_at)"
                      " VALUES (?, ?, ?, ?)", [workflow_id, float(seconds), execute_id, now])
         conn.execute("DELETE FROM run_times WHERE workflow_id = ? AND id <= (SELECT id FROM"

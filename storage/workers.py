@@ -17,7 +17,7 @@ from .db import transaction
 def register(db: sqlite_utils.Database, *, id: str, hostname: str, pid: int,
              pid_ns: str | None, proc_start: int | None, stages: Iterable[str],
              now: float) -> None:
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         conn.execute(
             "INSERT INTO workers (id, hostname, pid, pid_ns, proc_start, stages, started_at,"
             " heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -25,12 +25,12 @@ def register(db: sqlite_utils.Database, *, id: str, hostname: str, pid: int,
 
 
 def heartbeat(db: sqlite_utils.Database, worker_id: str, *, now: float) -> None:
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", [now, worker_id])
 
 
 def stopped(db: sqlite_utils.Database, worker_id: str, *, now: float) -> None:
-    with transaction(db) as conn:
+    with transaction(db, concurrent=True) as conn:
         conn.execute("UPDATE workers SET stopped_at = ?, heartbeat_at = ? WHERE id = ?",
                      [now, now, worker_id])
 
