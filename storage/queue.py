@@ -556,10 +556,12 @@ def batch_ids_with_status(db: sqlite_utils.Database, statuses: Iterable[str],
         [*st, *args])]
 
 
-def latest_batch_id_with_status(db: sqlite_utils.Database, status: str) -> str | None:
-    """The id of the newest batch in ``status``, or None."""
-    row = db.execute("SELECT id FROM batches WHERE status = ? ORDER BY created_at DESC,"
-                     " rowid DESC LIMIT 1", [status]).fetchone()
+def latest_batch_id_with_status(db: sqlite_utils.Database, status: str,
+                                pipelines: Iterable[str] | None = None) -> str | None:
+    """The id of the newest batch in ``status`` (of ``pipelines`` when given), or None."""
+    cond, args = _in_pipelines(pipelines)
+    row = db.execute(f"SELECT id FROM batches WHERE status = ?{cond} ORDER BY created_at DESC,"
+                     " rowid DESC LIMIT 1", [status, *args]).fetchone()
     return row[0] if row else None
 
 
@@ -577,10 +579,14 @@ def set_progress_message(db: sqlite_utils.Database, batch_id: str, target: str) 
                      " AND progress_message_id IS NULL", [target, batch_id])
 
 
-def latest_task_by_key(db: sqlite_utils.Database, task_key: str) -> dict[str, Any] | None:
-    """The newest task with ``task_key``, or None."""
-    rows = list(db.query("SELECT * FROM tasks WHERE task_key = ? ORDER BY id DESC LIMIT 1",
-                         [task_key]))
+def latest_task_by_key(db: sqlite_utils.Database, task_key: str,
+                       pipelines: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """The newest task with ``task_key`` (of the batches of ``pipelines`` when given), or
+    None."""
+    cond, args = _in_pipelines(pipelines)
+    of = f" AND batch_id IN (SELECT id FROM batches WHERE 1 = 1{cond})" if cond else ""
+    rows = list(db.query(f"SELECT * FROM tasks WHERE task_key = ?{of} ORDER BY id DESC LIMIT 1",
+                         [task_key, *args]))
     return rows[0] if rows else None
 
 

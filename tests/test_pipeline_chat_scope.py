@@ -136,5 +136,10 @@ def test_report_send_with_a_pipeline_names_its_chat_setting(db, world):
     out, err = io.StringIO(), io.StringIO()
     assert run_report(settings, date="2026-03-01", send=True, out=out, err=err,
                       pipeline="news") == 1
-    assert "alert_chat_id" in err.getvalue() and "news" in err.getvalue(), err.getvalue()
-    assert "FEISHU_ALERT_CHAT_ID" not in err.getvalue()
+    assert "set alert_chat_id in the [[pipelines]] entry 'news'" in err.getvalue(), \
+        err.getvalue()
+    # without --pipeline (and one pipeline) the message is as before
+    out, err = io.StringIO(), io.StringIO()
+    assert run_report(settings.scoped("news"), date="2026-03-01", send=True, out=out,
+                      err=err) == 1
+    assert err.getvalue().rstrip().endswith("set FEISHU_ALERT_CHAT_ID"), err.getvalue()
