@@ -143,3 +143,32 @@ def test_report_send_with_a_pipeline_names_its_chat_setting(db, world):
     assert run_report(settings.scoped("news"), date="2026-03-01", send=True, out=out,
                       err=err) == 1
     assert err.getvalue().rstrip().endswith("set FEISHU_ALERT_CHAT_ID"), err.getvalue()
+
+
+def test_plain_run_in_a_chat_shared_by_two_pipelines_asks_which(db, world):
+    """Two pipelines report to one chat: `run` there does not guess; it lists the names (in
+    Chinese, or English with language = en) and creates nothing. `run NAME` runs that one."""
+    import dataclasses
+
+    from bot.settings import PipelineSpec
+    fake, gate, settings, loop = world
+    fake.seed_records("bascApp", "tblSports", [{"task_id": "s1", "状态": "待处理"}])
+    sports = PipelineSpec(name="sports", workflow_id="wf-sports", coze_account="alpha",
+                          aliases=("体育",), bitable_app_token="bascApp",
+                          bitable_table_id="tblSports", alert_chat_id="oc_news",
+                          admin_ids=(NEWS_ADMIN,))
+    settings = dataclasses.replace(settings,
+                                   listed_pipelines=(*settings.listed_pipelines, sports))
+    client = FeishuClient(settings.feishu)
+    n = [0]
+    which = card_text(say(db, settings, client, "运行", chat="oc_news", sender=NEWS_ADMIN, n=n))
+    assert "请指定一条" in which and "news" in which and "sports &#40;体育&#41;" in which, which
+    assert queue.list_batches(db) == []
+    english = dataclasses.replace(settings, language="en")
+    which = card_text(say(db, english, client, "run", chat="oc_news", sender=NEWS_ADMIN, n=n))
+    assert "say which" in which and "sports" in which, which
+    assert queue.list_batches(db) == []
+    say(db, settings, client, "运行 体育", chat="oc_news", sender=NEWS_ADMIN, n=n)
+    [batch] = queue.list_batches(db)
+    assert batch["pipeline"] == "sports" and batch["workflow_id"] == "wf-sports"
+    assert [t["task_key"] for t in queue.tasks_of(db, batch["id"])] == ["s1"]
