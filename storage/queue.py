@@ -38,25 +38,67 @@ def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, 
     the owner that runs this batch itself (``opsbot run``); no other worker claims its tasks
     until ``runner_until`` (see :func:`hold_batch`).
     """
+    rows = _checked(tasks)
+    batch_id = batch_id or new_batch_id()
+    with transaction(db) as conn:
+        _insert_batch(conn, rows, batch_id=batch_id, now=now, source=source, chat_id=chat_id,
+                      command_message_id=command_message_id, created_by=created_by,
+                      workflow_id=workflow_id, options=options, runner=runner,
+                      runner_until=runner_until)
+    return batch_id
+
+
+def create_batch_when_due(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *,
+                          now: float, source: str, every: float, open_for: float) -> str | None:
+    """Record a batch of ``source`` unless the latest batch of that source is younger than
+    ``every`` seconds, or is still open (:data:`BATCH_OPEN`) and younger than ``open_for``;
+    return the new batch id, or None when it was not due.
+
+    The check and the insert are one transaction that runs alone (SQLite: ``BEGIN
+    IMMEDIATE``; PostgreSQL: the exclusive write lock), so processes checking at the same
+    moment queue one batch, never two (the scheduled canary of every worker).
+    """
+    rows = _checked(tasks)
+    with transaction(db) as conn:
+        latest = conn.execute(
+            "SELECT created_at, status FROM batches WHERE source = ?"
+            " ORDER BY created_at DESC, rowid DESC LIMIT 1", [source]).fetchone()
+        if latest is not None:
+            age = now - latest[0]
+            if age < every or (latest[1] in BATCH_OPEN and age < open_for):
+                return None
+        batch_id = new_batch_id()
+        _insert_batch(conn, rows, batch_id=batch_id, now=now, source=source)
+    return batch_id
+
+
+def _checked(tasks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tasks as a list; ``ValueError`` naming duplicate task keys."""
     rows = list(tasks)
     keys = [t["task_key"] for t in rows]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise ValueError(f"duplicate task_id: {', '.join(dupes[:5])}")
-    batch_id = batch_id or new_batch_id()
-    with transaction(db) as conn:
-        conn.execute(
-            "INSERT INTO batches (id, source, status, chat_id, command_message_id, created_by,"
-            " created_at, workflow_id, options, runner, runner_until)"
-            " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-            (batch_id, source, chat_id, command_message_id, created_by, now, workflow_id,
-             json.dumps(options or {}, ensure_ascii=False), runner, runner_until))
-        conn.executemany(
-            "INSERT INTO tasks (batch_id, task_key, record_id, params, created_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(batch_id, t["task_key"], t.get("record_id"),
-              json.dumps(t.get("params") or {}, ensure_ascii=False), now) for t in rows])
-    return batch_id
+    return rows
+
+
+def _insert_batch(conn, rows: list[dict[str, Any]], *, batch_id: str, now: float, source: str,
+                  chat_id: str | None = None, command_message_id: str | None = None,
+                  created_by: str | None = None, workflow_id: str | None = None,
+                  options: dict | None = None, runner: str | None = None,
+                  runner_until: float | None = None) -> None:
+    """Insert the batch row and its tasks inside the caller's transaction."""
+    conn.execute(
+        "INSERT INTO batches (id, source, status, chat_id, command_message_id, created_by,"
+        " created_at, workflow_id, options, runner, runner_until)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+        (batch_id, source, chat_id, command_message_id, created_by, now, workflow_id,
+         json.dumps(options or {}, ensure_ascii=False), runner, runner_until))
+    conn.executemany(
+        "INSERT INTO tasks (batch_id, task_key, record_id, params, created_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [(batch_id, t["task_key"], t.get("record_id"),
+          json.dumps(t.get("params") or {}, ensure_ascii=False), now) for t in rows])
 
 
 def get_batch(db: sqlite_utils.Database, batch_id: str) -> dict[str, Any]:
