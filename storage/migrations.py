@@ -217,4 +217,10 @@ MIGRATIONS: list[list[str]] = [
             stopped_at REAL
         )""",
     ],
+    [
+        # pgfix: the claim's scan of running tasks (to take over the expired lease of a dead
+        # worker) seeks the expired leases, instead of reading every running task with a
+        # valid lease through tasks_claim (status, next_at) (see storage.queue._due_sql)
+        "CREATE INDEX tasks_lease ON tasks(status, lease_until)",
+    ],
 ]

@@ -193,11 +193,15 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
 
 
 def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: tuple,
-             lock: str = "") -> tuple[str, list[Any]]:
+             lock: str = "", sqlite: bool = False) -> tuple[str, list[Any]]:
     """The ids (and ``next_at``) of up to ``limit`` due tasks, earliest first: one
     index-ordered, limited scan per status (tasks_claim is (status, next_at), id breaks ties),
-    merged, so cost grows with ``limit``, not with the number of queued tasks. ``lock`` ends
-    each scan (PostgreSQL: ``FOR UPDATE OF t SKIP LOCKED``)."""
+    merged, so cost grows with ``limit``, not with the number of queued tasks. Running tasks
+    are found by their expired lease (tasks_lease is (status, lease_until)), so the claim does
+    not read every running task whose lease is valid; SQLite is told to use that index
+    (``sqlite``: ``INDEXED BY``; its planner would rather read tasks_claim in order), and
+    PostgreSQL picks it itself. ``lock`` ends each scan (PostgreSQL: ``FOR UPDATE OF t SKIP
+    LOCKED``)."""
     stage_sql = " AND t.stage = ?" if stage else ""
     stage_args: list[Any] = [stage] if stage else []
     runnable = (" AND t.batch_id IN (SELECT id FROM batches WHERE status IN ('queued', 'running')"
@@ -207,7 +211,9 @@ def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: t
     parts, args = [], []
     for status, cond in (("queued", "t.next_at <= ?"), ("retrying", "t.next_at <= ?"),
                          ("running", "t.lease_until < ? AND t.lease_owner IS NOT ?")):
-        parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t WHERE t.status = ?"
+        hint = " INDEXED BY tasks_lease" if sqlite and status == "running" else ""
+        parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t{hint}"
+                     f" WHERE t.status = ?"
                      f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?{lock})"
                      f" AS {status}")
         own = [owner] if status == "running" else []
@@ -219,7 +225,8 @@ def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: t
 def _claim_select_update(conn, *, owner: str, now: float, lease: float, limit: int,
                          stage: str | None, wanted: tuple) -> list[dict[str, Any]]:
     """SQLite's claim: read the due ids, then take them (its one writer makes that atomic)."""
-    sql, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted)
+    sql, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted,
+                         sqlite=True)
     ids = [r[0] for r in conn.execute(sql, args).fetchall()]
     if not ids:
         return []

@@ -192,3 +192,45 @@ def test_a_waiting_exclusive_transaction_is_not_overtaken_by_shared_ones(pg_url)
         raw.close()
         other.conn.close()
         db.conn.close()
+
+
+def _explain_claim(db) -> str:
+    """The plan of the claim's scan, on the backend of ``db`` (statistics fresh)."""
+    db.execute("ANALYZE")
+    if pg.is_url(getattr(db, "url", "")):
+        due, args = queue._due_sql(owner="me", now=1000.0, limit=10, stage=None, wanted=(),
+                                   lock=" FOR UPDATE OF t SKIP LOCKED")
+        with transaction(db, concurrent=True) as conn:
+            return "\n".join(r[0] for r in conn.execute("EXPLAIN " + due, args).fetchall())
+    due, args = queue._due_sql(owner="me", now=1000.0, limit=10, stage=None, wanted=(),
+                               sqlite=True)
+    return "\n".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + due, args))
+
+
+def test_the_claim_finds_expired_leases_without_reading_every_running_task(any_db_path):
+    """Many running tasks hold valid leases, a few are a dead worker's: the claim's scan of
+    running tasks seeks the expired leases through tasks_lease (status, lease_until) rather
+    than reading every running task; and it takes those tasks, earliest ``next_at`` first."""
+    db = open_db(any_db_path)
+    try:
+        batch = queue.create_batch(db, [], now=0.0, source="cli")
+        rows = [(batch, f"r{i}", "{}", 0.0, "running", 100.0 + i, "alive", 10_000.0 + i)
+                for i in range(4000)]
+        rows += [(batch, f"d{i}", "{}", 0.0, "running", 60.0 - i, "dead", 10.0)
+                 for i in range(3)]
+        rows += [(batch, f"q{i}", "{}", 0.0, "queued", 5_000.0 + i, None, None)
+                 for i in range(500)]
+        with transaction(db) as conn:
+            conn.executemany(
+                "INSERT INTO tasks (batch_id, task_key, params, created_at, status, next_at,"
+                " lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        plan = _explain_claim(db)
+        assert "tasks_lease" in plan, plan
+        claimed = queue.claim_tasks(db, owner="me", now=1000.0, lease=60.0, limit=2)
+        assert sorted(t["task_key"] for t in claimed) == ["d1", "d2"]   # earliest next_at
+        assert all(t["lease_owner"] == "me" for t in claimed)
+        [last] = queue.claim_tasks(db, owner="me", now=1000.0, lease=60.0, limit=10)
+        assert last["task_key"] == "d0"
+        assert queue.claim_tasks(db, owner="me", now=1000.0, lease=60.0, limit=10) == []
+    finally:
+        db.conn.close()
