@@ -20,6 +20,10 @@ from .db import Conflict, NotFound, is_postgres, transaction
 FINAL = ("succeeded", "failed", "cancelled", "ignored")
 ACTIVE = ("queued", "running", "retrying")
 BATCH_OPEN = ("queued", "running", "paused", "blocked")
+#: Attempts are recorded one at a time (PostgreSQL: this per-key lock; SQLite: its one writer),
+#: so their ids are committed in the order given out: readers that follow the table by id
+#: (/metrics' running totals, the Bitable log's cursor) never pass an id that commits later.
+ATTEMPT_WRITES = "attempts"
 
 
 def new_batch_id() -> str:
@@ -496,12 +500,13 @@ def record_attempt(db: sqlite_utils.Database, task: dict[str, Any], *, stage: st
                    output_bytes: int | None = None) -> None:
     """One stage attempt. ``input_bytes`` defaults to the size of the stage's stored input: the
     task's params for ``coze``, its stored workflow output for ``synthesis`` (UTF-8 bytes of the
-    JSON); ``output_bytes`` is what the caller measured (None: unknown, e.g. a failed call)."""
+    JSON); ``output_bytes`` is what the caller measured (None: unknown, e.g. a failed call).
+    Runs beside other writes, but one attempt at a time (:data:`ATTEMPT_WRITES`)."""
     if input_bytes is None:
         stored = task.get("params") if stage == "coze" else \
             task.get("coze_output") if stage == "synthesis" else None
         input_bytes = _size(stored)
-    with transaction(db, concurrent=True) as conn:
+    with transaction(db, concurrent=True, key=ATTEMPT_WRITES) as conn:
         conn.execute(
             "INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at, outcome,"
             " error_class, error_code, error_message, node, execute_id, input_bytes,"

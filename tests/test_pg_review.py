@@ -234,3 +234,57 @@ def test_the_claim_finds_expired_leases_without_reading_every_running_task(any_d
         assert queue.claim_tasks(db, owner="me", now=1000.0, lease=60.0, limit=10) == []
     finally:
         db.conn.close()
+
+
+def test_a_metrics_scrape_counts_every_attempt_while_workers_record_them_at_once(pg_url):
+    """/metrics reads attempts by id range (``AttemptTotals``: ids above the last scrape's
+    highest). A worker whose attempt took id N and has not committed yet, while another worker
+    commits id N+1, must not let a scrape move past N: the attempt would never be counted.
+    The first worker is held mid-transaction (after its insert) by a trigger that waits for an
+    advisory lock the test holds."""
+    from bot.metrics import AttemptTotals
+    import psycopg
+    hold = 0x6F707374
+    db = open_db(pg_url)
+    stores = [open_db(pg_url, migrate=False) for _ in range(2)]
+    gate = psycopg.connect(pg_url, autocommit=True)
+    gate.execute("SELECT pg_advisory_lock(%s)", (hold,))
+    db.execute("CREATE FUNCTION hold_attempt() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+               f" IF NEW.stage = 'held' THEN PERFORM pg_advisory_xact_lock_shared({hold});"
+               " END IF; RETURN NEW; END $$")
+    db.execute("CREATE TRIGGER hold_attempt AFTER INSERT ON attempts FOR EACH ROW"
+               " EXECUTE FUNCTION hold_attempt()")
+    batch = queue.create_batch(db, [{"task_key": "k", "params": {}}], now=100.0, source="cli")
+    [task] = queue.tasks_of(db, batch)
+    errors: list = []
+
+    def record(store, stage):
+        try:
+            queue.record_attempt(store, task, stage=stage, started_at=100.0, ended_at=101.0,
+                                 outcome="fail", error_class=stage)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    first = threading.Thread(target=record, args=(stores[0], "held"))
+    second = threading.Thread(target=record, args=(stores[1], "coze"))
+    totals = AttemptTotals()
+    try:
+        first.start()
+        _wait_until(lambda: _advisory_waiters(pg_url) >= 1, "the first attempt to be held")
+        second.start()
+        # the second attempt either commits now (id N+1) or waits for the first
+        _wait_until(lambda: not second.is_alive() or _advisory_waiters(pg_url) >= 2,
+                    "the second attempt")
+        totals.update(db)            # a scrape while the first is still open
+        gate.execute("SELECT pg_advisory_unlock(%s)", (hold,))
+        first.join(60)
+        second.join(60)
+        if errors:
+            raise errors[0]
+        totals.update(db)
+        assert totals.by_class == {"held": 1, "coze": 1}
+    finally:
+        gate.close()
+        for store in stores:
+            store.conn.close()
+        db.conn.close()
