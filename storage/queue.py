@@ -253,7 +253,9 @@ def _claim_skip_locked(conn, *, owner: str, now: float, lease: float, limit: int
     """PostgreSQL's claim, one statement: each scan locks the due rows it returns and skips the
     rows another claimer has locked (``SKIP LOCKED``); a row another claimer took and committed
     meanwhile is re-checked on its new version and dropped. The CTE runs once, so exactly the
-    rows it locked are taken; their queued batches start in the same statement."""
+    rows it locked are taken; their queued batches start in the same statement, their rows
+    locked in id order (as every claimer does, so two claimers starting the same batches never
+    wait for each other in a circle)."""
     due, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted,
                          lock=" FOR UPDATE OF t SKIP LOCKED")
     cur = conn.execute(
@@ -262,7 +264,8 @@ def _claim_skip_locked(conn, *, owner: str, now: float, lease: float, limit: int
         "  started_at = COALESCE(started_at, ?) FROM due WHERE tasks.id = due.id"
         "  RETURNING tasks.*),"
         " started AS (UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)"
-        "  WHERE status = 'queued' AND id IN (SELECT batch_id FROM claimed))"
+        "  WHERE status = 'queued' AND id IN (SELECT id FROM batches WHERE status = 'queued'"
+        "   AND id IN (SELECT batch_id FROM claimed) ORDER BY id FOR UPDATE))"
         " SELECT * FROM claimed ORDER BY id", [*args, owner, now + lease, now, now])
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r)) for r in cur.fetchall()]

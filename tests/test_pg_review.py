@@ -288,3 +288,52 @@ def test_a_metrics_scrape_counts_every_attempt_while_workers_record_them_at_once
         for store in stores:
             store.conn.close()
         db.conn.close()
+
+
+def test_claims_start_queued_batches_in_id_order_so_two_claimers_cannot_deadlock(pg_url):
+    """Two claimers each take tasks of the same two queued batches and start both. Another
+    claimer (a second connection) has started the batch with the lower id and is about to start
+    the higher: a claim must wait for it without holding the higher batch's row, or the two
+    deadlock (the server then rolls one back: a failed claim). The higher-id batch is created
+    first, so the table's physical order is the reverse of the id order."""
+    db = open_db(pg_url)
+    high = queue.create_batch(db, [{"task_key": "h", "params": {}}], now=100.0, source="cli",
+                              batch_id="bz")
+    low = queue.create_batch(db, [{"task_key": "l", "params": {}}], now=100.0, source="cli",
+                             batch_id="ba")
+    import psycopg
+    other = psycopg.connect(pg_url, autocommit=True)
+    other.execute("BEGIN")
+    other.execute("SELECT pg_advisory_xact_lock_shared(%s)", (pg.WRITE_LOCK,))
+    other.execute("UPDATE batches SET status = 'running' WHERE id = %s AND status = 'queued'",
+                  (low,))
+    got: list = []
+    errors: list = []
+
+    def claim():
+        try:
+            got.extend(queue.claim_tasks(db, owner="me", now=200.0, lease=60.0, limit=10))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    claimer = threading.Thread(target=claim)
+    try:
+        claimer.start()
+
+        def waiting_on_a_row() -> bool:
+            with psycopg.connect(pg_url, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND"
+                                 " locktype IN ('transactionid', 'tuple')").fetchone()[0] >= 1
+        _wait_until(waiting_on_a_row, "the claim to wait for the other claimer")
+        other.execute("SET LOCAL lock_timeout = '20s'")
+        other.execute("UPDATE batches SET status = 'running' WHERE id = %s AND status = 'queued'",
+                      (high,))
+        other.execute("COMMIT")
+        claimer.join(60)
+        if errors:
+            raise errors[0]
+        assert sorted(t["task_key"] for t in got) == ["h", "l"]
+        assert queue.batch_statuses(db, [low, high]) == {low: "running", high: "running"}
+    finally:
+        other.close()
+        db.conn.close()
