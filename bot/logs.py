@@ -67,5 +67,6 @@ def setup_logging(level: str = "INFO", stream=None) -> None:
 
 def register_settings_secrets(settings) -> None:
     for value in (settings.feishu.app_secret, settings.feishu.verification_token,
-                  settings.feishu.encrypt_key, settings.coze.api_token):
+                  settings.feishu.encrypt_key, settings.coze.api_token,
+                  *(a.api_token for a in getattr(settings, "coze_accounts", ()))):
         register_secret(value.get())

@@ -223,15 +223,14 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulator: Any 
     stop = stop or asyncio.Event()
     _install_signals(stop)
     sim = simulator
-    base_url, token = settings.coze.base_url, settings.coze.api_token.get()
-    workflow_id = settings.coze.workflow_id
+    sim_account = None
     if sim is not None:
-        base_url = await sim.start()
-        token, workflow_id = sim.token, workflow_id or "sim-workflow"
-    elif not settings.coze.configured and "coze" in stages:
-        log.error("no Coze account configured: set COZE_API_TOKEN and COZE_WORKFLOW_ID, "
-                  "or run `opsbot worker --simulate`")
-        return 2
+        sim_account = (await sim.start(), sim.token)
+    elif "coze" in stages:
+        problem = coze_problem(settings)
+        if problem:
+            log.error("%s, or run `opsbot worker --simulate`", problem)
+            return 2
     feishu = FeishuLoop(settings, clock, owner) if settings.feishu.configured else None
     if feishu is None:
         log.warning("Feishu is not configured (FEISHU_APP_ID / FEISHU_APP_SECRET): no chat "
@@ -247,8 +246,7 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulator: Any 
         longconn = LongConnection(settings, clock, on_recorded=feishu.wake)
         longconn.start()
     # one budget per Coze account, shared through the store with any `opsbot run` beside us
-    limiter = coze_limiter(settings.pipeline.coze_qps, clock, store=settings.db_path,
-                           base_url=base_url, token=token)
+    limiters = []
     try:
         from bot.alerting.canary import Canary
         from bot.alerting.scheduler import Scheduler
@@ -259,8 +257,10 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulator: Any 
             Scheduler(hooks.db, settings, clock, router=router), router,
             Canary(hooks.db, settings, clock, router), tick_interval, hooks))
         try:
-            async with CozeClient(base_url, token, limiter=limiter) as coze:
-                worker = Worker(db, settings.pipeline, coze, workflow_id, clock=clock,
+            async with contextlib.AsyncExitStack() as clients:
+                routing = await open_routing(settings, clock, clients, limiters,
+                                             simulated=sim_account)
+                worker = Worker(db, settings.pipeline, None, "", clock=clock, routing=routing,
                                 notifier=hooks.notifier, owner=owner, stages=stages)
                 log.info("worker started", extra={"owner": owner, "drain": drain,
                                                   "stages": ",".join(sorted(stages))})
@@ -279,13 +279,57 @@ async def run_worker(settings: Settings, *, drain: bool = False, simulator: Any 
     finally:
         if longconn is not None:  # first: no new command is taken while the rest shuts down
             await asyncio.to_thread(longconn.stop)
-        limiter.close()
+        for limiter in limiters:
+            limiter.close()
         if feishu is not None:
             feishu.stop()
         if sim is not None:
             await sim.stop()
     log.info("worker stopped", extra={"owner": owner})
     return 0
+
+
+def coze_problem(settings: Settings, pipeline: str | None = None) -> str | None:
+    """Why the Coze stage cannot run (of ``pipeline``, else of every pipeline), or None."""
+    specs = settings.pipelines if pipeline is None else (settings.pipeline_of(pipeline),)
+    for spec in specs:
+        if not spec.workflow_id:
+            return (f"no Coze workflow for pipeline {spec.name!r}: set COZE_WORKFLOW_ID"
+                    if spec.name == "default" else
+                    f"pipeline {spec.name!r} has no workflow_id")
+        account = settings.account(spec.coze_account)
+        if not account.api_token:
+            return (f"no Coze token for pipeline {spec.name!r}: set "
+                    f"{account.token_source}")
+    return None
+
+
+async def open_routing(settings: Settings, clock: Clock, clients: contextlib.AsyncExitStack,
+                       limiters: list, *, simulated: tuple[str, str] | None = None,
+                       only: str | None = None) -> Any:
+    """One Coze client per account in use (its QPS budget shared through the store), entered on
+    ``clients``; returns the worker's :class:`pipeline.routing.Routing`. ``only``: that
+    pipeline alone (``opsbot run --pipeline``). ``simulated``: every account talks to the
+    simulator at ``(base_url, token)``."""
+    from pipeline.routing import Account, Route, Routing
+
+    specs = settings.pipelines if only is None else (settings.pipeline_of(only),)
+    routes = tuple(Route(s.name, s.workflow_id or ("sim-workflow" if simulated else ""),
+                         s.fallback_workflow_id, s.coze_account) for s in specs)
+    accounts = []
+    for name in dict.fromkeys(s.coze_account for s in specs):
+        account = settings.account(name)
+        base_url, token = simulated or (account.base_url, account.api_token.get())
+        limiter = coze_limiter(account.qps, clock, store=settings.db_path, base_url=base_url,
+                               token=token)
+        limiters.append(limiter)
+        coze = await clients.enter_async_context(CozeClient(base_url, token, limiter=limiter))
+        # every pipeline on the account, also those this process does not run: they share
+        # its run limit
+        on_account = tuple(s.name for s in settings.pipelines if s.coze_account == name)
+        accounts.append(Account(name, coze, account.max_runs, account.qps,
+                                breaker_service=account.breaker_service, pipelines=on_account))
+    return Routing(tuple(accounts), routes)
 
 
 async def _drain_outbox(db, clock: Clock, seconds: float) -> None:

@@ -148,9 +148,11 @@ class Breaker:
         return after
 
 
-def reset_all(db: sqlite_utils.Database, now: float) -> int:
-    """Close every breaker (the chat's ``resume``); returns how many were not closed."""
-    return breakers.close_all(db, now)
+def reset_all(db: sqlite_utils.Database, now: float,
+              services: tuple[str, ...] | None = None) -> int:
+    """Close every breaker (of ``services``, if given; the chat's ``resume``); returns how many
+    were not closed."""
+    return breakers.close_all(db, now, services)
 
 
 def all_states(db: sqlite_utils.Database) -> list[BreakerState]:

@@ -20,6 +20,7 @@ class Switch:
     primary: str
     fallback: str
     reason: str
+    pipeline: str = "default"   # whose workflows (set by the worker; see pipeline.routing)
 
 
 class WorkflowSelector:

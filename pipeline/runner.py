@@ -32,6 +32,7 @@ from .config import PipelineConfig
 from .notify import Notifier
 from .progress import ProgressLine
 from .ratelimit import coze_limiter
+from .routing import Account, Route, Routing
 from .worker import Worker, make_owner
 
 log = logging.getLogger("opsbot.runner")
@@ -49,13 +50,18 @@ async def run_batch(db: sqlite_utils.Database, config: PipelineConfig, *, tasks:
                     coze_base_url: str, coze_token: str, workflow_id: str,
                     results_path: Path, clock: Clock | None = None,
                     notifier: Notifier | None = None, stream: TextIO | None = None,
-                    progress_every: float = 0.5) -> RunResult:
+                    progress_every: float = 0.5, pipeline: str = "default",
+                    account: str = "default", account_pipelines: tuple[str, ...] | None = None,
+                    breaker_service: str = "coze") -> RunResult:
+    """``pipeline``: the batch's pipeline; ``account`` (its breaker row ``breaker_service``)
+    the Coze account it runs on, whose run limit (``config.max_coze``) is counted over the
+    batches of ``account_pipelines`` (None: every batch on the store)."""
     clock = clock or Clock()
     owner = make_owner()
     hold = config.lease_seconds
     batch_id = queue.create_batch(db, tasks, now=clock.now(), source="cli",
                                   workflow_id=workflow_id, runner=owner,
-                                  runner_until=clock.now() + hold)
+                                  runner_until=clock.now() + hold, pipeline=pipeline)
     limiter = coze_limiter(config.coze_qps, clock, store=path_of(db), base_url=coze_base_url,
                            token=coze_token)
     started = clock.monotonic()
@@ -66,8 +72,13 @@ async def run_batch(db: sqlite_utils.Database, config: PipelineConfig, *, tasks:
     try:
         async with CozeClient(coze_base_url, coze_token, limiter=limiter) as coze:
             # this batch only: the store may be shared with a service worker's chat batches
+            routing = Routing((Account(account, coze, config.max_coze, config.coze_qps,
+                                       breaker_service=breaker_service,
+                                       pipelines=account_pipelines),),
+                              (Route(pipeline, workflow_id, config.fallback_workflow_id,
+                                     account=account),))
             worker = Worker(db, config, coze, workflow_id, clock=clock, notifier=notifier,
-                            batch_ids=(batch_id,), owner=owner)
+                            batch_ids=(batch_id,), owner=owner, routing=routing)
             run = asyncio.create_task(worker.run(drain=True, stop=stop))
             try:
                 while not run.done():

@@ -28,6 +28,12 @@ writes but never freezes the loop: polls, submits and lease renewals go on. Read
 loop (WAL readers never wait for a writer). The notifier's hooks are called on the loop; the
 service's notifier (:class:`bot.service.NotifierThread`) hands them to a thread of its own.
 
+Many pipelines (:mod:`pipeline.routing`): each batch names its pipeline, which picks the
+workflow (and fallback selector) and the Coze account. Every account has its own client (token,
+QPS budget), ``max_runs`` limit and breaker (``coze`` for the default account, ``coze:NAME``
+otherwise): runs are claimed per account, counted per account across every process, and a fatal
+error on one account blocks only the batches of the pipelines on it.
+
 Run times are learned per workflow from Coze's ``create_time`` / ``update_time`` (see
 :mod:`pipeline.runtimes`) and kept in the store, so a new worker starts warm.
 
@@ -38,6 +44,7 @@ and wait for a human.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +66,7 @@ from .errors import CozeError, CozeNetworkError, PipelineError, RunFailed, Synth
 from .fallback import WorkflowSelector
 from .notify import Notifier, NullNotifier
 from .quality import GateFailed, evaluate, urls_to_probe
+from .routing import Account, Routing
 from .retry import call_with_retry
 from .runtimes import KEEP, RunTimeBook, RunTimeModel, run_seconds
 from .synthesis import Synthesizer
@@ -104,9 +112,23 @@ class CozeSlotsFull(PipelineError):
     """``max_coze`` runs are in flight across every worker on the store: submit later."""
 
 
+class _Lane:
+    """One Coze account at run time: its client, limit, breaker and half-open probe lock."""
+
+    def __init__(self, account: Account, breaker: Breaker) -> None:
+        self.account = account
+        self.name = account.name
+        self.coze = account.coze
+        self.max_runs = account.max_runs
+        self.pipelines = account.pipelines
+        self.breaker = breaker
+        self.probe_lock = asyncio.Lock()
+
+
 class Worker:
     def __init__(self, db: sqlite_utils.Database, config: PipelineConfig, coze: Any,
                  workflow_id: str, *, clock: Clock | None = None,
+                 routing: Routing | None = None,
                  synthesizer: Synthesizer | None = None, notifier: Notifier | None = None,
                  owner: str | None = None, batch_ids: tuple[str, ...] | None = None,
                  stages: Iterable[str] | None = None,
@@ -116,26 +138,40 @@ class Worker:
         ``stages`` limits the tasks it claims to those stages (default both): a Coze-only worker
         leaves a task whose run succeeded in the queue at stage ``synthesis`` for a worker that
         synthesises. ``identity`` (default: this process, with ``owner`` as its id) is recorded
-        in the store with a heartbeat while the worker runs."""
+        in the store with a heartbeat while the worker runs.
+
+        ``routing`` (many pipelines, see :mod:`pipeline.routing`): the accounts and pipelines;
+        ``coze`` and ``workflow_id`` are then unused. Without it: ``coze`` is the one account
+        (``max_coze``, ``coze_qps``, breaker ``coze``) and ``workflow_id`` the one pipeline."""
         self.db = db
         self.config = config
-        self.coze = coze
-        self.workflow_id = workflow_id
-        self.selector = WorkflowSelector(
-            workflow_id, config.fallback_workflow_id, failure_rate=config.fallback_failure_rate,
+        if routing is None:
+            routing = Routing.single(coze, workflow_id, max_runs=config.max_coze,
+                                     qps=config.coze_qps,
+                                     fallback_workflow_id=config.fallback_workflow_id)
+        self.routing = routing
+        self.coze = routing.accounts[0].coze
+        self.workflow_id = routing.routes[0].workflow_id
+        self.selectors = {r.name: WorkflowSelector(
+            r.workflow_id, r.fallback_workflow_id, failure_rate=config.fallback_failure_rate,
             window=config.fallback_window, min_runs=config.fallback_min_runs,
-            cooldown=config.fallback_cooldown)
+            cooldown=config.fallback_cooldown) for r in routing.routes}
+        self.selector = self.selectors[routing.routes[0].name]
         self.clock = clock or Clock()
         self.synth = synthesizer or Synthesizer.from_config(
-            config, clock=self.clock, coze_base_url=getattr(coze, "base_url", ""))
+            config, clock=self.clock, coze_base_url=getattr(self.coze, "base_url", ""))
         self.notifier = notifier or NullNotifier()
         self.identity = identity or new_identity(owner)
         self.owner = self.identity.id
         self.stages = frozenset(stages) if stages is not None else frozenset(STAGES)
         if not self.stages or not self.stages <= set(STAGES):
             raise ValueError(f"stages must be some of {STAGES}, got {sorted(self.stages)}")
-        self.breaker = Breaker(db, "coze", config.breaker, self.clock.now,
-                               on_change=self._breaker_changed)
+        self.lanes = {a.name: _Lane(a, Breaker(db, a.breaker_service, config.breaker,
+                                               self.clock.now, on_change=self._breaker_changed))
+                      for a in routing.accounts}
+        self.breaker = self.lanes[routing.accounts[0].name].breaker  # the first account's
+        self._lane_of: dict[int, _Lane] = {}          # Coze-stage task -> its account
+        self._batch_pipelines: dict[str, str | None] = {}
         self._inflight: dict[int, asyncio.Task] = {}
         self._batch_of: dict[int, str] = {}
         self._coze_active: set[int] = set()
@@ -154,7 +190,6 @@ class Worker:
         self.batch_ids = tuple(batch_ids) if batch_ids else None
         self._finish_at = 0.0
         self._submitting: dict[int, asyncio.Future] = {}
-        self._probe_lock = asyncio.Lock()
         self._batch_workflows: dict[str, str | None] = {}
 
     # ---- main loop -------------------------------------------------------------------------
@@ -214,10 +249,15 @@ class Worker:
         stages = None if "synthesis" in self.stages else tuple(self.stages)
         if not queue.has_pending_work(self.db, batch_ids=self.batch_ids, stages=stages):
             return True
-        if not await self._breaker_allows() and self.breaker.retry_at() is None:
-            log.warning("the Coze breaker waits for a human (resume); drain stops here")
-            return True
-        return False
+        for lane in self.lanes.values():
+            if not queue.has_pending_work(self.db, batch_ids=self.batch_ids, stages=stages,
+                                          pipelines=lane.pipelines):
+                continue
+            if await self._breaker_allows(lane) or lane.breaker.retry_at() is not None:
+                return False
+            log.warning("the Coze breaker of account %s waits for a human (resume); drain "
+                        "leaves its work", lane.name)
+        return True
 
     async def recover_dead_owners(self) -> int:
         """Expire at once the leases of workers known to be gone (after a ``kill -9``).
@@ -257,21 +297,27 @@ class Worker:
             # that only synthesises gets all its work this way: it looks every idle interval).
             self._synth_claim_at = now if len(claimed) == free_synth or "coze" not in self.stages \
                 else now + 1.0
-        free_coze = self.config.max_coze - len(self._coze_active)
-        if "coze" not in self.stages:
-            free_coze = 0
-        if free_coze > 0 and await self._breaker_allows():
-            st = self.breaker.state()
+        for lane in self.lanes.values() if "coze" in self.stages else ():
+            mine = {t for t in self._coze_active if self._lane_of.get(t) is lane}
+            free_coze = lane.max_runs - len(mine)
+            if free_coze <= 0 or not await self._breaker_allows(lane):
+                continue
+            st = lane.breaker.state()
             if st.state == "half_open":   # one probe, not a stampede
-                busy = self._coze_active
-                if st.opened_by_submits(self.breaker.policy.failure_threshold):
+                busy = mine
+                if st.opened_by_submits(lane.breaker.policy.failure_threshold):
                     # only submits can close it: a probe that submitted and now polls is done
                     busy = busy - self._polling
                 free_coze = 1 if not busy else 0
             if free_coze:
-                claimed += await self.store(queue.claim_tasks, owner=self.owner, now=now,
-                                            lease=self.config.lease_seconds, limit=free_coze,
-                                            stage="coze", batch_ids=self.batch_ids)
+                got = await self.store(queue.claim_tasks, owner=self.owner, now=now,
+                                       lease=self.config.lease_seconds, limit=free_coze,
+                                       stage="coze", batch_ids=self.batch_ids,
+                                       pipelines=lane.pipelines)
+                for task in got:
+                    if task["id"] not in self._inflight:
+                        self._lane_of[task["id"]] = lane
+                claimed += got
         for task in claimed:
             if task["id"] in self._inflight:  # our own, still alive: its lease just ran late
                 continue
@@ -392,6 +438,7 @@ class Worker:
                 self._inflight.pop(task_id, None)
                 self._batch_of.pop(task_id, None)
                 self._submit_sent.pop(task_id, None)
+                self._lane_of.pop(task_id, None)
             try:
                 await self._finish_batches()
             except sqlite3.OperationalError:
@@ -471,8 +518,8 @@ class Worker:
                 started = self.clock.now()
                 try:
                     workflow = self._workflow_for_submit(task)
-                    await self._call(task, lambda: self._shielded_submit(task, workflow, params),
-                                     kind="submit")
+                    await self._call(task, lambda coze: self._shielded_submit(
+                        task, workflow, params, coze), kind="submit")
                 except LeaseLost:
                     return _STOPPED
                 except CozeSlotsFull:   # another process's runs fill the account: wait, not fail
@@ -513,7 +560,8 @@ class Worker:
                 return result
             await self.clock.sleep(result.wait)
 
-    def _shielded_submit(self, task: dict[str, Any], workflow: str, params: dict) -> Any:
+    def _shielded_submit(self, task: dict[str, Any], workflow: str, params: dict,
+                         coze: Any = None) -> Any:
         """One submit attempt whose answer is stored even if the task is cancelled meanwhile.
 
         Coze creates the run as soon as it accepts the request; cancelling while the answer is
@@ -531,17 +579,20 @@ class Worker:
             # The same transaction counts the runs in flight of every process on this store:
             # the account's concurrency is one, whoever submits.
             mark = self.clock.now()
+            lane = self._lane(task)
             marked = await self.store(queue.mark_submit, task["id"], owner=self.owner,
-                                      now=mark, max_in_flight=self.config.max_coze)
+                                      now=mark, max_in_flight=lane.max_runs,
+                                      pipelines=lane.pipelines)
             if marked == "full":
-                raise CozeSlotsFull(f"{self.config.max_coze} Coze runs in flight")
+                raise CozeSlotsFull(f"{lane.max_runs} Coze runs in flight on account "
+                                    f"{lane.name}")
             if marked != "marked":
                 log.warning("lease lost; dropping task", extra={"task_id": task["id"]})
                 raise LeaseLost(f"task {task['id']} was taken over")
             task["submit_started_at"] = mark
             sent = self.clock.now()
             try:
-                sub = await self.coze.submit(workflow, params)
+                sub = await (coze or lane.coze).submit(workflow, params)
             except BaseException as exc:
                 # Only a request that never reached Coze leaves no run behind. After a timeout,
                 # a dropped or reset connection or a 5xx, Coze may have created the run: the mark
@@ -601,25 +652,29 @@ class Worker:
         if batch_id not in self._batch_workflows:
             self._batch_workflows[batch_id] = queue.batch_field(self.db, batch_id, "workflow_id")
         own = self._batch_workflows[batch_id]
-        if own and own not in (self.workflow_id, self.selector.fallback):
+        selector = self._selector(task)
+        if own and own not in (selector.primary, selector.fallback):
             return own
-        workflow, switch = self.selector.current(self.clock.now())
+        workflow, switch = selector.current(self.clock.now())
         if switch is not None:
-            self._announce(switch)
+            self._announce(switch, task)
         return workflow
 
     def _batch_status(self, batch_id: str) -> str | None:
         return queue.batch_field(self.db, batch_id, "status")
 
     def _run_ended(self, task: dict[str, Any], ok: bool) -> None:
-        workflow = task.get("run_workflow_id") or self.workflow_id
-        switch = self.selector.record(workflow, ok, self.clock.now())
+        selector = self._selector(task)
+        workflow = task.get("run_workflow_id") or selector.primary
+        switch = selector.record(workflow, ok, self.clock.now())
         if switch is not None:
-            self._announce(switch)
+            self._announce(switch, task)
 
-    def _announce(self, switch: Any) -> None:
+    def _announce(self, switch: Any, task: dict[str, Any]) -> None:
+        pipeline = self.routing.route(self._pipeline_of(task["batch_id"])).name
+        switch = dataclasses.replace(switch, pipeline=pipeline)
         log.warning("workflow switch: %s", switch.reason,
-                    extra={"to_fallback": switch.to_fallback})
+                    extra={"to_fallback": switch.to_fallback, "pipeline": pipeline})
         hook = getattr(self.notifier, "workflow_switched", None)
         if hook is not None:
             hook(switch)
@@ -628,7 +683,7 @@ class Worker:
         """Poll until the run ends (see :meth:`_poll_delay`); never poll a run that has ended."""
         execute_id = task["execute_id"]
         submitted = task["submitted_at"] or self.clock.now()
-        workflow = task.get("run_workflow_id") or self.workflow_id
+        workflow = task.get("run_workflow_id") or self._selector(task).primary
         self._polling.add(task["id"])
         try:
             return await self._poll_until_ended(task, execute_id, submitted, workflow)
@@ -641,10 +696,11 @@ class Worker:
         running_sent = None            # when the last poll that saw the run Running went out
         while True:
             elapsed = self.clock.now() - submitted
-            await self.clock.sleep(self._poll_delay(elapsed, polls, workflow))
+            await self.clock.sleep(self._poll_delay(elapsed, polls, workflow,
+                                                    lane=self._lane(task)))
             sent = self.clock.now()
             try:
-                status = await self._call(task, lambda: self.coze.poll(workflow, execute_id),
+                status = await self._call(task, lambda coze: coze.poll(workflow, execute_id),
                                           kind="poll")
             except CozeError as exc:
                 if not self._keep_waiting(exc, submitted):
@@ -690,7 +746,8 @@ class Worker:
     #: early (or was edited to run shorter) is noticed within it, whatever was learned before.
     poll_first_wait_cap = 3.0
 
-    def _poll_delay(self, elapsed: float, polls: int, workflow: str | None = None) -> float:
+    def _poll_delay(self, elapsed: float, polls: int, workflow: str | None = None, *,
+                    lane: _Lane | None = None) -> float:
         """Seconds to wait before the next poll of a run submitted ``elapsed`` seconds ago.
 
         * A pinned policy (``first == maximum`` and ``multiplier == 1``) polls at that fixed
@@ -714,7 +771,7 @@ class Worker:
         p = self.config.poll
         if p.multiplier == 1.0 and p.first == p.maximum:
             return p.first
-        model = self._run_time_model(workflow or self.workflow_id)
+        model = self._run_time_model(workflow or self.workflow_id, lane)
         if model is None:
             return min(p.maximum, p.first * (p.multiplier ** polls))
         floor = max(min(p.first, model.floor), model.target * elapsed)
@@ -737,10 +794,13 @@ class Worker:
         self.store.submit(stored_runtimes.record, workflow, seconds, now=end_seen, keep=KEEP,
                           execute_id=task["execute_id"]).add_done_callback(_warn_failed)
 
-    def _run_time_model(self, workflow: str) -> RunTimeModel | None:
-        """The workflow's fitted model (None until ``poll_min_samples`` run times are known)."""
-        slots = max(1, self.config.max_coze)
-        budget = self.poll_qps_share * self.config.coze_qps
+    def _run_time_model(self, workflow: str, lane: _Lane | None = None) -> RunTimeModel | None:
+        """The workflow's fitted model (None until ``poll_min_samples`` run times are known),
+        planned within the run limit and QPS budget of ``lane``'s account (default: the
+        configured ``max_coze`` and ``coze_qps``)."""
+        slots = max(1, lane.max_runs if lane is not None else self.config.max_coze)
+        budget = self.poll_qps_share * (lane.account.qps if lane is not None
+                                        else self.config.coze_qps)
 
         def polls_per_run_second(mean: float) -> float:
             # what the submits leave of the budget, but never less than a quarter of it
@@ -751,28 +811,30 @@ class Worker:
                                    min_samples=self.poll_min_samples)
 
     async def _call(self, task: dict[str, Any], make_call, *, kind: str) -> Any:
-        """One Coze API call of ``kind`` (``submit`` or ``poll``): behind the breaker, retried
-        by the classifier's rules. The breaker counts the two kinds apart."""
+        """One Coze API call of ``kind`` (``submit`` or ``poll``): behind the task's account's
+        breaker, retried by the classifier's rules. The breaker counts the two kinds apart."""
+        lane = self._lane(task)
 
         async def attempt():
             try:
-                result = await make_call()
+                result = await make_call(lane.coze)
             except CozeError as exc:
                 if exc.scope == "call" and (isinstance(exc, CozeNetworkError)
                                             or (exc.http_status or 0) >= 500):
-                    await self._breaker("record_failure", f"{exc.code}: {exc.message}", kind)
+                    await self._breaker("record_failure", f"{exc.code}: {exc.message}", kind,
+                                        lane=lane)
                 raise
-            st = self.breaker.state()
+            st = lane.breaker.state()
             if st.state != "closed" or (st.submit_failures if kind == "submit" else st.failures):
-                await self._breaker("record_success", kind)   # a write only when it changes
+                await self._breaker("record_success", kind, lane=lane)  # a write only on change
             return result
 
         async def guarded():
-            await self._gate()
-            if self.breaker.state().state != "half_open":
+            await self._gate(lane)
+            if lane.breaker.state().state != "half_open":
                 return await attempt()
-            async with self._probe_lock:  # half-open: one probe at a time, not every waiter
-                await self._gate()
+            async with lane.probe_lock:  # half-open: one probe at a time, not every waiter
+                await self._gate(lane)
                 return await attempt()
 
         def on_retry(decision: Decision, exc: BaseException, attempt: int) -> None:
@@ -793,23 +855,42 @@ class Worker:
                                      clock=self.clock, on_retry=on_retry,
                                      resubmits=task["resubmits"])
 
-    async def _breaker_allows(self) -> bool:
-        """May a Coze call go out now? Reads on the loop; the open -> half_open write (once the
-        open time has passed) goes through the store thread."""
-        st = self.breaker.state()
+    def _lane(self, task: dict[str, Any]) -> _Lane:
+        """The Coze account of the task's batch's pipeline."""
+        lane = self._lane_of.get(task["id"])
+        if lane is None:
+            route = self.routing.route(self._pipeline_of(task["batch_id"]))
+            lane = self.lanes[route.account]
+        return lane
+
+    def _pipeline_of(self, batch_id: str) -> str | None:
+        if batch_id not in self._batch_pipelines:
+            self._batch_pipelines[batch_id] = queue.batch_field(self.db, batch_id, "pipeline")
+        return self._batch_pipelines[batch_id]
+
+    def _selector(self, task: dict[str, Any]) -> WorkflowSelector:
+        return self.selectors[self.routing.route(self._pipeline_of(task["batch_id"])).name]
+
+    async def _breaker_allows(self, lane: _Lane | None = None) -> bool:
+        """May a Coze call go out now on the account (default: the first one)? Reads on the
+        loop; the open -> half_open write (once the open time has passed) goes through the
+        store thread."""
+        lane = lane or next(iter(self.lanes.values()))
+        st = lane.breaker.state()
         if st.state != "open":
             return True
-        retry_at = self.breaker.retry_at()
+        retry_at = lane.breaker.retry_at()
         if retry_at is None or self.clock.now() < retry_at:
             return False
-        return await self._breaker("allow")
+        return await self._breaker("allow", lane=lane)
 
-    async def _breaker(self, method: str, *args: Any) -> Any:
+    async def _breaker(self, method: str, *args: Any, lane: _Lane | None = None) -> Any:
         """Call a breaker method that may write, on the store thread; report state changes."""
+        lane = lane or next(iter(self.lanes.values()))
         changes: list[tuple[Any, Any]] = []
 
         def call(db: sqlite_utils.Database) -> Any:
-            breaker = Breaker(db, self.breaker.service, self.breaker.policy, self.clock.now,
+            breaker = Breaker(db, lane.breaker.service, lane.breaker.policy, self.clock.now,
                               on_change=lambda before, after: changes.append((before, after)))
             return getattr(breaker, method)(*args)
 
@@ -818,10 +899,11 @@ class Worker:
             self._breaker_changed(before, after)
         return result
 
-    async def _gate(self) -> None:
-        """Wait while the Coze breaker is open (a manual trip waits for a human)."""
-        while not await self._breaker_allows():
-            retry_at = self.breaker.retry_at()
+    async def _gate(self, lane: _Lane | None = None) -> None:
+        """Wait while the account's breaker is open (a manual trip waits for a human)."""
+        lane = lane or next(iter(self.lanes.values()))
+        while not await self._breaker_allows(lane):
+            retry_at = lane.breaker.retry_at()
             wait = 1.0 if retry_at is None else max(0.05, retry_at - self.clock.now())
             await self.clock.sleep(min(wait, 5.0))
 
@@ -864,18 +946,28 @@ class Worker:
         return _STOPPED
 
     async def _fatal(self, task: dict[str, Any], decision: Decision, exc: BaseException) -> None:
-        """Stop dispatching: trip the breaker, block open batches, hand the task back."""
+        """Stop dispatching on the task's account: trip its breaker, block the open batches of
+        its pipelines, hand the task back."""
         reason = f"{decision.error_class}: {_msg(exc)}"
-        await self._breaker("trip", reason)
+        lane = self._lane(task)
+        await self._breaker("trip", reason, lane=lane)
         ended_run = {"execute_id": None, "submitted_at": None} \
             if isinstance(exc, RunFailed) else {}  # never poll an ended run again after resume
         await self._update(task, error_class=decision.error_class,
                            error_code=getattr(exc, "code", None), error_message=_msg(exc),
                            **ended_run)
         await self._release(task["id"])
-        blocked = await self.store(queue.block_open_batches, now=self.clock.now(), reason=reason)
-        for batch_id in blocked:
-            self.notifier.batch_blocked(batch_id, decision, exc)
+
+        async def block_and_tell() -> None:
+            blocked = await self.store(queue.block_open_batches, now=self.clock.now(),
+                                       reason=reason, pipelines=lane.pipelines)
+            for batch_id in blocked:
+                self.notifier.batch_blocked(batch_id, decision, exc)
+
+        # Shielded: once the block is written, the main loop may cancel this very task (its
+        # batch is blocked now) before the answer is back; the HIGH card must still go out,
+        # and a second fatal task finds the batch already blocked and announces nothing.
+        await asyncio.shield(asyncio.ensure_future(block_and_tell()))
         self._enforce_batch_states()
         self._wake.set()
 

@@ -43,13 +43,19 @@ def put_in(conn: Any, *, service: str, state: str, failures: int, successes: int
         [service, state, failures, successes, opened_at, reason, now, submit_failures])
 
 
-def close_all(db: sqlite_utils.Database, now: float) -> int:
-    """Close every breaker that is not closed; returns how many rows changed."""
+def close_all(db: sqlite_utils.Database, now: float,
+              services: list[str] | tuple[str, ...] | None = None) -> int:
+    """Close every breaker (of ``services``, if given) that is not closed; returns how many
+    rows changed."""
+    only, args = "", []
+    if services is not None:
+        only = f" AND service IN ({','.join('?' * len(services)) or 'NULL'})"
+        args = list(services)
     with transaction(db) as conn:
         cur = conn.execute("UPDATE breakers SET state = 'closed', failures = 0, successes = 0,"
                            " submit_failures = 0, opened_at = NULL, reason = NULL,"
-                           " updated_at = ? WHERE state != 'closed'",
-                           [now])
+                           f" updated_at = ? WHERE state != 'closed'{only}",
+                           [now, *args])
         return cur.rowcount
 
 

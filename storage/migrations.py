@@ -18,6 +18,8 @@ Tables
 - ``run_times``: the last run times of each workflow (see :mod:`storage.runtimes`), so a new
   worker places its polls from what earlier ones learned.
 - ``budgets``: the Coze QPS budget shared by every process of one account.
+- ``batches.pipeline``: the pipeline (``[[pipelines]]`` name) a batch belongs to; batches from
+  before it are ``default``.
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -216,6 +218,12 @@ MIGRATIONS: list[list[str]] = [
             heartbeat_at REAL NOT NULL,
             stopped_at REAL
         )""",
+    ],
+    [
+        # many pipelines (bot.settings): the batch's pipeline picks its workflow, Coze
+        # account, alert chat and table; batches from before are the default pipeline's
+        "ALTER TABLE batches ADD COLUMN pipeline TEXT NOT NULL DEFAULT 'default'",
+        "CREATE INDEX batches_pipeline ON batches(pipeline, status)",
     ],
     [
         # pgfix: the claim's scan of running tasks (to take over the expired lease of a dead

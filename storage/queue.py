@@ -34,13 +34,15 @@ def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, 
                  source: str, batch_id: str | None = None, chat_id: str | None = None,
                  command_message_id: str | None = None, created_by: str | None = None,
                  workflow_id: str | None = None, options: dict | None = None,
-                 runner: str | None = None, runner_until: float | None = None) -> str:
+                 runner: str | None = None, runner_until: float | None = None,
+                 pipeline: str = "default") -> str:
     """Record a batch and its tasks in one transaction; return the batch id.
 
     Each task is ``{"task_key": str, "params": dict, "record_id": str | None}``. Duplicate
     task keys within the batch raise ``ValueError`` before anything is written. ``runner``:
     the owner that runs this batch itself (``opsbot run``); no other worker claims its tasks
-    until ``runner_until`` (see :func:`hold_batch`).
+    until ``runner_until`` (see :func:`hold_batch`). ``pipeline``: the pipeline the batch
+    belongs to (its workflow, Coze account and chat; see bot.settings).
     """
     rows = _checked(tasks)
     batch_id = batch_id or new_batch_id()
@@ -48,15 +50,17 @@ def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, 
         _insert_batch(conn, rows, batch_id=batch_id, now=now, source=source, chat_id=chat_id,
                       command_message_id=command_message_id, created_by=created_by,
                       workflow_id=workflow_id, options=options, runner=runner,
-                      runner_until=runner_until)
+                      runner_until=runner_until, pipeline=pipeline)
     return batch_id
 
 
 def create_batch_when_due(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *,
-                          now: float, source: str, every: float, open_for: float) -> str | None:
+                          now: float, source: str, every: float, open_for: float,
+                          pipeline: str = "default") -> str | None:
     """Record a batch of ``source`` unless the latest batch of that source is younger than
-    ``every`` seconds, or is still open (:data:`BATCH_OPEN`) and younger than ``open_for``;
-    return the new batch id, or None when it was not due.
+    ``every`` seconds, or is still open (:data:`BATCH_OPEN`) and younger than ``open_for``
+    (whatever its pipeline); return the new batch id (of ``pipeline``), or None when it was
+    not due.
 
     The check and the insert are one transaction that runs alone (SQLite: ``BEGIN
     IMMEDIATE``; PostgreSQL: the exclusive write lock), so processes checking at the same
@@ -72,7 +76,7 @@ def create_batch_when_due(db: sqlite_utils.Database, tasks: Iterable[dict[str, A
             if age < every or (latest[1] in BATCH_OPEN and age < open_for):
                 return None
         batch_id = new_batch_id()
-        _insert_batch(conn, rows, batch_id=batch_id, now=now, source=source)
+        _insert_batch(conn, rows, batch_id=batch_id, now=now, source=source, pipeline=pipeline)
     return batch_id
 
 
@@ -90,14 +94,14 @@ def _insert_batch(conn, rows: list[dict[str, Any]], *, batch_id: str, now: float
                   chat_id: str | None = None, command_message_id: str | None = None,
                   created_by: str | None = None, workflow_id: str | None = None,
                   options: dict | None = None, runner: str | None = None,
-                  runner_until: float | None = None) -> None:
+                  runner_until: float | None = None, pipeline: str = "default") -> None:
     """Insert the batch row and its tasks inside the caller's transaction."""
     conn.execute(
         "INSERT INTO batches (id, source, status, chat_id, command_message_id, created_by,"
-        " created_at, workflow_id, options, runner, runner_until)"
-        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+        " created_at, workflow_id, options, runner, runner_until, pipeline)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (batch_id, source, chat_id, command_message_id, created_by, now, workflow_id,
-         json.dumps(options or {}, ensure_ascii=False), runner, runner_until))
+         json.dumps(options or {}, ensure_ascii=False), runner, runner_until, pipeline))
     conn.executemany(
         "INSERT INTO tasks (batch_id, task_key, record_id, params, created_at)"
         " VALUES (?, ?, ?, ?, ?)",
@@ -112,16 +116,31 @@ def get_batch(db: sqlite_utils.Database, batch_id: str) -> dict[str, Any]:
     return rows[0]
 
 
-def latest_batch(db: sqlite_utils.Database) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT * FROM batches ORDER BY created_at DESC, rowid DESC LIMIT 1"))
+def _in_pipelines(pipelines: Iterable[str] | None, column: str = "pipeline",
+                  ) -> tuple[str, list[str]]:
+    """SQL ``AND column IN (...)`` for ``pipelines`` (None: no condition) and its arguments."""
+    if pipelines is None:
+        return "", []
+    names = list(pipelines)
+    return f" AND {column} IN ({','.join('?' * len(names)) or 'NULL'})", names
+
+
+def latest_batch(db: sqlite_utils.Database,
+                 pipelines: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """The newest batch (of ``pipelines``, if given), or None."""
+    cond, args = _in_pipelines(pipelines)
+    rows = list(db.query(f"SELECT * FROM batches WHERE 1 = 1{cond}"
+                         " ORDER BY created_at DESC, rowid DESC LIMIT 1", args))
     return rows[0] if rows else None
 
 
 def list_batches(db: sqlite_utils.Database, *, open_only: bool = False,
-                 limit: int = 10) -> list[dict[str, Any]]:
-    where = f"WHERE status IN {BATCH_OPEN!r}" if open_only else ""
+                 limit: int = 10, pipelines: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    where = f"WHERE status IN {BATCH_OPEN!r}" if open_only else "WHERE 1 = 1"
+    cond, args = _in_pipelines(pipelines)
     return list(db.query(
-        f"SELECT * FROM batches {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", [limit]))
+        f"SELECT * FROM batches {where}{cond} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+        [*args, limit]))
 
 
 def batch_counts(db: sqlite_utils.Database, batch_id: str) -> dict[str, int]:
@@ -172,7 +191,8 @@ def tasks_of(db: sqlite_utils.Database, batch_id: str,
 
 def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: float,
                 limit: int, stage: str | None = None,
-                batch_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+                batch_ids: Iterable[str] | None = None,
+                pipelines: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Claim up to ``limit`` due tasks of running batches for ``owner``.
 
     A task is due when it is queued/retrying with ``next_at <= now``, or running with an expired
@@ -180,7 +200,8 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     coroutines may still be alive). Claimed tasks become ``running`` with a fresh lease. Batches
     that are queued become running on their first claim. ``batch_ids`` limits the claim. A
     batch that another live process runs itself (``runner``, held until ``runner_until``) is
-    left to it.
+    left to it. ``pipelines`` limits the claim to batches of those pipelines (one Coze
+    account's).
 
     PostgreSQL: one statement that skips the rows other claimers hold (``SKIP LOCKED``), so
     claimers on many machines run in parallel; SQLite: read then update, under its one writer.
@@ -191,13 +212,14 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
     with transaction(db, concurrent=True) as conn:
         if is_postgres(db):
             return _claim_skip_locked(conn, owner=owner, now=now, lease=lease, limit=limit,
-                                      stage=stage, wanted=wanted)
+                                      stage=stage, wanted=wanted, pipelines=pipelines)
         return _claim_select_update(conn, owner=owner, now=now, lease=lease, limit=limit,
-                                    stage=stage, wanted=wanted)
+                                    stage=stage, wanted=wanted, pipelines=pipelines)
 
 
 def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: tuple,
-             lock: str = "", sqlite: bool = False) -> tuple[str, list[Any]]:
+             pipelines: Iterable[str] | None = None, lock: str = "",
+             sqlite: bool = False) -> tuple[str, list[Any]]:
     """The ids (and ``next_at``) of up to ``limit`` due tasks, earliest first: one
     index-ordered, limited scan per status (tasks_claim is (status, next_at), id breaks ties),
     merged, so cost grows with ``limit``, not with the number of queued tasks. Running tasks
@@ -208,8 +230,10 @@ def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: t
     LOCKED``)."""
     stage_sql = " AND t.stage = ?" if stage else ""
     stage_args: list[Any] = [stage] if stage else []
+    in_pipelines, pipeline_args = _in_pipelines(pipelines)
     runnable = (" AND t.batch_id IN (SELECT id FROM batches WHERE status IN ('queued', 'running')"
-                " AND (runner IS NULL OR runner = ? OR runner_until IS NULL OR runner_until < ?))")
+                " AND (runner IS NULL OR runner = ? OR runner_until IS NULL OR runner_until < ?)"
+                f"{in_pipelines})")
     if wanted:
         runnable += f" AND t.batch_id IN ({','.join('?' * len(wanted))})"
     parts, args = [], []
@@ -221,16 +245,17 @@ def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: t
                      f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?{lock})"
                      f" AS {status}")
         own = [owner] if status == "running" else []
-        args += [status, now, *own, *stage_args, owner, now, *wanted, limit]
+        args += [status, now, *own, *stage_args, owner, now, *pipeline_args, *wanted, limit]
     sql = f"SELECT id FROM ({' UNION ALL '.join(parts)}) AS due ORDER BY next_at, id LIMIT ?"
     return sql, [*args, limit]
 
 
 def _claim_select_update(conn, *, owner: str, now: float, lease: float, limit: int,
-                         stage: str | None, wanted: tuple) -> list[dict[str, Any]]:
+                         stage: str | None, wanted: tuple,
+                         pipelines: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """SQLite's claim: read the due ids, then take them (its one writer makes that atomic)."""
     sql, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted,
-                         sqlite=True)
+                         pipelines=pipelines, sqlite=True)
     ids = [r[0] for r in conn.execute(sql, args).fetchall()]
     if not ids:
         return []
@@ -249,7 +274,8 @@ def _claim_select_update(conn, *, owner: str, now: float, lease: float, limit: i
 
 
 def _claim_skip_locked(conn, *, owner: str, now: float, lease: float, limit: int,
-                       stage: str | None, wanted: tuple) -> list[dict[str, Any]]:
+                       stage: str | None, wanted: tuple,
+                       pipelines: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """PostgreSQL's claim, one statement: each scan locks the due rows it returns and skips the
     rows another claimer has locked (``SKIP LOCKED``); a row another claimer took and committed
     meanwhile is re-checked on its new version and dropped. The CTE runs once, so exactly the
@@ -257,7 +283,7 @@ def _claim_skip_locked(conn, *, owner: str, now: float, lease: float, limit: int
     locked in id order (as every claimer does, so two claimers starting the same batches never
     wait for each other in a circle)."""
     due, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted,
-                         lock=" FOR UPDATE OF t SKIP LOCKED")
+                         pipelines=pipelines, lock=" FOR UPDATE OF t SKIP LOCKED")
     cur = conn.execute(
         f"WITH due AS MATERIALIZED ({due}),"
         " claimed AS (UPDATE tasks SET status = 'running', lease_owner = ?, lease_until = ?,"
@@ -322,20 +348,28 @@ def update_task(db: sqlite_utils.Database, task_id: int, *, owner: str | None = 
 
 
 def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: float,
-                max_in_flight: int | None = None) -> str:
+                max_in_flight: int | None = None,
+                pipelines: Iterable[str] | None = None) -> str:
     """Mark a submit about to go out (``submit_started_at = now``) while ``owner`` holds the task.
 
     With ``max_in_flight``: only while fewer Coze runs are in flight across every worker on this
     store (running tasks in the ``coze`` stage with a run id or a submit marked), checked in the
     same transaction, so two processes never together exceed one account's concurrency.
+    ``pipelines``: count only the runs of batches of these pipelines (the account's).
     Returns ``"marked"``, ``"full"`` (nothing written: submit later) or ``"lost"`` (the lease).
     """
-    with transaction(db, concurrent=True, key="coze-in-flight") as conn:
+    # One key per account (its pipelines), so accounts do not wait for each other.
+    pipelines = None if pipelines is None else tuple(pipelines)
+    account = ",".join(sorted(pipelines or ()))
+    with transaction(db, concurrent=True, key=f"coze-in-flight:{account}") as conn:
         if max_in_flight is not None:
+            cond, args = _in_pipelines(pipelines)
+            of_account = f" AND batch_id IN (SELECT id FROM batches WHERE 1 = 1{cond})" \
+                if cond else ""
             busy = conn.execute(
                 "SELECT COUNT(*) FROM tasks WHERE status = 'running' AND stage = 'coze'"
-                " AND (execute_id IS NOT NULL OR submit_started_at IS NOT NULL) AND id != ?",
-                [task_id]).fetchone()[0]
+                " AND (execute_id IS NOT NULL OR submit_started_at IS NOT NULL) AND id != ?"
+                f"{of_account}", [task_id, *args]).fetchone()[0]
             if busy >= max_in_flight:
                 return "full"
         cur = conn.execute("UPDATE tasks SET submit_started_at = ? WHERE id = ?"
@@ -404,12 +438,15 @@ def set_batch_status(db: sqlite_utils.Database, batch_id: str, status: str, *, n
 
 
 def block_open_batches(db: sqlite_utils.Database, *, now: float, reason: str,
-                       batch_ids: Iterable[str] | None = None) -> list[str]:
-    """Block running/queued batches (all, or the given ones); return the ids blocked."""
+                       batch_ids: Iterable[str] | None = None,
+                       pipelines: Iterable[str] | None = None) -> list[str]:
+    """Block running/queued batches (all, those of ``pipelines``, or the given ones); return
+    the ids blocked."""
     with transaction(db) as conn:
         if batch_ids is None:
+            cond, args = _in_pipelines(pipelines)
             ids = [r[0] for r in conn.execute(
-                "SELECT id FROM batches WHERE status IN ('queued', 'running')")]
+                f"SELECT id FROM batches WHERE status IN ('queued', 'running'){cond}", args)]
         else:
             wanted = list(batch_ids)
             marks = ",".join("?" * len(wanted)) or "NULL"
@@ -471,18 +508,20 @@ def finish_batches(db: sqlite_utils.Database, *, now: float,
 
 def has_pending_work(db: sqlite_utils.Database,
                      batch_ids: Iterable[str] | None = None,
-                     stages: Iterable[str] | None = None) -> bool:
-    """True while some task of a queued/running batch (of ``batch_ids``, if given; in one of
-    ``stages``, if given) is not final."""
+                     stages: Iterable[str] | None = None,
+                     pipelines: Iterable[str] | None = None) -> bool:
+    """True while some task of a queued/running batch (of ``batch_ids``, if given; of
+    ``pipelines``, if given; in one of ``stages``, if given) is not final."""
     wanted = tuple(batch_ids) if batch_ids else ()
     only = f" AND b.id IN ({','.join('?' * len(wanted))})" if wanted else ""
     in_stages = tuple(stages) if stages else ()
     if in_stages:
         only += f" AND t.stage IN ({','.join('?' * len(in_stages))})"
+    cond, names = _in_pipelines(pipelines, "b.pipeline")
     row = db.execute(
         "SELECT 1 FROM tasks t JOIN batches b ON b.id = t.batch_id"
         " WHERE b.status IN ('queued', 'running') AND t.status IN ('queued', 'running', 'retrying')"
-        f"{only} LIMIT 1", [*wanted, *in_stages]).fetchone()
+        f"{only}{cond} LIMIT 1", [*wanted, *in_stages, *names]).fetchone()
     return row is not None
 
 
@@ -541,9 +580,9 @@ def attempts_after_in(conn, last_id: int, *, limit: int) -> list[dict[str, Any]]
 
 
 def batch_field(db: sqlite_utils.Database, batch_id: str, column: str) -> Any:
-    """One column (``status``, ``source``, ``workflow_id``) of the batch; None when the batch
-    does not exist. Raises ValueError for another column name."""
-    if column not in ("status", "source", "workflow_id"):
+    """One column (``status``, ``source``, ``workflow_id``, ``pipeline``, ``chat_id``) of the
+    batch; None when the batch does not exist. Raises ValueError for another column name."""
+    if column not in ("status", "source", "workflow_id", "pipeline", "chat_id"):
         raise ValueError(f"not a batch field: {column!r}")
     row = db.execute(f"SELECT {column} FROM batches WHERE id = ?", [batch_id]).fetchone()
     return row[0] if row else None
@@ -564,12 +603,16 @@ def batch_statuses(db: sqlite_utils.Database, batch_ids: Iterable[str]) -> dict[
                            ids).fetchall())
 
 
-def batch_ids_with_status(db: sqlite_utils.Database, statuses: Iterable[str]) -> list[str]:
-    """Ids of the batches whose status is in ``statuses``, oldest first."""
+def batch_ids_with_status(db: sqlite_utils.Database, statuses: Iterable[str],
+                          pipelines: Iterable[str] | None = None) -> list[str]:
+    """Ids of the batches (of ``pipelines``, if given) whose status is in ``statuses``, oldest
+    first."""
     st = list(statuses)
     marks = ",".join("?" * len(st))
+    cond, args = _in_pipelines(pipelines)
     return [r[0] for r in db.execute(
-        f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY created_at, id", st)]
+        f"SELECT id FROM batches WHERE status IN ({marks}){cond} ORDER BY created_at, id",
+        [*st, *args])]
 
 
 def latest_batch_id_with_status(db: sqlite_utils.Database, status: str) -> str | None:
@@ -601,13 +644,16 @@ def latest_task_by_key(db: sqlite_utils.Database, task_key: str) -> dict[str, An
 
 
 def failed_tasks(db: sqlite_utils.Database, *, batch_id: str | None = None,
-                 limit: int) -> list[dict[str, Any]]:
-    """The latest ``limit`` failed tasks (of ``batch_id`` when given), newest finish first."""
+                 limit: int, pipelines: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The latest ``limit`` failed tasks (of ``batch_id`` when given, else of ``pipelines``
+    when given), newest finish first."""
     if batch_id is not None:
         return list(db.query("SELECT * FROM tasks WHERE status = 'failed' AND batch_id = ?"
                              " ORDER BY finished_at DESC, id DESC LIMIT ?", [batch_id, limit]))
-    return list(db.query("SELECT * FROM tasks WHERE status = 'failed'"
-                         " ORDER BY finished_at DESC, id DESC LIMIT ?", [limit]))
+    cond, args = _in_pipelines(pipelines)
+    of = f" AND batch_id IN (SELECT id FROM batches WHERE 1 = 1{cond})" if cond else ""
+    return list(db.query(f"SELECT * FROM tasks WHERE status = 'failed'{of}"
+                         " ORDER BY finished_at DESC, id DESC LIMIT ?", [*args, limit]))
 
 
 def active_record_ids(db: sqlite_utils.Database) -> set[str]:
@@ -654,11 +700,15 @@ def running_since(db: sqlite_utils.Database, before: float) -> list[tuple]:
         [before]).fetchall()
 
 
-def finished_since(db: sqlite_utils.Database, since: float) -> tuple[int, int]:
-    """``(finished, failed)``: tasks that succeeded or failed at or after ``since``."""
+def finished_since(db: sqlite_utils.Database, since: float,
+                   pipelines: Iterable[str] | None = None) -> tuple[int, int]:
+    """``(finished, failed)``: tasks (of batches of ``pipelines``, if given) that succeeded or
+    failed at or after ``since``."""
+    cond, args = _in_pipelines(pipelines)
+    of = f" AND batch_id IN (SELECT id FROM batches WHERE 1 = 1{cond})" if cond else ""
     n, failed = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(status = 'failed'), 0) FROM tasks WHERE finished_at >= ?"
-        " AND status IN ('succeeded', 'failed')", [since]).fetchone()
+        f" AND status IN ('succeeded', 'failed'){of}", [since, *args]).fetchone()
     return n, failed
 
 

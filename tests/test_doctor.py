@@ -635,3 +635,51 @@ def test_unreachable_postgres_fails_without_printing_its_password(env):
     assert line.startswith(f"FAIL  database: postgresql://ops:***@127.0.0.1:{port}/opsbot cannot "
                            "be opened or migrated (OperationalError: postgresql: connection failed")
     assert "pg-s3cret" not in "\n".join(lines)
+
+
+def test_many_pipelines_each_pipeline_and_account_is_checked_and_named(env, fake, sim,
+                                                                          tmp_path):
+    news_chat = "oc_news"
+    fake.on("GET", f"/open-apis/im/v1/chats/{news_chat}/members/is_in_chat",
+            lambda rec: (200, {"code": 0, "msg": "success", "data": {"is_in_chat": False}}))
+    cfg = tmp_path / "pipelines.toml"
+    cfg.write_text(f'[coze.accounts.beta]\napi_token_env = "COZE_TOKEN_BETA"\n'
+                   f'base_url = "{sim.base_url}"\nmax_runs = 3\nqps = 4\n'
+                   f'[[pipelines]]\nname = "news"\nworkflow_id = "7500"\n'
+                   f'coze_account = "beta"\nalert_chat_id = "{news_chat}"\n', encoding="utf-8")
+    beta_token = "pat_not-the-sims-token"
+    out = io.StringIO()
+    code = doctor.run_doctor(load_settings({**env, "OPSBOT_CONFIG": str(cfg),
+                                            "COZE_TOKEN_BETA": beta_token}), out=out)
+    text = out.getvalue()
+    assert beta_token not in text and COZE_TOKEN not in text
+    lines = text.splitlines()
+    assert code == 1
+    assert line_of(lines, "settings.pipeline[default]").startswith(
+        "OK    settings.pipeline[default]: workflow 7412 on account default (token from "
+        "COZE_API_TOKEN, 16 runs, 20 QPS)")
+    assert line_of(lines, "settings.pipeline[news]") == (
+        "WARN  settings.pipeline[news]: workflow 7500 on account beta (token from "
+        f"COZE_TOKEN_BETA, 3 runs, 4 QPS), chat {news_chat}, table -; no bitable_table_id / "
+        "bitable_app_token: `run` from the chat cannot read its rows — fix: set them in the "
+        "[[pipelines]] entry 'news'")
+    assert line_of(lines, "feishu.alert_chat[default]").startswith("OK ")
+    assert line_of(lines, "feishu.alert_chat[news]").startswith(
+        f"FAIL  feishu.alert_chat[news]: the bot is not a member of {news_chat}")
+    assert line_of(lines, "feishu.bitable[default]").startswith("OK ")
+    assert line_of(lines, "coze.api[default]").startswith("OK ")
+    assert line_of(lines, "coze.api[beta]").startswith(
+        f"FAIL  coze.api[beta]: {sim.base_url} rejected the token")
+    assert not any(ln[6:].startswith(("settings.coze:", "settings.alerts:", "coze.api:"))
+                   for ln in lines)
+
+
+def test_a_pipeline_on_an_account_without_a_token_is_named(env, tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[[pipelines]]\nname = "news"\nworkflow_id = "7500"\n', encoding="utf-8")
+    env = {k: v for k, v in env.items() if k not in ("COZE_API_TOKEN", "COZE_WORKFLOW_ID")}
+    code, lines = run({**env, "OPSBOT_CONFIG": str(cfg)})
+    assert code == 1
+    assert line_of(lines, "settings.pipeline[news]") == (
+        "FAIL  settings.pipeline[news]: account 'default' has no token: COZE_API_TOKEN is not "
+        "set — fix: set COZE_API_TOKEN to the account's Coze personal access token")

@@ -264,9 +264,11 @@ def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
                          status=status_word(status, lang))
     reset = previous == "blocked" or (not explicit and _open_breakers(db))
     if reset:
-        # The human vouches that the cause (token, balance) is fixed: every breaker closes.
-        reset_all(db, now)
-        resolve_batch_unblocked(db, settings, batch_id, now=now, by=by)
+        # The human vouches that the cause (token, balance) is fixed: every breaker closes;
+        # with several pipelines, only the breaker of the batch's Coze account.
+        services = _account_breaker(db, settings, batch_id)
+        reset_all(db, now, services)
+        resolve_batch_unblocked(db, settings, batch_id, now=now, by=by, services=services)
     if patch_card:
         _patch_batch_card(db, settings, batch_id, now)
     key = "a.resumed" if reset else "a.resumed_paused"
@@ -307,6 +309,16 @@ def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused")) -> st
         if batch_id:
             return batch_id
     return None
+
+
+def _account_breaker(db, settings, batch_id: str) -> tuple[str, ...] | None:
+    """With several pipelines: the breaker of the batch's pipeline's Coze account (None: all)."""
+    if not getattr(settings, "many_pipelines", False):
+        return None
+    spec = settings.pipeline_of(queue.batch_field(db, batch_id, "pipeline"))
+    if spec is None:
+        return None
+    return (settings.account(spec.coze_account).breaker_service,)
 
 
 def _open_breakers(db) -> list[str]:

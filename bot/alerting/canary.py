@@ -31,6 +31,13 @@ class Canary:
         return self.settings.language
 
     @property
+    def pipeline(self) -> str:
+        """The canary runs on the default pipeline (the first one when none is default); its
+        alert goes to that pipeline's chat."""
+        spec = self.settings.default_pipeline or self.settings.pipelines[0]
+        return spec.name
+
+    @property
     def enabled(self) -> bool:
         return self.settings.alerts.canary_interval > 0
 
@@ -54,7 +61,8 @@ class Canary:
         batch_id = queue.create_batch_when_due(
             self.db, [{"task_key": f"canary-{int(now)}",
                        "params": dict(self.settings.alerts.canary_params)}],
-            now=now, source="canary", every=interval, open_for=timeout)
+            now=now, source="canary", pipeline=self.pipeline, every=interval,
+            open_for=timeout)
         if batch_id is None:
             return None
         log.info("canary queued", extra={"batch_id": batch_id})
@@ -86,7 +94,7 @@ class Canary:
             if self._already_reported(batch["id"]):
                 return
             self.router.raise_alert(KEY, "HIGH", details, batch_id=batch["id"],
-                                    mentions=oncall(self.settings))
+                                    mentions=oncall(self.settings.scoped(batch.get("pipeline"))))
 
     def _already_reported(self, batch_id: str) -> bool:
         row = store_alerts.status_and_batch(self.db, KEY)

@@ -55,6 +55,7 @@ _T: dict[str, dict[str, str]] = {
     "f.reason": {"zh": "**原因**：{v}", "en": "**Reason**: {v}"},
     "f.task": {"zh": "**任务**：{task}（#{id}）", "en": "**Task**: {task} (#{id})"},
     "f.batch": {"zh": "**批次**：{v}", "en": "**Batch**: {v}"},
+    "f.pipeline": {"zh": "**流水线**：{v}", "en": "**Pipeline**: {v}"},
     "f.attempts": {"zh": "**尝试次数**：{v}", "en": "**Attempts**: {v}"},
     "f.time": {"zh": "**时间**：{v}", "en": "**Time**: {v}"},
     "f.debug_label": {"zh": "查看运行详情", "en": "Open the run"},
@@ -340,6 +341,8 @@ def _alert_lines(alert: dict[str, Any], lang: str, tz: tzinfo) -> list[str]:
         lines.append(tr("f.latency", lang, n=len(d.get("task_ids") or []),
                         threshold=fmt_duration(d.get("threshold")),
                         longest=fmt_duration(d.get("longest"))))
+    if d.get("pipeline") and d["pipeline"] != "default":   # several pipelines, one chat
+        lines.append(tr("f.pipeline", lang, v=code(clip(d["pipeline"], 40))))
     if d.get("stage"):
         lines.append(tr("f.stage", lang, v=shown(d["stage"], 40)))
     if kind != "latency":

@@ -62,6 +62,7 @@ _R: dict[str, dict[str, str]] = {
     "quality": {"zh": "**质量检查**：不合格重新提交 {resubmits} 次，最终失败 {failed} 个",
                 "en": "**Quality gate**: {resubmits} run(s) resubmitted, {failed} failed"},
     "none": {"zh": "无", "en": "none"},
+    "pipelines": {"zh": "**流水线**：{names}", "en": "**Pipelines**: {names}"},
     "chart_ok": {"zh": "成功", "en": "succeeded"},
     "chart_fail": {"zh": "失败", "en": "failed"},
 }
@@ -89,19 +90,21 @@ def p95(values: list[float]) -> float | None:
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
-def _day_numbers(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, Any]:
+def _day_numbers(db: sqlite_utils.Database, day: date, tz: tzinfo,
+                 pipelines: Any = None) -> dict[str, Any]:
     start, end = day_bounds(day, tz)
+    only = {"pipelines": pipelines}
     status = {s: 0 for s in ("succeeded", "failed", "ignored", "cancelled")}
     hourly = [{"hour": h, "succeeded": 0, "failed": 0} for h in range(24)]
-    for st, finished in reports.finished_tasks(db, start, end):
+    for st, finished in reports.finished_tasks(db, start, end, **only):
         status[st] += 1
         if st != "cancelled":
             hour = datetime.fromtimestamp(finished, tz).hour
             hourly[hour]["succeeded" if st == "succeeded" else "failed"] += 1
     runs = status["succeeded"] + status["failed"] + status["ignored"]
-    latency = {stage: _latency(db, stage, start, end) for stage in STAGES}
-    failures = reports.failed_attempts(db, start, end)
-    retries = reports.retry_count(db, start, end)
+    latency = {stage: _latency(db, stage, start, end, pipelines) for stage in STAGES}
+    failures = reports.failed_attempts(db, start, end, **only)
+    retries = reports.retry_count(db, start, end, **only)
     return {
         "date": day.isoformat(), "runs": runs, "succeeded": status["succeeded"],
         "failed": status["failed"] + status["ignored"], "ignored": status["ignored"],
@@ -110,27 +113,31 @@ def _day_numbers(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, 
         "latency": latency, "retries": retries, "failures": len(failures),
         "top_nodes": _ranked([n for n, _ in failures])[:3],
         "errors": _ranked([c for _, c in failures]), "hourly": hourly,
-        "stage_share": _stage_share(db, start, end), "quality": _quality(db, start, end),
+        "stage_share": _stage_share(db, start, end, pipelines),
+        "quality": _quality(db, start, end, pipelines),
     }
 
 
-def _stage_share(db: sqlite_utils.Database, start: float, end: float) -> dict[str, Any]:
-    rows = reports.seconds_by_stage(db, start, end)
+def _stage_share(db: sqlite_utils.Database, start: float, end: float,
+                 pipelines: Any = None) -> dict[str, Any]:
+    rows = reports.seconds_by_stage(db, start, end, pipelines=pipelines)
     total = sum(r[1] or 0.0 for r in rows)
     shares = {r[0]: {"seconds": float(r[1] or 0.0),
                      "share": (r[1] or 0.0) / total if total > 0 else None} for r in rows}
     return dict(sorted(shares.items(), key=lambda kv: (-kv[1]["seconds"], kv[0])))
 
 
-def _quality(db: sqlite_utils.Database, start: float, end: float) -> dict[str, int]:
-    resubmits, failed = reports.gate_counts(db, start, end)
+def _quality(db: sqlite_utils.Database, start: float, end: float,
+             pipelines: Any = None) -> dict[str, int]:
+    resubmits, failed = reports.gate_counts(db, start, end, pipelines=pipelines)
     return {"resubmits": resubmits, "failed": failed}
 
 
-def _latency(db: sqlite_utils.Database, stage: str, start: float, end: float) -> dict[str, Any]:
-    values = reports.success_durations(db, stage, start, end)
+def _latency(db: sqlite_utils.Database, stage: str, start: float, end: float,
+             pipelines: Any = None) -> dict[str, Any]:
+    values = reports.success_durations(db, stage, start, end, pipelines=pipelines)
     if not values:
-        values = reports.task_stage_seconds(db, stage, start, end)
+        values = reports.task_stage_seconds(db, stage, start, end, pipelines=pipelines)
     values = [max(0.0, float(v)) for v in values]
     return {"count": len(values), "avg": sum(values) / len(values) if values else None,
             "p95": p95(values)}
@@ -147,10 +154,14 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def compute_report(db: sqlite_utils.Database, day: date, tz: tzinfo) -> dict[str, Any]:
-    """The report for ``day`` (see the module docstring for every definition)."""
-    today = _day_numbers(db, day, tz)
-    before = _day_numbers(db, day - timedelta(days=1), tz)
+def compute_report(db: sqlite_utils.Database, day: date, tz: tzinfo,
+                   pipelines: Any = None) -> dict[str, Any]:
+    """The report for ``day`` (see the module docstring for every definition); with
+    ``pipelines`` (names), of those pipelines' batches only, and it says which."""
+    today = _day_numbers(db, day, tz, pipelines)
+    before = _day_numbers(db, day - timedelta(days=1), tz, pipelines)
+    if pipelines is not None:
+        today["pipelines"] = list(pipelines)
     today["previous"] = {k: before[k] for k in ("date", "runs", "success_rate", "retries",
                                                  "failures", "latency")}
     today["trend"] = {
@@ -217,7 +228,9 @@ def report_lines(report: dict[str, Any], lang: str,
                rate=_signed(None if tr_["success_rate"] is None
                             else tr_["success_rate"] * 100, "{:+.1f}pp"),
                retries=_signed(tr_["retries"]), failures=_signed(tr_["failures"]))
-    return (["- " + f for f in figures] + ["", _r("top", lang), ""] + top
+    head = [_r("pipelines", lang, names=shown(", ".join(report["pipelines"]))), ""] \
+        if report.get("pipelines") else []
+    return (head + ["- " + f for f in figures] + ["", _r("top", lang), ""] + top
             + ["", _r("errors", lang), ""] + errors + ["", trend])
 
 
@@ -249,9 +262,24 @@ def report_text(report: dict[str, Any], lang: str = "zh") -> str:
     return f"{title}\n{'=' * len(title)}\n{body}\n"
 
 
-def build_report_card(db: sqlite_utils.Database, settings, day: date, lang: str) -> Card:
-    """What the chat's ``report`` command shows (``bot.chat.handlers.cmd_report`` imports this)."""
-    return report_card(compute_report(db, day, settings.tz), lang)
+def build_report_card(db: sqlite_utils.Database, settings, day: date, lang: str,
+                      pipelines: Any = None) -> Card:
+    """What the chat's ``report`` command shows (``bot.chat.handlers.cmd_report`` imports this);
+    ``pipelines``: of those pipelines only."""
+    return report_card(compute_report(db, day, settings.tz, pipelines), lang)
+
+
+def report_groups(settings) -> list[tuple[str, tuple[str, ...] | None]]:
+    """Where the 09:00 report goes: ``[(chat, pipelines)]``, one card per alert chat covering
+    the pipelines that report there (None: every batch, with one pipeline). Pipelines without
+    a chat get no report."""
+    if not getattr(settings, "many_pipelines", False):
+        return [(settings.feishu.alert_chat_id, None)]
+    groups: dict[str, list[str]] = {}
+    for spec in settings.pipelines:
+        if spec.alert_chat_id:
+            groups.setdefault(spec.alert_chat_id, []).append(spec.name)
+    return [(chat, tuple(names)) for chat, names in groups.items()]
 
 
 def mark_sent(db: sqlite_utils.Database, *, now: float, day: date | None = None) -> None:

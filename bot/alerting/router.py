@@ -60,6 +60,14 @@ next canary's success shows the flow works; its old task needs nothing). A held 
 tasks succeed resolves quietly (it never had a card) and leaves the holder's count.
 
 When ``feishu.alert_chat_id`` is empty, alerts are stored (and logged) but not sent.
+
+Many pipelines (:mod:`bot.settings`): every alert belongs to one pipeline (``details.pipeline``):
+a batch's alerts to the batch's pipeline, a breaker's to each pipeline on that Coze account, the
+failure rate is computed per pipeline, a workflow switch to the pipeline whose workflow it is.
+Its card goes to that pipeline's alert chat and mentions that pipeline's on-call people and
+admins (:func:`scoped`). With more than one pipeline, the keys of the alerts that are not about
+a batch end in ``:<pipeline>`` (``failure_rate:drama``, ``breaker:coze:studio:drama``), so a
+silence of ``failure_rate`` still covers them all.
 """
 from __future__ import annotations
 
@@ -151,6 +159,23 @@ def _uuid(prefix: str, *parts: Any) -> str:
     return f"{prefix}-{digest}"
 
 
+def scoped(settings, alert_or_pipeline: Any) -> Any:
+    """The settings as the alert's pipeline (or the pipeline named) sees them: its chat,
+    admins and on-call people. Settings without pipelines (tests' stand-ins) stay as they are."""
+    name = alert_or_pipeline
+    if isinstance(alert_or_pipeline, dict):
+        name = (alert_or_pipeline.get("details") or {}).get("pipeline")
+    scope = getattr(settings, "scoped", None)
+    return scope(name) if scope is not None else settings
+
+
+def pipeline_key(settings, key: str, pipeline: str | None) -> str:
+    """``key`` for one pipeline's alert that is not about a batch (see the module docstring)."""
+    if pipeline and getattr(settings, "many_pipelines", False):
+        return f"{key}:{pipeline}"
+    return key
+
+
 def everyone(settings) -> list[str]:
     """Whom a CRITICAL card mentions: ``["all"]`` with ``alerts.mention_all``, else on-call
     people and admins (deduplicated; ``[]`` when nobody is configured)."""
@@ -186,7 +211,7 @@ def resolve_alert(db: sqlite_utils.Database, settings, key: str, *, now: float,
         alert["details"].pop("held", None)
         _save_in(conn, alert)
     for held in released:
-        outbox.enqueue(db, "send", settings.feishu.alert_chat_id,
+        outbox.enqueue(db, "send", scoped(settings, held).feishu.alert_chat_id,
                        {"card": alert_card_for(db, settings, held, now)}, now=now,
                        uuid=held["message_uuid"], ref=held["key"])
     if alert["details"].get("held_by"):
@@ -195,8 +220,9 @@ def resolve_alert(db: sqlite_utils.Database, settings, key: str, *, now: float,
     if alert.get("message_uuid"):
         enqueue_patch(db, alert["message_uuid"], alert_card_for(db, settings, alert, now), now=now,
                       ref=key, interval=patch_interval)
-        if settings.feishu.alert_chat_id:
-            outbox.enqueue(db, "send", settings.feishu.alert_chat_id,
+        chat = scoped(settings, alert).feishu.alert_chat_id
+        if chat:
+            outbox.enqueue(db, "send", chat,
                            {"text": alert_cards.resolved_notice(alert, settings.language)},
                            now=now, uuid=_uuid("rs", alert["message_uuid"]), ref=key)
     log.info("alert resolved", extra={"alert_key": key, "count": alert["count"]})
@@ -217,9 +243,9 @@ def _release_held(conn, settings, key: str, now: float) -> list[dict[str, Any]]:
     for held_key in held_by(conn, key):
         held = _load_in(conn, held_key)
         held["details"].pop("held_by", None)
-        if key == CANARY_KEY:
+        if key.split(":")[0] == CANARY_KEY:
             held["status"], held["resolved_at"] = "resolved", now
-        elif settings.feishu.alert_chat_id:
+        elif scoped(settings, held).feishu.alert_chat_id:
             held["message_uuid"] = _uuid("al", held_key, held["first_at"])
             released.append(held)
         _save_in(conn, held)
@@ -257,11 +283,14 @@ def open_alerts(db: sqlite_utils.Database, *, batch_id: str | None = None,
 
 
 def resolve_batch_unblocked(db: sqlite_utils.Database, settings, batch_id: str, *, now: float,
-                            by: str | None = None) -> int:
-    """A human resumed ``batch_id``: resolve its HIGH card and every breaker card."""
+                            by: str | None = None,
+                            services: tuple[str, ...] | None = None) -> int:
+    """A human resumed ``batch_id``: resolve its HIGH card and every breaker card (of
+    ``services``, if given)."""
     note = {"by": by, "text": alert_cards.tr("n.resume", settings.language)} if by else None
     keys = [a["key"] for a in open_alerts(db, batch_id=batch_id, kinds=("blocked",))]
-    keys += [a["key"] for a in open_alerts(db, kinds=("breaker",))]
+    keys += [a["key"] for a in open_alerts(db, kinds=("breaker",))
+             if services is None or a["details"].get("service") in services]
     return sum(resolve_alert(db, settings, k, now=now, note=note) for k in keys)
 
 
@@ -344,8 +373,10 @@ class AlertRouter:
                    "reason": getattr(decision, "reason", ""), "batch_id": batch_id,
                    "error_code": _code(error), "error_message": _message(error),
                    "since": self.clock.now()}
+        pipeline = self._pipeline_of(batch_id)
+        details["pipeline"] = pipeline
         self.raise_alert(f"{batch_id}:coze:{error_class}", tier, details, batch_id=batch_id,
-                         mentions=oncall(self.settings))
+                         mentions=oncall(scoped(self.settings, pipeline)))
         self.batch_progress(batch_id, force=True)
 
     def breaker_changed(self, service: str, before: str, after: str, reason: str | None) -> None:
@@ -355,11 +386,18 @@ class AlertRouter:
                 log.info("breaker tripped by a fatal error; the HIGH card covers it",
                          extra={"service": service})
                 return
-            details = {"kind": "breaker", "service": service, "reason": reason or "",
-                       "blocked": self._open_batches(), "since": now}
-            self.raise_alert(f"breaker:{service}", "CRITICAL", details,
-                             mentions=everyone(self.settings))
+            for pipeline in self._pipelines_of_service(service):
+                details = {"kind": "breaker", "service": service, "reason": reason or "",
+                           "blocked": self._open_batches(pipeline), "since": now,
+                           "pipeline": pipeline}
+                self.raise_alert(pipeline_key(self.settings, f"breaker:{service}", pipeline),
+                                 "CRITICAL", details,
+                                 mentions=everyone(scoped(self.settings, pipeline)))
         elif after == "closed":
+            for alert in open_alerts(self.db, kinds=("breaker",)):
+                if alert["details"].get("service") == service:
+                    resolve_alert(self.db, self.settings, alert["key"], now=now,
+                                  patch_interval=self.patch_interval)
             resolve_alert(self.db, self.settings, f"breaker:{service}", now=now,
                           patch_interval=self.patch_interval)
             for alert in open_alerts(self.db, kinds=("blocked",)):
@@ -369,12 +407,15 @@ class AlertRouter:
 
     def workflow_switched(self, switch: Any) -> None:
         """To the fallback: one HIGH card (on-call mentioned); back to primary: resolved."""
+        pipeline = getattr(switch, "pipeline", None)
+        key = pipeline_key(self.settings, "workflow:fallback", pipeline)
         if switch.to_fallback:
             details = {"kind": "fallback", "reason": switch.reason, "primary": switch.primary,
-                       "fallback": switch.fallback, "stage": "coze"}
-            self.raise_alert("workflow:fallback", "HIGH", details, mentions=oncall(self.settings))
+                       "fallback": switch.fallback, "stage": "coze", "pipeline": pipeline}
+            self.raise_alert(key, "HIGH", details,
+                             mentions=oncall(scoped(self.settings, pipeline)))
         else:
-            resolve_alert(self.db, self.settings, "workflow:fallback", now=self.clock.now(),
+            resolve_alert(self.db, self.settings, key, now=self.clock.now(),
                           note={"by": None, "text": switch.reason},
                           patch_interval=self.patch_interval)
 
@@ -466,6 +507,8 @@ class AlertRouter:
         details = dict(details)
         if mentions is not None:
             details["mentions"] = mentions
+        if details.get("pipeline") is None and batch_id:
+            details["pipeline"] = self._pipeline_of(batch_id)
         holder = self._holder(batch_id) if tier == "MEDIUM" else None
         superseded = None
         with transaction(self.db) as conn:
@@ -495,7 +538,7 @@ class AlertRouter:
                 alert["details"].pop("held_by")  # its holder is gone: it goes out on its own
             if alert["tier"] in ("HIGH", "CRITICAL"):
                 alert["details"]["held"] = held_by(conn, key)
-            chat = self.settings.feishu.alert_chat_id
+            chat = scoped(self.settings, alert).feishu.alert_chat_id
             if send and chat:
                 alert["message_uuid"] = _uuid("al", key, alert["first_at"])
             _save_in(conn, alert)
@@ -570,23 +613,31 @@ class AlertRouter:
                               patch_interval=self.patch_interval)
 
     def _check_failure_rate(self, *, resolve_only: bool = False) -> None:
+        """The failure rate of each pipeline's tasks (one pipeline: of every task)."""
         now = self.clock.now()
         if now - self._rate_checked_at < self.rate_check_interval:
             return
         self._rate_checked_at = now
         a = self.settings.alerts
-        n, failed = queue.finished_since(self.db, now - a.failure_rate_window)
-        rate = failed / n if n else 0.0
-        over = n >= a.failure_rate_min_tasks and rate > a.failure_rate_threshold
-        if over and not resolve_only:
-            details = {"kind": "failure_rate", "n": n, "failed": failed, "rate": rate,
-                       "window": a.failure_rate_window, "threshold": a.failure_rate_threshold,
-                       "blocked": self._open_batches(), "since": now}
-            self.raise_alert("failure_rate", "CRITICAL", details,
-                             mentions=everyone(self.settings))
-        elif not over:
-            resolve_alert(self.db, self.settings, "failure_rate", now=now,
-                          patch_interval=self.patch_interval)
+        many = getattr(self.settings, "many_pipelines", False)
+        for spec in self.settings.pipelines if many else (None,):
+            pipeline = spec.name if spec is not None else None
+            n, failed = queue.finished_since(self.db, now - a.failure_rate_window,
+                                             pipelines=(pipeline,) if many else None)
+            rate = failed / n if n else 0.0
+            over = n >= a.failure_rate_min_tasks and rate > a.failure_rate_threshold
+            key = pipeline_key(self.settings, "failure_rate", pipeline)
+            if over and not resolve_only:
+                details = {"kind": "failure_rate", "n": n, "failed": failed, "rate": rate,
+                           "window": a.failure_rate_window,
+                           "threshold": a.failure_rate_threshold,
+                           "blocked": self._open_batches(pipeline), "since": now,
+                           "pipeline": pipeline}
+                self.raise_alert(key, "CRITICAL", details,
+                                 mentions=everyone(scoped(self.settings, pipeline)))
+            elif not over:
+                resolve_alert(self.db, self.settings, key, now=now,
+                              patch_interval=self.patch_interval)
 
     # -- batch helpers -----------------------------------------------------------------------
 
@@ -613,8 +664,23 @@ class AlertRouter:
     def _failure_groups(self, batch_id: str) -> list[dict[str, Any]]:
         return failure_groups(self.db, batch_id)
 
-    def _open_batches(self) -> list[str]:
-        return queue.batch_ids_with_status(self.db, OPEN_BATCH)
+    def _open_batches(self, pipeline: str | None = None) -> list[str]:
+        """Open batches (of ``pipeline`` when there are several pipelines)."""
+        many = pipeline and getattr(self.settings, "many_pipelines", False)
+        return queue.batch_ids_with_status(self.db, OPEN_BATCH,
+                                           pipelines=(pipeline,) if many else None)
+
+    def _pipeline_of(self, batch_id: str | None) -> str | None:
+        return queue.batch_field(self.db, batch_id, "pipeline") if batch_id else None
+
+    def _pipelines_of_service(self, service: str) -> list[str | None]:
+        """The pipelines on the Coze account whose breaker is ``service`` ([None]: settings
+        without pipelines, or a service that is no account's)."""
+        accounts = getattr(self.settings, "accounts", ())
+        names = [a.name for a in accounts if a.breaker_service == service]
+        found = [s.name for s in getattr(self.settings, "pipelines", ())
+                 if s.coze_account in names]
+        return found or [None]
 
     def _batch_status(self, batch_id: str | None) -> str | None:
         if not batch_id:

@@ -12,6 +12,7 @@ the time so they are tested with a fake clock across time zones and midnight:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -20,7 +21,7 @@ import sqlite_utils
 
 from storage import kv, outbox
 
-from bot.alerting.report import compute_report, mark_sent, report_card
+from bot.alerting.report import compute_report, mark_sent, report_card, report_groups
 
 log = logging.getLogger("opsbot.scheduler")
 
@@ -86,14 +87,17 @@ class Scheduler:
         day = due_report_date(local, self.last_sent(), parse_hhmm(self.settings.alerts.report_time))
         if day is None:
             return None
-        chat = self.settings.feishu.alert_chat_id
-        if chat:
-            card = report_card(compute_report(self.db, day, self.settings.tz),
+        groups = [(chat, names) for chat, names in report_groups(self.settings) if chat]
+        for chat, names in groups:
+            # one card per alert chat, of the pipelines reporting there (bot.alerting.report)
+            card = report_card(compute_report(self.db, day, self.settings.tz, names),
                                self.settings.language)
-            outbox.enqueue(self.db, "send", chat, {"card": card}, now=now,
-                           uuid=f"report-{day.isoformat()}", ref=f"report:{day.isoformat()}")
-            log.info("daily report enqueued", extra={"day": day.isoformat()})
-        else:
+            uuid = f"report-{day.isoformat()}" if names is None else \
+                f"report-{day.isoformat()}-{hashlib.sha256(chat.encode()).hexdigest()[:16]}"
+            outbox.enqueue(self.db, "send", chat, {"card": card}, now=now, uuid=uuid,
+                           ref=f"report:{day.isoformat()}")
+            log.info("daily report enqueued", extra={"day": day.isoformat(), "chat": chat})
+        if not groups:
             log.warning("daily report not sent: FEISHU_ALERT_CHAT_ID is not set",
                         extra={"day": day.isoformat()})
         mark_sent(self.db, now=now, day=day)

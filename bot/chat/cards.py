@@ -162,13 +162,16 @@ def error_card(text: str, lang: str) -> Card:
     return card(t("title.error", lang), [markdown(text)], template=TEMPLATES["error"])
 
 
-def help_card(lang: str, *, error: str | None = None) -> Card:
-    """All commands; with ``error``, the reason the last message was not understood goes first."""
+def help_card(lang: str, *, error: str | None = None, pipelines: str = "") -> Card:
+    """All commands; with ``error``, the reason the last message was not understood goes first;
+    ``pipelines``: the pipeline names (and aliases) when there are several."""
     els: list[dict[str, Any]] = []
     if error:
         els += [markdown(f"**{error}**"), hr()]
     els.append(markdown(t("help.intro", lang) + "\n" +
                         "\n".join("- " + t(f"help.{name}", lang) for name in COMMANDS)))
+    if pipelines:
+        els.append(markdown(t("help.pipelines", lang, names=pipelines)))
     els.append(markdown(t("help.admins_only", lang)))
     return card(t("title.help", lang), els, template=TEMPLATES["warning" if error else "info"])
 
@@ -183,8 +186,11 @@ def refusal_card(command: str, admin_ids: Iterable[str], lang: str) -> Card:
     return card(t("title.refused", lang), [markdown(text)], template=TEMPLATES["warning"])
 
 
-def run_queued_card(batch_id: str, count: int, lang: str, *, filters: str = "") -> Card:
+def run_queued_card(batch_id: str, count: int, lang: str, *, filters: str = "",
+                    pipeline: str = "") -> Card:
     els = [markdown(t("run.queued", lang, count=count, batch_id=batch_id))]
+    if pipeline:
+        els.append(markdown(t("run.pipeline", lang, pipeline=pipeline)))
     if filters:
         els.append(markdown(t("run.filters", lang, filters=filters)))
     els.append({"tag": "column_set", "columns": [
@@ -206,6 +212,9 @@ def status_card(batch: dict[str, Any] | None, counts: dict[str, int] | None, lan
     lines = [t("status.batch", lang, batch_id=batch["id"],
                status=status_word(batch["status"], lang)),
              t("status.counts", lang, **(counts or {}))]
+    if batch.get("pipeline") and batch["pipeline"] != "default":
+        lines.append(t("run.pipeline", lang, pipeline=mdtext.code(mdtext.clip(batch["pipeline"],
+                                                                              40))))
     if batch.get("blocked_reason"):
         lines.append(t("status.blocked", lang, reason=batch["blocked_reason"]))
     if breakers:

@@ -2,13 +2,20 @@
 
 ``parse(text)`` returns a :class:`Command` or a :class:`ParseError`. Grammar::
 
-    [@_user_N ...] [/]NAME [ARG ...] [--include ID..] [--exclude ID..] [--limit N] [--date D]
+    [@_user_N ...] [/]NAME [PIPELINE] [ARG ...] [--include ID..] [--exclude ID..] [--limit N]
+        [--date D]
 
 Names are case-insensitive English or their Chinese alias (``?``/``？`` mean help). Arguments are
 split like a shell without escapes: whitespace (full-width spaces included) separates, and
 ``"..."``, ``'...'``, ``“...”`` or ``‘...’`` group. ID lists take comma or space separated values
 up to the next option. A ParseError carries an i18n key and its arguments; ``message(lang)``
 gives the text for the user.
+
+Many pipelines: ``parse(text, pipelines)`` takes the names and aliases of the configured
+pipelines (``{word.lower(): name}``). ``run``, ``status``, ``errors`` and ``report`` accept one
+of them as their first argument (``run drama``, ``运行 短剧``, ``status drama``); ``run`` with an
+argument that names no pipeline is refused, listing the names. Without ``pipelines``, no word is
+a pipeline name (``run x`` is refused as an unexpected argument).
 """
 from __future__ import annotations
 
@@ -77,6 +84,7 @@ class Command:
     seconds: int | None = None
     topic: str | None = None
     rows: tuple[int, ...] = ()      # replay: outbox row ids (empty: every dead row)
+    pipeline: str | None = None     # run/status/errors/report NAME (the canonical name)
 
     @property
     def mutating(self) -> bool:
@@ -85,6 +93,8 @@ class Command:
     def to_text(self) -> str:
         """Canonical text that parses back to this command."""
         parts = [self.name]
+        if self.pipeline:
+            parts.append(self.pipeline)
         if self.name == "retry":
             parts += [self.task_ref] if self.task_ref else ["batch", self.batch_id or ""]
         elif self.batch_id:
@@ -130,8 +140,12 @@ class _Fail(Exception):
         self.code, self.params = code, params
 
 
-def parse(text: str) -> Result:
-    """Parse one chat message. Never raises."""
+PIPELINE_COMMANDS = frozenset({"run", "status", "errors", "report"})
+
+
+def parse(text: str, pipelines: dict[str, str] | None = None) -> Result:
+    """Parse one chat message. Never raises. ``pipelines``: ``{name or alias, lower case:
+    pipeline name}`` (see the module docstring)."""
     name = None
     try:
         if not isinstance(text, str):
@@ -148,7 +162,16 @@ def parse(text: str) -> Result:
         if name is None:
             return ParseError("unknown_command", {"name": _short(tokens[0])})
         positional, options = _split_options(name, tokens[1:])
-        return _BUILDERS[name](positional, options)
+        pipeline = None
+        if name in PIPELINE_COMMANDS and positional:
+            word = positional[0]
+            if pipelines is not None and word.lower() in pipelines:
+                pipeline, positional = pipelines[word.lower()], positional[1:]
+            elif name == "run" and pipelines is not None:
+                raise _Fail("unknown_pipeline", value=_short(word),
+                            names=", ".join(sorted(set(pipelines.values()))))
+        cmd = _BUILDERS[name](positional, options)
+        return dataclasses.replace(cmd, pipeline=pipeline) if pipeline else cmd
     except _Fail as exc:
         return ParseError(exc.code, exc.params, command=name)
     except Exception:  # noqa: BLE001 - the parser is total by contract

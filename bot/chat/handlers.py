@@ -14,8 +14,15 @@ new, and Feishu dedupes the send by that uuid too. ``run`` derives its batch id 
 id for the same reason: a re-run finds the batch it already created.
 
 Authorisation: commands that change anything (``commands.MUTATING``) and every button except
-``status`` need the sender's open_id in ``settings.feishu.admin_ids``; others get a refusal that
-names the admins. Nothing is written for a refused request except the refusal reply.
+``status`` need the sender's open_id in the admins of the pipeline concerned (``admin_ids`` of
+its ``[[pipelines]]`` entry; ``FEISHU_ADMIN_IDS`` for the default pipeline): the named pipeline,
+the target batch's or task's, else the pipelines of the chat the command came from (any of
+their admins), else any pipeline's. Others get a refusal that names the admins. Nothing is
+written for a refused request except the refusal reply.
+
+Many pipelines (:mod:`bot.settings`): ``run`` without a name runs the pipeline whose alert
+chat the command came from (the only pipeline, when there is one), else answers with the names;
+``status`` / ``errors`` in a chat show that chat's pipelines' batches.
 """
 from __future__ import annotations
 
@@ -134,22 +141,69 @@ def handle_message(db, settings, feishu_client, clock, payload: dict[str, Any]) 
     ctx = Context(db, settings, feishu_client, clock,
                   sender=((event.get("sender") or {}).get("sender_id") or {}).get("open_id", ""),
                   chat_id=message.get("chat_id", ""), message_id=message["message_id"])
-    card = execute(ctx, parse(message_text(message)))
+    card = execute(ctx, parse(message_text(message), pipeline_words(settings)))
     outbox.enqueue(db, "reply", ctx.message_id, {"card": card}, now=clock.now(),
                    uuid=reply_uuid(ctx.message_id), ref=ctx.chat_id or None)
     return card
 
 
-def is_admin(settings, open_id: str) -> bool:
-    return bool(open_id) and open_id in settings.feishu.admin_ids
+def pipeline_words(settings) -> dict[str, str]:
+    """``{name or alias, lower case: pipeline name}`` of every pipeline (the parser's table)."""
+    return {word.lower(): spec.name for spec in settings.pipelines for word in spec.names}
+
+
+def pipeline_names(settings) -> str:
+    """``drama (短剧), news`` for cards."""
+    return ", ".join(spec.name + (f" ({', '.join(spec.aliases)})" if spec.aliases else "")
+                     for spec in settings.pipelines)
+
+
+def is_admin(settings, open_id: str, admins: tuple[str, ...] | None = None) -> bool:
+    return bool(open_id) and open_id in (settings.feishu.admin_ids if admins is None
+                                         else admins)
+
+
+def batch_pipeline(db, batch_id: str | None) -> str | None:
+    """The pipeline of batch ``batch_id`` (None when there is no such batch)."""
+    return queue.batch_field(db, batch_id, "pipeline") if batch_id else None
+
+
+def admins_for(ctx: Context, cmd: Command) -> tuple[str, ...]:
+    """Who may run ``cmd`` (see the module docstring)."""
+    settings = ctx.settings
+    if not settings.many_pipelines:
+        return settings.feishu.admin_ids
+    name = cmd.pipeline
+    if name is None and cmd.batch_id:
+        name = batch_pipeline(ctx.db, cmd.batch_id)
+    if name is None and cmd.task_ref:
+        name = batch_pipeline(ctx.db, cmd.task_ref) if _names_batch(ctx.db, cmd.task_ref) \
+            else _task_pipeline(ctx.db, cmd.task_ref)
+    if name is None and cmd.name == "run":
+        spec = _run_pipeline(ctx)
+        name = spec.name if spec is not None else None
+    if name is not None and settings.find_pipeline(name) is not None:
+        return settings.scoped(name).feishu.admin_ids
+    specs = settings.chat_pipelines(ctx.chat_id) or settings.pipelines
+    return tuple(dict.fromkeys(a for spec in specs for a in spec.admin_ids))
+
+
+def _task_pipeline(db, ref: str) -> str | None:
+    try:
+        return batch_pipeline(db, find_task(db, ref)["batch_id"])
+    except NotFound:
+        return None
 
 
 def execute(ctx: Context, cmd: Command | ParseError) -> dict[str, Any]:
     """Run one parsed command for ``ctx.sender``; return the reply card."""
     if isinstance(cmd, ParseError):
-        return cards.help_card(ctx.lang, error=cmd.message(ctx.lang))
-    if cmd.mutating and not is_admin(ctx.settings, ctx.sender):
-        return cards.refusal_card(cmd.name, ctx.settings.feishu.admin_ids, ctx.lang)
+        return cards.help_card(ctx.lang, error=cmd.message(ctx.lang),
+                               pipelines=_help_pipelines(ctx.settings))
+    if cmd.mutating:
+        admins = admins_for(ctx, cmd)
+        if not is_admin(ctx.settings, ctx.sender, admins):
+            return cards.refusal_card(cmd.name, admins, ctx.lang)
     try:
         return COMMAND_HANDLERS[cmd.name](ctx, cmd)
     except NotFound as exc:
@@ -161,8 +215,25 @@ def execute(ctx: Context, cmd: Command | ParseError) -> dict[str, Any]:
 
 # --- commands ---------------------------------------------------------------------------------
 
+def _help_pipelines(settings) -> str:
+    return escape(pipeline_names(settings)) if settings.many_pipelines else ""
+
+
 def cmd_help(ctx: Context, cmd: Command) -> dict[str, Any]:
-    return cards.help_card(ctx.lang)
+    return cards.help_card(ctx.lang, pipelines=_help_pipelines(ctx.settings))
+
+
+def _run_pipeline(ctx: Context, cmd: Command | None = None) -> Any:
+    """The pipeline ``run`` runs: the named one, else the chat's only one, else the only
+    pipeline; None when it cannot tell."""
+    settings = ctx.settings
+    if cmd is not None and cmd.pipeline:
+        return settings.find_pipeline(cmd.pipeline)
+    here = settings.chat_pipelines(ctx.chat_id)
+    if len(here) == 1:
+        return here[0]
+    specs = settings.pipelines
+    return specs[0] if len(specs) == 1 else None
 
 
 def batch_id_for(message_id: str) -> str:
@@ -171,7 +242,15 @@ def batch_id_for(message_id: str) -> str:
 
 
 def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
-    f = ctx.settings.feishu
+    spec = _run_pipeline(ctx, cmd)
+    if spec is None:
+        return cards.info_card(t("run.which_pipeline", ctx.lang,
+                                 names=escape(pipeline_names(ctx.settings))), ctx.lang)
+    scoped = ctx.settings.scoped(spec.name)
+    f = scoped.feishu
+    if spec.name != "default" and not (f.bitable_app_token and f.bitable_table_id):
+        return cards.error_card(t("run.pipeline_not_configured", ctx.lang,
+                                  pipeline=escape(spec.name)), ctx.lang)
     missing = [name for name, value in (
         ("FEISHU_APP_ID", f.app_id), ("FEISHU_APP_SECRET", f.app_secret),
         ("BITABLE_APP_TOKEN", f.bitable_app_token), ("BITABLE_TABLE_ID", f.bitable_table_id))
@@ -208,14 +287,16 @@ def cmd_run(ctx: Context, cmd: Command) -> dict[str, Any]:
     try:
         queue.create_batch(ctx.db, tasks, now=ctx.now, source="chat", batch_id=batch_id,
                            chat_id=ctx.chat_id, command_message_id=ctx.message_id,
-                           created_by=ctx.sender, workflow_id=ctx.settings.coze.workflow_id or None,
-                           options=options)
+                           created_by=ctx.sender, workflow_id=spec.workflow_id or None,
+                           options=options, pipeline=spec.name)
     except ValueError as exc:
         return cards.error_card(t("run.duplicate", ctx.lang, error=escape(str(exc))), ctx.lang)
-    mark_running(ctx.db, ctx.settings, batch_id, ctx.now)
+    mark_running(ctx.db, scoped, batch_id, ctx.now)
     filters = " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
                        for k, v in options.items())
-    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=escape(filters))
+    return cards.run_queued_card(batch_id, len(tasks), ctx.lang, filters=escape(filters),
+                                 pipeline=escape(spec.name) if ctx.settings.many_pipelines
+                                 else "")
 
 
 def record_to_task(record: dict[str, Any], f) -> dict[str, Any]:
@@ -240,11 +321,24 @@ def select_tasks(tasks: list[dict[str, Any]], cmd: Command) -> list[dict[str, An
     return tasks[: cmd.limit] if cmd.limit else tasks
 
 
-def _target_batch(ctx: Context, batch_id: str | None) -> dict[str, Any] | None:
-    """The named batch (NotFound when unknown), else the latest open one, else None."""
+def _chat_scope(ctx: Context, cmd: Command) -> tuple[str, ...] | None:
+    """The pipelines a command without a batch looks at: the named one, else the chat's (with
+    several pipelines), else all (None)."""
+    if cmd.pipeline:
+        return (cmd.pipeline,)
+    if not ctx.settings.many_pipelines:
+        return None
+    here = ctx.settings.chat_pipelines(ctx.chat_id)
+    return tuple(s.name for s in here) or None
+
+
+def _target_batch(ctx: Context, batch_id: str | None,
+                  pipelines: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+    """The named batch (NotFound when unknown), else the latest open one (of ``pipelines``),
+    else None."""
     if batch_id:
         return queue.get_batch(ctx.db, batch_id)
-    open_ = queue.list_batches(ctx.db, open_only=True, limit=1)
+    open_ = queue.list_batches(ctx.db, open_only=True, limit=1, pipelines=pipelines)
     return open_[0] if open_ else None
 
 
@@ -253,7 +347,11 @@ def breaker_rows(db) -> list[dict[str, Any]]:
 
 
 def cmd_status(ctx: Context, cmd: Command) -> dict[str, Any]:
-    batch = _target_batch(ctx, cmd.batch_id) or queue.latest_batch(ctx.db)
+    scope = None if cmd.batch_id else _chat_scope(ctx, cmd)
+    batch = _target_batch(ctx, cmd.batch_id, scope) or queue.latest_batch(ctx.db, scope)
+    if batch is None and cmd.pipeline:
+        return cards.info_card(t("status.pipeline_none", ctx.lang,
+                                 pipeline=escape(cmd.pipeline)), ctx.lang)
     counts = queue.batch_counts(ctx.db, batch["id"]) if batch else None
     if batch and batch.get("blocked_reason"):  # Coze's error text, shown as markdown
         batch = {**batch, "blocked_reason": escape(batch["blocked_reason"])}
@@ -302,7 +400,7 @@ def _cmd_move(action: str) -> Callable[[Context, Command], dict[str, Any]]:
             changed, text = move_batch(ctx.db, ctx.settings, ctx.clock, action, None,
                                        by=ctx.sender)
             return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
-        batch = _target_batch(ctx, cmd.batch_id)
+        batch = _target_batch(ctx, cmd.batch_id, _chat_scope(ctx, cmd))
         if batch is None:
             return cards.info_card(t("batch.none_open", ctx.lang), ctx.lang)
         changed, text = move_batch(ctx.db, ctx.settings, ctx.clock, action, batch["id"],
@@ -358,14 +456,14 @@ def cmd_errors(ctx: Context, cmd: Command) -> dict[str, Any]:
         queue.get_batch(ctx.db, cmd.batch_id)
         rows = queue.failed_tasks(ctx.db, batch_id=cmd.batch_id, limit=limit)
     else:
-        rows = queue.failed_tasks(ctx.db, limit=limit)
+        rows = queue.failed_tasks(ctx.db, limit=limit, pipelines=_chat_scope(ctx, cmd))
     return cards.errors_card(list(rows), ctx.lang)  # it escapes the Bitable and Coze text
 
 
 def cmd_report(ctx: Context, cmd: Command) -> dict[str, Any]:
     """The daily report of ``--date``, by default yesterday (as the CLI and the 09:00 send)."""
     day = parse_day(cmd.date, ctx.settings, ctx.now)
-    return build_report_card(ctx.db, ctx.settings, day, ctx.lang)
+    return build_report_card(ctx.db, ctx.settings, day, ctx.lang, _chat_scope(ctx, cmd))
 
 
 def silence(db, settings, clock, key: str, seconds: float | None, by: str) -> str:
@@ -434,6 +532,21 @@ def card_action_from(payload: dict[str, Any]) -> CardAction:
 
 
 
+def _button_admins(db, settings, value: dict[str, Any]) -> tuple[str, ...]:
+    """The admins of the pipeline a button is about: its batch's, else its alert's."""
+    if not settings.many_pipelines:
+        return settings.feishu.admin_ids
+    batch_id = value.get("batch_id") if isinstance(value.get("batch_id"), str) else None
+    pipeline = batch_pipeline(db, batch_id)
+    key = value.get("key")
+    if pipeline is None and isinstance(key, str):
+        alert = store_alerts.get(db, key)
+        if alert is not None:
+            pipeline = (alert["details"].get("pipeline")
+                        or batch_pipeline(db, alert.get("batch_id")))
+    return settings.scoped(pipeline).feishu.admin_ids
+
+
 def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str, Any]:
     """Answer one button click (:mod:`bot.alerting.actions`). Non-admins change nothing; a click
     is acted on once.
@@ -447,7 +560,8 @@ def handle_card_action(db, settings, payload: dict[str, Any], clock) -> dict[str
     name = str(act.value.get("action", ""))
     if name not in ACTIONS:
         return toast("warning", t("toast.unknown", lang))
-    if name not in READ_ONLY and not is_admin(settings, act.operator):
+    if name not in READ_ONLY and not is_admin(settings, act.operator,
+                                              _button_admins(db, settings, act.value)):
         return toast("error", t("refused.toast", lang))
     if act.event_id:
         key = "card:" + act.event_id

@@ -21,6 +21,9 @@ With ``feishu.bitable_log_table_id`` set, every attempt is mirrored to that tabl
 log for Bitable dashboards): outbox rows of kind ``bitable_create``, at most :data:`LOG_BATCH`
 records each (one ``batch_create`` call). The rows are enqueued by :func:`mirror_attempts`
 together with a cursor in ``kv`` in one transaction, so nothing is sent twice or skipped.
+
+Many pipelines: a task's row is written back into the table of its batch's pipeline
+(:func:`for_batch`); the log table and the column names are shared.
 """
 from __future__ import annotations
 
@@ -38,6 +41,14 @@ from bot.settings import Settings
 MAX_TEXT = 2000  # keep a cell readable; the full output is in the store and the results JSON
 
 
+def for_batch(db, settings: Settings, batch_id: str) -> Settings:
+    """The settings as the batch's pipeline sees them (its table); unchanged with one pipeline
+    or when they are already scoped."""
+    if not getattr(settings, "many_pipelines", False) or settings.scope:
+        return settings
+    return settings.scoped(queue.batch_field(db, batch_id, "pipeline"))
+
+
 class BitableWriteBack(NullNotifier):
     """A pipeline notifier that writes final task outcomes to Bitable (other hooks: no-ops)."""
 
@@ -52,18 +63,21 @@ class BitableWriteBack(NullNotifier):
 
     def task_finished(self, task: dict[str, Any], decision: Any, error: Any) -> None:
         self._mirror()
-        if not self.enabled or not task.get("record_id"):
+        if not task.get("record_id"):
+            return
+        settings = for_batch(self.db, self.settings, task["batch_id"])
+        f = settings.feishu
+        if not (f.bitable_app_token and f.bitable_table_id):
             return
         row = queue.get_task(self.db, task["id"])
-        fields = outcome_fields(self.settings, row)
+        fields = outcome_fields(settings, row)
         video = video_path(row)
-        f = self.settings.feishu
         if video and f.bitable_video_field:
             if f.bitable_video_mode == "link":
-                fields[f.bitable_video_field] = video_link(self.settings, video)
+                fields[f.bitable_video_field] = video_link(settings, video)
             else:
-                enqueue_attachment(self.db, self.settings, row, video, now=self.clock.now())
-        enqueue_update(self.db, self.settings, row["record_id"], fields,
+                enqueue_attachment(self.db, settings, row, video, now=self.clock.now())
+        enqueue_update(self.db, settings, row["record_id"], fields,
                        now=self.clock.now(), ref=f"task:{row['id']}")
 
     def task_retrying(self, task: dict[str, Any], decision: Any, error: Any) -> None:
@@ -217,6 +231,7 @@ def outcome_fields(settings: Settings, row: dict[str, Any]) -> dict[str, Any]:
 
 def mark_running(db, settings: Settings, batch_id: str, now: float) -> int:
     """Set the batch's records to the running value, so the next ``run`` does not take them."""
+    settings = for_batch(db, settings, batch_id)
     f = settings.feishu
     if not (f.bitable_app_token and f.bitable_table_id):
         return 0
@@ -234,6 +249,7 @@ def mark_cancelled(db, settings: Settings, batch_id: str, now: float) -> int:
     """Set the records of the batch's cancelled tasks back to the pending value, so the next
     ``run`` takes them again (``mark_running`` left them at the running value). Deterministic
     uuids: cancelling twice (or a crash and a repeat) enqueues nothing new."""
+    settings = for_batch(db, settings, batch_id)
     f = settings.feishu
     if not (f.bitable_app_token and f.bitable_table_id):
         return 0

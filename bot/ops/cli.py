@@ -51,11 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-synthesis", action="store_true", help="stop after the Coze stage")
     r.add_argument("--simulate", action="store_true",
                    help="use the built-in Coze simulator (no Coze account needed)")
+    r.add_argument("--pipeline", default=None, metavar="NAME",
+                   help="the pipeline (workflow, Coze account) to run it on; default: the "
+                        "default pipeline, or the only one")
 
     rep = sub.add_parser("report", help="the daily report, printed or sent to the alert chat")
     rep.add_argument("--date", default=None, metavar="YYYY-MM-DD",
                      help="the day to report (default yesterday)")
     rep.add_argument("--send", action="store_true", help="send it to FEISHU_ALERT_CHAT_ID")
+    rep.add_argument("--pipeline", default=None, metavar="NAME",
+                     help="that pipeline's batches only (sent to its alert chat)")
 
     sub.add_parser("demo", help="the whole loop on this machine with built-in simulators")
     sub.add_parser("doctor", help="check configuration, database, Feishu and Coze")
@@ -113,13 +118,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.service import run_worker
+    from bot.service import coze_problem, run_worker
 
     stages = args.stages or frozenset(("coze", "synthesis"))
-    if "coze" in stages and not args.simulate and not settings.coze.configured:
-        print("opsbot worker: no Coze account configured: set COZE_API_TOKEN and "
-              "COZE_WORKFLOW_ID, or add --simulate to use the built-in simulator "
-              "(`opsbot demo` shows the whole loop)", file=sys.stderr)
+    problem = coze_problem(settings) if "coze" in stages and not args.simulate else None
+    if problem:
+        hint = ("set COZE_API_TOKEN and COZE_WORKFLOW_ID" if not settings.many_pipelines
+                else "see [[pipelines]] in the README")
+        print(f"opsbot worker: {problem} ({hint}), or add --simulate to use the built-in "
+              "simulator (`opsbot demo` shows the whole loop)", file=sys.stderr)
         return 2
 
     simulator = None
@@ -145,6 +152,16 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     if not tasks:
         print("opsbot run: nothing to run after --include/--exclude", file=sys.stderr)
         return 2
+    names = ", ".join(s.name for s in settings.pipelines)
+    spec = settings.find_pipeline(args.pipeline) if args.pipeline else settings.default_pipeline
+    if spec is None:
+        print(f"opsbot run: " + (f"no pipeline is called {args.pipeline!r}" if args.pipeline
+                                 else "there are several pipelines: pass --pipeline NAME")
+              + f" (pipelines: {names})", file=sys.stderr)
+        return 2
+    settings = settings.scoped(spec.name)     # its workflow, account, limits and fallback
+    account = settings.account(spec.coze_account)
+    on_account = tuple(s.name for s in settings.pipelines if s.coze_account == account.name)
     pipeline = settings.pipeline
     changes = {}
     if args.max_coze or seeds.get("max_coze"):
@@ -181,7 +198,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             result = await run_batch(
                 db, pipeline, tasks=tasks, coze_base_url=base_url, coze_token=token,
                 workflow_id=workflow_id,
-                results_path=results_hint or Path("var/results/pending.json"))
+                results_path=results_hint or Path("var/results/pending.json"),
+                pipeline=spec.name, account=account.name, account_pipelines=on_account,
+                breaker_service=account.breaker_service)
         finally:
             if sim is not None:
                 await sim.stop()
@@ -199,7 +218,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from bot.ops.report_cli import run_report
 
-    return run_report(settings, date=args.date, send=args.send)
+    return run_report(settings, date=args.date, send=args.send, pipeline=args.pipeline)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ a FAIL naming what did not answer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import shutil
@@ -94,7 +95,8 @@ def run_doctor(settings: Settings, *, out: TextIO | None = None,
     """Run every check, print one line each and a summary; 0 when nothing FAILed, else 1."""
     out = out if out is not None else sys.stdout
     secrets = [s.get() for s in (settings.feishu.app_secret, settings.feishu.verification_token,
-                                 settings.feishu.encrypt_key, settings.coze.api_token)
+                                 settings.feishu.encrypt_key, settings.coze.api_token,
+                                 *(a.api_token for a in settings.coze_accounts))
                if len(s.get()) >= 4]
     findings: list[Finding] = []
 
@@ -115,7 +117,13 @@ def run_doctor(settings: Settings, *, out: TextIO | None = None,
         if settings.feishu.configured and settings.feishu.connection == "ws":
             sections.append(_Section("connection",
                                      lambda r: check_long_connection(settings, r, timeout)))
-        if settings.coze.api_token:
+        if settings.pipelines_listed:
+            # one probe per account in use, with one of its pipelines' workflows
+            for account, scoped in _accounts_in_use(settings):
+                sections.append(_Section(f"coze[{account.name}]",
+                                         lambda r, s=scoped, a=account: check_coze(
+                                             s, r, timeout, check=f"coze.api[{a.name}]")))
+        elif settings.coze.api_token:
             sections.append(_Section("coze", lambda r: check_coze(settings, r, timeout)))
         for section in sections:
             section.start()
@@ -128,9 +136,68 @@ def run_doctor(settings: Settings, *, out: TextIO | None = None,
 
 # -- settings --------------------------------------------------------------------------------------
 
+def _accounts_in_use(settings: Settings) -> list[tuple[Any, Settings]]:
+    """Each Coze account some pipeline uses and has a token for, with the settings of its first
+    pipeline (for the probe's base URL, token and workflow)."""
+    seen: dict[str, tuple[Any, Settings]] = {}
+    for spec in settings.pipelines:
+        account = settings.account(spec.coze_account)
+        if account.name not in seen and account.api_token:
+            seen[account.name] = (account, settings.scoped(spec.name))
+    return list(seen.values())
+
+
+def check_pipelines(settings: Settings) -> list[Finding]:
+    """One line per pipeline (``[[pipelines]]``): its workflow, account and token, table, chat
+    and admins; says which pipeline is wrong and what to set."""
+    out: list[Finding] = []
+    for spec in settings.pipelines:
+        check = f"settings.pipeline[{spec.name}]"
+        account = settings.account(spec.coze_account)
+        where = ("COZE_WORKFLOW_ID" if spec.name == "default"
+                 else f"[[pipelines]] {spec.name} workflow_id")
+        if not spec.workflow_id:
+            out.append(Finding(FAIL, check, f"no workflow: {where} is empty",
+                               f"set {where} (the number in the workflow editor's URL)"))
+            continue
+        if not account.api_token:
+            out.append(Finding(FAIL, check, f"account {account.name!r} has no token: "
+                               f"{account.token_source} is not set",
+                               f"set {account.token_source} to the account's Coze personal "
+                               "access token"))
+            continue
+        problems = []
+        if not spec.alert_chat_id:
+            problems.append("no alert_chat_id (nor FEISHU_ALERT_CHAT_ID): its alerts and "
+                            "report have nowhere to go")
+        if not (spec.bitable_app_token and spec.bitable_table_id):
+            problems.append("no bitable_table_id / bitable_app_token: `run` from the chat "
+                            "cannot read its rows")
+        if not spec.admin_ids:
+            problems.append("no admin_ids (nor FEISHU_ADMIN_IDS): nobody can run it")
+        said = (f"workflow {spec.workflow_id} on account {account.name} (token from "
+                f"{account.token_source}, {account.max_runs} runs, {account.qps:g} QPS), "
+                f"chat {spec.alert_chat_id or '-'}, table {spec.bitable_table_id or '-'}")
+        if problems:
+            out.append(Finding(WARN, check, said + "; " + "; ".join(problems),
+                               f"set them in the [[pipelines]] entry {spec.name!r}"))
+        else:
+            out.append(Finding(OK, check, said + f", {len(spec.admin_ids)} admin(s)"))
+    return out
+
+
 def check_settings(settings: Settings) -> list[Finding]:
-    """What is set, and which feature misses which variable (no network, no secrets shown)."""
-    f, c = settings.feishu, settings.coze
+    """What is set, and which feature misses which variable (no network, no secrets shown).
+    With ``[[pipelines]]``: the shared app settings, then one line per pipeline."""
+    if settings.pipelines_listed:
+        return (_check_shared_settings(settings) + [_mentions_finding(settings)]
+                + check_pipelines(settings))
+    return _check_shared_settings(settings) + _check_single_pipeline(settings)
+
+
+def _check_shared_settings(settings: Settings) -> list[Finding]:
+    """The app's credentials and request security: shared by every pipeline."""
+    f = settings.feishu
     out: list[Finding] = []
     app = [_show("FEISHU_APP_ID", f.app_id), _hidden("FEISHU_APP_SECRET", bool(f.app_secret))]
     if f.app_id and f.app_secret:
@@ -161,6 +228,13 @@ def check_settings(settings: Settings) -> list[Finding]:
                            f"copy Verification Token and Encrypt Key from {_CONSOLE} > Events & "
                            "Callbacks > Encryption Strategy into FEISHU_VERIFICATION_TOKEN and "
                            "FEISHU_ENCRYPT_KEY"))
+    return out
+
+
+def _check_single_pipeline(settings: Settings) -> list[Finding]:
+    """The single pipeline's chat, table, admins, mentions and Coze account."""
+    f, c = settings.feishu, settings.coze
+    out: list[Finding] = []
     if f.alert_chat_id:
         out.append(Finding(OK, "settings.alerts", _show("FEISHU_ALERT_CHAT_ID", f.alert_chat_id)))
     else:
@@ -410,33 +484,64 @@ def check_feishu(settings: Settings, report: "_Reporter", timeout: float) -> Non
     report.step("feishu.bot", f"check that this machine reaches {f.domain}")
     report(check_bot_identity(settings, client, timeout))
 
+    for check, scoped in _per_pipeline(settings, "feishu.alert_chat", "alert_chat_id"):
+        _check_alert_chat(client, scoped, report, check)
+    _check_results_columns(client, settings, report)
+    for check, scoped in _per_pipeline(settings, "feishu.bitable", "bitable_table_id"):
+        _check_table(client, scoped, report, check)
+
+
+def _per_pipeline(settings: Settings, check: str, key: str) -> list[tuple[str, Settings]]:
+    """``(check name, settings)`` for each distinct chat or table (``key`` of the pipelines):
+    the single pipeline's as before; with ``[[pipelines]]`` one per value, named after the
+    pipelines that use it (``feishu.alert_chat[drama,news]``)."""
+    if not settings.pipelines_listed:
+        return [(check, settings)]
+    groups: dict[str, list[str]] = {}
+    for spec in settings.pipelines:
+        value = getattr(spec, key)
+        if value:
+            groups.setdefault(value, []).append(spec.name)
+    return [(f"{check}[{','.join(names)}]", settings.scoped(names[0]))
+            for names in groups.values()]
+
+
+def _check_alert_chat(client, settings: Settings, report: "_Reporter", check: str) -> None:
+    from bot.errors import FeishuError
+
+    f = settings.feishu
     if f.alert_chat_id:
-        report.step("feishu.alert_chat", f"check that this machine reaches {f.domain}")
+        report.step(check, f"check that this machine reaches {f.domain}")
         try:
             member = client.is_bot_in_chat(f.alert_chat_id)
         except FeishuError as exc:
-            report(_feishu_finding("feishu.alert_chat", exc, settings, context="chat",
+            report(_feishu_finding(check, exc, settings, context="chat",
                                    scopes="im:chat:readonly"))
         else:
             if member:
-                report(Finding(OK, "feishu.alert_chat",
+                report(Finding(OK, check,
                                f"the bot is a member of {f.alert_chat_id} (sending also needs "
                                "scope im:message:send_as_bot, not checked without posting)"))
             else:
-                report(Finding(FAIL, "feishu.alert_chat",
+                report(Finding(FAIL, check,
                                f"the bot is not a member of {f.alert_chat_id}: alerts cannot be "
                                "posted there", _ADD_BOT_FIX))
 
-    _check_results_columns(client, settings, report)
+
+def _check_table(client, settings: Settings, report: "_Reporter", check: str) -> None:
+    from bot.errors import FeishuError
+
+    f = settings.feishu
     if f.bitable_app_token and f.bitable_table_id:
-        report.step("feishu.bitable", f"check that this machine reaches {f.domain}")
+        report.step(check, f"check that this machine reaches {f.domain}")
         try:
             names = set(client.list_field_names(f.bitable_app_token, f.bitable_table_id))
         except FeishuError as exc:
-            report(_feishu_finding("feishu.bitable", exc, settings, context="bitable",
+            report(_feishu_finding(check, exc, settings, context="bitable",
                                    scopes="bitable:app"))
             return
-        report(_fields_finding(settings, names))
+        fields = _fields_finding(settings, names)   # its check name + the pipelines suffix
+        report(dataclasses.replace(fields, check=fields.check + check[len("feishu.bitable"):]))
         if f.bitable_status_field not in names:
             return
         try:
@@ -444,12 +549,12 @@ def check_feishu(settings: Settings, report: "_Reporter", timeout: float) -> Non
                                          field_name=f.bitable_status_field,
                                          value=f.bitable_pending_value, page_size=1, max_pages=1)
         except FeishuError as exc:
-            report(_feishu_finding("feishu.bitable", exc, settings, context="bitable",
+            report(_feishu_finding(check, exc, settings, context="bitable",
                                    scopes="bitable:app"))
             return
         pending = ("at least one row is" if rows else "no row is") + \
             f" {f.bitable_pending_value!r} now"
-        report(Finding(OK, "feishu.bitable", f"table {f.bitable_table_id} is readable; "
+        report(Finding(OK, check, f"table {f.bitable_table_id} is readable; "
                                              f"{pending}"))
 
 
@@ -756,11 +861,12 @@ def _scopes_in(msg: str) -> str:
 _PROBE_EXECUTE_ID = "0"   # no run has this id: a history read answers "not found"
 
 
-def check_coze(settings: Settings, report: "_Reporter", timeout: float) -> None:
+def check_coze(settings: Settings, report: "_Reporter", timeout: float,
+               check: str = "coze.api") -> None:
     c = settings.coze
     url = c.base_url
-    report.step("coze.api", f"check COZE_BASE_URL={url} and that this machine reaches it "
-                            "(DNS, proxy, firewall)")
+    report.step(check, f"check COZE_BASE_URL={url} and that this machine reaches it "
+                       "(DNS, proxy, firewall)")
     from pipeline.coze import CozeClient
     from pipeline.errors import CozeError
 
@@ -771,9 +877,9 @@ def check_coze(settings: Settings, report: "_Reporter", timeout: float) -> None:
     try:
         asyncio.run(probe())
     except CozeError as exc:
-        report(_coze_finding(url, exc))
+        report(dataclasses.replace(_coze_finding(url, exc), check=check))
         return
-    report(Finding(OK, "coze.api", f"{url} reachable; token accepted"))
+    report(Finding(OK, check, f"{url} reachable; token accepted"))
 
 
 def _coze_finding(url: str, exc) -> Finding:

@@ -1,4 +1,5 @@
-"""``opsbot report [--date YYYY-MM-DD] [--send]``: print the daily report, or send it.
+"""``opsbot report [--date YYYY-MM-DD] [--send] [--pipeline NAME]``: print the daily report, or
+send it. With ``--pipeline``, the report of that pipeline's batches, sent to its alert chat.
 
 Without ``--date`` the report is for yesterday in ``settings.timezone``. With ``--send`` the card
 is enqueued in the outbox for the alert chat and delivered at once by the real outbox sender.
@@ -25,7 +26,7 @@ SEND_TIMEOUT = 20.0   # seconds to wait for the card to go out (rate limits post
 
 def run_report(settings, *, date: str | None, send: bool, clock=None, out: TextIO | None = None,
                err: TextIO | None = None, feishu_client=None,
-               send_timeout: float = SEND_TIMEOUT) -> int:
+               send_timeout: float = SEND_TIMEOUT, pipeline: str | None = None) -> int:
     """Print the report for ``date`` (default yesterday); with ``send``, post it. Exit code."""
     out, err, clock = out or sys.stdout, err or sys.stderr, clock or Clock()
     try:
@@ -33,6 +34,15 @@ def run_report(settings, *, date: str | None, send: bool, clock=None, out: TextI
     except ValueError as exc:
         print(f"opsbot report: {exc}", file=err)
         return 2
+    only = None
+    if pipeline is not None:
+        spec = settings.find_pipeline(pipeline)
+        if spec is None:
+            names = ", ".join(s.name for s in settings.pipelines)
+            print(f"opsbot report: no pipeline is called {pipeline!r} (pipelines: {names})",
+                  file=err)
+            return 2
+        settings, only = settings.scoped(spec.name), (spec.name,)
     if send:
         missing = [n for n, v in (("FEISHU_APP_ID", settings.feishu.app_id),
                                   ("FEISHU_APP_SECRET", settings.feishu.app_secret),
@@ -43,7 +53,7 @@ def run_report(settings, *, date: str | None, send: bool, clock=None, out: TextI
             return 1
     db = open_db(settings.db_path)
     try:
-        report = compute_report(db, day, settings.tz)
+        report = compute_report(db, day, settings.tz, only)
         out.write(report_text(report, settings.language))
         if not send:
             return 0
