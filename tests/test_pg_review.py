@@ -150,8 +150,10 @@ def test_create_batch_when_due_checks_the_latest_batch_of_its_source(any_db_path
         assert second not in (None, first)
         # open past ``open_for``: due again (the hung one is reported, not waited on forever)
         third = queue.create_batch_when_due(db, task, now=2500.0, source="canary",
-                                            every=600, open_for=900)
+                                            every=600, open_for=900, pipeline="p2")
         assert third not in (None, first, second)
+        assert queue.get_batch(db, third)["pipeline"] == "p2"
+        assert queue.get_batch(db, first)["pipeline"] == "default"
         assert [t["params"] for t in queue.tasks_of(db, third)] == ["{}"]
         with pytest.raises(ValueError):
             queue.create_batch_when_due(db, task * 2, now=9999.0, source="canary",
