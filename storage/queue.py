@@ -356,7 +356,10 @@ def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: flo
     store (running tasks in the ``coze`` stage with a run id or a submit marked), checked in the
     same transaction, so two processes never together exceed one account's concurrency.
     ``pipelines``: count only the runs of batches of these pipelines (the account's).
-    Returns ``"marked"``, ``"full"`` (nothing written: submit later) or ``"lost"`` (the lease).
+    Returns ``"marked"``, ``"full"`` (nothing written: submit later), ``"adopted"`` (the task
+    is still held, but a run id was stored meanwhile: the worker that lost the lease during its
+    submit adopted its run, see :func:`store_run_id`; nothing written, submit nothing) or
+    ``"lost"`` (the lease).
     """
     # One key per account (its pipelines), so accounts do not wait for each other.
     pipelines = None if pipelines is None else tuple(pipelines)
@@ -373,8 +376,13 @@ def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: flo
             if busy >= max_in_flight:
                 return "full"
         cur = conn.execute("UPDATE tasks SET submit_started_at = ? WHERE id = ?"
-                           " AND lease_owner = ? AND status = 'running'", [now, task_id, owner])
-        return "marked" if cur.rowcount == 1 else "lost"
+                           " AND lease_owner = ? AND status = 'running' AND execute_id IS NULL",
+                           [now, task_id, owner])
+        if cur.rowcount == 1:
+            return "marked"
+        held = conn.execute("SELECT 1 FROM tasks WHERE id = ? AND lease_owner = ?"
+                            " AND status = 'running'", [task_id, owner]).fetchone()
+        return "adopted" if held else "lost"
 
 
 def store_run_id(db: sqlite_utils.Database, task_id: int, *, owner: str, mark: float,
