@@ -586,6 +586,14 @@ class Worker:
             if marked == "full":
                 raise CozeSlotsFull(f"{lane.max_runs} Coze runs in flight on account "
                                     f"{lane.name}")
+            if marked == "adopted":
+                # The worker whose lease this task had was still submitting and stored its run id
+                # after this claim read the task: wait on that run, never submit a second one.
+                # Handed back, the next claim (this worker's too) finds the id and polls it.
+                log.info("the previous owner stored a run id meanwhile; handing the task back",
+                         extra={"task_id": task["id"]})
+                await self._release(task["id"])
+                raise LeaseLost(f"task {task['id']} has a run already")
             if marked != "marked":
                 log.warning("lease lost; dropping task", extra={"task_id": task["id"]})
                 raise LeaseLost(f"task {task['id']} was taken over")

@@ -225,4 +225,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE batches ADD COLUMN pipeline TEXT NOT NULL DEFAULT 'default'",
         "CREATE INDEX batches_pipeline ON batches(pipeline, status)",
     ],
+    [
+        # pgfix: the claim's scan of running tasks (to take over the expired lease of a dead
+        # worker) seeks the expired leases, instead of reading every running task with a
+        # valid lease through tasks_claim (status, next_at) (see storage.queue._due_sql)
+        "CREATE INDEX tasks_lease ON tasks(status, lease_until)",
+    ],
 ]

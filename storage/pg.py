@@ -29,8 +29,9 @@ and takes the write lock, a transaction-scoped advisory lock, in one of two mode
   takes a second, per-key advisory lock (:func:`key_lock`) and so runs alone only among blocks
   of that key: the Coze QPS budget of one account (``budget:<account>``), the breaker of one
   service (``breaker:<service>``), the count of Coze runs in flight of one account
-  (``coze-in-flight:<its pipelines>``), the learned run times of one workflow, and the outbox
-  (``outbox``):
+  (``coze-in-flight:<its pipelines>``), the learned run times of one workflow, the
+  recording of attempts (``attempts``: their ids must be committed in the order given
+  out, see :data:`storage.queue.ATTEMPT_WRITES`), and the outbox (``outbox``):
   its claim keeps order per target by reading other rows' due times and leases, and its ids
   must be committed in the order given out, so every outbox write takes turns with the others
   (see :data:`storage.outbox.WRITES`).

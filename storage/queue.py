@@ -20,6 +20,10 @@ from .db import Conflict, NotFound, is_postgres, transaction
 FINAL = ("succeeded", "failed", "cancelled", "ignored")
 ACTIVE = ("queued", "running", "retrying")
 BATCH_OPEN = ("queued", "running", "paused", "blocked")
+#: Attempts are recorded one at a time (PostgreSQL: this per-key lock; SQLite: its one writer),
+#: so their ids are committed in the order given out: readers that follow the table by id
+#: (/metrics' running totals, the Bitable log's cursor) never pass an id that commits later.
+ATTEMPT_WRITES = "attempts"
 
 
 def new_batch_id() -> str:
@@ -40,25 +44,69 @@ def create_batch(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *, 
     until ``runner_until`` (see :func:`hold_batch`). ``pipeline``: the pipeline the batch
     belongs to (its workflow, Coze account and chat; see bot.settings).
     """
+    rows = _checked(tasks)
+    batch_id = batch_id or new_batch_id()
+    with transaction(db) as conn:
+        _insert_batch(conn, rows, batch_id=batch_id, now=now, source=source, chat_id=chat_id,
+                      command_message_id=command_message_id, created_by=created_by,
+                      workflow_id=workflow_id, options=options, runner=runner,
+                      runner_until=runner_until, pipeline=pipeline)
+    return batch_id
+
+
+def create_batch_when_due(db: sqlite_utils.Database, tasks: Iterable[dict[str, Any]], *,
+                          now: float, source: str, every: float, open_for: float,
+                          pipeline: str = "default") -> str | None:
+    """Record a batch of ``source`` unless the latest batch of that source is younger than
+    ``every`` seconds, or is still open (:data:`BATCH_OPEN`) and younger than ``open_for``
+    (whatever its pipeline); return the new batch id (of ``pipeline``), or None when it was
+    not due.
+
+    The check and the insert are one transaction that runs alone (SQLite: ``BEGIN
+    IMMEDIATE``; PostgreSQL: the exclusive write lock), so processes checking at the same
+    moment queue one batch, never two (the scheduled canary of every worker).
+    """
+    rows = _checked(tasks)
+    with transaction(db) as conn:
+        latest = conn.execute(
+            "SELECT created_at, status FROM batches WHERE source = ?"
+            " ORDER BY created_at DESC, rowid DESC LIMIT 1", [source]).fetchone()
+        if latest is not None:
+            age = now - latest[0]
+            if age < every or (latest[1] in BATCH_OPEN and age < open_for):
+                return None
+        batch_id = new_batch_id()
+        _insert_batch(conn, rows, batch_id=batch_id, now=now, source=source, pipeline=pipeline)
+    return batch_id
+
+
+def _checked(tasks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tasks as a list; ``ValueError`` naming duplicate task keys."""
     rows = list(tasks)
     keys = [t["task_key"] for t in rows]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise ValueError(f"duplicate task_id: {', '.join(dupes[:5])}")
-    batch_id = batch_id or new_batch_id()
-    with transaction(db) as conn:
-        conn.execute(
-            "INSERT INTO batches (id, source, status, chat_id, command_message_id, created_by,"
-            " created_at, workflow_id, options, runner, runner_until, pipeline)"
-            " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (batch_id, source, chat_id, command_message_id, created_by, now, workflow_id,
-             json.dumps(options or {}, ensure_ascii=False), runner, runner_until, pipeline))
-        conn.executemany(
-            "INSERT INTO tasks (batch_id, task_key, record_id, params, created_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(batch_id, t["task_key"], t.get("record_id"),
-              json.dumps(t.get("params") or {}, ensure_ascii=False), now) for t in rows])
-    return batch_id
+    return rows
+
+
+def _insert_batch(conn, rows: list[dict[str, Any]], *, batch_id: str, now: float, source: str,
+                  chat_id: str | None = None, command_message_id: str | None = None,
+                  created_by: str | None = None, workflow_id: str | None = None,
+                  options: dict | None = None, runner: str | None = None,
+                  runner_until: float | None = None, pipeline: str = "default") -> None:
+    """Insert the batch row and its tasks inside the caller's transaction."""
+    conn.execute(
+        "INSERT INTO batches (id, source, status, chat_id, command_message_id, created_by,"
+        " created_at, workflow_id, options, runner, runner_until, pipeline)"
+        " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (batch_id, source, chat_id, command_message_id, created_by, now, workflow_id,
+         json.dumps(options or {}, ensure_ascii=False), runner, runner_until, pipeline))
+    conn.executemany(
+        "INSERT INTO tasks (batch_id, task_key, record_id, params, created_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [(batch_id, t["task_key"], t.get("record_id"),
+          json.dumps(t.get("params") or {}, ensure_ascii=False), now) for t in rows])
 
 
 def get_batch(db: sqlite_utils.Database, batch_id: str) -> dict[str, Any]:
@@ -170,11 +218,16 @@ def claim_tasks(db: sqlite_utils.Database, *, owner: str, now: float, lease: flo
 
 
 def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: tuple,
-             pipelines: Iterable[str] | None = None, lock: str = "") -> tuple[str, list[Any]]:
+             pipelines: Iterable[str] | None = None, lock: str = "",
+             sqlite: bool = False) -> tuple[str, list[Any]]:
     """The ids (and ``next_at``) of up to ``limit`` due tasks, earliest first: one
     index-ordered, limited scan per status (tasks_claim is (status, next_at), id breaks ties),
-    merged, so cost grows with ``limit``, not with the number of queued tasks. ``lock`` ends
-    each scan (PostgreSQL: ``FOR UPDATE OF t SKIP LOCKED``)."""
+    merged, so cost grows with ``limit``, not with the number of queued tasks. Running tasks
+    are found by their expired lease (tasks_lease is (status, lease_until)), so the claim does
+    not read every running task whose lease is valid; SQLite is told to use that index
+    (``sqlite``: ``INDEXED BY``; its planner would rather read tasks_claim in order), and
+    PostgreSQL picks it itself. ``lock`` ends each scan (PostgreSQL: ``FOR UPDATE OF t SKIP
+    LOCKED``)."""
     stage_sql = " AND t.stage = ?" if stage else ""
     stage_args: list[Any] = [stage] if stage else []
     in_pipelines, pipeline_args = _in_pipelines(pipelines)
@@ -186,7 +239,9 @@ def _due_sql(*, owner: str, now: float, limit: int, stage: str | None, wanted: t
     parts, args = [], []
     for status, cond in (("queued", "t.next_at <= ?"), ("retrying", "t.next_at <= ?"),
                          ("running", "t.lease_until < ? AND t.lease_owner IS NOT ?")):
-        parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t WHERE t.status = ?"
+        hint = " INDEXED BY tasks_lease" if sqlite and status == "running" else ""
+        parts.append(f"SELECT * FROM (SELECT t.id, t.next_at FROM tasks t{hint}"
+                     f" WHERE t.status = ?"
                      f" AND {cond}{stage_sql}{runnable} ORDER BY t.next_at, t.id LIMIT ?{lock})"
                      f" AS {status}")
         own = [owner] if status == "running" else []
@@ -200,7 +255,7 @@ def _claim_select_update(conn, *, owner: str, now: float, lease: float, limit: i
                          pipelines: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """SQLite's claim: read the due ids, then take them (its one writer makes that atomic)."""
     sql, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted,
-                         pipelines=pipelines)
+                         pipelines=pipelines, sqlite=True)
     ids = [r[0] for r in conn.execute(sql, args).fetchall()]
     if not ids:
         return []
@@ -224,7 +279,9 @@ def _claim_skip_locked(conn, *, owner: str, now: float, lease: float, limit: int
     """PostgreSQL's claim, one statement: each scan locks the due rows it returns and skips the
     rows another claimer has locked (``SKIP LOCKED``); a row another claimer took and committed
     meanwhile is re-checked on its new version and dropped. The CTE runs once, so exactly the
-    rows it locked are taken; their queued batches start in the same statement."""
+    rows it locked are taken; their queued batches start in the same statement, their rows
+    locked in id order (as every claimer does, so two claimers starting the same batches never
+    wait for each other in a circle)."""
     due, args = _due_sql(owner=owner, now=now, limit=limit, stage=stage, wanted=wanted,
                          pipelines=pipelines, lock=" FOR UPDATE OF t SKIP LOCKED")
     cur = conn.execute(
@@ -233,7 +290,8 @@ def _claim_skip_locked(conn, *, owner: str, now: float, lease: float, limit: int
         "  started_at = COALESCE(started_at, ?) FROM due WHERE tasks.id = due.id"
         "  RETURNING tasks.*),"
         " started AS (UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)"
-        "  WHERE status = 'queued' AND id IN (SELECT batch_id FROM claimed))"
+        "  WHERE status = 'queued' AND id IN (SELECT id FROM batches WHERE status = 'queued'"
+        "   AND id IN (SELECT batch_id FROM claimed) ORDER BY id FOR UPDATE))"
         " SELECT * FROM claimed ORDER BY id", [*args, owner, now + lease, now, now])
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r)) for r in cur.fetchall()]
@@ -298,7 +356,10 @@ def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: flo
     store (running tasks in the ``coze`` stage with a run id or a submit marked), checked in the
     same transaction, so two processes never together exceed one account's concurrency.
     ``pipelines``: count only the runs of batches of these pipelines (the account's).
-    Returns ``"marked"``, ``"full"`` (nothing written: submit later) or ``"lost"`` (the lease).
+    Returns ``"marked"``, ``"full"`` (nothing written: submit later), ``"adopted"`` (the task
+    is still held, but a run id was stored meanwhile: the worker that lost the lease during its
+    submit adopted its run, see :func:`store_run_id`; nothing written, submit nothing) or
+    ``"lost"`` (the lease).
     """
     # One key per account (its pipelines), so accounts do not wait for each other.
     pipelines = None if pipelines is None else tuple(pipelines)
@@ -315,8 +376,13 @@ def mark_submit(db: sqlite_utils.Database, task_id: int, *, owner: str, now: flo
             if busy >= max_in_flight:
                 return "full"
         cur = conn.execute("UPDATE tasks SET submit_started_at = ? WHERE id = ?"
-                           " AND lease_owner = ? AND status = 'running'", [now, task_id, owner])
-        return "marked" if cur.rowcount == 1 else "lost"
+                           " AND lease_owner = ? AND status = 'running' AND execute_id IS NULL",
+                           [now, task_id, owner])
+        if cur.rowcount == 1:
+            return "marked"
+        held = conn.execute("SELECT 1 FROM tasks WHERE id = ? AND lease_owner = ?"
+                            " AND status = 'running'", [task_id, owner]).fetchone()
+        return "adopted" if held else "lost"
 
 
 def store_run_id(db: sqlite_utils.Database, task_id: int, *, owner: str, mark: float,
@@ -484,12 +550,13 @@ def record_attempt(db: sqlite_utils.Database, task: dict[str, Any], *, stage: st
                    output_bytes: int | None = None) -> None:
     """One stage attempt. ``input_bytes`` defaults to the size of the stage's stored input: the
     task's params for ``coze``, its stored workflow output for ``synthesis`` (UTF-8 bytes of the
-    JSON); ``output_bytes`` is what the caller measured (None: unknown, e.g. a failed call)."""
+    JSON); ``output_bytes`` is what the caller measured (None: unknown, e.g. a failed call).
+    Runs beside other writes, but one attempt at a time (:data:`ATTEMPT_WRITES`)."""
     if input_bytes is None:
         stored = task.get("params") if stage == "coze" else \
             task.get("coze_output") if stage == "synthesis" else None
         input_bytes = _size(stored)
-    with transaction(db, concurrent=True) as conn:
+    with transaction(db, concurrent=True, key=ATTEMPT_WRITES) as conn:
         conn.execute(
             "INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at, outcome,"
             " error_class, error_code, error_message, node, execute_id, input_bytes,"
@@ -556,10 +623,12 @@ def batch_ids_with_status(db: sqlite_utils.Database, statuses: Iterable[str],
         [*st, *args])]
 
 
-def latest_batch_id_with_status(db: sqlite_utils.Database, status: str) -> str | None:
-    """The id of the newest batch in ``status``, or None."""
-    row = db.execute("SELECT id FROM batches WHERE status = ? ORDER BY created_at DESC,"
-                     " rowid DESC LIMIT 1", [status]).fetchone()
+def latest_batch_id_with_status(db: sqlite_utils.Database, status: str,
+                                pipelines: Iterable[str] | None = None) -> str | None:
+    """The id of the newest batch in ``status`` (of ``pipelines`` when given), or None."""
+    cond, args = _in_pipelines(pipelines)
+    row = db.execute(f"SELECT id FROM batches WHERE status = ?{cond} ORDER BY created_at DESC,"
+                     " rowid DESC LIMIT 1", [status, *args]).fetchone()
     return row[0] if row else None
 
 
@@ -577,10 +646,14 @@ def set_progress_message(db: sqlite_utils.Database, batch_id: str, target: str) 
                      " AND progress_message_id IS NULL", [target, batch_id])
 
 
-def latest_task_by_key(db: sqlite_utils.Database, task_key: str) -> dict[str, Any] | None:
-    """The newest task with ``task_key``, or None."""
-    rows = list(db.query("SELECT * FROM tasks WHERE task_key = ? ORDER BY id DESC LIMIT 1",
-                         [task_key]))
+def latest_task_by_key(db: sqlite_utils.Database, task_key: str,
+                       pipelines: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """The newest task with ``task_key`` (of the batches of ``pipelines`` when given), or
+    None."""
+    cond, args = _in_pipelines(pipelines)
+    of = f" AND batch_id IN (SELECT id FROM batches WHERE 1 = 1{cond})" if cond else ""
+    rows = list(db.query(f"SELECT * FROM tasks WHERE task_key = ?{of} ORDER BY id DESC LIMIT 1",
+                         [task_key, *args]))
     return rows[0] if rows else None
 
 

@@ -235,34 +235,41 @@ def retry_batch(db, settings, batch_id: str, *, now: float, by: str) -> Result:
 
 
 def resume_batch(db, settings, batch_id: str | None, *, now: float, by: str,
-                 patch_card: bool = True) -> Result:
-    """Resume ``batch_id`` (None: the latest blocked, else paused, batch). Raises NotFound.
-    ``patch_card``: patch the batch's progress card (a button's answer already shows it).
+                 patch_card: bool = True, pipelines: tuple[str, ...] | None = None) -> Result:
+    """Resume ``batch_id`` (None: the latest blocked, else paused, batch, of ``pipelines`` when
+    given). Raises NotFound. ``patch_card``: patch the batch's progress card (a button's answer
+    already shows it).
 
     Breakers are reset only when a human vouches for the cause of a fatal stop: resuming a
     *blocked* batch, a ``resume`` without a batch, or a resume of a batch that was not stopped
     while breakers are open and no batch is blocked (new batches would stay queued forever).
-    Resuming a *paused* batch leaves a breaker tripped by a fatal error alone.
+    Resuming a *paused* batch leaves a breaker tripped by a fatal error alone. With several
+    pipelines only the breakers of the Coze accounts concerned close: the batch's, or those of
+    ``pipelines``.
     """
     lang = settings.language
     explicit = batch_id is not None
     if batch_id is None:
-        batch_id = _latest_stopped(db)
+        batch_id = _latest_stopped(db, pipelines=pipelines)
         if batch_id is None:
-            return _reset_breakers(db, settings, now=now, by=by) or \
+            return _reset_breakers(db, settings, now=now, by=by,
+                                   services=_pipelines_breakers(settings, pipelines)) or \
                 (False, tr("a.nothing_to_resume", lang))
     try:
         previous = queue.set_batch_status(db, batch_id, "running", now=now,
                                           allowed_from=("blocked", "paused"))
     except Conflict:
         status = queue.get_batch(db, batch_id)["status"]
-        if status in ("queued", "running") and not _latest_stopped(db, ("blocked",)):
-            reset = _reset_breakers(db, settings, now=now, by=by)
+        services = _account_breaker(db, settings, batch_id)
+        if status in ("queued", "running") and not _latest_stopped(
+                db, ("blocked",), pipelines=_account_pipelines(settings, services)):
+            reset = _reset_breakers(db, settings, now=now, by=by, services=services)
             if reset is not None:
                 return reset
         return False, tr("a.not_blocked", lang, batch_id=escape(batch_id),
                          status=status_word(status, lang))
-    reset = previous == "blocked" or (not explicit and _open_breakers(db))
+    reset = previous == "blocked" or (not explicit and _open_breakers(
+        db, _account_breaker(db, settings, batch_id)))
     if reset:
         # The human vouches that the cause (token, balance) is fixed: every breaker closes;
         # with several pipelines, only the breaker of the batch's Coze account.
@@ -302,10 +309,12 @@ def cancel_batch(db, settings, batch_id: str, *, now: float, by: str,
     return True, tr("a.cancelled", lang, batch_id=escape(batch_id))
 
 
-def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused")) -> str | None:
-    """The latest batch in the first of ``statuses`` that has one (blocked before paused)."""
+def _latest_stopped(db, statuses: tuple[str, ...] = ("blocked", "paused"), *,
+                    pipelines: tuple[str, ...] | None = None) -> str | None:
+    """The latest batch (of ``pipelines`` when given) in the first of ``statuses`` that has one
+    (blocked before paused)."""
     for status in statuses:
-        batch_id = queue.latest_batch_id_with_status(db, status)
+        batch_id = queue.latest_batch_id_with_status(db, status, pipelines)
         if batch_id:
             return batch_id
     return None
@@ -321,21 +330,40 @@ def _account_breaker(db, settings, batch_id: str) -> tuple[str, ...] | None:
     return (settings.account(spec.coze_account).breaker_service,)
 
 
-def _open_breakers(db) -> list[str]:
-    return breakers.not_closed(db)
-
-
-def _reset_breakers(db, settings, *, now: float, by: str) -> Result | None:
-    """Close open breakers (resolving their cards); None when every breaker is closed."""
-    services = _open_breakers(db)
-    if not services:
+def _pipelines_breakers(settings, pipelines: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The breakers of the Coze accounts of ``pipelines`` (None: every breaker)."""
+    if pipelines is None or not getattr(settings, "many_pipelines", False):
         return None
-    reset_all(db, now)
+    accounts = {s.coze_account for s in settings.pipelines if s.name in pipelines}
+    return tuple(a.breaker_service for a in settings.accounts if a.name in accounts)
+
+
+def _account_pipelines(settings, services: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The pipelines on the Coze accounts whose breakers are ``services`` (None: every one)."""
+    if services is None:
+        return None
+    accounts = {a.name for a in settings.accounts if a.breaker_service in services}
+    return tuple(s.name for s in settings.pipelines if s.coze_account in accounts)
+
+
+def _open_breakers(db, services: tuple[str, ...] | None = None) -> list[str]:
+    return [s for s in breakers.not_closed(db) if services is None or s in services]
+
+
+def _reset_breakers(db, settings, *, now: float, by: str,
+                    services: tuple[str, ...] | None = None) -> Result | None:
+    """Close open breakers (of ``services`` when given), resolving their cards; None when
+    they are all closed."""
+    opened = _open_breakers(db, services)
+    if not opened:
+        return None
+    reset_all(db, now, tuple(opened))
     note = {"by": by, "text": tr("n.reset", settings.language)}
     for alert in open_alerts(db, kinds=("breaker",)):
-        resolve_alert(db, settings, alert["key"], now=now, note=note)
+        if services is None or alert["details"].get("service") in opened:
+            resolve_alert(db, settings, alert["key"], now=now, note=note)
     return True, tr("a.breakers_reset", settings.language,
-                    services=escape(", ".join(services)))
+                    services=escape(", ".join(opened)))
 
 
 def _patch_batch_card(db, settings, batch_id: str, now: float) -> None:

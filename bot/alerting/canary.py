@@ -47,17 +47,24 @@ class Canary:
             return None
         latest = self._latest()
         now = self.clock.now()
+        interval = self.settings.alerts.canary_interval
+        timeout = self.settings.alerts.canary_timeout
         if latest is not None:
             self._judge(latest, now)
-            if now - latest["created_at"] < self.settings.alerts.canary_interval:
+            # not due (a read: most ticks stop here without taking the write lock)
+            if now - latest["created_at"] < interval:
                 return None
-            if latest["status"] in queue.BATCH_OPEN and \
-                    now - latest["created_at"] < self.settings.alerts.canary_timeout:
+            if latest["status"] in queue.BATCH_OPEN and now - latest["created_at"] < timeout:
                 return None  # never two canaries at once
-        batch_id = queue.create_batch(
+        # due: checked again and queued in one transaction, so workers ticking at the same
+        # moment queue one canary between them
+        batch_id = queue.create_batch_when_due(
             self.db, [{"task_key": f"canary-{int(now)}",
                        "params": dict(self.settings.alerts.canary_params)}],
-            now=now, source="canary", pipeline=self.pipeline)
+            now=now, source="canary", pipeline=self.pipeline, every=interval,
+            open_for=timeout)
+        if batch_id is None:
+            return None
         log.info("canary queued", extra={"batch_id": batch_id})
         return batch_id
 

@@ -178,7 +178,9 @@ def admins_for(ctx: Context, cmd: Command) -> tuple[str, ...]:
         name = batch_pipeline(ctx.db, cmd.batch_id)
     if name is None and cmd.task_ref:
         name = batch_pipeline(ctx.db, cmd.task_ref) if _names_batch(ctx.db, cmd.task_ref) \
-            else _task_pipeline(ctx.db, cmd.task_ref)
+            else _task_pipeline(ctx.db, cmd.task_ref, _chat_scope(ctx, cmd))
+    if name is None and cmd.name == "silence" and cmd.key:
+        name = _key_pipeline(ctx.db, settings, cmd.key)
     if name is None and cmd.name == "run":
         spec = _run_pipeline(ctx)
         name = spec.name if spec is not None else None
@@ -188,11 +190,29 @@ def admins_for(ctx: Context, cmd: Command) -> tuple[str, ...]:
     return tuple(dict.fromkeys(a for spec in specs for a in spec.admin_ids))
 
 
-def _task_pipeline(db, ref: str) -> str | None:
+def _task_pipeline(db, ref: str, pipelines: tuple[str, ...] | None = None) -> str | None:
     try:
-        return batch_pipeline(db, find_task(db, ref)["batch_id"])
+        return batch_pipeline(db, find_task(db, ref, pipelines)["batch_id"])
     except NotFound:
         return None
+
+
+def _key_pipeline(db, settings, key: str) -> str | None:
+    """The one pipeline an alert key (``silence KEY``) is about: the stored alert's, else the
+    batch's its first part names, else the pipeline its last part names (``failure_rate:news``);
+    None for a key that covers several (``failure_rate``, ``*``)."""
+    alert = store_alerts.get(db, key)
+    if alert is not None:
+        pipeline = alert["details"].get("pipeline") or batch_pipeline(db, alert.get("batch_id"))
+        if pipeline:
+            return pipeline
+    first, _, _ = key.partition(":")
+    if BATCH_ID.match(first) and queue.batch_exists(db, first):
+        return batch_pipeline(db, first)
+    last = key.rpartition(":")[2]
+    if ":" in key and any(spec.name == last for spec in settings.pipelines):
+        return last
+    return None
 
 
 def execute(ctx: Context, cmd: Command | ParseError) -> dict[str, Any]:
@@ -367,18 +387,19 @@ BATCH_MOVES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def move_batch(db, settings, clock, action: str, batch_id: str | None, *,
-               by: str = "") -> tuple[bool, str]:
+               by: str = "", pipelines: tuple[str, ...] | None = None) -> tuple[bool, str]:
     """Apply cancel/pause/resume to a batch; returns (changed, user-facing text).
 
     Cancel and resume are the buttons' own functions (:mod:`bot.alerting.actions`): the same
     alerts resolve, the same breakers reset and the same Bitable rows go back. ``batch_id``
-    None is only meaningful for resume (the latest stopped batch, or the breakers alone).
+    None is only meaningful for resume (the latest stopped batch, or the breakers alone; of
+    ``pipelines`` when given: the chat's).
     """
     lang = settings.language
     now = clock.now()
     try:
         if action == "resume":
-            return resume_batch(db, settings, batch_id, now=now, by=by)
+            return resume_batch(db, settings, batch_id, now=now, by=by, pipelines=pipelines)
         if action == "cancel":
             return cancel_batch(db, settings, str(batch_id), now=now, by=by)
         status, allowed = BATCH_MOVES[action]
@@ -398,7 +419,7 @@ def _cmd_move(action: str) -> Callable[[Context, Command], dict[str, Any]]:
     def run(ctx: Context, cmd: Command) -> dict[str, Any]:
         if action == "resume" and not cmd.batch_id:  # the latest stopped batch, or breakers
             changed, text = move_batch(ctx.db, ctx.settings, ctx.clock, action, None,
-                                       by=ctx.sender)
+                                       by=ctx.sender, pipelines=_chat_scope(ctx, cmd))
             return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
         batch = _target_batch(ctx, cmd.batch_id, _chat_scope(ctx, cmd))
         if batch is None:
@@ -409,23 +430,26 @@ def _cmd_move(action: str) -> Callable[[Context, Command], dict[str, Any]]:
     return run
 
 
-def find_task(db, ref: str) -> dict[str, Any]:
+def find_task(db, ref: str, pipelines: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The task ``ref`` names: ``#17`` is internal id 17; anything else is a task key (the
-    latest task with it). Bitable task ids are often numbers, so a bare number is a key too.
-    Raises NotFound."""
+    latest task with it, of the batches of ``pipelines`` when given: each pipeline's table
+    numbers its rows, so a key alone is ambiguous across pipelines). Bitable task ids are often
+    numbers, so a bare number is a key too. Raises NotFound."""
     if ref.startswith("#") and ref[1:].isascii() and ref[1:].isdigit():
         return queue.get_task(db, int(ref[1:]))
-    task = queue.latest_task_by_key(db, ref)
+    task = queue.latest_task_by_key(db, ref, pipelines)
     if task is None:
         raise NotFound(f"task {ref} not found")
     return task
 
 
-def retry_task(db, settings, clock, ref: str, *, by: str = "") -> tuple[bool, str]:
+def retry_task(db, settings, clock, ref: str, *, by: str = "",
+               pipelines: tuple[str, ...] | None = None) -> tuple[bool, str]:
     """``retry TASK``: the Retry button's code path (:func:`bot.alerting.actions.retry_tasks`),
-    for a task named by the user; a task a human ignored or cancelled may be retried too."""
+    for a task named by the user; a task a human ignored or cancelled may be retried too.
+    ``pipelines``: a task key names the newest task of those pipelines (the chat's)."""
     try:
-        task = find_task(db, str(ref))
+        task = find_task(db, str(ref), pipelines)
     except NotFound:
         return False, t("retry.task_not_found", settings.language, task=escape(ref))
     return retry_tasks(db, settings, [task["id"]], now=clock.now(), by=by,
@@ -446,7 +470,7 @@ def cmd_retry(ctx: Context, cmd: Command) -> dict[str, Any]:
         changed, text = retry_batch(ctx.db, ctx.settings, batch_id, now=ctx.now, by=ctx.sender)
     else:
         changed, text = retry_task(ctx.db, ctx.settings, ctx.clock, cmd.task_ref or "",
-                                   by=ctx.sender)
+                                   by=ctx.sender, pipelines=_chat_scope(ctx, cmd))
     return (cards.success_card if changed else cards.info_card)(text, ctx.lang)
 
 

@@ -44,9 +44,14 @@ def run_report(settings, *, date: str | None, send: bool, clock=None, out: TextI
             return 2
         settings, only = settings.scoped(spec.name), (spec.name,)
     if send:
+        # with --pipeline the chat is the pipeline's alert_chat_id (whose default is
+        # FEISHU_ALERT_CHAT_ID): name what to set for that pipeline
+        chat_key = ("FEISHU_ALERT_CHAT_ID" if only is None or only[0] == "default" else
+                    f"alert_chat_id in the [[pipelines]] entry {only[0]!r} (or "
+                    f"FEISHU_ALERT_CHAT_ID, its default)")
         missing = [n for n, v in (("FEISHU_APP_ID", settings.feishu.app_id),
                                   ("FEISHU_APP_SECRET", settings.feishu.app_secret),
-                                  ("FEISHU_ALERT_CHAT_ID", settings.feishu.alert_chat_id)) if not v]
+                                  (chat_key, settings.feishu.alert_chat_id)) if not v]
         if missing:
             print(f"opsbot report --send: Feishu is not configured; set {', '.join(missing)}",
                   file=err)

@@ -1,0 +1,60 @@
+"""A run adopted by the worker that lost its lease is waited on, never submitted again.
+
+Worker A's lease runs out while its submit is on the wire; worker B claims the task, sees the
+submit mark and no run id, and records the doubt. If A's answer lands now, A stores the run id
+("adopted", see ``storage.queue.store_run_id``). B must then not submit a second run: its
+``mark_submit`` finds the id and hands the task back, and the next claim polls A's run.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from pipeline.coze import CozeClient
+from pipeline.standins.simulator import CozeSimulator
+from pipeline.worker import Worker
+from storage import queue
+from tests.test_worker import FAST
+
+
+def test_mark_submit_refuses_a_task_whose_run_id_was_stored_meanwhile(db):
+    queue.create_batch(db, [{"task_key": "a"}, {"task_key": "b"}], now=0, source="cli")
+    a, b = queue.claim_tasks(db, owner="w1", now=0, lease=30, limit=2)
+    assert queue.mark_submit(db, a["id"], owner="w1", now=1) == "marked"
+    queue.update_task(db, b["id"], owner="w1", execute_id="run-of-the-old-owner")
+    assert queue.mark_submit(db, b["id"], owner="w1", now=1) == "adopted"
+    assert queue.find_task(db, "b")["submit_started_at"] is None   # nothing written
+    assert queue.mark_submit(db, b["id"], owner="w2", now=1) == "lost"
+    assert queue.mark_submit(db, b["id"], owner="w1", now=1, max_in_flight=1) == "full"
+
+
+def test_a_run_adopted_between_claim_and_submit_is_polled_not_submitted_again(db, tmp_path):
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    (task,) = queue.claim_tasks(db, owner="dead-worker", now=0, lease=0.01, limit=1)
+    queue.update_task(db, task["id"], owner="dead-worker", submit_started_at=0.5)
+
+    async def go():
+        sim = CozeSimulator(default_duration=0.05)
+        await sim.start()
+        try:
+            async with CozeClient(sim.base_url, sim.token) as coze:
+                # the old owner's submit reached Coze: its run exists
+                old_run = (await coze.submit("wf", {"task_id": "a"})).execute_id
+                # ... and its id is stored the moment the new owner records its doubt
+                db.execute("CREATE TRIGGER adopt AFTER UPDATE OF submit_started_at ON tasks"
+                           " WHEN NEW.submit_started_at IS NULL AND NEW.execute_id IS NULL"
+                           f" BEGIN UPDATE tasks SET execute_id = '{old_run}'"
+                           " WHERE id = NEW.id; END")
+                db.conn.commit()
+                worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
+                                "wf")
+                await asyncio.wait_for(worker.run(drain=True), 20)
+            return sim, old_run
+        finally:
+            await sim.stop()
+
+    sim, old_run = asyncio.run(go())
+    row = queue.find_task(db, "a")
+    assert row["status"] == "succeeded"
+    assert sim.task("a").submits == 1, "a second run was submitted for a run already stored"
+    assert row["execute_id"] == old_run
