@@ -13,7 +13,8 @@ import dataclasses
 from pipeline.coze import CozeClient
 from pipeline.standins.simulator import CozeSimulator
 from pipeline.worker import Worker
-from storage import queue
+from storage import pg, queue
+from storage.db import path_of
 from tests.test_worker import FAST
 
 
@@ -41,10 +42,16 @@ def test_a_run_adopted_between_claim_and_submit_is_polled_not_submitted_again(db
                 # the old owner's submit reached Coze: its run exists
                 old_run = (await coze.submit("wf", {"task_id": "a"})).execute_id
                 # ... and its id is stored the moment the new owner records its doubt
-                db.execute("CREATE TRIGGER adopt AFTER UPDATE OF submit_started_at ON tasks"
-                           " WHEN NEW.submit_started_at IS NULL AND NEW.execute_id IS NULL"
-                           f" BEGIN UPDATE tasks SET execute_id = '{old_run}'"
-                           " WHERE id = NEW.id; END")
+                when = "NEW.submit_started_at IS NULL AND NEW.execute_id IS NULL"
+                adopt = f"UPDATE tasks SET execute_id = '{old_run}' WHERE id = NEW.id"
+                if pg.is_url(path_of(db)):   # a trigger runs a function there
+                    db.execute("CREATE FUNCTION adopt() RETURNS trigger LANGUAGE plpgsql"
+                               f" AS $$ BEGIN {adopt}; RETURN NULL; END $$")
+                    db.execute("CREATE TRIGGER adopt AFTER UPDATE OF submit_started_at ON"
+                               f" tasks FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION adopt()")
+                else:
+                    db.execute("CREATE TRIGGER adopt AFTER UPDATE OF submit_started_at ON"
+                               f" tasks WHEN {when} BEGIN {adopt}; END")
                 db.conn.commit()
                 worker = Worker(db, dataclasses.replace(FAST, output_dir=str(tmp_path)), coze,
                                 "wf")

@@ -19,17 +19,17 @@ from bot.settings import AlertSettings, FeishuSettings, Settings
 from pipeline.clock import FakeClock
 from storage import pg, queue
 from storage.db import open_db, set_lock_wait, transaction
-from tests.pg_server import fresh_database, server_url
 
 
 @pytest.fixture
-def pg_url(request):
-    return fresh_database(server_url(request))
+def pg_url(db_path):
+    """The store's URL; the tests that take it run in the PostgreSQL pass only."""
+    return str(db_path)
 
 
-def _settings(tmp_path, **alerts):
+def _settings(db_path, **alerts):
     return Settings(feishu=FeishuSettings(alert_chat_id="oc_alerts", oncall_ids=("ou_oncall",)),
-                    alerts=AlertSettings(**alerts), db_path=tmp_path / "x.db")
+                    alerts=AlertSettings(**alerts), db_path=db_path)
 
 
 def _wait_until(check, what: str, timeout: float = 60.0) -> None:
@@ -71,23 +71,23 @@ class _WriteLockHolder:
             self.raw = None
 
 
-def test_two_canary_tickers_at_once_queue_one_canary(any_db_path, tmp_path):
+def test_two_canary_tickers_at_once_queue_one_canary(db_path, tmp_path):
     """Two workers tick the canary at the same moment, each with its own store connection.
     Both find no canary (reads never wait) while another writer holds the write lock; once it
     lets go, exactly one canary may be queued. (Checking outside the creating transaction, as
     before, queued two.)"""
-    db = open_db(any_db_path)
-    settings = _settings(tmp_path, canary_interval=600, canary_timeout=300,
+    db = open_db(db_path)
+    settings = _settings(db_path, canary_interval=600, canary_timeout=300,
                          canary_params={"topic": "canary"})
     clock = FakeClock(start=1_000_000)
     n = 2
-    stores = [open_db(any_db_path, migrate=False) for _ in range(n)]
+    stores = [open_db(db_path, migrate=False) for _ in range(n)]
     reached = [threading.Event() for _ in range(n)]
-    if not pg.is_url(any_db_path):
+    if not pg.is_url(db_path):
         for store, ev in zip(stores, reached):   # the ticker is about to wait for the lock
             store.conn.set_trace_callback(
                 lambda sql, ev=ev: ev.set() if sql.lstrip().upper().startswith("BEGIN") else None)
-    holder = _WriteLockHolder(any_db_path)
+    holder = _WriteLockHolder(db_path)
     results: list = [None] * n
     errors: list = []
 
@@ -102,8 +102,8 @@ def test_two_canary_tickers_at_once_queue_one_canary(any_db_path, tmp_path):
     try:
         for t in threads:
             t.start()
-        if pg.is_url(any_db_path):
-            _wait_until(lambda: _advisory_waiters(str(any_db_path)) >= n, "both tickers")
+        if pg.is_url(db_path):
+            _wait_until(lambda: _advisory_waiters(str(db_path)) >= n, "both tickers")
         else:
             _wait_until(lambda: all(ev.is_set() for ev in reached), "both tickers")
         holder.release()
@@ -128,8 +128,8 @@ def test_two_canary_tickers_at_once_queue_one_canary(any_db_path, tmp_path):
         db.conn.close()
 
 
-def test_create_batch_when_due_checks_the_latest_batch_of_its_source(any_db_path):
-    db = open_db(any_db_path)
+def test_create_batch_when_due_checks_the_latest_batch_of_its_source(db_path):
+    db = open_db(db_path)
     try:
         task = [{"task_key": "c", "params": {}}]
         first = queue.create_batch_when_due(db, task, now=1000.0, source="canary",
@@ -163,6 +163,7 @@ def test_create_batch_when_due_checks_the_latest_batch_of_its_source(any_db_path
         db.conn.close()
 
 
+@pytest.mark.backend("postgresql")
 def test_a_waiting_exclusive_transaction_is_not_overtaken_by_shared_ones(pg_url):
     """A rare transaction that must run alone cannot starve: once it waits for the write lock,
     shared transactions that come later queue behind it (PostgreSQL's lock queue), so a stream
@@ -209,11 +210,11 @@ def _explain_claim(db) -> str:
     return "\n".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + due, args))
 
 
-def test_the_claim_finds_expired_leases_without_reading_every_running_task(any_db_path):
+def test_the_claim_finds_expired_leases_without_reading_every_running_task(db_path):
     """Many running tasks hold valid leases, a few are a dead worker's: the claim's scan of
     running tasks seeks the expired leases through tasks_lease (status, lease_until) rather
     than reading every running task; and it takes those tasks, earliest ``next_at`` first."""
-    db = open_db(any_db_path)
+    db = open_db(db_path)
     try:
         batch = queue.create_batch(db, [], now=0.0, source="cli")
         rows = [(batch, f"r{i}", "{}", 0.0, "running", 100.0 + i, "alive", 10_000.0 + i)
@@ -238,6 +239,7 @@ def test_the_claim_finds_expired_leases_without_reading_every_running_task(any_d
         db.conn.close()
 
 
+@pytest.mark.backend("postgresql")
 def test_a_metrics_scrape_counts_every_attempt_while_workers_record_them_at_once(pg_url):
     """/metrics reads attempts by id range (``AttemptTotals``: ids above the last scrape's
     highest). A worker whose attempt took id N and has not committed yet, while another worker
@@ -292,6 +294,7 @@ def test_a_metrics_scrape_counts_every_attempt_while_workers_record_them_at_once
         db.conn.close()
 
 
+@pytest.mark.backend("postgresql")
 def test_claims_start_queued_batches_in_id_order_so_two_claimers_cannot_deadlock(pg_url):
     """Two claimers each take tasks of the same two queued batches and start both. Another
     claimer (a second connection) has started the batch with the lower id and is about to start
