@@ -79,7 +79,9 @@ def test_a_write_lock_held_elsewhere_for_5s_does_not_stall_the_loop(db, db_path,
             async with CozeClient(sim.base_url, sim.token) as coze:
                 worker = Worker(db, cfg, coze, "wf1")
                 job = asyncio.create_task(worker.run(drain=True))
-                while sum(sim.task(f"q{i}").submits for i in range(6)) < 2:
+                # the long runs' ids are stored (a run is polled only once its id is: a submit
+                # answered while the lock is held waits for it, on either backend)
+                while not all(queue.find_task(db, k)["execute_id"] for k in ("s0", "s1")):
                     await asyncio.sleep(0.01)
                 await _lock(holder)
                 locked_at = loop.time()
