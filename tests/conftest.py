@@ -5,8 +5,8 @@ The suite runs once per store backend (see README, Development):
 
 - ``python -m pytest``: the SQLite pass, every test.
 - ``OPSBOT_TEST_BACKEND=postgresql python -m pytest``: the PostgreSQL pass. Every test that uses
-  a store runs again, its ``db_path`` a fresh database on the test PostgreSQL server
-  (tests/pg_server.py). Tests that use no store are deselected: running them twice proves
+  a store runs again, its ``db_path`` a new database on the test PostgreSQL server
+  (tests/pg_server.py), copied from a migrated template (see ``db_path``). Tests that use no store are deselected: running them twice proves
   nothing.
 
 "Uses a store" is decided by the fixtures a test takes: ``db_path`` (directly, or through
