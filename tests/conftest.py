@@ -5,8 +5,8 @@ The suite runs once per store backend (see README, Development):
 
 - ``python -m pytest``: the SQLite pass, every test.
 - ``OPSBOT_TEST_BACKEND=postgresql python -m pytest``: the PostgreSQL pass. Every test that uses
-  a store runs again, its ``db_path`` a fresh database on the test PostgreSQL server
-  (tests/pg_server.py). Tests that use no store are deselected: running them twice proves
+  a store runs again, its ``db_path`` a new database on the test PostgreSQL server
+  (tests/pg_server.py), copied from a migrated template (see ``db_path``). Tests that use no store are deselected: running them twice proves
   nothing.
 
 "Uses a store" is decided by the fixtures a test takes: ``db_path`` (directly, or through
@@ -151,12 +151,21 @@ def store_goes_through_db_path(request):
 @pytest.fixture
 def db_path(request, tmp_path):
     """The store of a test: a SQLite file path in the SQLite pass; in the PostgreSQL pass
-    (``OPSBOT_TEST_BACKEND=postgresql``) the URL of an empty database on the test PostgreSQL
+    (``OPSBOT_TEST_BACKEND=postgresql``) the URL of a database on the test PostgreSQL
     server (tests/pg_server.py: skipped with the reason when there is none, failed with
-    ``CI=true``). Pass ``str(db_path)`` as ``OPSBOT_DB`` to processes a test starts."""
+    ``CI=true``). Pass ``str(db_path)`` as ``OPSBOT_DB`` to processes a test starts.
+
+    The PostgreSQL database is a copy of a template that already holds every migration
+    (copying is faster than migrating each test's store), so ``open_db`` finds nothing to
+    migrate. A test about migrating or an unopened store carries
+    ``@pytest.mark.empty_database`` and gets an empty database instead, as the SQLite pass's
+    new file is (``tests.helpers.store_at_version`` refuses a store that is not empty)."""
     if BACKEND == "postgresql":
-        from tests.pg_server import fresh_database, server_url
-        return fresh_database(server_url(request))
+        from tests.pg_server import fresh_database, migrated_template, server_url
+        server = server_url(request)
+        if request.node.get_closest_marker("empty_database"):
+            return fresh_database(server)
+        return fresh_database(server, migrated_template(request, server))
     return tmp_path / "opsbot.db"
 
 
@@ -166,8 +175,9 @@ def make_db_path(request, tmp_path_factory):
     test (a gunicorn started once per module)."""
     def make():
         if BACKEND == "postgresql":
-            from tests.pg_server import fresh_database, server_url
-            return fresh_database(server_url(request))
+            from tests.pg_server import fresh_database, migrated_template, server_url
+            server = server_url(request)
+            return fresh_database(server, migrated_template(request, server))
         return tmp_path_factory.mktemp("store") / "opsbot.db"
     return make
 

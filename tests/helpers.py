@@ -126,7 +126,13 @@ def store_at_version(location, version: int):
     from storage import pg
     from storage.db import open_db, transaction
     from storage.migrations import MIGRATIONS
+    from storage.db import schema_version
     db = open_db(location, migrate=False)
+    found = schema_version(db)
+    if found != 0:
+        db.conn.close()
+        raise AssertionError(f"store_at_version needs an empty store, {location} is at version "
+                             f"{found}: mark the test @pytest.mark.empty_database")
     if pg.is_url(location):
         pg.apply_migrations(db, MIGRATIONS[:version])
         return db

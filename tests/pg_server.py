@@ -99,12 +99,38 @@ def server_url(request) -> str:
     return url
 
 
-def fresh_database(server: str) -> str:
-    """Create an empty database on ``server``; return its URL."""
-    import psycopg
-    name = "opsbot_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
+TEMPLATE = "opsbot_template"
+
+
+def _url_of(server: str, name: str) -> str:
     base, _, query = server.partition("?")
     base = base.rsplit("/", 1)[0]
     return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+def migrated_template(request, server: str) -> str:
+    """The name of a database on ``server`` holding every migration, made once per session
+    (an empty database that the store's own ``open_db`` migrated, then closed: a template
+    must have no open connection while it is copied)."""
+    name = getattr(request.config, "_opsbot_pg_template", None)
+    if name is None:
+        import psycopg
+
+        from storage.db import open_db
+        name = f"{TEMPLATE}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        db = open_db(_url_of(server, name))
+        db.conn.close()
+        request.config._opsbot_pg_template = name
+    return name
+
+
+def fresh_database(server: str, template: str | None = None) -> str:
+    """Create a database on ``server``; return its URL. Empty without ``template``; else a copy
+    of that database (PostgreSQL copies its files: faster than migrating an empty one)."""
+    import psycopg
+    name = "opsbot_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    return _url_of(server, name)

@@ -124,6 +124,7 @@ def test_bad_batch_files_are_refused_with_the_line(tmp_path, name, content, need
     assert needle in str(err.value)
 
 
+@pytest.mark.empty_database
 def test_bad_file_via_cli_exits_2_and_queues_nothing(tmp_path, db_path):
     path = tmp_path / "a.csv"
     path.write_text("topic\nx\n", encoding="utf-8")

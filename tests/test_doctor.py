@@ -623,6 +623,7 @@ def test_the_video_column_must_suit_its_mode(env, fake, tmp_path, mode, field_ty
 
 
 @pytest.mark.backend("postgresql")
+@pytest.mark.empty_database
 def test_postgres_database_answers_migrates_and_is_writable(env, db_path):
     url = str(db_path)
     code, lines = run(env)

@@ -426,6 +426,7 @@ def test_status_report_and_the_daily_report_are_per_pipeline(db, world):
     assert "失败 0" in card_text(to_news)
 
 
+@pytest.mark.empty_database
 def test_batches_stored_before_pipelines_belong_to_the_default_one(db_path):
     from storage.db import apply_migrations, open_db, schema_version
     from storage.migrations import MIGRATIONS

@@ -108,6 +108,7 @@ def test_stored_run_times_are_bounded_per_workflow(db):
     assert stored.load(db, "never-seen", limit=KEEP) == []
 
 
+@pytest.mark.empty_database
 def test_the_migration_applies_to_a_store_of_the_previous_version(db_path):
     from tests.helpers import store_at_version
 

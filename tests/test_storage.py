@@ -29,6 +29,7 @@ def _open(path):
     return schema_version(db)
 
 
+@pytest.mark.empty_database
 def test_two_processes_migrating_at_once_agree(db_path):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         versions = pool.map(_open, [db_path, db_path])
