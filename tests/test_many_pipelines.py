@@ -20,7 +20,7 @@ from bot.chat.handlers import Context, execute, pipeline_words
 from bot.service import build_notifier, open_routing
 from bot.settings import load_settings
 from pipeline.clock import Clock
-from pipeline.standins.simulator import CozeSimulator, Script
+from pipeline.standins.simulator import CozeSimulator, Script, max_in_window
 from pipeline.worker import Worker
 from storage import breakers, queue
 from tests.fake_feishu import FakeFeishu
@@ -95,13 +95,8 @@ class TwoAccountCoze:
         return peak
 
     def max_rps(self, account: str | None = None, window: float = 1.0) -> int:
-        times = sorted(t for a, _, t in self.calls if account is None or a == account)
-        best, lo = 0, 0
-        for hi, t in enumerate(times):
-            while t - times[lo] >= window:
-                lo += 1
-            best = max(best, hi - lo + 1)
-        return best
+        return max_in_window([t for a, _, t in self.calls if account is None or a == account],
+                             window)
 
 
 def write_config(tmp_path, base_url: str) -> dict[str, str]:

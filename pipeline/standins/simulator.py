@@ -152,7 +152,7 @@ class AccountStats:
 
     def max_rps(self, window: float = 1.0) -> int:
         """The most requests this account sent in any ``window`` seconds of clock time."""
-        return _max_in_window(self.times, window)
+        return max_in_window(self.times, window)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -290,7 +290,7 @@ class CozeSimulator:
 
     def max_rps(self, window: float = 1.0) -> int:
         """The most requests seen in any ``window`` seconds of clock time."""
-        return _max_in_window([r.time for r in self.requests], window)
+        return max_in_window([r.time for r in self.requests], window)
 
     def account(self, token: str) -> AccountStats:
         """What the account of ``token`` did (zeros for one never seen)."""
@@ -594,7 +594,7 @@ _CODE_MESSAGES = {
 }
 
 
-def _max_in_window(times: list[float], window: float) -> int:
+def max_in_window(times: list[float], window: float) -> int:
     """The most of ``times`` that lie less than ``window`` apart."""
     times = sorted(times)
     best, lo = 0, 0
