@@ -551,12 +551,18 @@ def record_attempt(db: sqlite_utils.Database, task: dict[str, Any], *, stage: st
     """One stage attempt. ``input_bytes`` defaults to the size of the stage's stored input: the
     task's params for ``coze``, its stored workflow output for ``synthesis`` (UTF-8 bytes of the
     JSON); ``output_bytes`` is what the caller measured (None: unknown, e.g. a failed call).
-    Runs beside other writes, but one attempt at a time (:data:`ATTEMPT_WRITES`)."""
+    Runs beside other writes, but one attempt at a time (:data:`ATTEMPT_WRITES`). A run's
+    success is recorded once: a worker killed between recording it and moving the task on
+    leaves it to its successor, which polls the same run and finds it recorded."""
     if input_bytes is None:
         stored = task.get("params") if stage == "coze" else \
             task.get("coze_output") if stage == "synthesis" else None
         input_bytes = _size(stored)
     with transaction(db, concurrent=True, key=ATTEMPT_WRITES) as conn:
+        if outcome == "success" and execute_id and conn.execute(
+                "SELECT 1 FROM attempts WHERE task_id = ? AND stage = ? AND outcome = 'success'"
+                " AND execute_id = ?", [task["id"], stage, execute_id]).fetchone():
+            return  # a worker killed after recording this run's success; its successor polled it
         conn.execute(
             "INSERT INTO attempts (task_id, batch_id, stage, started_at, ended_at, outcome,"
             " error_class, error_code, error_message, node, execute_id, input_bytes,"

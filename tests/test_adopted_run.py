@@ -65,3 +65,20 @@ def test_a_run_adopted_between_claim_and_submit_is_polled_not_submitted_again(db
     assert row["status"] == "succeeded"
     assert sim.task("a").submits == 1, "a second run was submitted for a run already stored"
     assert row["execute_id"] == old_run
+
+
+def test_a_runs_success_is_recorded_once_when_a_successor_polls_it_again(db):
+    """Killed after recording a run's success but before moving the task on, a worker leaves
+    the task to a successor that polls the same run: the report counts one success."""
+    queue.create_batch(db, [{"task_key": "a"}], now=0, source="cli")
+    (task,) = queue.claim_tasks(db, owner="w1", now=0, lease=30, limit=1)
+    for _ in range(2):
+        queue.record_attempt(db, task, stage="coze", started_at=1, ended_at=2,
+                             outcome="success", execute_id="run-1")
+    queue.record_attempt(db, task, stage="coze", started_at=3, ended_at=4, outcome="success",
+                         execute_id="run-2")        # another run of the task: its own success
+    queue.record_attempt(db, task, stage="coze", started_at=5, ended_at=6, outcome="failed",
+                         execute_id="run-2")
+    rows = db.execute("SELECT execute_id, outcome FROM attempts ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [("run-1", "success"), ("run-2", "success"),
+                                        ("run-2", "failed")]
